@@ -1,0 +1,275 @@
+"""``bncupy bench``: the GPU suite plus the ResNet-50 shape suite, written as a GPU record.
+
+The record format is fixed by the project's design notes (section 4): kernels digest, commit, date,
+device, versions, suite counts, copy bandwidth and one row per (op, layout, dtype, shape) with
+bncupy, torch (cuDNN) and naive-CuPy medians from CUDA events, and the roofline fraction.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _functional as F
+from ._kernels import kernel_dir
+
+RESNET50 = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
+            (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7)]
+# Bytes moved per element, in units of the tensor's size (design notes, section 4).
+TRAFFIC = {"fwd_train": 3, "fwd_eval": 2, "bwd": 4}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def kernels_digest(base: Path | None = None) -> str:
+    """sha256 over kernels/**/*.cu, *.cuh, *.h in sorted relative POSIX path order."""
+    base = base or kernel_dir()
+    suffixes = {".cu", ".cuh", ".h"}
+    files = sorted((p for p in base.rglob("*") if p.is_file() and p.suffix in suffixes),
+                   key=lambda p: p.relative_to(base).as_posix())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(base).as_posix().encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _progress(items: list[Any], description: str) -> Iterator[Any]:
+    try:
+        from rich.progress import track
+    except ImportError:
+        for i, item in enumerate(items, 1):
+            print(f"[{i}/{len(items)}] {description}: {item}", file=sys.stderr, flush=True)
+            yield item
+        return
+    yield from track(items, description=description)
+
+
+def time_us(cupy: Any, fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+    """Median time of ``fn`` in microseconds from CUDA events on the current stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+    return float(np.median(times))
+
+
+def copy_bandwidth_gbps(cupy: Any, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, bytes read plus bytes written."""
+    src = cupy.ones(nbytes // 4, cupy.float32)
+    dst = cupy.empty_like(src)
+    us = time_us(cupy, lambda: dst.__setitem__(Ellipsis, src), reps=20)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def run_suite(tests: Path) -> dict[str, Any]:
+    """Run the test suite (GPU included) in a subprocess and count its outcomes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "junit.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests),
+                   f"--junitxml={report}"]
+        subprocess.run(command, check=False, cwd=tests.parent)
+        root = ET.parse(report).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors",
+                                                                 "skipped")}
+    return {"command": "python -m pytest -q tests", "passed": total["tests"] - total["failures"]
+            - total["errors"] - total["skipped"], "failed": total["failures"] + total["errors"],
+            "skipped": total["skipped"]}
+
+
+def _torch_ops(torch: Any, shape: tuple[int, ...], dtype: str, layout: str) -> dict[str, Callable]:
+    device = torch.device("cuda")
+    tdtype = getattr(torch, dtype)
+    x = torch.randn(shape, device=device, dtype=tdtype)
+    if layout == "NHWC":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    w = torch.ones(c, device=device, requires_grad=True)
+    b = torch.zeros(c, device=device, requires_grad=True)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    xg = x.detach().requires_grad_(True)
+    y = torch.nn.functional.batch_norm(xg, rm, rv, w, b, True)
+    dy = torch.randn_like(y)
+    fn = torch.nn.functional.batch_norm
+    return {
+        "fwd_train": lambda: fn(x, rm, rv, w, b, True),
+        "fwd_eval": lambda: fn(x, rm, rv, w, b, False),
+        "bwd": lambda: torch.autograd.grad(y, (xg, w, b), dy, retain_graph=True),
+    }
+
+
+def _ops(cupy: Any, shape: tuple[int, ...], dtype: str, layout: str) -> tuple[dict, dict]:
+    """bncupy and naive-CuPy callables for one shape (NCHW shape given; NHWC laid out last)."""
+    n, c, h, w = shape
+    axis = 1 if layout == "NCHW" else -1
+    dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+    x = cupy.random.default_rng(0).standard_normal(dims, dtype=cupy.float32).astype(dtype)
+    dy = cupy.random.default_rng(1).standard_normal(dims, dtype=cupy.float32).astype(dtype)
+    weight, bias = cupy.ones(c, cupy.float32), cupy.zeros(c, cupy.float32)
+    rm, rv = cupy.zeros(c, cupy.float32), cupy.ones(c, cupy.float32)
+    _, mean, invstd = F.batch_norm_forward(x, None, None, weight, bias, True, axis=axis)
+    red = tuple(i for i in range(4) if i != axis % 4)
+    bshape = [1, 1, 1, 1]
+    bshape[axis] = c
+
+    def naive_train() -> Any:
+        m = x.mean(axis=red, keepdims=True)
+        v = x.var(axis=red, keepdims=True)
+        return (x - m) / cupy.sqrt(v + 1e-5) * weight.reshape(bshape) + bias.reshape(bshape)
+
+    def naive_eval() -> Any:
+        return ((x - rm.reshape(bshape)) / cupy.sqrt(rv.reshape(bshape) + 1e-5)
+                * weight.reshape(bshape) + bias.reshape(bshape))
+
+    def naive_bwd() -> Any:
+        xhat = (x - mean.reshape(bshape)) * invstd.reshape(bshape)
+        g_mean = dy.mean(axis=red, keepdims=True)
+        gx_mean = (dy * xhat).mean(axis=red, keepdims=True)
+        return (dy - g_mean - xhat * gx_mean) * invstd.reshape(bshape)
+
+    ours = {
+        "fwd_train": lambda: F.batch_norm(x, rm, rv, weight, bias, True, axis=axis),
+        "fwd_eval": lambda: F.batch_norm(x, rm, rv, weight, bias, False, axis=axis),
+        "bwd": lambda: F.batch_norm_backward(dy, x, weight, mean, invstd, axis=axis),
+    }
+    naive = {"fwd_train": naive_train, "fwd_eval": naive_eval, "bwd": naive_bwd}
+    return ours, naive
+
+
+def bench_rows(cupy: Any, torch: Any, copy_gbps: float, batches: Iterable[int], reps: int,
+               ) -> list[dict[str, Any]]:
+    configs = [(layout, dtype, (n, *chw)) for layout in ("NCHW", "NHWC")
+               for dtype in ("float32", "float16") for n in batches for chw in RESNET50]
+    rows = []
+    for layout, dtype, shape in _progress(configs, "bench"):
+        ours, naive = _ops(cupy, shape, dtype, layout)
+        theirs = _torch_ops(torch, shape, dtype, layout) if torch is not None else {}
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        for op in ("fwd_train", "fwd_eval", "bwd"):
+            ours_us = time_us(cupy, ours[op], reps)
+            torch_us = time_us(cupy, theirs[op], reps) if theirs else None
+            naive_us = time_us(cupy, naive[op], reps)
+            ideal_us = TRAFFIC[op] * nbytes / (copy_gbps * 1e9) * 1e6
+            rows.append({"op": op, "layout": layout, "dtype": dtype, "shape": list(shape),
+                         "bncupy_us": round(ours_us, 2),
+                         "torch_us": None if torch_us is None else round(torch_us, 2),
+                         "cupy_naive_us": round(naive_us, 2),
+                         "roofline_fraction": round(ideal_us / ours_us, 4)})
+        del ours, naive, theirs
+        cupy.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Geometric-mean speedups per (op, layout) and the roofline of large tensors."""
+    out: dict[str, Any] = {}
+    for op in TRAFFIC:
+        for layout in ("NCHW", "NHWC"):
+            sel = [r for r in rows if r["op"] == op and r["layout"] == layout]
+            if not sel:
+                continue
+            key = f"{op}_{layout}"
+            with_torch = [r for r in sel if r["torch_us"]]
+            if with_torch:
+                out[f"{key}_vs_torch_geomean"] = round(float(np.exp(np.mean(
+                    [np.log(r["torch_us"] / r["bncupy_us"]) for r in with_torch]))), 3)
+            out[f"{key}_vs_naive_geomean"] = round(float(np.exp(np.mean(
+                [np.log(r["cupy_naive_us"] / r["bncupy_us"]) for r in sel]))), 3)
+            big = [r["roofline_fraction"] for r in sel
+                   if np.prod(r["shape"]) * np.dtype(r["dtype"]).itemsize >= 64 << 20]
+            if big:
+                out[f"{key}_roofline_median_ge_64MB"] = round(float(np.median(big)), 3)
+    return out
+
+
+def _versions(cupy: Any, torch: Any) -> dict[str, Any]:
+    return {"python": platform.python_version(), "numpy": np.__version__,
+            "cupy": cupy.__version__, "cuda": cupy.cuda.runtime.runtimeGetVersion(),
+            "torch": None if torch is None else torch.__version__}
+
+
+def _device(cupy: Any) -> dict[str, Any]:
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return {"name": name, "compute_capability": dev.compute_capability,
+            "memory_bytes": int(props["totalGlobalMem"])}
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=REPO, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bncupy", "kernels"],
+                               capture_output=True, text=True, cwd=REPO, check=True).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = f"{'op':9} {'layout':6} {'dtype':8} {'shape':22} {'bncupy':>9} {'torch':>9} " \
+           f"{'naive':>9} {'roof':>6}"
+    print(head)
+    for r in rows:
+        torch_us = f"{r['torch_us']:9.1f}" if r["torch_us"] else f"{'-':>9}"
+        print(f"{r['op']:9} {r['layout']:6} {r['dtype']:8} {str(tuple(r['shape'])):22} "
+              f"{r['bncupy_us']:9.1f} {torch_us} {r['cupy_naive_us']:9.1f} "
+              f"{r['roofline_fraction']:6.2f}")
+
+
+def main(out_dir: Path, quick: bool, run_tests: bool) -> int:
+    from .backends import cupy as cupy_backend
+
+    cupy = cupy_backend.require()
+    torch: Any
+    try:
+        import torch
+        torch.backends.cudnn.enabled = True
+        if not torch.cuda.is_available():
+            torch = None
+    except ImportError:
+        torch = None
+    tests = REPO / "tests"
+    suite = run_suite(tests) if run_tests and tests.is_dir() else None
+    copy_gbps = copy_bandwidth_gbps(cupy)
+    rows = bench_rows(cupy, torch, copy_gbps, (32,) if quick else (32, 256), 5 if quick else 20)
+    print_table(rows)
+    record: dict[str, Any] = {
+        "kernels_digest": kernels_digest(),
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device(cupy),
+        "versions": _versions(cupy, torch),
+        "suite": suite,
+        "copy_bandwidth_GBps": round(copy_gbps, 1),
+        "summary": summarize(rows),
+        "bench": rows,
+    }
+    print(json.dumps(record["summary"], indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"]["name"]).strip("-").lower()
+    path = out_dir / f"gpu-{record['date'][:10]}-{slug}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0 if suite is None or suite["failed"] == 0 else 1

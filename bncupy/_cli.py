@@ -1,0 +1,94 @@
+"""Command line: ``bncupy info`` and ``bncupy bench`` (also via ``python -m bncupy``)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from ._errors import BackendUnavailableError
+from ._functional import batch_norm_backward, batch_norm_forward
+from .backends import cupy as cupy_backend
+from .backends import dispatch
+
+
+def _reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, dy: np.ndarray):
+    """Plain float64 textbook formulas, independent of the backends."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = x.mean(axis=axes, keepdims=True)
+    invstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + 1e-5)
+    xhat = (x - mean) * invstd
+    y = xhat * w.reshape(shape) + b.reshape(shape)
+    g = dy * w.reshape(shape)
+    dx = invstd * (g - g.mean(axis=axes, keepdims=True)
+                   - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    return y, dx
+
+
+def self_check(backend: str) -> float:
+    """Largest error of ``backend`` against the float64 reference on a small tensor."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 5, 6)) * 2.0 + 7.0
+    w, b = rng.standard_normal(3), rng.standard_normal(3)
+    dy = rng.standard_normal(x.shape)
+    y_ref, dx_ref = _reference(x, w, b, dy)
+    module = dispatch.module_for(backend)
+    args = [module.asarray(a) for a in (x, w, b, dy)]
+    with dispatch.use_backend(backend):
+        y, mean, invstd = batch_norm_forward(args[0], None, None, args[1], args[2], True)
+        dx, _, _ = batch_norm_backward(args[3], args[0], args[1], mean, invstd)
+    to_np = dispatch.module_for("numpy").asarray
+    return float(max(np.abs(to_np(y) - y_ref).max(), np.abs(to_np(dx) - dx_ref).max()))
+
+
+def info() -> int:
+    print(f"bncupy {__version__}")
+    print(f"python {platform.python_version()} ({sys.executable})")
+    print(f"numpy {np.__version__}")
+    try:
+        import cupy
+        print(f"cupy {cupy.__version__}")
+    except ImportError:
+        print("cupy not installed")
+    print(f"backend setting: {dispatch.configured_backend()} (in force: {dispatch.get_backend()})")
+    status = 0
+    for name in ("numpy", "cupy"):
+        reason = None if name == "numpy" else cupy_backend.unavailable_reason()
+        if reason is not None:
+            print(f"backend {name}: unavailable: {reason}")
+            continue
+        if name == "cupy":
+            print(f"  device: {cupy_backend.device_summary()}")
+        err = self_check(name)
+        ok = err < 1e-9
+        status |= not ok
+        print(f"backend {name}: available; self-check max error {err:.1e} "
+              f"{'OK' if ok else 'FAILED'}")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bncupy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, backend availability, device, self-check")
+    bench = sub.add_parser("bench", help="GPU suite + ResNet-50 shape benchmark -> GPU record")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                       help="directory for the GPU record (default: benchmarks/results)")
+    bench.add_argument("--quick", action="store_true", help="batch 32 only, 5 repetitions")
+    bench.add_argument("--no-suite", action="store_true", help="skip running the test suite")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    from . import _bench
+
+    try:
+        return _bench.main(args.out, args.quick, not args.no_suite)
+    except BackendUnavailableError as exc:
+        print(f"bncupy bench needs a GPU: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,5 @@
+"""Exceptions raised by bncupy."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says what is missing."""

@@ -1,0 +1,241 @@
+"""Functional batch normalization: validation, backend resolution and per-channel coefficient math.
+
+The backends do the per-element work (statistics, apply, backward reduce, backward apply); this
+module does the O(C) work between them in float64 and keeps the caller's array kind.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _validation as v
+from ._moments import Moments
+from .backends import dispatch
+
+
+def _stat_dtype(dtype: np.dtype) -> np.dtype:
+    """dtype of per-channel outputs: float32 for float16/float32 input, float64 for float64."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
+    kind = v.check_same_kind(kinds)
+    return kind, dispatch.backend_for(kind)
+
+
+def _native(backend: ModuleType, value: Any, dtype: Any = None) -> Any:
+    if value is None:
+        return None
+    out = backend.asarray(value)
+    return out if dtype is None else out.astype(dtype)
+
+
+def _caller(kind: str, backend: ModuleType, value: Any) -> Any:
+    return value if backend.name == kind else dispatch.module_for(kind).asarray(value)
+
+
+def _write_in_place(target: Any, value: Any, kind: str, backend: ModuleType) -> None:
+    target[...] = _caller(kind, backend, value.astype(target.dtype))
+
+
+def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+                   training: Any, momentum: Any, eps: Any, axis: Any,
+                   ) -> tuple[int, bool, float, float, str, ModuleType]:
+    kinds = {"input": v.check_input(input)}
+    ax = v.check_axis(axis, input.ndim)
+    channels = input.shape[ax]
+    training = v.check_bool(training, "training")
+    eps = v.check_eps(eps)
+    momentum = v.check_momentum(momentum, allow_none=False)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both arrays or "
+                         "both None)")
+    for arg, value, writable in (("running_mean", running_mean, training),
+                                 ("running_var", running_var, training),
+                                 ("weight", weight, False), ("bias", bias, False)):
+        if value is not None:
+            kinds[arg] = v.check_channel_vector(value, arg, channels, writable)
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False "
+                         "(evaluation normalizes with the running statistics)")
+    if training:
+        v.check_count(input, ax)
+    kind, backend = _resolve(kinds)
+    assert momentum is not None
+    return ax, training, momentum, eps, kind, backend
+
+
+class _Forward(NamedTuple):
+    """A forward pass's output, caller's kind, and the backend-native statistics.
+
+    ``mean`` is the most precise mean the backend has (float64 on NumPy), kept for a layer's own
+    backward pass; ``save_mean``/``save_invstd`` are what :func:`batch_norm_forward` returns.
+    """
+
+    y: Any
+    mean: Any
+    save_mean: Any
+    save_invstd: Any
+    kind: str
+    backend: ModuleType
+
+    def saved(self) -> tuple[Any, Any]:
+        return (_caller(self.kind, self.backend, self.save_mean),
+                _caller(self.kind, self.backend, self.save_invstd))
+
+
+def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+            training: Any, momentum: Any, eps: Any, axis: Any) -> _Forward:
+    """Validated forward pass on the resolved backend."""
+    ax, training, momentum, eps, kind, be = _check_forward(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+    x = be.asarray(input)
+    w, b = _native(be, weight), _native(be, bias)
+    rm, rv = _native(be, running_mean), _native(be, running_var)
+    if training:
+        y, mean, save_mean, save_invstd = be.normalize_train(x, ax, w, b, eps, rm, rv, momentum)
+        if rm is not None and be.name != kind:
+            _write_in_place(running_mean, rm, kind, be)
+            _write_in_place(running_var, rv, kind, be)
+    else:
+        y, mean, save_mean, save_invstd = be.normalize_eval(x, ax, rm, rv, w, b, eps)
+    return _Forward(_caller(kind, be, y), mean, save_mean, save_invstd, kind, be)
+
+
+def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
+                       bias: Any = None, training: bool = False, momentum: float = 0.1,
+                       eps: float = 1e-5, *, axis: int = 1) -> tuple[Any, Any, Any]:
+    """Batch normalization that also returns the statistics saved for the backward pass.
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, ...) or (N, ..., C)
+        Floating array (float16, float32 or float64); never modified.
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running statistics; updated in place when ``training`` is true, used when it is false.
+    weight, bias : ndarray of shape (C,), optional
+        Affine parameters gamma and beta (1 and 0 when None).
+    training : bool
+        Normalize with the batch statistics (and update the running ones) or with the running ones.
+    momentum : float in [0, 1]
+        Weight of the new batch in the running-statistics update.
+    eps : float > 0
+        Added to the variance for numerical stability.
+    axis : int, keyword-only
+        Channel axis: 1 (NCHW-like, the default) or -1 (channels last).
+
+    Returns
+    -------
+    y : ndarray
+        Same shape, dtype and array kind as ``input``.
+    save_mean, save_invstd : ndarray, shape (C,)
+        Batch mean and ``1/sqrt(var + eps)`` (training) or the running equivalents (eval);
+        float32 for float16/float32 input, float64 for float64.
+    """
+    out = forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+    return (out.y, *out.saved())
+
+
+def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
+               bias: Any = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               *, axis: int = 1) -> Any:
+    """Batch normalization with the signature and semantics of ``torch.nn.functional.batch_norm``.
+
+    See :func:`batch_norm_forward` for the parameters; returns only the normalized array.
+    """
+    return batch_norm_forward(input, running_mean, running_var, weight, bias, training,
+                              momentum, eps, axis=axis)[0]
+
+
+def batch_norm_backward(grad_output: Any, input: Any, weight: Any, save_mean: Any,
+                        save_invstd: Any, *, training: bool = True, axis: int = 1,
+                        ) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`batch_norm_forward` with respect to input, weight and bias.
+
+    Parameters
+    ----------
+    grad_output : ndarray
+        Gradient of the loss with respect to the output; same shape as ``input``.
+    input : ndarray
+        The forward pass's input.
+    weight : ndarray of shape (C,) or None
+        The forward pass's gamma (1 when None).
+    save_mean, save_invstd : ndarray, shape (C,)
+        As returned by :func:`batch_norm_forward`.
+    training : bool, keyword-only
+        True when the forward pass normalized with batch statistics (the gradient then flows
+        through the mean and variance), False for running statistics.
+    axis : int, keyword-only
+        Channel axis, as in the forward pass.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and kind as ``input``.
+    grad_weight, grad_bias : ndarray, shape (C,)
+        ``sum(dy * xhat)`` and ``sum(dy)`` per channel; dtype of ``weight`` (or of the saved
+        statistics when ``weight`` is None).
+    """
+    return backward(grad_output, input, weight, save_mean, save_invstd, training, axis)
+
+
+def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, training: Any,
+             axis: Any, saved_arg_names: tuple[str, str] = ("save_mean", "save_invstd"),
+             ) -> tuple[Any, Any, Any]:
+    """Validated backward pass; ``mean``/``invstd`` may be a layer's float64 statistics."""
+    kinds = {"input": v.check_input(input), "grad_output": v.check_array(grad_output, "grad_output")}
+    v.check_float(grad_output, "grad_output")
+    if grad_output.shape != input.shape:
+        raise ValueError(f"grad_output must have the shape of input {tuple(input.shape)}, "
+                         f"got {tuple(grad_output.shape)}")
+    ax = v.check_axis(axis, input.ndim)
+    channels = input.shape[ax]
+    for arg, value in zip(saved_arg_names, (mean, invstd), strict=False):
+        v.check_channel_vector(value, arg, channels)
+    if weight is not None:
+        kinds["weight"] = v.check_channel_vector(weight, "weight", channels)
+    training = v.check_bool(training, "training")
+    kind, be = _resolve(kinds)
+
+    dx, grad_weight, grad_bias = be.backward(
+        be.asarray(grad_output), be.asarray(input), ax, _native(be, weight), _native(be, mean),
+        _native(be, invstd), training)
+    gd = weight.dtype if weight is not None else _stat_dtype(input.dtype)
+    return (_caller(kind, be, dx), _caller(kind, be, grad_weight.astype(gd, copy=False)),
+            _caller(kind, be, grad_bias.astype(gd, copy=False)))
+
+
+def _check_stats_input(x: Any, axis: Any) -> tuple[int, str, ModuleType]:
+    kind = v.check_input(x, "x")
+    ax = v.check_axis(axis, x.ndim)
+    kind, be = _resolve({"x": kind})
+    return ax, kind, be
+
+
+def welford(x: Any, axis: int = 1) -> Moments:
+    """Mergeable per-channel statistics of ``x`` over every axis but ``axis``.
+
+    Returns
+    -------
+    Moments
+        ``count`` (values per channel), ``mean`` and ``m2`` (sum of squared deviations), the
+        arrays in the caller's kind, float32 for float16/float32 input and float64 for float64.
+    """
+    ax, kind, be = _check_stats_input(x, axis)
+    count, mean, m2 = be.stats(be.asarray(x), ax)
+    sd = _stat_dtype(x.dtype)
+    return Moments(count, _caller(kind, be, mean.astype(sd)), _caller(kind, be, m2.astype(sd)))
+
+
+def moments(x: Any, axis: int = 1) -> tuple[Any, Any]:
+    """Per-channel mean and biased variance of ``x`` over every axis but ``axis``.
+
+    NaN for channels with no values.
+    """
+    m = welford(x, axis)
+    if m.count == 0:
+        return m.mean * float("nan"), m.var()
+    return m.mean, m.var()

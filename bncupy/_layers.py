@@ -1,0 +1,225 @@
+"""Batch-normalization layers with the constructor, state and semantics of torch.nn.BatchNorm*d."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import _validation as v
+from ._functional import backward, forward
+from .backends import dispatch
+
+_VECTORS = ("weight", "bias", "running_mean", "running_var")
+
+
+class _BatchNorm:
+    """Shared implementation of :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float
+        Added to the variance; finite and > 0.
+    momentum : float in [0, 1] or None
+        Weight of each new batch in the running statistics; None for a cumulative average.
+    affine : bool
+        Learn a per-channel scale ``weight`` (gamma, init 1) and shift ``bias`` (beta, init 0).
+    track_running_stats : bool
+        Keep running statistics and use them in eval mode; otherwise batch statistics always.
+    dtype : float dtype
+        dtype of the parameters and running statistics (inputs may be any float dtype).
+    channels_last : bool, keyword-only
+        The channel axis is the last one (NHWC, (N, L, C), NDHWC) instead of axis 1.
+
+    Notes
+    -----
+    State lives in the array kind of the backend in force at construction and follows each
+    input's kind (numpy or cupy) from then on; :meth:`to` moves it explicitly.
+    """
+
+    _ndims: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, dtype: Any = np.float32,
+                 *, channels_last: bool = False) -> None:
+        self.num_features = v.check_num_features(num_features)
+        self.eps = v.check_eps(eps)
+        self.momentum = v.check_momentum(momentum, allow_none=True)
+        self.affine = v.check_bool(affine, "affine")
+        self.track_running_stats = v.check_bool(track_running_stats, "track_running_stats")
+        self.dtype = v.check_dtype(dtype)
+        self.channels_last = v.check_bool(channels_last, "channels_last")
+        self.training = True
+        xp = dispatch.module_for(dispatch.get_backend()).xp
+        c = self.num_features
+        self.weight = xp.ones(c, self.dtype) if self.affine else None
+        self.bias = xp.zeros(c, self.dtype) if self.affine else None
+        self.running_mean = xp.zeros(c, self.dtype) if self.track_running_stats else None
+        self.running_var = xp.ones(c, self.dtype) if self.track_running_stats else None
+        self.num_batches_tracked = (np.zeros((), np.int64) if self.track_running_stats else None)
+        self.grad_weight: Any = None
+        self.grad_bias: Any = None
+        self._saved: tuple[Any, Any, Any, bool] | None = None
+
+    # ------------------------------------------------------------------ mode and placement
+    @property
+    def axis(self) -> int:
+        return -1 if self.channels_last else 1
+
+    def train(self, mode: bool = True) -> _BatchNorm:
+        """Set training mode (batch statistics) or, with ``mode=False``, eval mode."""
+        self.training = v.check_bool(mode, "mode")
+        return self
+
+    def eval(self) -> _BatchNorm:
+        """Set eval mode: normalize with the running statistics."""
+        return self.train(False)
+
+    def to(self, kind: str) -> _BatchNorm:
+        """Move parameters and statistics to ``"numpy"`` or ``"cupy"`` arrays; returns self."""
+        if kind not in ("numpy", "cupy"):
+            raise ValueError(f"kind must be 'numpy' or 'cupy', got {kind!r}")
+        if kind == "cupy":
+            dispatch.backend_for("cupy")  # raises BackendUnavailableError when it cannot run
+        module = dispatch.module_for(kind)
+        for name in _VECTORS + ("grad_weight", "grad_bias"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, module.asarray(value))
+        return self
+
+    # ------------------------------------------------------------------ computation
+    def _check_input(self, x: Any) -> str:
+        kind = v.check_input(x)
+        if self._ndims and x.ndim not in self._ndims:
+            expected = " or ".join(f"{n}-D" for n in self._ndims)
+            raise ValueError(f"{type(self).__name__} expected {expected} input, got {x.ndim}-D "
+                             f"input of shape {tuple(x.shape)}")
+        channels = x.shape[self.axis]
+        if channels != self.num_features:
+            raise ValueError(f"input has {channels} channels on axis {self.axis}, but "
+                             f"{type(self).__name__} was built for num_features="
+                             f"{self.num_features}")
+        return kind
+
+    def _batches(self) -> int:
+        return 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
+
+    def _state_kind(self) -> str:
+        return dispatch.array_kind(self.running_mean if self.weight is None else self.weight) \
+            or "numpy"
+
+    def __call__(self, x: Any) -> Any:
+        """Normalize ``x`` (training: batch statistics and running-stat update; eval: running)."""
+        kind = self._check_input(x)
+        if (self.weight is not None or self.running_mean is not None) and \
+                self._state_kind() != kind:
+            self.to(kind)
+        use_batch_stats = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        if not update:
+            momentum = 0.0
+        elif self.momentum is None:  # cumulative moving average
+            momentum = 1.0 / (self._batches() + 1)
+        else:
+            momentum = self.momentum
+        tracked = self.running_mean is not None and (update or not self.training)
+        out = forward(x, self.running_mean if tracked else None,
+                      self.running_var if tracked else None, self.weight, self.bias,
+                      use_batch_stats, momentum, self.eps, self.axis)
+        if update:
+            self.num_batches_tracked = np.asarray(self._batches() + 1, np.int64)
+        self._saved = (x, out.mean, out.save_invstd, use_batch_stats)
+        return out.y
+
+    def backward(self, grad_output: Any) -> Any:
+        """Gradient with respect to the last call's input; sets ``grad_weight`` and ``grad_bias``.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer has not been called yet.
+        """
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
+        x, mean, invstd, use_batch_stats = self._saved
+        grad_input, grad_weight, grad_bias = backward(
+            grad_output, x, self.weight, mean, invstd, use_batch_stats, self.axis)
+        if self.affine:
+            self.grad_weight, self.grad_bias = grad_weight, grad_bias
+        return grad_input
+
+    # ------------------------------------------------------------------ state
+    def _state_keys(self) -> tuple[str, ...]:
+        keys: tuple[str, ...] = ("weight", "bias") if self.affine else ()
+        if self.track_running_stats:
+            keys += ("running_mean", "running_var", "num_batches_tracked")
+        return keys
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the state under torch's keys: weight, bias, running_mean, running_var,
+        num_batches_tracked (the ones this layer has)."""
+        return {key: getattr(self, key).copy() for key in self._state_keys()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (NumPy or CuPy arrays, any float dtype); all or nothing.
+
+        Raises
+        ------
+        TypeError
+            ``state`` is not a mapping, or a value is not an array of a suitable dtype.
+        ValueError
+            Missing or unexpected keys, or a wrong shape.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        expected = set(self._state_keys())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"state keys do not match {type(self).__name__}: missing "
+                             f"{sorted(missing)}, unexpected {sorted(map(str, unexpected))}")
+        for key in _VECTORS:
+            if key in expected:
+                v.check_channel_vector(state[key], f"state[{key!r}]", self.num_features)
+        if "num_batches_tracked" in expected:
+            value = state["num_batches_tracked"]
+            arg = "state['num_batches_tracked']"
+            v.check_array(value, arg)
+            if value.dtype.kind not in "iu":
+                raise TypeError(f"{arg} must have an integer dtype, got {value.dtype}")
+            if value.shape != () or int(value) < 0:
+                raise ValueError(f"{arg} must be a 0-d array holding a count >= 0, got shape "
+                                 f"{value.shape}")
+        module = dispatch.module_for(self._state_kind())
+        for key in self._state_keys():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = np.asarray(int(state[key]), np.int64)
+            else:
+                setattr(self, key, module.asarray(state[key]).astype(self.dtype))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}"
+                f"{', channels_last=True' if self.channels_last else ''})")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization over (N, C) or (N, C, L) input ((N, L, C) with ``channels_last``)."""
+
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization over (N, C, H, W) input ((N, H, W, C) with ``channels_last``)."""
+
+    _ndims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization over (N, C, D, H, W) input ((N, D, H, W, C) with ``channels_last``)."""
+
+    _ndims = (5,)

@@ -1,0 +1,345 @@
+"""NumPy backend: the numerical reference and a multi-threaded CPU fallback.
+
+Every operation sees its input as a 3-D view ``(A, C, B)`` (channel axis in the middle) and walks it
+in cache-sized tiles on a thread pool; NumPy's ufuncs and BLAS release the GIL, so tiles run in
+parallel. Partial statistics are merged in tile order, so results do not depend on thread timing.
+
+Statistics are computed on shifted data ``x - K``, K a per-channel pilot (the mean of the
+channel's first few values), and a tile is re-centred on its own mean when the pilot was poor, so a
+huge per-channel mean costs no precision; E[x^2] - E[x]^2 is never used on raw data.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ._merge import merge
+
+name = "numpy"
+xp = np
+
+_TILE_ELEMENTS = 1 << 19  # 2 MiB of float32: a tile's temporaries stay in L2/L3
+_MAX_ROW = 4096  # longest float32 row summed in one BLAS call (bounds rounding growth)
+_PARALLEL_MIN = 1 << 20  # below this many elements threads cost more than they save
+_PILOT_SAMPLE = 256  # values per channel averaged into the pilot
+_FOLD_LIMIT = 8.0  # |center * scale| up to which x * scale + shift' loses < 4 bits
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> int:
+    env = os.environ.get("BNCUPY_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return min(os.cpu_count() or 1, 8)
+
+
+def _map(fn: Callable[[Any], Any], items: list[Any], elements: int) -> list[Any]:
+    """``[fn(item) for item in items]``; on the thread pool when the work is big enough, each
+    thread taking one contiguous run of items (one task per thread keeps overhead low)."""
+    global _pool
+    workers = _threads()
+    if elements < _PARALLEL_MIN or len(items) < 2 or workers == 1:
+        return [fn(item) for item in items]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="bncupy")
+    runs = np.array_split(np.arange(len(items)), min(workers, len(items)))
+    futures = [_pool.submit(lambda idx: [fn(items[i]) for i in idx], run) for run in runs]
+    return [result for future in futures for result in future.result()]
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """Element arithmetic dtype: float32 for float16 and float32, float64 for float64."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def asarray(a: Any) -> np.ndarray:
+    """A NumPy view/copy of ``a`` (CuPy arrays are copied to the host)."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def view3(x: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` as ``(A, C, B)`` with the channel axis in the middle (a copy only when strides force it)."""
+    a = int(np.prod(x.shape[:axis], dtype=np.int64))
+    b = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    return x.reshape(a, x.shape[axis], b)
+
+
+Tile = tuple[slice, slice]
+
+
+def _tiles(shape: tuple[int, int, int]) -> list[Tile]:
+    a, c, b = shape
+    if a == 0 or b == 0 or c == 0:
+        return []
+    b_step = min(b, _MAX_ROW, max(1, _TILE_ELEMENTS // c))
+    a_step = max(1, _TILE_ELEMENTS // (c * b_step)) if b_step == b else 1
+    return [(slice(i, min(i + a_step, a)), slice(j, min(j + b_step, b)))
+            for i in range(0, a, a_step) for j in range(0, b, b_step)]
+
+
+def _part(a3: np.ndarray, tile: Tile) -> np.ndarray:
+    """A tile of a ``(A, C, B)`` view; 2-D ``(rows, C)`` when ``B == 1`` so that per-channel
+    vectors broadcast along a contiguous inner loop (channels-last layouts)."""
+    rows, cols = tile
+    return a3[rows, :, 0] if a3.shape[2] == 1 else a3[rows, :, cols]
+
+
+def _per_channel(v: np.ndarray, a3: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A per-channel vector shaped to broadcast against :func:`_part` tiles of ``a3``."""
+    v = v.astype(dtype)
+    return v if a3.shape[2] == 1 else v[:, None]
+
+
+def _rowdot(d: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """``sum(d * e, axis=-1)`` without a temporary (BLAS dot per row on NumPy >= 2)."""
+    vecdot = getattr(np, "vecdot", None)
+    return vecdot(d, e) if vecdot is not None else np.einsum("...i,...i->...", d, e)
+
+
+def _channel_sum(d: np.ndarray, e: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel float64 ``sum(d)`` (or ``sum(d * e)``) of ``(a, C, b)`` tiles.
+
+    Rows are summed in the compute dtype (at most ``_MAX_ROW`` long), rows combined in float64.
+    """
+    if d.shape[2] == 1:
+        d2 = d[:, :, 0]
+        if e is None:
+            return (np.ones(d.shape[0], d.dtype) @ d2).astype(np.float64)
+        return np.einsum("ac,ac->c", d2, e[:, :, 0]).astype(np.float64)
+    rows = d @ np.ones(d.shape[2], d.dtype) if e is None else _rowdot(d, e)
+    return rows.sum(axis=0, dtype=np.float64)
+
+
+def _tile_moments(x3: np.ndarray, tile: Tile, shift: np.ndarray | None, dtype: np.dtype,
+                  ) -> tuple[int, np.ndarray, np.ndarray]:
+    """Welford partial of one tile from sums of ``x - shift`` (``x`` itself when shift is None).
+
+    If the shift is so far from the tile's mean that ``sum(d^2) - n*mean(d)^2`` would cancel more
+    than two bits, the tile is summed again around its own mean.
+    """
+    rows, cols = tile
+    xs = x3[rows, :, cols]
+    n = xs.shape[0] * xs.shape[2]
+    for _ in range(3):
+        if shift is None:
+            d = xs if xs.dtype == dtype else xs.astype(dtype)
+        else:
+            d = np.subtract(xs, shift[:, None], dtype=dtype)
+        mean = _channel_sum(d) / n
+        sq = _channel_sum(d, d)
+        if not np.any(n * mean * mean > 0.75 * sq):
+            break
+        base = np.zeros(mean.shape, dtype) if shift is None else shift
+        shift = (base + mean).astype(dtype)
+    m2 = np.maximum(sq - n * mean * mean, 0.0)
+    return n, mean if shift is None else shift.astype(np.float64) + mean, m2
+
+
+def _pilot(x3: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Per-channel shift for the statistics: the mean of the first ~``_PILOT_SAMPLE`` values, or
+    None (no shift) when every channel's sample is already centred within one deviation."""
+    a, _, b = x3.shape
+    rb = min(b, _PILOT_SAMPLE)
+    ra = min(a, max(1, _PILOT_SAMPLE // rb))
+    sample = x3[:ra, :, :rb].astype(np.float64)
+    mean = sample.mean(axis=(0, 2))
+    if x3.dtype == dtype and sample.size > x3.shape[1] and \
+            np.all(mean * mean <= sample.var(axis=(0, 2))):
+        return None
+    return mean.astype(dtype)
+
+
+def stats(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Per-channel Welford partials ``(count, mean, m2)`` of ``x`` (float64 mean and m2)."""
+    x3 = view3(x, axis)
+    tiles = _tiles(x3.shape)
+    c = x3.shape[1]
+    total: tuple[int, Any, Any] = (0, np.zeros(c), np.zeros(c))
+    if not tiles:
+        return total
+    cd = compute_dtype(x.dtype)
+    shift = _pilot(x3, cd)
+    for part in _map(lambda t: _tile_moments(x3, t, shift, cd), tiles, x.size):
+        total = merge(total, part)
+    return total
+
+
+def _coefficients(mean: np.ndarray, invstd: np.ndarray, weight: Any, bias: Any, dtype: np.dtype,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``center, scale, shift`` with ``y = (x - center) * scale + shift`` equal to the textbook
+    ``(x - mean) * invstd * weight + bias``; ``center`` is ``mean`` rounded to the compute dtype
+    and ``shift`` absorbs the rounding, so a constant channel maps to exactly ``bias``."""
+    center = mean.astype(compute_dtype(dtype))
+    scale = invstd if weight is None else invstd * weight.astype(np.float64)
+    shift = -(mean - center) * scale
+    if bias is not None:
+        shift = shift + bias.astype(np.float64)
+    return center, scale, shift
+
+
+def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    return mean.astype(dtype), invstd.astype(dtype)
+
+
+def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
+                    running_mean: Any, running_var: Any, momentum: float,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Normalize with batch statistics; update the running ones in place (after everything else).
+
+    Returns ``y``, the float64 batch mean, and ``save_mean``/``save_invstd`` in the stat dtype.
+    """
+    count, mean, m2 = stats(x, axis)
+    var = m2 / count
+    invstd = 1.0 / np.sqrt(var + eps)
+    y = apply(x, axis, *_coefficients(mean, invstd, weight, bias, x.dtype))
+    if running_mean is not None:
+        unbiased = var * (count / (count - 1))
+        new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+        new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
+        running_mean[...] = new_mean
+        running_var[...] = new_var
+    return (y, mean, *_saved(x, mean, invstd))
+
+
+def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_var: np.ndarray,
+                   weight: Any, bias: Any, eps: float,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Normalize with the running statistics; same returns as :func:`normalize_train`."""
+    mean = running_mean.astype(np.float64)
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    y = apply(x, axis, *_coefficients(mean, invstd, weight, bias, x.dtype))
+    return (y, mean, *_saved(x, mean, invstd))
+
+
+def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+          ) -> np.ndarray:
+    """``(x - center) * scale + shift`` per channel, in the compute dtype, output in ``x.dtype``.
+
+    When every ``|center * scale|`` is small the same value is computed in two passes as
+    ``x * scale + (shift - center * scale)``: rounding then grows by at most ``_FOLD_LIMIT`` ulps
+    of the output. Large means (and constant channels) keep the exact three-pass form.
+    """
+    x3 = view3(x, axis)
+    y = np.empty(x.shape, x.dtype)
+    y3 = y.reshape(x3.shape)
+    cd = compute_dtype(x.dtype)
+    center = center.astype(cd)
+    folded = bool(np.all(np.abs(center * scale) <= _FOLD_LIMIT))
+    if folded:
+        shift = shift - center.astype(np.float64) * scale
+    center, scale, shift = (_per_channel(v, x3, cd) for v in (center, scale, shift))
+
+    def run(tile: Tile) -> None:
+        out, xs = _part(y3, tile), _part(x3, tile)
+        tmp = out if out.dtype == cd else np.empty(out.shape, cd)
+        if folded:
+            np.multiply(xs, scale, out=tmp, dtype=cd)
+        else:
+            np.subtract(xs, center, out=tmp, dtype=cd)
+            tmp *= scale
+        tmp += shift
+        if tmp is not out:
+            out[...] = tmp
+
+    _map(run, _tiles(x3.shape), x.size)
+    return y
+
+
+def backward_reduce(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray,
+                    centred: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - center))``.
+
+    With ``centred`` (every ``|center|`` within one deviation of zero) the second sum is taken as
+    ``sum(dy * x) - center * sum(dy)``, which then cancels less than a bit, without a temporary.
+    """
+    x3, dy3 = view3(x, axis), view3(dy, axis)
+    c = x3.shape[1]
+    cd = compute_dtype(x.dtype)
+    center_t = center.astype(cd)[:, None]
+
+    def run(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = tile
+        g = dy3[rows, :, cols]
+        if g.dtype != cd:
+            g = g.astype(cd)
+        xs = x3[rows, :, cols]
+        if centred and xs.dtype == cd:
+            return _channel_sum(g), _channel_sum(xs, g)
+        return _channel_sum(g), _channel_sum(np.subtract(xs, center_t, dtype=cd), g)
+
+    sum_dy, sum_dy_xc = np.zeros(c), np.zeros(c)
+    for s, p in _map(run, _tiles(x3.shape), x.size):
+        sum_dy += s
+        sum_dy_xc += p
+    if centred and x.dtype == cd:
+        sum_dy_xc -= center.astype(np.float64) * sum_dy
+    return sum_dy, sum_dy_xc
+
+
+def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray, a: np.ndarray,
+                   b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``a * dy + b * (x - center) + c`` per channel, output in ``x.dtype``.
+
+    Folded to ``a * dy + b * x + (c - b * center)`` when every ``|b * center|`` is small next to
+    ``|a|`` (the same rule as :func:`apply`).
+    """
+    x3, dy3 = view3(x, axis), view3(dy, axis)
+    dx = np.empty(x.shape, x.dtype)
+    dx3 = dx.reshape(x3.shape)
+    cd = compute_dtype(x.dtype)
+    center = center.astype(cd)
+    folded = bool(np.all(np.abs(b * center) <= _FOLD_LIMIT * np.abs(a)))
+    if folded:
+        c = c - b * center.astype(np.float64)
+    center, a, b, c = (_per_channel(v, x3, cd) for v in (center, a, b, c))
+
+    def run(tile: Tile) -> None:
+        out = _part(dx3, tile)
+        tmp = out if out.dtype == cd else np.empty(out.shape, cd)
+        xs, g = _part(x3, tile), _part(dy3, tile)
+        if folded:
+            np.multiply(xs, b, out=tmp, dtype=cd)
+        else:
+            np.subtract(xs, center, out=tmp, dtype=cd)
+            tmp *= b
+        tmp += c
+        tmp += np.multiply(g, a, dtype=cd)
+        if tmp is not out:
+            out[...] = tmp
+
+    _map(run, _tiles(x3.shape), x.size)
+    return dx
+
+
+def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
+             invstd: np.ndarray, training: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``.
+
+    Training (batch statistics): ``dx = w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat))``;
+    eval: ``dx = w*invstd*dy``. Computed as ``a*dy + b*(x - center) + c`` per channel.
+    """
+    mean, invstd = mean.astype(np.float64), invstd.astype(np.float64)
+    count = x.size // x.shape[axis] if x.shape[axis] else 0
+    center = mean.astype(compute_dtype(x.dtype))
+    residual = mean - center
+    centred = bool(np.all(np.abs(mean) * invstd <= 1.0))
+    sum_dy, sum_dy_xc = backward_reduce(dy, x, axis, center, centred)
+    sum_dy_xmu = sum_dy_xc - residual * sum_dy
+    a = invstd if weight is None else invstd * weight.astype(np.float64)
+    if training and count > 0:
+        b = -a * invstd * invstd * sum_dy_xmu / count
+        c = -a * sum_dy / count - b * residual
+    else:
+        b = c = np.zeros_like(a)
+    dx = backward_apply(dy, x, axis, center, a, b, c)
+    return dx, sum_dy_xmu * invstd, sum_dy

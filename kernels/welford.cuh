@@ -1,0 +1,146 @@
+// bncupy: the one Welford state, the one merge, and the reductions built on them.
+//
+// Every level (thread states, warp shuffle, block, grid partials, ranks on the host) combines
+// statistics with merge() below, in a fixed order, so results are bitwise reproducible.
+#pragma once
+
+namespace bncupy {
+
+// float16 storage without cuda_fp16.h, so the sources compile with a bare NVRTC.
+struct __align__(2) half_t {
+    unsigned short bits;
+};
+
+// Accumulator type: float for float16/float32 data, double for float64.
+template <typename T> struct acc_of { typedef float type; };
+template <> struct acc_of<double> { typedef double type; };
+
+__device__ __forceinline__ float to_acc(half_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename acc_of<T>::type v);
+template <> __device__ __forceinline__ half_t from_acc<half_t>(float v) {
+    half_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    return h;
+}
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+
+// V elements loaded or stored as one 16-byte (or narrower) transaction.
+template <typename T, int V> struct __align__(sizeof(T) * V) vec_t {
+    T v[V];
+};
+
+template <typename A> struct Welford {
+    A mean;
+    A m2;
+    A n;
+};
+
+template <typename A> __device__ __forceinline__ Welford<A> welford_empty() {
+    Welford<A> w;
+    w.mean = A(0);
+    w.m2 = A(0);
+    w.n = A(0);
+    return w;
+}
+
+// Chan et al. parallel merge. Empty sides return the other unchanged (no 0 * inf NaNs).
+template <typename A> __device__ __forceinline__ Welford<A> merge(Welford<A> a, Welford<A> b) {
+    if (b.n == A(0)) return a;
+    if (a.n == A(0)) return b;
+    Welford<A> r;
+    r.n = a.n + b.n;
+    const A delta = b.mean - a.mean;
+    const A wb = b.n / r.n;
+    r.mean = a.mean + delta * wb;
+    r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
+    return r;
+}
+
+// Per-channel sums for the backward pass: sum(dy) and sum(dy * (x - mean)).
+template <typename A> struct SumPair {
+    A dy;
+    A dy_xmu;
+};
+
+template <typename A> __device__ __forceinline__ SumPair<A> merge(SumPair<A> a, SumPair<A> b) {
+    SumPair<A> r;
+    r.dy = a.dy + b.dy;
+    r.dy_xmu = a.dy_xmu + b.dy_xmu;
+    return r;
+}
+
+template <typename A> __device__ __forceinline__ Welford<A> shfl_down(Welford<A> w, int offset) {
+    w.mean = __shfl_down_sync(0xffffffffu, w.mean, offset);
+    w.m2 = __shfl_down_sync(0xffffffffu, w.m2, offset);
+    w.n = __shfl_down_sync(0xffffffffu, w.n, offset);
+    return w;
+}
+
+template <typename A> __device__ __forceinline__ SumPair<A> shfl_down(SumPair<A> s, int offset) {
+    s.dy = __shfl_down_sync(0xffffffffu, s.dy, offset);
+    s.dy_xmu = __shfl_down_sync(0xffffffffu, s.dy_xmu, offset);
+    return s;
+}
+
+// Tree merge across a full warp; lane 0 ends with the warp's total.
+template <typename S> __device__ __forceinline__ S warp_reduce(S s) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) s = merge(s, shfl_down(s, offset));
+    return s;
+}
+
+// Merge across the block (blockDim.x a multiple of 32, at most 1024); thread 0 ends with the
+// total. `scratch` holds 32 entries; the block may reuse it after this returns.
+template <typename S> __device__ __forceinline__ S block_reduce(S s, S* scratch, S identity) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    s = warp_reduce(s);
+    if (lane == 0) scratch[warp] = s;
+    __syncthreads();
+    s = (lane < (int)(blockDim.x >> 5)) ? scratch[lane] : identity;
+    if (warp == 0) s = warp_reduce(s);
+    __syncthreads();
+    return s;
+}
+
+// Grid-level completion: returns true in exactly one block per channel, the last one to finish
+// writing its partial. That block resets the counter so the next launch on the stream finds 0.
+__device__ __forceinline__ bool last_block_done(unsigned int* counter, unsigned int blocks) {
+    __shared__ bool is_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const unsigned int done = atomicAdd(counter, 1u);
+        is_last = (done == blocks - 1);
+        if (is_last) *counter = 0u;
+    }
+    __syncthreads();
+    if (is_last) __threadfence();
+    return is_last;
+}
+
+// Read another block's partial from L2, bypassing this SM's (non-coherent) L1.
+template <typename A> __device__ __forceinline__ Welford<A> load_cg(const Welford<A>* p) {
+    Welford<A> w;
+    w.mean = __ldcg(&p->mean);
+    w.m2 = __ldcg(&p->m2);
+    w.n = __ldcg(&p->n);
+    return w;
+}
+
+template <typename A> __device__ __forceinline__ SumPair<A> load_cg(const SumPair<A>* p) {
+    SumPair<A> s;
+    s.dy = __ldcg(&p->dy);
+    s.dy_xmu = __ldcg(&p->dy_xmu);
+    return s;
+}
+
+}  // namespace bncupy

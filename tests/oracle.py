@@ -1,0 +1,67 @@
+"""An independent float64 oracle: textbook batch-norm formulas, no code shared with bncupy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axes(ndim: int, axis: int) -> tuple[int, ...]:
+    axis %= ndim
+    return tuple(i for i in range(ndim) if i != axis)
+
+
+def _bcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return np.asarray(v, np.float64).reshape(shape)
+
+
+def forward(x, axis=1, weight=None, bias=None, eps=1e-5, training=True, running_mean=None,
+            running_var=None, momentum=0.1):
+    """Return (y, mean, invstd, new_running_mean, new_running_var), all float64."""
+    x = np.asarray(x, np.float64)
+    axes = _axes(x.ndim, axis)
+    c = x.shape[axis % x.ndim]
+    w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+    b = np.zeros(c) if bias is None else np.asarray(bias, np.float64)
+    new_rm = new_rv = None
+    if training:
+        mean = x.mean(axis=axes)
+        var = x.var(axis=axes)
+        n = x.size // c
+        if running_mean is not None:
+            new_rm = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean
+            new_rv = ((1 - momentum) * np.asarray(running_var, np.float64)
+                      + momentum * var * n / (n - 1))
+    else:
+        mean = np.asarray(running_mean, np.float64)
+        var = np.asarray(running_var, np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    y = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd * w, x.ndim, axis) + _bcast(b, x.ndim, axis)
+    return y, mean, invstd, new_rm, new_rv
+
+
+def backward(dy, x, axis=1, weight=None, eps=1e-5, training=True, running_mean=None,
+             running_var=None):
+    """Return (dx, dweight, dbias) in float64, by the closed form of the textbook derivative."""
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    axes = _axes(x.ndim, axis)
+    c = x.shape[axis % x.ndim]
+    w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    else:
+        mean, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd, x.ndim, axis)
+    dbias = dy.sum(axis=axes)
+    dweight = (dy * xhat).sum(axis=axes)
+    g = dy * _bcast(w * invstd, x.ndim, axis)
+    if training:
+        n = x.size // c
+        dx = g - _bcast(dbias / n, x.ndim, axis) * _bcast(w * invstd, x.ndim, axis) \
+            - xhat * _bcast(dweight / n, x.ndim, axis) * _bcast(w * invstd, x.ndim, axis)
+    else:
+        dx = g
+    return dx, dweight, dbias

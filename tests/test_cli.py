@@ -1,0 +1,45 @@
+"""``bncupy info`` and ``python -m bncupy info``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bncupy import _cli
+
+
+def test_info_reports_versions_backends_and_self_check(capsys):
+    assert _cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy" in out and "backend numpy: available; self-check max error" in out
+    assert "OK" in out
+    assert "backend cupy:" in out
+
+
+def test_self_check_detects_a_wrong_backend(monkeypatch):
+    from bncupy.backends import numpy as nb
+
+    real = nb.apply
+    monkeypatch.setattr(nb, "apply", lambda *a: real(*a) * 1.001)
+    assert _cli.self_check("numpy") > 1e-6
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "bncupy", "info"], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("bncupy ")
+
+
+def test_unknown_command_is_rejected():
+    with pytest.raises(SystemExit):
+        _cli.main(["frobnicate"])
+
+
+@pytest.mark.skipif(_cli.cupy_backend.unavailable_reason() is None, reason="a GPU is present")
+def test_bench_without_gpu_says_so(capsys, tmp_path):
+    assert _cli.main(["bench", "--out", str(tmp_path)]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

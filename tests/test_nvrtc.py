@@ -1,0 +1,64 @@
+"""Compile every kernel specialisation with NVRTC for sm_75, sm_80 and sm_90 (no GPU needed).
+
+Needs ``nvidia-cuda-nvrtc`` and CuPy's NVRTC bindings (the ``nvrtc`` extra); skipped without them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bncupy._kernels import kernel_dir
+from bncupy.backends import cupy as cupy_backend
+
+nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy's NVRTC bindings")
+
+REPORTS: list[str] = []
+_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _compile(arch: str) -> tuple[str, dict[str, str]]:
+    try:
+        version = nvrtc.getVersion()
+    except Exception as exc:  # libnvrtc not found
+        pytest.skip(f"libnvrtc not loadable: {exc}")
+    prog = nvrtc.createProgram(cupy_backend.program_source(), "bncupy.cu", [], [])
+    names = cupy_backend.name_expressions()
+    for name in names:
+        nvrtc.addNameExpression(prog, name)
+    options = [*cupy_backend.compile_options(), f"--gpu-architecture={arch}", "-Xptxas=-v",
+               "--no-cache", "-ftz=true"]
+    try:
+        nvrtc.compileProgram(prog, options)
+    except Exception as exc:
+        pytest.fail(f"NVRTC {version} failed for {arch}: {exc}\n{nvrtc.getProgramLog(prog)}")
+    log = nvrtc.getProgramLog(prog)
+    lowered = {nvrtc.getLoweredName(prog, n): n for n in names}
+    nvrtc.destroyProgram(prog)
+    return log, lowered
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
+def test_every_kernel_compiles_without_warnings_or_spills(arch):
+    assert kernel_dir().is_dir()
+    log, lowered = _compile(arch)
+    assert "warning" not in log.lower(), log
+    entries = {}
+    current = None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current = m.group(1)
+            entries[current] = {}
+        elif current and (m := _SPILL.search(line)):
+            entries[current]["spill"] = int(m.group(1)) + int(m.group(2))
+        elif current and (m := _REGS.search(line)):
+            entries[current]["regs"] = int(m.group(1))
+    assert set(lowered) <= set(entries), "some specialisations were not compiled"
+    for mangled, stats in entries.items():
+        assert stats.get("spill") == 0, f"{lowered.get(mangled, mangled)} spills on {arch}"
+        assert "regs" in stats
+        REPORTS.append(f"{arch} {stats['regs']:3d} regs {stats['spill']} spill  "
+                       f"{lowered.get(mangled, mangled)}")
