@@ -238,18 +238,23 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['roofline_fraction']:6.2f}")
 
 
+def _cuda_torch() -> Any:
+    """torch with cuDNN enabled when it can use this GPU, else None (torch columns are null)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    torch.backends.cudnn.enabled = True
+    return torch
+
+
 def main(out_dir: Path, quick: bool, run_tests: bool) -> int:
     from .backends import cupy as cupy_backend
 
     cupy = cupy_backend.require()
-    torch: Any
-    try:
-        import torch
-        torch.backends.cudnn.enabled = True
-        if not torch.cuda.is_available():
-            torch = None
-    except ImportError:
-        torch = None
+    torch = _cuda_torch()
     tests = REPO / "tests"
     suite = run_suite(tests) if run_tests and tests.is_dir() else None
     copy_gbps = copy_bandwidth_gbps(cupy)

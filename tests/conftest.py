@@ -58,10 +58,11 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return Backend(request.param)
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    from tests import test_nvrtc
+NVRTC_REPORTS: list[str] = []  # filled by tests/test_nvrtc.py
 
-    if test_nvrtc.REPORTS:
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if NVRTC_REPORTS:
         terminalreporter.section("NVRTC register report (registers / spill bytes)")
-        for line in sorted(test_nvrtc.REPORTS):
+        for line in sorted(NVRTC_REPORTS):
             terminalreporter.write_line(line)

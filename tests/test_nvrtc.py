@@ -11,10 +11,10 @@ import pytest
 
 from bncupy._kernels import kernel_dir
 from bncupy.backends import cupy as cupy_backend
+from tests.conftest import NVRTC_REPORTS
 
 nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy's NVRTC bindings")
 
-REPORTS: list[str] = []
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
@@ -60,5 +60,5 @@ def test_every_kernel_compiles_without_warnings_or_spills(arch):
     for mangled, stats in entries.items():
         assert stats.get("spill") == 0, f"{lowered.get(mangled, mangled)} spills on {arch}"
         assert "regs" in stats
-        REPORTS.append(f"{arch} {stats['regs']:3d} regs {stats['spill']} spill  "
+        NVRTC_REPORTS.append(f"{arch} {stats['regs']:3d} regs {stats['spill']} spill  "
                        f"{lowered.get(mangled, mangled)}")
