@@ -1,6 +1,7 @@
 """bncupy: batch normalization for CuPy and NumPy arrays, with torch's signatures and semantics."""
 
 from ._errors import BackendUnavailableError
+from ._fold import fold_into
 from ._functional import batch_norm, batch_norm_backward, batch_norm_forward, moments, welford
 from ._layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ._moments import Moments
@@ -17,6 +18,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
+    "fold_into",
     "get_backend",
     "moments",
     "set_backend",

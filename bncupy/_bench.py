@@ -180,6 +180,27 @@ def bench_rows(cupy: Any, torch: Any, copy_gbps: float, batches: Iterable[int], 
     return rows
 
 
+def _fused_row(cupy: Any, layout: str, shape: tuple[int, ...], reps: int) -> dict[str, Any]:
+    n, c, h, w = shape
+    axis = 1 if layout == "NCHW" else -1
+    dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+    x = cupy.random.default_rng(0).standard_normal(dims, dtype=cupy.float32)
+    z = cupy.random.default_rng(1).standard_normal(dims, dtype=cupy.float32)
+    times = {
+        name: time_us(cupy, lambda kw=kw: F.batch_norm(x, None, None, training=True, axis=axis,
+                                                       **kw), reps)
+        for name, kw in (("bn_us", {}), ("bn_relu_us", {"activation": "relu"}),
+                         ("bn_add_relu_us", {"activation": "relu", "residual": z}))}
+    return {"layout": layout, "dtype": "float32", "shape": list(shape),
+            **{k: round(t, 2) for k, t in times.items()}}
+
+
+def fused_rows(cupy: Any, reps: int) -> list[dict[str, Any]]:
+    """fwd_train with and without the fused ReLU (+ residual), on a few ResNet-50 shapes."""
+    return [_fused_row(cupy, layout, shape, reps) for layout in ("NCHW", "NHWC")
+            for shape in [(32, 64, 56, 56), (32, 256, 56, 56), (32, 1024, 14, 14)]]
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Geometric-mean speedups per (op, layout) and the roofline of large tensors."""
     out: dict[str, Any] = {}
@@ -260,6 +281,7 @@ def main(out_dir: Path, quick: bool, run_tests: bool) -> int:
     copy_gbps = copy_bandwidth_gbps(cupy)
     rows = bench_rows(cupy, torch, copy_gbps, (32,) if quick else (32, 256), 5 if quick else 20)
     print_table(rows)
+    fused = fused_rows(cupy, 5 if quick else 20)
     record: dict[str, Any] = {
         "kernels_digest": kernels_digest(),
         "commit": _commit(),
@@ -270,6 +292,7 @@ def main(out_dir: Path, quick: bool, run_tests: bool) -> int:
         "copy_bandwidth_GBps": round(copy_gbps, 1),
         "summary": summarize(rows),
         "bench": rows,
+        "fused": fused,
     }
     print(json.dumps(record["summary"], indent=2))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""Functional batch normalization: validation, backend resolution and per-channel coefficient math.
+"""Functional batch normalization: validation, backend resolution, array-kind bookkeeping.
 
-The backends do the per-element work (statistics, apply, backward reduce, backward apply); this
-module does the O(C) work between them in float64 and keeps the caller's array kind.
+Every argument is checked before anything is computed or written. The backend then does the
+numerics (statistics, coefficients, apply, backward) on its own arrays; results come back in the
+caller's array kind, and running statistics are written back into the caller's arrays.
 """
 
 from __future__ import annotations
@@ -26,11 +27,8 @@ def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
     return kind, dispatch.backend_for(kind)
 
 
-def _native(backend: ModuleType, value: Any, dtype: Any = None) -> Any:
-    if value is None:
-        return None
-    out = backend.asarray(value)
-    return out if dtype is None else out.astype(dtype)
+def _native(backend: ModuleType, value: Any) -> Any:
+    return None if value is None else backend.asarray(value)
 
 
 def _caller(kind: str, backend: ModuleType, value: Any) -> Any:
@@ -42,9 +40,12 @@ def _write_in_place(target: Any, value: Any, kind: str, backend: ModuleType) -> 
 
 
 def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
-                   training: Any, momentum: Any, eps: Any, axis: Any,
-                   ) -> tuple[int, bool, float, float, str, ModuleType]:
+                   training: Any, momentum: Any, eps: Any, axis: Any, activation: Any,
+                   residual: Any) -> tuple[int, bool, float, float, bool, str, ModuleType]:
     kinds = {"input": v.check_input(input)}
+    relu = v.check_activation(activation)
+    if residual is not None:
+        kinds["residual"] = v.check_like_input(residual, "residual", input)
     ax = v.check_axis(axis, input.ndim)
     channels = input.shape[ax]
     training = v.check_bool(training, "training")
@@ -65,7 +66,7 @@ def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any,
         v.check_count(input, ax)
     kind, backend = _resolve(kinds)
     assert momentum is not None
-    return ax, training, momentum, eps, kind, backend
+    return ax, training, momentum, eps, relu, kind, backend
 
 
 class _Forward(NamedTuple):
@@ -79,6 +80,7 @@ class _Forward(NamedTuple):
     mean: Any
     save_mean: Any
     save_invstd: Any
+    coefficients: tuple
     kind: str
     backend: ModuleType
 
@@ -88,26 +90,31 @@ class _Forward(NamedTuple):
 
 
 def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
-            training: Any, momentum: Any, eps: Any, axis: Any) -> _Forward:
+            training: Any, momentum: Any, eps: Any, axis: Any, activation: Any = None,
+            residual: Any = None) -> _Forward:
     """Validated forward pass on the resolved backend."""
-    ax, training, momentum, eps, kind, be = _check_forward(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    x = be.asarray(input)
+    ax, training, momentum, eps, relu, kind, be = _check_forward(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+        activation, residual)
+    x, z = be.asarray(input), _native(be, residual)
     w, b = _native(be, weight), _native(be, bias)
     rm, rv = _native(be, running_mean), _native(be, running_var)
     if training:
-        y, mean, save_mean, save_invstd = be.normalize_train(x, ax, w, b, eps, rm, rv, momentum)
+        y, mean, save_mean, save_invstd, coef = be.normalize_train(
+            x, ax, w, b, eps, rm, rv, momentum, z, relu)
         if rm is not None and be.name != kind:
             _write_in_place(running_mean, rm, kind, be)
             _write_in_place(running_var, rv, kind, be)
     else:
-        y, mean, save_mean, save_invstd = be.normalize_eval(x, ax, rm, rv, w, b, eps)
-    return _Forward(_caller(kind, be, y), mean, save_mean, save_invstd, kind, be)
+        y, mean, save_mean, save_invstd, coef = be.normalize_eval(x, ax, rm, rv, w, b, eps, z,
+                                                                  relu)
+    return _Forward(_caller(kind, be, y), mean, save_mean, save_invstd, coef, kind, be)
 
 
 def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                        bias: Any = None, training: bool = False, momentum: float = 0.1,
-                       eps: float = 1e-5, *, axis: int = 1) -> tuple[Any, Any, Any]:
+                       eps: float = 1e-5, *, axis: int = 1, activation: str | None = None,
+                       residual: Any = None) -> tuple[Any, Any, Any]:
     """Batch normalization that also returns the statistics saved for the backward pass.
 
     Parameters
@@ -126,6 +133,10 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
         Added to the variance for numerical stability.
     axis : int, keyword-only
         Channel axis: 1 (NCHW-like, the default) or -1 (channels last).
+    activation : None or "relu", keyword-only
+        Fused activation applied after the affine map (and the residual).
+    residual : ndarray, optional, keyword-only
+        Added before the activation: ``y = act(bn(input) + residual)``; input's shape.
 
     Returns
     -------
@@ -135,19 +146,21 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
         Batch mean and ``1/sqrt(var + eps)`` (training) or the running equivalents (eval);
         float32 for float16/float32 input, float64 for float64.
     """
-    out = forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+    out = forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                  activation, residual)
     return (out.y, *out.saved())
 
 
 def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                bias: Any = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-               *, axis: int = 1) -> Any:
+               *, axis: int = 1, activation: str | None = None, residual: Any = None) -> Any:
     """Batch normalization with the signature and semantics of ``torch.nn.functional.batch_norm``.
 
-    See :func:`batch_norm_forward` for the parameters; returns only the normalized array.
+    See :func:`batch_norm_forward` for the parameters (including the fused ``activation`` and
+    ``residual``); returns only the normalized array.
     """
-    return batch_norm_forward(input, running_mean, running_var, weight, bias, training,
-                              momentum, eps, axis=axis)[0]
+    return forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   axis, activation, residual).y
 
 
 def batch_norm_backward(grad_output: Any, input: Any, weight: Any, save_mean: Any,
@@ -186,11 +199,8 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
              axis: Any, saved_arg_names: tuple[str, str] = ("save_mean", "save_invstd"),
              ) -> tuple[Any, Any, Any]:
     """Validated backward pass; ``mean``/``invstd`` may be a layer's float64 statistics."""
-    kinds = {"input": v.check_input(input), "grad_output": v.check_array(grad_output, "grad_output")}
-    v.check_float(grad_output, "grad_output")
-    if grad_output.shape != input.shape:
-        raise ValueError(f"grad_output must have the shape of input {tuple(input.shape)}, "
-                         f"got {tuple(grad_output.shape)}")
+    kinds = {"input": v.check_input(input)}
+    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     ax = v.check_axis(axis, input.ndim)
     channels = input.shape[ax]
     for arg, value in zip(saved_arg_names, (mean, invstd), strict=False):
@@ -206,6 +216,16 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     gd = weight.dtype if weight is not None else _stat_dtype(input.dtype)
     return (_caller(kind, be, dx), _caller(kind, be, grad_weight.astype(gd, copy=False)),
             _caller(kind, be, grad_bias.astype(gd, copy=False)))
+
+
+def relu_grad(grad_output: Any, input: Any, residual: Any, out: _Forward, axis: Any) -> Any:
+    """Gradient through the ReLU of a fused forward ``out``: grad_output masked by output > 0."""
+    v.check_like_input(grad_output, "grad_output", input)
+    ax = v.check_axis(axis, input.ndim)
+    be = out.backend
+    g = be.relu_grad(be.asarray(grad_output), be.asarray(input), ax, out.coefficients,
+                     _native(be, residual))
+    return _caller(out.kind, be, g)
 
 
 def _check_stats_input(x: Any, axis: Any) -> tuple[int, str, ModuleType]:

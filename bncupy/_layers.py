@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _validation as v
-from ._functional import backward, forward
+from ._functional import _Forward, backward, forward, relu_grad
 from .backends import dispatch
 
 _VECTORS = ("weight", "bias", "running_mean", "running_var")
@@ -33,6 +33,8 @@ class _BatchNorm:
         dtype of the parameters and running statistics (inputs may be any float dtype).
     channels_last : bool, keyword-only
         The channel axis is the last one (NHWC, (N, L, C), NDHWC) instead of axis 1.
+    activation : None or "relu", keyword-only
+        Fused activation: the layer computes ``act(bn(x) + residual)`` in one pass.
 
     Notes
     -----
@@ -44,7 +46,7 @@ class _BatchNorm:
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, dtype: Any = np.float32,
-                 *, channels_last: bool = False) -> None:
+                 *, channels_last: bool = False, activation: str | None = None) -> None:
         self.num_features = v.check_num_features(num_features)
         self.eps = v.check_eps(eps)
         self.momentum = v.check_momentum(momentum, allow_none=True)
@@ -52,6 +54,8 @@ class _BatchNorm:
         self.track_running_stats = v.check_bool(track_running_stats, "track_running_stats")
         self.dtype = v.check_dtype(dtype)
         self.channels_last = v.check_bool(channels_last, "channels_last")
+        v.check_activation(activation)
+        self.activation = activation
         self.training = True
         xp = dispatch.module_for(dispatch.get_backend()).xp
         c = self.num_features
@@ -62,7 +66,8 @@ class _BatchNorm:
         self.num_batches_tracked = (np.zeros((), np.int64) if self.track_running_stats else None)
         self.grad_weight: Any = None
         self.grad_bias: Any = None
-        self._saved: tuple[Any, Any, Any, bool] | None = None
+        self.grad_residual: Any = None
+        self._saved: tuple[Any, Any, _Forward, bool] | None = None
 
     # ------------------------------------------------------------------ mode and placement
     @property
@@ -85,7 +90,7 @@ class _BatchNorm:
         if kind == "cupy":
             dispatch.backend_for("cupy")  # raises BackendUnavailableError when it cannot run
         module = dispatch.module_for(kind)
-        for name in _VECTORS + ("grad_weight", "grad_bias"):
+        for name in _VECTORS + ("grad_weight", "grad_bias", "grad_residual"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, module.asarray(value))
@@ -112,8 +117,11 @@ class _BatchNorm:
         return dispatch.array_kind(self.running_mean if self.weight is None else self.weight) \
             or "numpy"
 
-    def __call__(self, x: Any) -> Any:
-        """Normalize ``x`` (training: batch statistics and running-stat update; eval: running)."""
+    def __call__(self, x: Any, residual: Any = None) -> Any:
+        """Normalize ``x`` (training: batch statistics and running-stat update; eval: running).
+
+        With ``residual`` (``x``'s shape) the layer returns ``act(bn(x) + residual)``.
+        """
         kind = self._check_input(x)
         if (self.weight is not None or self.running_mean is not None) and \
                 self._state_kind() != kind:
@@ -129,14 +137,15 @@ class _BatchNorm:
         tracked = self.running_mean is not None and (update or not self.training)
         out = forward(x, self.running_mean if tracked else None,
                       self.running_var if tracked else None, self.weight, self.bias,
-                      use_batch_stats, momentum, self.eps, self.axis)
+                      use_batch_stats, momentum, self.eps, self.axis, self.activation, residual)
         if update:
             self.num_batches_tracked = np.asarray(self._batches() + 1, np.int64)
-        self._saved = (x, out.mean, out.save_invstd, use_batch_stats)
+        self._saved = (x, residual, out._replace(y=None), use_batch_stats)
         return out.y
 
     def backward(self, grad_output: Any) -> Any:
-        """Gradient with respect to the last call's input; sets ``grad_weight`` and ``grad_bias``.
+        """Gradient with respect to the last call's input; sets ``grad_weight``, ``grad_bias``
+        and, when that call had a residual, ``grad_residual``.
 
         Raises
         ------
@@ -145,11 +154,14 @@ class _BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
-        x, mean, invstd, use_batch_stats = self._saved
+        x, residual, out, use_batch_stats = self._saved
+        if self.activation == "relu":
+            grad_output = relu_grad(grad_output, x, residual, out, self.axis)
         grad_input, grad_weight, grad_bias = backward(
-            grad_output, x, self.weight, mean, invstd, use_batch_stats, self.axis)
+            grad_output, x, self.weight, out.mean, out.save_invstd, use_batch_stats, self.axis)
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
+        self.grad_residual = None if residual is None else grad_output
         return grad_input
 
     # ------------------------------------------------------------------ state
@@ -204,7 +216,8 @@ class _BatchNorm:
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}"
-                f"{', channels_last=True' if self.channels_last else ''})")
+                f"{', channels_last=True' if self.channels_last else ''}"
+                f"{f', activation={self.activation!r}' if self.activation else ''})")
 
 
 class BatchNorm1d(_BatchNorm):

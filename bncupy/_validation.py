@@ -132,3 +132,23 @@ def check_count(x: Any, axis: int) -> int:
         raise ValueError(f"Expected more than 1 value per channel when training, "
                          f"got input size {tuple(x.shape)}")
     return count
+
+
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation: Any) -> bool:
+    """True for ``"relu"``, False for None; anything else is an error."""
+    if activation not in ACTIVATIONS or not (activation is None or isinstance(activation, str)):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def check_like_input(value: Any, arg: str, x: Any) -> str:
+    """An array the shape of the input (residual, grad_output); returns its kind."""
+    kind = check_array(value, arg)
+    check_float(value, arg)
+    if value.shape != x.shape:
+        raise ValueError(f"{arg} must have the shape of input {tuple(x.shape)}, "
+                         f"got {tuple(value.shape)}")
+    return kind

@@ -112,17 +112,22 @@ def test_non_default_stream(cp):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_bitwise_deterministic_over_ten_calls(cp, dtype):
-    x = cp.random.default_rng(7).standard_normal((32, 64, 28, 28)).astype(dtype)
+@pytest.mark.parametrize("shape, axis", [((32, 64, 28, 28), 1), ((32, 28, 28, 64), -1),
+                                         ((4096, 300), 1)])
+def test_bitwise_deterministic_over_ten_calls(cp, dtype, shape, axis):
+    x = cp.random.default_rng(7).standard_normal(shape).astype(dtype)
     dy = cp.random.default_rng(8).standard_normal(x.shape).astype(dtype)
+    z = cp.random.default_rng(9).standard_normal(x.shape).astype(dtype)
     first = None
     for _ in range(10):
-        y, m, s = bn.batch_norm_forward(x, None, None, None, None, True)
-        outs = [y, m, s, *bn.batch_norm_backward(dy, x, None, m, s)]
+        y, m, s = bn.batch_norm_forward(x, None, None, None, None, True, axis=axis)
+        fused = bn.batch_norm(x, None, None, training=True, axis=axis, activation="relu",
+                              residual=z)
+        outs = [y, m, s, fused, *bn.batch_norm_backward(dy, x, None, m, s, axis=axis)]
         outs = [cp.asnumpy(o) for o in outs]
         if first is None:
             first = outs
-        for a, b in zip(first, outs, strict=False):
+        for a, b in zip(first, outs):
             np.testing.assert_array_equal(a, b)
 
 

@@ -14,7 +14,7 @@ import bncupy
 from bncupy._kernels import kernel_dir, kernel_files, read_source
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED = {"welford.cuh", "forward.cu", "backward.cu"}
+EXPECTED = {"welford.cuh", "reduce.cuh", "forward.cu", "backward.cu"}
 
 
 def test_loader_finds_every_kernel_source():

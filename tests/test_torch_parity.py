@@ -75,3 +75,31 @@ def test_same_error_for_single_value_per_channel():
         F.batch_norm(torch.from_numpy(x), None, None, training=True)
     prefix = "Expected more than 1 value per channel when training, got input size "
     assert str(ours.value).startswith(prefix) and str(theirs.value).startswith(prefix)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_relu_residual_layer_matches_torch_autograd(channels_last):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 5, 6))
+    z = rng.standard_normal(x.shape)
+    dy = rng.standard_normal(x.shape)
+    tbn = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    tx = torch.tensor(x, requires_grad=True)
+    tz = torch.tensor(z, requires_grad=True)
+    ty = torch.relu(tbn(tx) + tz)
+    ty.backward(torch.tensor(dy))
+
+    perm = (0, 2, 3, 1) if channels_last else (0, 1, 2, 3)
+    inv = (0, 3, 1, 2) if channels_last else (0, 1, 2, 3)
+
+    def to_layout(a):
+        return np.ascontiguousarray(a.transpose(perm))
+
+    layer = bn.BatchNorm2d(3, dtype=np.float64, channels_last=channels_last, activation="relu")
+    y = layer(to_layout(x), residual=to_layout(z))
+    dx = layer.backward(to_layout(dy))
+    np.testing.assert_allclose(y.transpose(inv), ty.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(dx.transpose(inv), tx.grad.numpy(), atol=1e-11)
+    np.testing.assert_allclose(layer.grad_residual.transpose(inv), tz.grad.numpy(), atol=1e-12)
+    np.testing.assert_allclose(layer.grad_weight, tbn.weight.grad.numpy(), atol=1e-11)
+    np.testing.assert_allclose(layer.grad_bias, tbn.bias.grad.numpy(), atol=1e-11)

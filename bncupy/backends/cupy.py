@@ -63,30 +63,34 @@ def require() -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels: names, compile options, per-device module cache, launches.
+# Kernels: names, compile options, per-device module cache, launch geometry, launches.
 
 _CTYPES = {"float16": "bncupy::half_t", "float32": "float", "float64": "double"}
 _ACC = {"float16": "float32", "float32": "float32", "float64": "float64"}
-_INDEX = {"unsigned int": "uint32", "unsigned long long": "uint64"}
+_INDEX = {"unsigned int": np.uint32, "unsigned long long": np.uint64}
 _THREADS = 256
 _SOURCES = ("forward.cu", "backward.cu")
+_LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply", "relu_grad")
 
 
 def vector_width(dtype_name: str) -> int:
     """Elements per 16-byte vector load for ``dtype_name``."""
-    return 16 // {"float16": 2, "float32": 4, "float64": 8}[dtype_name]
+    return 16 // np.dtype(dtype_name).itemsize
 
 
-def name_expressions() -> list[str]:
-    """Every kernel specialisation the backend launches (also compiled by the NVRTC check)."""
+def name_expressions(dtypes: tuple[str, ...] = tuple(_CTYPES)) -> list[str]:
+    """Every kernel specialisation the backend launches for ``dtypes`` (the NVRTC check compiles
+    all of them)."""
     names = []
-    for dtype, ctype in _CTYPES.items():
+    for dtype in dtypes:
+        ctype = _CTYPES[dtype]
         for width in (1, vector_width(dtype)):
             for index in _INDEX:
-                for kernel in ("forward_stats", "apply", "backward_reduce", "backward_apply"):
-                    names.append(f"bncupy::{kernel}<{ctype}, {width}, {index}>")
-    names += [f"bncupy::eval_coefficients<{a}>" for a in ("float", "double")]
-    return names
+                for layout in ("false", "true"):
+                    names += [f"bncupy::{kernel}<{ctype}, {width}, {index}, {layout}>"
+                              for kernel in _LAYOUT_KERNELS]
+        names.append(f"bncupy::eval_coefficients<{'double' if dtype == 'float64' else 'float'}>")
+    return sorted(set(names))
 
 
 def compile_options() -> tuple[str, ...]:
@@ -107,38 +111,37 @@ def __getattr__(attr: str) -> Any:
 
 
 @functools.cache
-def _module(device_id: int) -> Any:
+def _module(device_id: int, dtype: str) -> Any:
+    """The compiled kernels for one element dtype on one device (CuPy also caches on disk)."""
     cupy = require()
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(code=program_source(), options=compile_options(),
-                              name_expressions=name_expressions())
+                              name_expressions=name_expressions((dtype,)))
 
 
-def _kernel(name: str) -> Any:
-    cupy = require()
-    return _module(cupy.cuda.Device().id).get_function(name)
+def _kernel(dtype: str, name: str) -> Any:
+    return _module(require().cuda.Device().id, dtype).get_function(name)
 
 
 @functools.cache
 def _sm_count(device_id: int) -> int:
-    cupy = require()
-    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+    return int(require().cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
 _counters: dict[tuple[int, int], Any] = {}
 
 
-def _counter_buffer(channels: int) -> Any:
-    """Zeroed per-channel arrival counters for the current device and stream.
+def _counter_buffer(size: int) -> Any:
+    """Zeroed arrival counters for the current device and stream.
 
-    The last block of each channel resets its counter, so one buffer serves every launch on a
-    stream; separate streams get separate buffers, so concurrent launches never share one.
+    The last block of each channel (group) resets its counter, so one buffer serves every launch
+    on a stream; separate streams get separate buffers, so concurrent launches never share one.
     """
     cupy = require()
     key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
     buf = _counters.get(key)
-    if buf is None or buf.size < channels:
-        buf = cupy.zeros(max(channels, 1024), dtype=cupy.uint32)
+    if buf is None or buf.size < size:
+        buf = cupy.zeros(max(size, 1024), dtype=cupy.uint32)
         _counters[key] = buf
     return buf
 
@@ -148,22 +151,61 @@ def asarray(a: Any) -> Any:
     return require().asarray(a)
 
 
-def _view3(x: Any, axis: int) -> tuple[Any, int, int, int]:
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
-    rows = int(np.prod(x.shape[:axis], dtype=np.int64))
-    inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
-    return x, rows, x.shape[axis], inner
+class _Geometry:
+    """How one contiguous array is walked: layout, vector width, index type, grids."""
+
+    def __init__(self, x: Any, axis: int, *others: Any) -> None:
+        self.rows = int(np.prod(x.shape[:axis], dtype=np.int64))
+        self.channels = int(x.shape[axis])
+        inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+        # Channels-last kernels whenever channels are innermost: (N, C) too.
+        self.cl = inner == 1
+        extent = self.channels if self.cl else inner
+        width = vector_width(x.dtype.name)
+        aligned = all(a is None or a.data.ptr % 16 == 0 for a in (x, *others))
+        self.width = width if extent % width == 0 and aligned else 1
+        self.inner_vecs = extent // self.width
+        self.index = "unsigned int" if x.size < 2**31 else "unsigned long long"
+        self.itype = _INDEX[self.index]
+        self.total_vecs = x.size // self.width
+        self.dtype = x.dtype.name
+        self.acc = _ACC[self.dtype]
+        sms = _sm_count(require().cuda.Device().id)
+        unroll = 2 if self.width >= 8 else 4
+        if self.cl:
+            self.lanes = min(32, 1 << max(0, (self.inner_vecs - 1).bit_length()))
+            self.groups = -(-self.inner_vecs // self.lanes)
+            trips = self.rows // (_THREADS // self.lanes * unroll * 2)
+        else:
+            self.lanes = 1
+            self.groups = self.channels
+            trips = self.rows * self.inner_vecs // (_THREADS * unroll * 2)
+        # Blocks per channel (group): C * splits fills the GPU ~8 blocks per SM deep, but every
+        # thread keeps at least two unrolled trips of work.
+        self.splits = max(1, min(-(-sms * 8 // self.groups), trips or 1, 1024))
+        self.apply_blocks = max(1, min(-(-self.total_vecs // _THREADS), sms * 32))
+
+    def name(self, kernel: str) -> str:
+        return (f"bncupy::{kernel}<{_CTYPES[self.dtype]}, {self.width}, {self.index}, "
+                f"{'true' if self.cl else 'false'}>")
+
+    def launch_reduce(self, kernel: str, arrays: tuple, rest: tuple) -> None:
+        _kernel(self.dtype, self.name(kernel))(
+            (self.groups * self.splits,), (_THREADS,),
+            (*arrays, self.itype(self.rows), self.itype(self.channels),
+             self.itype(self.inner_vecs), np.int32(self.splits), np.int32(self.lanes), *rest))
+
+    def launch_elementwise(self, kernel: str, arrays: tuple, coefficients: tuple,
+                           extra: tuple = ()) -> None:
+        _kernel(self.dtype, self.name(kernel))(
+            (self.apply_blocks,), (_THREADS,),
+            (*arrays, self.itype(self.total_vecs), self.itype(self.channels),
+             self.itype(self.inner_vecs), *coefficients, *extra))
 
 
-def _geometry(x: Any, inner: int, *others: Any) -> tuple[int, str, Any]:
-    """Vector width, index C type and its NumPy scalar type for a launch over ``x``."""
-    width = vector_width(x.dtype.name)
-    aligned = all(a.data.ptr % 16 == 0 for a in (x, *others))
-    if inner % width or not aligned:
-        width = 1
-    index = "unsigned int" if x.size < 2**31 else "unsigned long long"
-    return width, index, getattr(np, _INDEX[index])
+def _like(a: Any, x: Any) -> Any:
+    """``a`` (grad_output, residual) as a contiguous array of ``x``'s dtype, or None."""
+    return None if a is None else require().ascontiguousarray(a, dtype=x.dtype)
 
 
 def _per_channel(value: Any, acc: str) -> Any:
@@ -171,97 +213,95 @@ def _per_channel(value: Any, acc: str) -> Any:
     return None if value is None else require().ascontiguousarray(value, dtype=acc)
 
 
-def _launch_apply(x: Any, rows: int, channels: int, inner: int, center: Any, scale: Any,
-                  shift: Any) -> Any:
-    cupy = require()
-    y = cupy.empty_like(x)
-    if x.size == 0:
-        return y
-    width, index, itype = _geometry(x, inner, y)
-    total = x.size // width
-    blocks = min(-(-total // _THREADS), _sm_count(cupy.cuda.Device().id) * 32)
-    kernel = _kernel(f"bncupy::apply<{_CTYPES[x.dtype.name]}, {width}, {index}>")
-    kernel((blocks,), (_THREADS,), (x, y, itype(total), itype(channels), itype(inner // width),
-                                    center, scale, shift))
+def _apply(x: Any, geo: _Geometry, coef: tuple, residual: Any, relu: bool) -> Any:
+    y = require().empty_like(x)
+    if x.size:
+        geo.launch_elementwise("apply", (x, y), coef, (residual, np.int32(relu)))
     return y
 
 
-def _splits(channels: int, vectors: int, width: int) -> int:
-    """Blocks per channel: enough for C * splits to fill the GPU ~8 blocks per SM deep, but
-    at least two unrolled trips of work per thread."""
-    unroll = 2 if width >= 8 else 4
-    target = _sm_count(require().cuda.Device().id) * 8
-    return max(1, min(-(-target // channels), vectors // (_THREADS * unroll * 2) or 1, 1024))
-
-
-def _launch_stats(x: Any, rows: int, channels: int, inner: int, weight: Any, bias: Any,
-                  running_mean: Any, running_var: Any, eps: float, momentum: float,
-                  want_m2: bool = False) -> dict[str, Any]:
-    """Run ``forward_stats``; returns its per-channel outputs by name."""
+def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, running_mean: Any, running_var: Any,
+           eps: float, momentum: float, want_m2: bool = False) -> dict[str, Any]:
+    """Launch ``forward_stats``; returns its per-channel outputs by name."""
     cupy = require()
-    acc = _ACC[x.dtype.name]
-    scalar = getattr(np, acc)
-    width, index, itype = _geometry(x, inner)
-    splits = _splits(channels, rows * (inner // width), width)
-    out = {name: cupy.empty(channels, acc)
+    c, acc = geo.channels, geo.acc
+    out = {name: cupy.empty(c, acc)
            for name in ("save_mean", "save_invstd", "center", "scale", "shift")}
-    out["mean64"] = cupy.empty(channels, cupy.float64)
-    out["m2"] = cupy.empty(channels, acc) if want_m2 else None
-    partials = cupy.empty((channels * splits, 3), acc)
-    kernel = _kernel(f"bncupy::forward_stats<{_CTYPES[x.dtype.name]}, {width}, {index}>")
-    kernel((channels * splits,), (_THREADS,), (
-        x, itype(rows), itype(channels), itype(inner // width), np.int32(splits), partials,
-        _counter_buffer(channels), weight, bias, running_mean, running_var, scalar(eps),
-        np.float64(momentum), np.float64(rows * inner), out["save_mean"], out["save_invstd"],
-        out["mean64"], out["center"], out["scale"], out["shift"], out["m2"]))
+    out["mean64"] = cupy.empty(c, cupy.float64)
+    out["m2"] = cupy.empty(c, acc) if want_m2 else None
+    partials = cupy.empty((c * geo.splits, 3), acc)
+    geo.launch_reduce("forward_stats", (x,), (
+        partials, _counter_buffer(geo.groups), _per_channel(weight, acc), _per_channel(bias, acc),
+        running_mean, running_var, getattr(np, acc)(eps), np.float64(momentum),
+        np.float64(x.size // c), out["save_mean"], out["save_invstd"], out["mean64"],
+        out["center"], out["scale"], out["shift"], out["m2"]))
     return out
 
 
 def stats(x: Any, axis: int) -> tuple[int, Any, Any]:
     """Per-channel ``(count, mean, m2)``; mean float64, m2 in the accumulator dtype."""
-    x, rows, channels, inner = _view3(x, axis)
-    count = rows * inner
     cupy = require()
-    acc = _ACC[x.dtype.name]
+    x = cupy.ascontiguousarray(x)
+    c = x.shape[axis]
+    count = x.size // c if c else 0
     if count == 0:
-        return 0, cupy.zeros(channels), cupy.zeros(channels, acc)
-    out = _launch_stats(x, rows, channels, inner, None, None, None, None, 1.0, 0.0, True)
+        return 0, cupy.zeros(c), cupy.zeros(c, _ACC[x.dtype.name])
+    out = _stats(x, _Geometry(x, axis), None, None, None, None, 1.0, 0.0, want_m2=True)
     return count, out["mean64"], out["m2"]
 
 
 def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, running_mean: Any,
-                    running_var: Any, momentum: float) -> tuple[Any, Any, Any, Any]:
+                    running_var: Any, momentum: float, residual: Any = None,
+                    relu: bool = False) -> tuple[Any, Any, Any, Any, tuple]:
     """Two launches: statistics (whose last blocks also update the running statistics and fold
-    the apply coefficients) and apply. Returns ``y``, float64 mean, save_mean, save_invstd."""
-    require()
-    x3, rows, channels, inner = _view3(x, axis)
-    acc = _ACC[x.dtype.name]
+    the apply coefficients) and apply. Returns ``y``, float64 mean, save_mean, save_invstd and
+    the apply coefficients (for a fused activation's backward)."""
+    cupy = require()
+    x = cupy.ascontiguousarray(x)
+    residual = _like(residual, x)
+    geo = _Geometry(x, axis, residual)
     targets = [running_mean, running_var]
-    running = [_per_channel(r, acc) for r in targets]
-    out = _launch_stats(x3, rows, channels, inner, _per_channel(weight, acc),
-                        _per_channel(bias, acc), running[0], running[1], eps, momentum)
-    y = _launch_apply(x3, rows, channels, inner, out["center"], out["scale"], out["shift"])
-    for target, value in zip(targets, running, strict=False):
+    running = [_per_channel(r, geo.acc) for r in targets]
+    out = _stats(x, geo, weight, bias, running[0], running[1], eps, momentum)
+    coef = (out["center"], out["scale"], out["shift"])
+    y = _apply(x, geo, coef, residual, relu)
+    for target, value in zip(targets, running, strict=True):
         if target is not None and value is not target:
             target[...] = value  # a non-contiguous or differently typed running-stat array
-    return y.reshape(x.shape), out["mean64"], out["save_mean"], out["save_invstd"]
+    return y, out["mean64"], out["save_mean"], out["save_invstd"], coef
 
 
 def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weight: Any,
-                   bias: Any, eps: float) -> tuple[Any, Any, Any, Any]:
+                   bias: Any, eps: float, residual: Any = None, relu: bool = False,
+                   ) -> tuple[Any, Any, Any, Any, tuple]:
     """Coefficients from the running statistics (one tiny launch), then apply."""
     cupy = require()
-    x3, rows, channels, inner = _view3(x, axis)
-    acc = _ACC[x.dtype.name]
-    coef = {name: cupy.empty(channels, acc) for name in ("invstd", "center", "scale", "shift")}
-    ctype = "double" if acc == "float64" else "float"
-    _kernel(f"bncupy::eval_coefficients<{ctype}>")(
-        (-(-channels // _THREADS),), (_THREADS,),
-        (np.int32(channels), _per_channel(running_mean, acc), _per_channel(running_var, acc),
-         _per_channel(weight, acc), _per_channel(bias, acc), getattr(np, acc)(eps),
-         coef["invstd"], coef["center"], coef["scale"], coef["shift"]))
-    y = _launch_apply(x3, rows, channels, inner, coef["center"], coef["scale"], coef["shift"])
-    return y.reshape(x.shape), coef["center"], coef["center"], coef["invstd"]
+    x = cupy.ascontiguousarray(x)
+    residual = _like(residual, x)
+    geo = _Geometry(x, axis, residual)
+    acc, c = geo.acc, geo.channels
+    invstd, center, scale, shift = (cupy.empty(c, acc) for _ in range(4))
+    if c:
+        ctype = "double" if acc == "float64" else "float"
+        _kernel(geo.dtype, f"bncupy::eval_coefficients<{ctype}>")(
+            (-(-c // _THREADS),), (_THREADS,),
+            (np.int32(c), _per_channel(running_mean, acc), _per_channel(running_var, acc),
+             _per_channel(weight, acc), _per_channel(bias, acc), getattr(np, acc)(eps), invstd,
+             center, scale, shift))
+    y = _apply(x, geo, (center, scale, shift), residual, relu)
+    return y, center, center, invstd, (center, scale, shift)
+
+
+def relu_grad(dy: Any, x: Any, axis: int, coef: tuple, residual: Any) -> Any:
+    """``dy`` where the fused forward's output was positive, else 0 (one elementwise launch)."""
+    cupy = require()
+    x = cupy.ascontiguousarray(x)
+    dy, residual = _like(dy, x), _like(residual, x)
+    g = cupy.empty_like(x)
+    if x.size:
+        geo = _Geometry(x, axis, dy, g, residual)
+        geo.launch_elementwise("relu_grad", (dy, x, residual, g), coef)
+    return g
 
 
 def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, training: bool,
@@ -269,36 +309,24 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
     """Two launches: the deterministic reduction (which folds the dx coefficients and writes
     grad_weight/grad_bias) and the elementwise dx."""
     cupy = require()
-    x3, rows, channels, inner = _view3(x, axis)
-    dy3 = cupy.ascontiguousarray(dy)
-    acc = _ACC[x.dtype.name]
-    outs = {name: cupy.empty(channels, acc)
-            for name in ("grad_weight", "grad_bias", "center", "a", "b", "c")}
-    dx = cupy.empty_like(x3)
+    x = cupy.ascontiguousarray(x)
+    dy = _like(dy, x)
+    dx = cupy.empty_like(x)
+    geo = _Geometry(x, axis, dy, dx)
+    acc, c = geo.acc, geo.channels
+    outs = {name: cupy.zeros(c, acc) for name in ("grad_weight", "grad_bias")}
     if x.size == 0:
-        outs["grad_weight"].fill(0)
-        outs["grad_bias"].fill(0)
-        return dx.reshape(x.shape), outs["grad_weight"], outs["grad_bias"]
-    width, index, itype = _geometry(x3, inner, dy3, dx)
-    ctype = _CTYPES[x.dtype.name]
-    splits = _splits(channels, rows * (inner // width), width)
+        return dx, outs["grad_weight"], outs["grad_bias"]
+    coef = tuple(cupy.empty(c, acc) for _ in range(4))
     mean64 = mean if mean.dtype == cupy.float64 else None
-    mean_acc = None if mean64 is not None else _per_channel(mean, acc)
-    partials = cupy.empty((channels * splits, 2), acc)
-    _kernel(f"bncupy::backward_reduce<{ctype}, {width}, {index}>")(
-        (channels * splits,), (_THREADS,),
-        (dy3, x3, itype(rows), itype(channels), itype(inner // width), np.int32(splits), partials,
-         _counter_buffer(channels), mean64, mean_acc, _per_channel(invstd, acc),
-         _per_channel(weight, acc), np.float64(rows * inner), np.int32(bool(training)),
-         outs["grad_weight"], outs["grad_bias"], outs["center"], outs["a"], outs["b"],
-         outs["c"]))
-    total = x3.size // width
-    blocks = min(-(-total // _THREADS), _sm_count(cupy.cuda.Device().id) * 32)
-    _kernel(f"bncupy::backward_apply<{ctype}, {width}, {index}>")(
-        (blocks,), (_THREADS,),
-        (dy3, x3, dx, itype(total), itype(channels), itype(inner // width), outs["center"],
-         outs["a"], outs["b"], outs["c"]))
-    return dx.reshape(x.shape), outs["grad_weight"], outs["grad_bias"]
+    partials = cupy.empty((c * geo.splits, 2), acc)
+    geo.launch_reduce("backward_reduce", (dy, x), (
+        partials, _counter_buffer(geo.groups), mean64,
+        None if mean64 is not None else _per_channel(mean, acc), _per_channel(invstd, acc),
+        _per_channel(weight, acc), np.float64(x.size // c), np.int32(bool(training)),
+        outs["grad_weight"], outs["grad_bias"], *coef))
+    geo.launch_elementwise("backward_apply", (dy, x, dx), coef)
+    return dx, outs["grad_weight"], outs["grad_bias"]
 
 
 def device_summary() -> str:

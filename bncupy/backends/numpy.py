@@ -193,37 +193,50 @@ def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndar
 
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    residual: np.ndarray | None = None, relu: bool = False,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with batch statistics; update the running ones in place (after everything else).
 
-    Returns ``y``, the float64 batch mean, and ``save_mean``/``save_invstd`` in the stat dtype.
+    Returns ``y``, the float64 batch mean, ``save_mean``/``save_invstd`` in the stat dtype, and
+    the apply coefficients (for a fused activation's backward).
     """
     count, mean, m2 = stats(x, axis)
     var = m2 / count
     invstd = 1.0 / np.sqrt(var + eps)
-    y = apply(x, axis, *_coefficients(mean, invstd, weight, bias, x.dtype))
+    coef = _coefficients(mean, invstd, weight, bias, x.dtype)
+    y = apply(x, axis, *coef, residual, relu)
     if running_mean is not None:
         unbiased = var * (count / (count - 1))
         new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
         new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
         running_mean[...] = new_mean
         running_var[...] = new_var
-    return (y, mean, *_saved(x, mean, invstd))
+    return (y, mean, *_saved(x, mean, invstd), coef)
 
 
 def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_var: np.ndarray,
-                   weight: Any, bias: Any, eps: float,
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   weight: Any, bias: Any, eps: float, residual: np.ndarray | None = None,
+                   relu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with the running statistics; same returns as :func:`normalize_train`."""
     mean = running_mean.astype(np.float64)
     invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-    y = apply(x, axis, *_coefficients(mean, invstd, weight, bias, x.dtype))
-    return (y, mean, *_saved(x, mean, invstd))
+    coef = _coefficients(mean, invstd, weight, bias, x.dtype)
+    y = apply(x, axis, *coef, residual, relu)
+    return (y, mean, *_saved(x, mean, invstd), coef)
+
+
+def relu_grad(dy: np.ndarray, x: np.ndarray, axis: int, coef: tuple,
+              residual: np.ndarray | None) -> np.ndarray:
+    """``dy`` where the fused forward's output (recomputed, in ``x.dtype``) was > 0, else 0."""
+    center, scale, shift = coef
+    pre = apply(x, axis, center, scale, shift, residual)
+    return np.where(pre > 0, dy, np.zeros((), dy.dtype)).astype(x.dtype, copy=False)
 
 
 def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift: np.ndarray,
-          ) -> np.ndarray:
-    """``(x - center) * scale + shift`` per channel, in the compute dtype, output in ``x.dtype``.
+          residual: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
+    """``act((x - center) * scale + shift + residual)`` per channel, in the compute dtype, output
+    in ``x.dtype``; act is ReLU (NaN kept) when ``relu``, residual optional.
 
     When every ``|center * scale|`` is small the same value is computed in two passes as
     ``x * scale + (shift - center * scale)``: rounding then grows by at most ``_FOLD_LIMIT`` ulps
@@ -238,6 +251,7 @@ def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift
     if folded:
         shift = shift - center.astype(np.float64) * scale
     center, scale, shift = (_per_channel(v, x3, cd) for v in (center, scale, shift))
+    z3 = None if residual is None else view3(residual, axis)
 
     def run(tile: Tile) -> None:
         out, xs = _part(y3, tile), _part(x3, tile)
@@ -248,6 +262,10 @@ def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift
             np.subtract(xs, center, out=tmp, dtype=cd)
             tmp *= scale
         tmp += shift
+        if z3 is not None:
+            np.add(tmp, _part(z3, tile), out=tmp, dtype=cd)
+        if relu:
+            np.maximum(tmp, 0, out=tmp)
         if tmp is not out:
             out[...] = tmp
 

@@ -1,0 +1,194 @@
+// bncupy: the per-channel reduction skeletons shared by the forward statistics and the backward
+// sums, for both layouts. An Op supplies the state (Welford or SumPair), how one element enters it,
+// and what the channel's last block writes from the merged total:
+//
+//   typedef T (element), A (accumulator), State;   enum { needs_dy };
+//   A context(A first_value, I channel)            per-channel constant (pilot or centre)
+//   static State empty();
+//   static void push(State&, A context, A x, A dy)
+//   void finalize(State total, I channel, A context)
+//
+// Grids are one-dimensional (block = group * splits + split), blocks have 256 threads, and every
+// merge happens in a fixed order, so results are bitwise reproducible.
+#pragma once
+#include "welford.cuh"
+
+namespace bncupy {
+
+// Vectors in flight per thread and loop trip: independent chains hide memory latency.
+template <int V> struct unroll_of {
+    enum { value = V >= 8 ? 2 : 4 };
+};
+
+// Channel-first data, a contiguous (rows, C, inner) view; inner_vecs = inner / V. Block b reduces
+// the (b % splits)-th slice of channel b / splits.
+template <class Op, int V, typename I>
+__device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* __restrict__ x,
+                                            const typename Op::T* __restrict__ dy, const I rows,
+                                            const I channels, const I inner_vecs, const int splits,
+                                            typename Op::State* __restrict__ partials,
+                                            unsigned int* __restrict__ counters) {
+    typedef typename Op::T T;
+    typedef typename Op::A A;
+    typedef typename Op::State S;
+    typedef vec_t<T, V> vec;
+    const int U = unroll_of<V>::value;
+    __shared__ S scratch[32];
+
+    const I c = blockIdx.x / splits;
+    const I split = blockIdx.x % splits;
+    const unsigned long long per_channel = (unsigned long long)rows * inner_vecs;
+    const I begin = (I)(per_channel * split / splits);
+    const I end = (I)(per_channel * (split + 1) / splits);
+    const vec* xv = reinterpret_cast<const vec*>(x);
+    const vec* gv = reinterpret_cast<const vec*>(dy);
+    const A ctx = op.context(to_acc(x[(size_t)c * inner_vecs * V]), c);
+
+    S st[U][V];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int k = 0; k < V; ++k) st[u][k] = Op::empty();
+    for (I j0 = begin + threadIdx.x; j0 < end; j0 += U * blockDim.x) {
+        vec xb[U], gb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const I j = j0 + u * blockDim.x;
+            if (j < end) {
+                const I a = j / inner_vecs;
+                const I offset = (a * channels + c) * inner_vecs + (j - a * inner_vecs);
+                xb[u] = xv[offset];
+                if (Op::needs_dy) gb[u] = gv[offset];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (j0 + u * blockDim.x < end) {
+#pragma unroll
+                for (int k = 0; k < V; ++k)
+                    Op::push(st[u][k], ctx, to_acc(xb[u].v[k]),
+                             Op::needs_dy ? to_acc(gb[u].v[k]) : A(0));
+            }
+        }
+    }
+    S s = Op::empty();
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int k = 0; k < V; ++k) s = merge(s, st[u][k]);
+    s = block_reduce(s, scratch, Op::empty());
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+    if (!last_block_done(&counters[c], (unsigned int)splits)) return;
+
+    s = Op::empty();
+    for (int p = threadIdx.x; p < splits; p += blockDim.x)
+        s = merge(s, load_cg(&partials[(size_t)c * splits + p]));
+    s = block_reduce(s, scratch, Op::empty());
+    if (threadIdx.x == 0) op.finalize(s, c, ctx);
+}
+
+// Tree merge of sh[ty * lanes + tx] over ty (a power of two of rows) into sh[tx], fixed order.
+template <typename S>
+__device__ __forceinline__ void merge_rows(S* sh, const int lanes, const int ty) {
+    for (int stride = (int)(blockDim.x / lanes) / 2; stride > 0; stride >>= 1) {
+        if (ty < stride) sh[threadIdx.x] = merge(sh[threadIdx.x], sh[threadIdx.x + stride * lanes]);
+        __syncthreads();
+    }
+}
+
+// Channels-last data, a contiguous (rows, C) view; cvecs = C / V. The block is lanes x (256 /
+// lanes): lane tx reads V adjacent channels of a row (coalesced across the warp), rows are strided
+// over ty. Block b covers channel group b / splits (lanes * V channels) and the (b % splits)-th
+// slice of the rows.
+template <class Op, int V, typename I>
+__device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* __restrict__ x,
+                                            const typename Op::T* __restrict__ dy, const I rows,
+                                            const I cvecs, const int splits, const int lanes,
+                                            typename Op::State* __restrict__ partials,
+                                            unsigned int* __restrict__ counters) {
+    typedef typename Op::T T;
+    typedef typename Op::A A;
+    typedef typename Op::State S;
+    typedef vec_t<T, V> vec;
+    const int U = unroll_of<V>::value;
+    __shared__ S sh[256];
+
+    const int tx = threadIdx.x % lanes;
+    const int ty = threadIdx.x / lanes;
+    const int height = blockDim.x / lanes;
+    const I group = blockIdx.x / splits;
+    const I split = blockIdx.x % splits;
+    const I cv = group * lanes + tx;
+    const bool active = cv < cvecs;
+    const I r0 = (I)((unsigned long long)rows * split / splits);
+    const I r1 = (I)((unsigned long long)rows * (split + 1) / splits);
+    const vec* xv = reinterpret_cast<const vec*>(x);
+    const vec* gv = reinterpret_cast<const vec*>(dy);
+
+    A ctx[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+        ctx[k] = active ? op.context(to_acc(x[(size_t)cv * V + k]), cv * V + k) : A(0);
+    S st[U][V];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int k = 0; k < V; ++k) st[u][k] = Op::empty();
+    if (active) {
+        for (I r = r0 + ty; r < r1; r += U * height) {
+            vec xb[U], gb[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const I row = r + u * height;
+                if (row < r1) {
+                    xb[u] = xv[row * cvecs + cv];
+                    if (Op::needs_dy) gb[u] = gv[row * cvecs + cv];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (r + u * height < r1) {
+#pragma unroll
+                    for (int k = 0; k < V; ++k)
+                        Op::push(st[u][k], ctx[k], to_acc(xb[u].v[k]),
+                                 Op::needs_dy ? to_acc(gb[u].v[k]) : A(0));
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        S s = st[0][k];
+#pragma unroll
+        for (int u = 1; u < U; ++u) s = merge(s, st[u][k]);
+        sh[threadIdx.x] = s;
+        __syncthreads();
+        merge_rows(sh, lanes, ty);
+        if (ty == 0 && active) partials[(size_t)(cv * V + k) * splits + split] = sh[tx];
+        __syncthreads();
+    }
+    if (!last_block_done(&counters[group], (unsigned int)splits)) return;
+
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        S s = Op::empty();
+        if (active)
+            for (int p = ty; p < splits; p += height)
+                s = merge(s, load_cg(&partials[(size_t)(cv * V + k) * splits + p]));
+        sh[threadIdx.x] = s;
+        __syncthreads();
+        merge_rows(sh, lanes, ty);
+        if (ty == 0 && active) op.finalize(sh[tx], cv * V + k, ctx[k]);
+        __syncthreads();
+    }
+}
+
+// Channel of element k of vector j: channel-first views have one channel per vector
+// (inner_vecs = inner / V), channels-last views V consecutive ones (inner_vecs = C / V).
+template <bool CL, typename I>
+__device__ __forceinline__ I channel_of(const I j, const int k, const I channels,
+                                        const I inner_vecs, const int V) {
+    return CL ? (j % inner_vecs) * V + k : (j / inner_vecs) % channels;
+}
+
+}  // namespace bncupy
