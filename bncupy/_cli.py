@@ -1,10 +1,11 @@
-"""Command line: ``bncupy info`` and ``bncupy bench`` (also via ``python -m bncupy``)."""
+"""Command line: ``bncupy info``, ``bench`` and ``demo`` (also via ``python -m bncupy``)."""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,9 +83,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="directory for the GPU record (default: benchmarks/results)")
     bench.add_argument("--quick", action="store_true", help="batch 32 only, 5 repetitions")
     bench.add_argument("--no-suite", action="store_true", help="skip running the test suite")
+    demo = sub.add_parser("demo", help="train with and without batch norm on sklearn digits")
+    demo.add_argument("--out", type=Path, default=None,
+                      help="output directory (default: a new demo-YYYYmmdd-HHMMSS/ here)")
+    demo.add_argument("--quick", action="store_true", help="fewer steps (under a minute on a CPU)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for data split and weights")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "demo":
+        from . import demo as demo_module
+
+        out = args.out or Path(time.strftime("demo-%Y%m%d-%H%M%S"))
+        demo_module.run(out, quick=args.quick, seed=args.seed)
+        return 0
     from . import _bench
 
     try:

@@ -1,0 +1,83 @@
+"""``bncupy demo``: what batch normalization does, reproduced on sklearn's digits.
+
+Every BN layer (forward and backward) is bncupy's, on the GPU when CuPy can run and with NumPy
+otherwise. Writes ``summary.json`` (the design notes' schema), ``history.json`` (the curves) and
+PNG figures into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..backends import dispatch
+from . import experiments, figures
+
+TARGET_ACCURACY = 0.9
+
+
+def _progress_bar(total: int, description: str) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=description, unit="step", leave=True)
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run every arm, write the outputs into ``out_dir``; returns the summary."""
+    start = time.perf_counter()
+    backend = dispatch.get_backend()
+    xp = dispatch.module_for(backend).xp
+    data = experiments.load_digits(xp, seed)
+    steps, eval_every = (600, 10) if quick else (5000, 25)
+    results = []
+    for arm in experiments.arms(lr=0.5, conv_lr=0.05):
+        bar = _progress_bar(steps, arm.name)
+        results.append(experiments.train(xp, data, arm, steps, 60, eval_every, seed,
+                                         progress=bar.update if bar else lambda n: None))
+        if bar:
+            bar.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "target_accuracy": TARGET_ACCURACY,
+        "arms": [{"name": r.arm.name, "batch_norm": r.arm.batch_norm, "lr": r.arm.lr,
+                  "steps_to_target": r.steps_to(TARGET_ACCURACY),
+                  "final_test_accuracy": r.test_accuracy[-1]} for r in results],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    history = {"backend": backend, "seed": seed, "quick": quick,
+               "percentiles": list(experiments.PERCENTILES),
+               "arms": [{"name": r.arm.name, "steps": r.steps, "test_accuracy": r.test_accuracy,
+                         "train_loss": r.loss,
+                         "sigmoid_input_percentiles": r.sigmoid_input_percentiles}
+                        for r in results]}
+    (out_dir / "history.json").write_text(json.dumps(history) + "\n")
+    figures.accuracy_curves(results, TARGET_ACCURACY, out_dir / "accuracy.png")
+    figures.percentile_bands(results[0], results[1], out_dir / "sigmoid_percentiles.png")
+    figures.distributions(out_dir / "distributions.png", seed)
+    print(verdict(summary, time.perf_counter() - start, backend, out_dir))
+    return summary
+
+
+def verdict(summary: dict[str, Any], seconds: float, backend: str, out_dir: Path) -> str:
+    """A few sentences comparing each BN arm with its no-BN twin."""
+    arms = summary["arms"]
+    lines = [f"Ran {len(arms)} arms in {seconds:.0f} s on the {backend} backend; outputs in "
+             f"{out_dir}/."]
+    for plain, normed in zip(arms[::2], arms[1::2], strict=True):
+        def reach(arm: dict[str, Any]) -> str:
+            steps = arm["steps_to_target"]
+            return "never" if steps is None else f"in {steps} steps"
+
+        faster = normed["steps_to_target"] is not None and (
+            plain["steps_to_target"] is None
+            or normed["steps_to_target"] < plain["steps_to_target"])
+        lines.append(
+            f"- {normed['name']} reached {summary['target_accuracy']:.0%} test accuracy "
+            f"{reach(normed)} (final {normed['final_test_accuracy']:.1%}); {plain['name']} "
+            f"{reach(plain)} (final {plain['final_test_accuracy']:.1%}): BN "
+            f"{'trained faster' if faster else 'did not train faster here'}.")
+    return "\n".join(lines)
