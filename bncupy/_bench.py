@@ -8,6 +8,7 @@ bncupy, torch (cuDNN) and naive-CuPy medians from CUDA events, and the roofline 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import platform
@@ -186,11 +187,12 @@ def _fused_row(cupy: Any, layout: str, shape: tuple[int, ...], reps: int) -> dic
     dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
     x = cupy.random.default_rng(0).standard_normal(dims, dtype=cupy.float32)
     z = cupy.random.default_rng(1).standard_normal(dims, dtype=cupy.float32)
-    times = {
-        name: time_us(cupy, lambda kw=kw: F.batch_norm(x, None, None, training=True, axis=axis,
-                                                       **kw), reps)
-        for name, kw in (("bn_us", {}), ("bn_relu_us", {"activation": "relu"}),
-                         ("bn_add_relu_us", {"activation": "relu", "residual": z}))}
+    variants: dict[str, dict[str, Any]] = {
+        "bn_us": {}, "bn_relu_us": {"activation": "relu"},
+        "bn_add_relu_us": {"activation": "relu", "residual": z}}
+    times = {name: time_us(cupy, functools.partial(F.batch_norm, x, None, None, training=True,
+                                                   axis=axis, **kw), reps)
+             for name, kw in variants.items()}
     return {"layout": layout, "dtype": "float32", "shape": list(shape),
             **{k: round(t, 2) for k, t in times.items()}}
 

@@ -127,7 +127,7 @@ def test_bitwise_deterministic_over_ten_calls(cp, dtype, shape, axis):
         outs = [cp.asnumpy(o) for o in outs]
         if first is None:
             first = outs
-        for a, b in zip(first, outs):
+        for a, b in zip(first, outs, strict=False):
             np.testing.assert_array_equal(a, b)
 
 

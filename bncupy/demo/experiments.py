@@ -76,7 +76,7 @@ class Result:
     sigmoid_input_percentiles: list[list[float]] = field(default_factory=list)
 
     def steps_to(self, target: float) -> int | None:
-        return next((s for s, a in zip(self.steps, self.test_accuracy) if a >= target), None)
+        return next((s for s, a in zip(self.steps, self.test_accuracy, strict=False) if a >= target), None)
 
 
 def arms(lr: float, conv_lr: float) -> list[Arm]:
