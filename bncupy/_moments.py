@@ -6,7 +6,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from .backends._merge import merge
+from .backends._common import merge
 from .backends.dispatch import array_kind
 
 

@@ -143,3 +143,19 @@ def test_no_memory_pool_growth_over_1000_calls(cp):
         layer.backward(layer(x))
     cp.cuda.Device().synchronize()
     assert pool.total_bytes() <= before
+
+
+def test_nccl_exchange_and_sync_layer_world_of_one(cp):
+    try:
+        from cupyx.distributed import init_process_group
+
+        comm = init_process_group(1, 0)
+    except Exception as exc:  # NCCL or its Python bindings missing
+        pytest.skip(f"NCCL unavailable: {exc}")
+    from bncupy._comm import NCCLComm
+
+    vec = cp.arange(7, dtype=cp.float64)
+    cp.testing.assert_array_equal(NCCLComm(comm).exchange(vec), vec[None])
+    x = cp.random.default_rng(1).standard_normal((6, 3, 4), dtype=cp.float32)
+    layer, plain = bn.SyncBatchNorm(3, comm=comm), bn.BatchNorm1d(3)
+    cp.testing.assert_allclose(layer(x), plain(x), atol=1e-6)

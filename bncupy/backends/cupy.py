@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import BackendUnavailableError
+from ._common import forward_coefficients
 
 name = "cupy"
 _INSTALL_HINT = "pip install 'bncupy[cuda12]' or 'bncupy[cuda13]'"
@@ -304,29 +305,72 @@ def relu_grad(dy: Any, x: Any, axis: int, coef: tuple, residual: Any) -> Any:
     return g
 
 
-def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, training: bool,
-             ) -> tuple[Any, Any, Any]:
-    """Two launches: the deterministic reduction (which folds the dx coefficients and writes
-    grad_weight/grad_bias) and the elementwise dx."""
+def _reduce_grad(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any,
+                 training: bool) -> tuple[Any, Any, Any, tuple, _Geometry]:
+    """The deterministic reduction; its last blocks fold the dx coefficients and write
+    grad_weight/grad_bias. Returns those, dx's buffer, the coefficients and the geometry."""
     cupy = require()
-    x = cupy.ascontiguousarray(x)
     dy = _like(dy, x)
     dx = cupy.empty_like(x)
     geo = _Geometry(x, axis, dy, dx)
     acc, c = geo.acc, geo.channels
-    outs = {name: cupy.zeros(c, acc) for name in ("grad_weight", "grad_bias")}
-    if x.size == 0:
-        return dx, outs["grad_weight"], outs["grad_bias"]
+    grads = (cupy.zeros(c, acc), cupy.zeros(c, acc))
     coef = tuple(cupy.empty(c, acc) for _ in range(4))
-    mean64 = mean if mean.dtype == cupy.float64 else None
-    partials = cupy.empty((c * geo.splits, 2), acc)
-    geo.launch_reduce("backward_reduce", (dy, x), (
-        partials, _counter_buffer(geo.groups), mean64,
-        None if mean64 is not None else _per_channel(mean, acc), _per_channel(invstd, acc),
-        _per_channel(weight, acc), np.float64(x.size // c), np.int32(bool(training)),
-        outs["grad_weight"], outs["grad_bias"], *coef))
-    geo.launch_elementwise("backward_apply", (dy, x, dx), coef)
-    return dx, outs["grad_weight"], outs["grad_bias"]
+    if x.size:
+        mean64 = mean if mean.dtype == cupy.float64 else None
+        partials = cupy.empty((c * geo.splits, 2), acc)
+        geo.launch_reduce("backward_reduce", (dy, x), (
+            partials, _counter_buffer(geo.groups), mean64,
+            None if mean64 is not None else _per_channel(mean, acc), _per_channel(invstd, acc),
+            _per_channel(weight, acc), np.float64(x.size // c), np.int32(bool(training)),
+            *grads, *coef))
+    return (*grads, dx, coef, geo)
+
+
+def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, training: bool,
+             ) -> tuple[Any, Any, Any]:
+    """Two launches: the deterministic reduction and the elementwise dx."""
+    x = require().ascontiguousarray(x)
+    grad_weight, grad_bias, dx, coef, geo = _reduce_grad(dy, x, axis, weight, mean, invstd,
+                                                         training)
+    if x.size:
+        geo.launch_elementwise("backward_apply", (_like(dy, x), x, dx), coef)
+    return dx, grad_weight, grad_bias
+
+
+def backward_sums(dy: Any, x: Any, axis: int, mean: Any, invstd: Any) -> tuple[Any, Any]:
+    """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))`` (one reduction launch)."""
+    cupy = require()
+    x = cupy.ascontiguousarray(x)
+    ones = cupy.ones(x.shape[axis], _ACC[x.dtype.name])
+    sum_dy_xmu, sum_dy, *_ = _reduce_grad(dy, x, axis, None, mean.astype(cupy.float64), ones,
+                                          False)
+    return sum_dy.astype(cupy.float64), sum_dy_xmu.astype(cupy.float64)
+
+
+def backward_apply(dy: Any, x: Any, axis: int, center: Any, a: Any, b: Any, c: Any) -> Any:
+    """``a * dy + b * (x - center) + c`` per channel (one elementwise launch)."""
+    cupy = require()
+    x = cupy.ascontiguousarray(x)
+    dy = _like(dy, x)
+    dx = cupy.empty_like(x)
+    if x.size:
+        geo = _Geometry(x, axis, dy, dx)
+        geo.launch_elementwise("backward_apply", (dy, x, dx),
+                               tuple(_per_channel(v, geo.acc) for v in (center, a, b, c)))
+    return dx
+
+
+def normalize_with(x: Any, axis: int, mean: Any, invstd: Any, weight: Any, bias: Any,
+                   residual: Any = None, relu: bool = False) -> tuple[Any, tuple]:
+    """Apply given (e.g. globally merged) statistics; returns ``y`` and the coefficients."""
+    cupy = require()
+    x = cupy.ascontiguousarray(x)
+    residual = _like(residual, x)
+    geo = _Geometry(x, axis, residual)
+    coef = tuple(_per_channel(v, geo.acc)
+                 for v in forward_coefficients(mean, invstd, weight, bias, x.dtype))
+    return _apply(x, geo, coef, residual, relu), coef
 
 
 def device_summary() -> str:

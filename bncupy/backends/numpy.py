@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._merge import merge
+from ._common import backward_coefficients, compute_dtype, forward_coefficients, merge
 
 name = "numpy"
 xp = np
@@ -54,11 +54,6 @@ def _map(fn: Callable[[Any], Any], items: list[Any], elements: int) -> list[Any]
     runs = np.array_split(np.arange(len(items)), min(workers, len(items)))
     futures = [_pool.submit(lambda idx: [fn(items[i]) for i in idx], run) for run in runs]
     return [result for future in futures for result in future.result()]
-
-
-def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """Element arithmetic dtype: float32 for float16 and float32, float64 for float64."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
 def asarray(a: Any) -> np.ndarray:
@@ -173,19 +168,6 @@ def stats(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     return total
 
 
-def _coefficients(mean: np.ndarray, invstd: np.ndarray, weight: Any, bias: Any, dtype: np.dtype,
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``center, scale, shift`` with ``y = (x - center) * scale + shift`` equal to the textbook
-    ``(x - mean) * invstd * weight + bias``; ``center`` is ``mean`` rounded to the compute dtype
-    and ``shift`` absorbs the rounding, so a constant channel maps to exactly ``bias``."""
-    center = mean.astype(compute_dtype(dtype))
-    scale = invstd if weight is None else invstd * weight.astype(np.float64)
-    shift = -(mean - center) * scale
-    if bias is not None:
-        shift = shift + bias.astype(np.float64)
-    return center, scale, shift
-
-
 def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     dtype = np.float64 if x.dtype == np.float64 else np.float32
     return mean.astype(dtype), invstd.astype(dtype)
@@ -203,7 +185,7 @@ def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float
     count, mean, m2 = stats(x, axis)
     var = m2 / count
     invstd = 1.0 / np.sqrt(var + eps)
-    coef = _coefficients(mean, invstd, weight, bias, x.dtype)
+    coef = forward_coefficients(mean, invstd, weight, bias, x.dtype)
     y = apply(x, axis, *coef, residual, relu)
     if running_mean is not None:
         unbiased = var * (count / (count - 1))
@@ -220,7 +202,7 @@ def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_v
     """Normalize with the running statistics; same returns as :func:`normalize_train`."""
     mean = running_mean.astype(np.float64)
     invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-    coef = _coefficients(mean, invstd, weight, bias, x.dtype)
+    coef = forward_coefficients(mean, invstd, weight, bias, x.dtype)
     y = apply(x, axis, *coef, residual, relu)
     return (y, mean, *_saved(x, mean, invstd), coef)
 
@@ -339,25 +321,29 @@ def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray,
     return dx
 
 
+def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
+                 invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    mean = mean.astype(np.float64)
+    center = mean.astype(compute_dtype(x.dtype))
+    centred = bool(np.all(np.abs(mean) * invstd.astype(np.float64) <= 1.0))
+    sum_dy, sum_dy_xc = backward_reduce(dy, x, axis, center, centred)
+    return sum_dy, sum_dy_xc - (mean - center) * sum_dy
+
+
 def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
              invstd: np.ndarray, training: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``.
-
-    Training (batch statistics): ``dx = w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat))``;
-    eval: ``dx = w*invstd*dy``. Computed as ``a*dy + b*(x - center) + c`` per channel.
-    """
-    mean, invstd = mean.astype(np.float64), invstd.astype(np.float64)
+    """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``."""
     count = x.size // x.shape[axis] if x.shape[axis] else 0
-    center = mean.astype(compute_dtype(x.dtype))
-    residual = mean - center
-    centred = bool(np.all(np.abs(mean) * invstd <= 1.0))
-    sum_dy, sum_dy_xc = backward_reduce(dy, x, axis, center, centred)
-    sum_dy_xmu = sum_dy_xc - residual * sum_dy
-    a = invstd if weight is None else invstd * weight.astype(np.float64)
-    if training and count > 0:
-        b = -a * invstd * invstd * sum_dy_xmu / count
-        c = -a * sum_dy / count - b * residual
-    else:
-        b = c = np.zeros_like(a)
-    dx = backward_apply(dy, x, axis, center, a, b, c)
-    return dx, sum_dy_xmu * invstd, sum_dy
+    sum_dy, sum_dy_xmu = backward_sums(dy, x, axis, mean, invstd)
+    center, a, b, c, grad_weight, grad_bias = backward_coefficients(
+        mean, invstd, weight, sum_dy, sum_dy_xmu, count, training, x.dtype)
+    return backward_apply(dy, x, axis, center, a, b, c), grad_weight, grad_bias
+
+
+def normalize_with(x: np.ndarray, axis: int, mean: np.ndarray, invstd: np.ndarray, weight: Any,
+                   bias: Any, residual: np.ndarray | None = None, relu: bool = False,
+                   ) -> tuple[np.ndarray, tuple]:
+    """Apply given (e.g. globally merged) statistics; returns ``y`` and the coefficients."""
+    coef = forward_coefficients(mean, invstd, weight, bias, x.dtype)
+    return apply(x, axis, *coef, residual, relu), coef

@@ -1,0 +1,65 @@
+"""Array-module-agnostic per-channel math shared by the backends and SyncBatchNorm: the one Chan
+et al. merge of Welford partials, and the coefficients of the forward and backward elementwise
+passes. Everything here is O(C) and works on NumPy and CuPy arrays alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Partial = tuple[int, Any, Any]
+
+
+def merge(a: Partial, b: Partial) -> Partial:
+    """Merge two ``(count, mean, m2)`` partials (Chan et al.); empty sides pass through."""
+    na, ma, qa = a
+    nb, mb, qb = b
+    if nb == 0:
+        return a
+    if na == 0:
+        return b
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), qa + qb + delta * delta * (na * nb / n)
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """Element arithmetic dtype: float32 for float16 and float32, float64 for float64."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def forward_coefficients(mean: Any, invstd: Any, weight: Any, bias: Any, dtype: Any,
+                         ) -> tuple[Any, Any, Any]:
+    """``center, scale, shift`` with ``(x - center) * scale + shift`` equal to the textbook
+    ``(x - mean) * invstd * weight + bias``; ``center`` is ``mean`` rounded to the compute dtype
+    and ``shift`` absorbs the rounding, so a constant channel maps to exactly ``bias``."""
+    mean, invstd = mean.astype(np.float64), invstd.astype(np.float64)
+    center = mean.astype(compute_dtype(dtype))
+    scale = invstd if weight is None else invstd * weight.astype(np.float64)
+    shift = -(mean - center) * scale
+    if bias is not None:
+        shift = shift + bias.astype(np.float64)
+    return center, scale, shift
+
+
+def backward_coefficients(mean: Any, invstd: Any, weight: Any, sum_dy: Any, sum_dy_xmu: Any,
+                          count: int, training: bool, dtype: Any) -> tuple[Any, ...]:
+    """From per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``: ``center, a, b, c`` with
+    ``dx = a * dy + b * (x - center) + c``, and float64 ``grad_weight``, ``grad_bias``.
+
+    Training (batch statistics): ``dx = w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat))``;
+    eval: ``dx = w*invstd*dy``. ``center`` is ``mean`` in the compute dtype; ``c`` absorbs the
+    rounding.
+    """
+    mean, invstd = mean.astype(np.float64), invstd.astype(np.float64)
+    center = mean.astype(compute_dtype(dtype))
+    residual = mean - center
+    sum_dy, sum_dy_xmu = sum_dy.astype(np.float64), sum_dy_xmu.astype(np.float64)
+    a = invstd if weight is None else invstd * weight.astype(np.float64)
+    if training and count > 0:
+        b = -a * invstd * invstd * sum_dy_xmu / count
+        c = -a * sum_dy / count - b * residual
+    else:
+        b = c = a * 0.0
+    return center, a, b, c, sum_dy_xmu * invstd, sum_dy
