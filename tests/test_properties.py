@@ -279,8 +279,9 @@ def test_constant_channels_give_exactly_beta(backend, dtype, axis, value):
 def test_tiles_cover_every_element_exactly_once():
     from bncupy.backends import numpy as nb
 
-    for shape in [(1, 1, 10**6), (3, 5000, 1), (7, 3, 9000), (2, 2**19, 1), (1000, 64, 49)]:
-        seen = np.zeros((shape[0], shape[2]), np.int64)
-        for rows, cols in nb._tiles(shape):
-            seen[rows, cols] += 1
+    for shape in [(1, 1, 10**6), (3, 5000, 1), (7, 3, 9000), (2, 2**19, 1), (1000, 64, 49),
+                  (4, 64, 3136), (2, 3, 300000)]:
+        seen = np.zeros(shape, np.int8)
+        for tile in nb._tiles(shape):
+            seen[tile] += 1
         assert (seen == 1).all(), shape

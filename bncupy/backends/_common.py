@@ -12,16 +12,27 @@ Partial = tuple[int, Any, Any]
 
 
 def merge(a: Partial, b: Partial) -> Partial:
-    """Merge two ``(count, mean, m2)`` partials (Chan et al.); empty sides pass through."""
+    """Merge two ``(count, mean, m2)`` partials (Chan et al.). Counts are ints (all channels
+    alike) or per-channel integer arrays; an empty side leaves the other unchanged."""
     na, ma, qa = a
     nb, mb, qb = b
-    if nb == 0:
-        return a
-    if na == 0:
-        return b
+    if np.ndim(na) == 0 and np.ndim(nb) == 0:
+        if nb == 0:
+            return a
+        if na == 0:
+            return b
     n = na + nb
+    wb = nb / np.maximum(n, 1)
     delta = mb - ma
-    return n, ma + delta * (nb / n), qa + qb + delta * delta * (na * nb / n)
+    return n, ma + delta * wb, qa + qb + delta * delta * na * wb
+
+
+def merge_equal(means: Any, m2s: Any, n_each: int) -> Partial:
+    """Merge k partials of ``n_each`` values each (``means``, ``m2s`` of shape (k, C)) at once:
+    the closed form of k - 1 Chan merges, ``M2 = sum(m2) + n * sum((mean_i - mean)^2)``."""
+    mean = means.mean(axis=0)
+    m2 = m2s.sum(axis=0) + n_each * ((means - mean) ** 2).sum(axis=0)
+    return n_each * means.shape[0], mean, m2
 
 
 def compute_dtype(dtype: Any) -> np.dtype:

@@ -19,12 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from ._common import backward_coefficients, compute_dtype, forward_coefficients, merge
+from ._common import (
+    backward_coefficients,
+    compute_dtype,
+    forward_coefficients,
+    merge,
+    merge_equal,
+)
 
 name = "numpy"
 xp = np
 
-_TILE_ELEMENTS = 1 << 19  # 2 MiB of float32: a tile's temporaries stay in L2/L3
+_TILE_ELEMENTS = 1 << 17  # 512 KiB of float32: a tile and its output stay in L2
 _MAX_ROW = 4096  # longest float32 row summed in one BLAS call (bounds rounding growth)
 _PARALLEL_MIN = 1 << 20  # below this many elements threads cost more than they save
 _PILOT_SAMPLE = 256  # values per channel averaged into the pilot
@@ -68,28 +74,43 @@ def view3(x: np.ndarray, axis: int) -> np.ndarray:
     return x.reshape(a, x.shape[axis], b)
 
 
-Tile = tuple[slice, slice]
+Tile = tuple[slice, slice, slice]  # rows of A, channels, columns of B
 
 
 def _tiles(shape: tuple[int, int, int]) -> list[Tile]:
+    """Contiguous blocks of about ``_TILE_ELEMENTS`` of an ``(A, C, B)`` array, in a fixed order:
+    whole ``(C, B)`` planes when they are small, else channel runs of one row, else (very long
+    rows) column runs of one channel."""
     a, c, b = shape
     if a == 0 or b == 0 or c == 0:
         return []
-    b_step = min(b, _MAX_ROW, max(1, _TILE_ELEMENTS // c))
-    a_step = max(1, _TILE_ELEMENTS // (c * b_step)) if b_step == b else 1
-    return [(slice(i, min(i + a_step, a)), slice(j, min(j + b_step, b)))
-            for i in range(0, a, a_step) for j in range(0, b, b_step)]
+    every = slice(None)
+    if c * b <= _TILE_ELEMENTS:
+        step = _TILE_ELEMENTS // (c * b)
+        return [(slice(i, min(i + step, a)), every, every) for i in range(0, a, step)]
+    if b <= _TILE_ELEMENTS:
+        step = max(1, _TILE_ELEMENTS // b)
+        return [(slice(i, i + 1), slice(j, min(j + step, c)), every)
+                for i in range(a) for j in range(0, c, step)]
+    return [(slice(i, i + 1), slice(j, j + 1), slice(k, min(k + _TILE_ELEMENTS, b)))
+            for i in range(a) for j in range(c) for k in range(0, b, _TILE_ELEMENTS)]
+
+
+def _block(a3: np.ndarray, tile: Tile) -> np.ndarray:
+    """The 3-D ``(rows, channels, cols)`` block of a tile."""
+    return a3[tile]
 
 
 def _part(a3: np.ndarray, tile: Tile) -> np.ndarray:
-    """A tile of a ``(A, C, B)`` view; 2-D ``(rows, C)`` when ``B == 1`` so that per-channel
-    vectors broadcast along a contiguous inner loop (channels-last layouts)."""
-    rows, cols = tile
-    return a3[rows, :, 0] if a3.shape[2] == 1 else a3[rows, :, cols]
+    """A tile for elementwise work: 2-D ``(rows, channels)`` when ``B == 1``, so that
+    per-channel vectors broadcast along a contiguous inner loop (channels-last layouts)."""
+    rows, chans, cols = tile
+    return a3[rows, chans, 0] if a3.shape[2] == 1 else a3[rows, chans, cols]
 
 
 def _per_channel(v: np.ndarray, a3: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A per-channel vector shaped to broadcast against :func:`_part` tiles of ``a3``."""
+    """A per-channel vector shaped to broadcast against :func:`_part` tiles of ``a3``; index it
+    with a tile's channel slice."""
     v = v.astype(dtype)
     return v if a3.shape[2] == 1 else v[:, None]
 
@@ -101,17 +122,23 @@ def _rowdot(d: np.ndarray, e: np.ndarray) -> np.ndarray:
 
 
 def _channel_sum(d: np.ndarray, e: np.ndarray | None = None) -> np.ndarray:
-    """Per-channel float64 ``sum(d)`` (or ``sum(d * e)``) of ``(a, C, b)`` tiles.
+    """Per-channel float64 ``sum(d)`` (or ``sum(d * e)``) of a ``(rows, channels, cols)`` block.
 
-    Rows are summed in the compute dtype (at most ``_MAX_ROW`` long), rows combined in float64.
+    Rows are summed by BLAS in the compute dtype, at most ``_MAX_ROW`` long where the length
+    allows the split; row sums are combined in float64.
     """
     if d.shape[2] == 1:
         d2 = d[:, :, 0]
         if e is None:
             return (np.ones(d.shape[0], d.dtype) @ d2).astype(np.float64)
         return np.einsum("ac,ac->c", d2, e[:, :, 0]).astype(np.float64)
-    rows = d @ np.ones(d.shape[2], d.dtype) if e is None else _rowdot(d, e)
-    return rows.sum(axis=0, dtype=np.float64)
+    if d.shape[2] > _MAX_ROW and d.shape[2] % _MAX_ROW == 0 and d.flags.c_contiguous and \
+            (e is None or e.flags.c_contiguous):
+        split = (*d.shape[:2], d.shape[2] // _MAX_ROW, _MAX_ROW)
+        d = d.reshape(split)
+        e = None if e is None else e.reshape(split)
+    rows = d @ np.ones(d.shape[-1], d.dtype) if e is None else _rowdot(d, e)
+    return rows.reshape(d.shape[0], d.shape[1], -1).sum(axis=(0, 2), dtype=np.float64)
 
 
 def _tile_moments(x3: np.ndarray, tile: Tile, shift: np.ndarray | None, dtype: np.dtype,
@@ -121,9 +148,10 @@ def _tile_moments(x3: np.ndarray, tile: Tile, shift: np.ndarray | None, dtype: n
     If the shift is so far from the tile's mean that ``sum(d^2) - n*mean(d)^2`` would cancel more
     than two bits, the tile is summed again around its own mean.
     """
-    rows, cols = tile
-    xs = x3[rows, :, cols]
+    xs = _block(x3, tile)
     n = xs.shape[0] * xs.shape[2]
+    if shift is not None:
+        shift = shift[tile[1]]
     for _ in range(3):
         if shift is None:
             d = xs if xs.dtype == dtype else xs.astype(dtype)
@@ -153,19 +181,49 @@ def _pilot(x3: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     return mean.astype(dtype)
 
 
+def _row_moments(x3: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Statistics of centred, contiguous, channel-first data: every (a, c) row is a Welford
+    partial summed by BLAS in one sweep over the array; rows whose own mean is too far from 0
+    for ``sum(x^2) - n*mean^2`` are summed again around that mean; then one k-way merge."""
+    a, c, b = x3.shape
+    x2 = x3.reshape(a * c, b)
+    ones = np.ones(b, x3.dtype)
+    halves = [slice(0, x2.shape[0] // 2), slice(x2.shape[0] // 2, None)]
+    sums = _map(lambda rows: (x2[rows] @ ones, _rowdot(x2[rows], x2[rows])), halves, x2.size)
+    s = np.concatenate([part[0] for part in sums]).astype(np.float64)
+    q = np.concatenate([part[1] for part in sums]).astype(np.float64)
+    mean = s / b
+    for _ in range(2):
+        bad = b * mean * mean > 0.75 * q
+        if not bad.any():
+            break
+        shift = mean[bad].astype(x3.dtype)
+        d = x2[bad] - shift[:, None]
+        s_d = (d @ ones).astype(np.float64)
+        q[bad] = _rowdot(d, d).astype(np.float64)
+        mean[bad] = shift.astype(np.float64) + s_d / b
+        s[bad] = s_d
+    m2 = np.maximum(q - s * s / b, 0.0)
+    return merge_equal(mean.reshape(a, c), m2.reshape(a, c), b)
+
+
 def stats(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Per-channel Welford partials ``(count, mean, m2)`` of ``x`` (float64 mean and m2)."""
     x3 = view3(x, axis)
     tiles = _tiles(x3.shape)
-    c = x3.shape[1]
-    total: tuple[int, Any, Any] = (0, np.zeros(c), np.zeros(c))
-    if not tiles:
-        return total
-    cd = compute_dtype(x.dtype)
-    shift = _pilot(x3, cd)
-    for part in _map(lambda t: _tile_moments(x3, t, shift, cd), tiles, x.size):
-        total = merge(total, part)
-    return total
+    a, c, b = x3.shape
+    count, mean, m2 = np.zeros(c, np.int64), np.zeros(c), np.zeros(c)
+    if tiles:
+        cd = compute_dtype(x.dtype)
+        shift = _pilot(x3, cd)
+        if shift is None and 1 < b <= _MAX_ROW and x3.flags.c_contiguous:
+            return _row_moments(x3)
+        parts = _map(lambda t: _tile_moments(x3, t, shift, cd), tiles, x.size)
+        for tile, part in zip(tiles, parts, strict=True):  # tile order: deterministic
+            chans = tile[1]
+            count[chans], mean[chans], m2[chans] = merge(
+                (count[chans], mean[chans], m2[chans]), part)
+    return a * b, mean, m2
 
 
 def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -236,14 +294,14 @@ def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift
     z3 = None if residual is None else view3(residual, axis)
 
     def run(tile: Tile) -> None:
-        out, xs = _part(y3, tile), _part(x3, tile)
+        out, xs, chans = _part(y3, tile), _part(x3, tile), tile[1]
         tmp = out if out.dtype == cd else np.empty(out.shape, cd)
         if folded:
-            np.multiply(xs, scale, out=tmp, dtype=cd)
+            np.multiply(xs, scale[chans], out=tmp, dtype=cd)
         else:
-            np.subtract(xs, center, out=tmp, dtype=cd)
-            tmp *= scale
-        tmp += shift
+            np.subtract(xs, center[chans], out=tmp, dtype=cd)
+            tmp *= scale[chans]
+        tmp += shift[chans]
         if z3 is not None:
             np.add(tmp, _part(z3, tile), out=tmp, dtype=cd)
         if relu:
@@ -268,19 +326,20 @@ def backward_reduce(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray
     center_t = center.astype(cd)[:, None]
 
     def run(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-        rows, cols = tile
-        g = dy3[rows, :, cols]
+        g = _block(dy3, tile)
         if g.dtype != cd:
             g = g.astype(cd)
-        xs = x3[rows, :, cols]
+        xs = _block(x3, tile)
         if centred and xs.dtype == cd:
             return _channel_sum(g), _channel_sum(xs, g)
-        return _channel_sum(g), _channel_sum(np.subtract(xs, center_t, dtype=cd), g)
+        e = np.subtract(xs, center_t[tile[1]], dtype=cd)
+        return _channel_sum(g), _channel_sum(e, g)
 
     sum_dy, sum_dy_xc = np.zeros(c), np.zeros(c)
-    for s, p in _map(run, _tiles(x3.shape), x.size):
-        sum_dy += s
-        sum_dy_xc += p
+    tiles = _tiles(x3.shape)
+    for tile, (s, p) in zip(tiles, _map(run, tiles, x.size), strict=True):  # tile order
+        sum_dy[tile[1]] += s
+        sum_dy_xc[tile[1]] += p
     if centred and x.dtype == cd:
         sum_dy_xc -= center.astype(np.float64) * sum_dy
     return sum_dy, sum_dy_xc
@@ -304,16 +363,16 @@ def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray,
     center, a, b, c = (_per_channel(v, x3, cd) for v in (center, a, b, c))
 
     def run(tile: Tile) -> None:
-        out = _part(dx3, tile)
+        out, chans = _part(dx3, tile), tile[1]
         tmp = out if out.dtype == cd else np.empty(out.shape, cd)
         xs, g = _part(x3, tile), _part(dy3, tile)
         if folded:
-            np.multiply(xs, b, out=tmp, dtype=cd)
+            np.multiply(xs, b[chans], out=tmp, dtype=cd)
         else:
-            np.subtract(xs, center, out=tmp, dtype=cd)
-            tmp *= b
-        tmp += c
-        tmp += np.multiply(g, a, dtype=cd)
+            np.subtract(xs, center[chans], out=tmp, dtype=cd)
+            tmp *= b[chans]
+        tmp += c[chans]
+        tmp += np.multiply(g, a[chans], dtype=cd)
         if tmp is not out:
             out[...] = tmp
 
