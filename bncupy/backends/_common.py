@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-Partial = tuple[int, Any, Any]
+Partial = tuple[Any, Any, Any]  # (count: int or per-channel int array, mean, m2)
 
 
 def merge(a: Partial, b: Partial) -> Partial:
