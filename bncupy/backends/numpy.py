@@ -218,7 +218,8 @@ def stats(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
         shift = _pilot(x3, cd)
         if shift is None and 1 < b <= _MAX_ROW and x3.flags.c_contiguous:
             return _row_moments(x3)
-        parts = _map(lambda t: _tile_moments(x3, t, shift, cd), tiles, x.size)
+        # Channels-last sums of squares go through einsum, which threads slow down here.
+        parts = _map(lambda t: _tile_moments(x3, t, shift, cd), tiles, x.size if b > 1 else 0)
         for tile, part in zip(tiles, parts, strict=True):  # tile order: deterministic
             chans = tile[1]
             count[chans], mean[chans], m2[chans] = merge(
