@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import json
 import platform
 import re
@@ -24,28 +23,13 @@ from typing import Any
 import numpy as np
 
 from . import _functional as F
-from ._kernels import kernel_dir
+from ._kernels import kernels_digest
 
 RESNET50 = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
             (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7)]
 # Bytes moved per element, in units of the tensor's size (design notes, section 4).
 TRAFFIC = {"fwd_train": 3, "fwd_eval": 2, "bwd": 4}
 REPO = Path(__file__).resolve().parent.parent
-
-
-def kernels_digest(base: Path | None = None) -> str:
-    """sha256 over kernels/**/*.cu, *.cuh, *.h in sorted relative POSIX path order."""
-    base = base or kernel_dir()
-    suffixes = {".cu", ".cuh", ".h"}
-    files = sorted((p for p in base.rglob("*") if p.is_file() and p.suffix in suffixes),
-                   key=lambda p: p.relative_to(base).as_posix())
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.relative_to(base).as_posix().encode())
-        h.update(b"\0")
-        h.update(p.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _progress(items: list[Any], description: str) -> Iterator[Any]:

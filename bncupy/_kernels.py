@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -30,3 +31,19 @@ def kernel_files() -> list[Path]:
 def read_source(name: str) -> str:
     """Text of kernel source ``name`` (e.g. ``"forward.cu"``)."""
     return (kernel_dir() / name).read_text(encoding="utf-8")
+
+
+def kernels_digest(base: Path | None = None) -> str:
+    """sha256 over ``**/*.cu``, ``*.cuh``, ``*.h`` in sorted relative POSIX path order, each
+    fed as path, NUL, bytes, NUL (the GPU record's ``kernels_digest``)."""
+    base = base or kernel_dir()
+    suffixes = {".cu", ".cuh", ".h"}
+    files = sorted((p for p in base.rglob("*") if p.is_file() and p.suffix in suffixes),
+                   key=lambda p: p.relative_to(base).as_posix())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(base).as_posix().encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()

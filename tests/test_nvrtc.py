@@ -62,3 +62,4 @@ def test_every_kernel_compiles_without_warnings_or_spills(arch):
         assert "regs" in stats
         NVRTC_REPORTS.append(f"{arch} {stats['regs']:3d} regs {stats['spill']} spill  "
                        f"{lowered.get(mangled, mangled)}")
+

@@ -101,8 +101,12 @@ def compile_options() -> tuple[str, ...]:
 
 
 def program_source() -> str:
-    """One translation unit holding every kernel source."""
-    return "\n".join(f'#include "{name}"' for name in _SOURCES) + "\n"
+    """One translation unit including every kernel source. CuPy's compile cache is keyed by
+    this text, so it names the sources' digest: changed kernels are never served stale."""
+    from .._kernels import kernels_digest
+
+    includes = "".join(f'#include "{name}"\n' for name in _SOURCES)
+    return f"// bncupy kernels {kernels_digest()}\n{includes}"
 
 
 def __getattr__(attr: str) -> Any:
