@@ -25,7 +25,7 @@ def blocked_median_ms(fns, reps: int, block: int = 10) -> list[float]:
     after the other (OpenBLAS and OpenMP worker threads spin for a while after a call)."""
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(max(1, reps // block)):
-        for fn, acc in zip(fns, times):
+        for fn, acc in zip(fns, times, strict=True):
             for i in range(block + 1):
                 start = time.perf_counter()
                 fn()
