@@ -132,8 +132,8 @@ __global__ void __launch_bounds__(256) relu_grad(
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
-            A v = (to_acc(xi.v[k]) - center[c]) * scale[c] + shift[c];
-            if (residual) v += to_acc(z.v[k]);
+            const A v = pre_activation(to_acc(xi.v[k]), center[c], scale[c], shift[c],
+                                       residual != 0, residual ? to_acc(z.v[k]) : A(0));
             out.v[k] = to_acc(from_acc<T>(v)) > A(0) ? gi.v[k] : zero;
         }
         outv[j] = out;

@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(256) apply(
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
-            A v = (to_acc(in.v[k]) - center[c]) * scale[c] + shift[c];
-            if (residual) v += to_acc(z.v[k]);
+            const A v = pre_activation(to_acc(in.v[k]), center[c], scale[c], shift[c],
+                                       residual != 0, residual ? to_acc(z.v[k]) : A(0));
             out.v[k] = from_acc<T>(relu_flag ? relu(v) : v);
         }
         yv[j] = out;

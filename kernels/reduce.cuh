@@ -191,4 +191,13 @@ __device__ __forceinline__ I channel_of(const I j, const int k, const I channels
     return CL ? (j % inner_vecs) * V + k : (j / inner_vecs) % channels;
 }
 
+// The forward's pre-activation value. apply and relu_grad both use it, so the ReLU mask in the
+// backward pass recomputes bit for bit what the forward computed.
+template <typename A>
+__device__ __forceinline__ A pre_activation(const A x, const A center, const A scale,
+                                            const A shift, const bool has_residual, const A z) {
+    const A v = (x - center) * scale + shift;
+    return has_residual ? v + z : v;
+}
+
 }  // namespace bncupy
