@@ -10,16 +10,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from . import _validation as v
 from ._moments import Moments
 from .backends import dispatch
-
-
-def _stat_dtype(dtype: np.dtype) -> np.dtype:
-    """dtype of per-channel outputs: float32 for float16/float32 input, float64 for float64."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+from .backends._common import compute_dtype
 
 
 def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
@@ -213,7 +207,7 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     dx, grad_weight, grad_bias = be.backward(
         be.asarray(grad_output), be.asarray(input), ax, _native(be, weight), _native(be, mean),
         _native(be, invstd), training)
-    gd = weight.dtype if weight is not None else _stat_dtype(input.dtype)
+    gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
     return (_caller(kind, be, dx), _caller(kind, be, grad_weight.astype(gd, copy=False)),
             _caller(kind, be, grad_bias.astype(gd, copy=False)))
 
@@ -246,7 +240,7 @@ def welford(x: Any, axis: int = 1) -> Moments:
     """
     ax, kind, be = _check_stats_input(x, axis)
     count, mean, m2 = be.stats(be.asarray(x), ax)
-    sd = _stat_dtype(x.dtype)
+    sd = compute_dtype(x.dtype)
     return Moments(count, _caller(kind, be, mean.astype(sd)), _caller(kind, be, m2.astype(sd)))
 
 

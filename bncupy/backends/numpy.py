@@ -228,7 +228,7 @@ def stats(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
 
 
 def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    dtype = compute_dtype(x.dtype)  # per-channel outputs: float32, or float64 for float64 input
     return mean.astype(dtype), invstd.astype(dtype)
 
 
