@@ -15,9 +15,16 @@ struct __align__(2) half_t {
 template <typename T> struct acc_of { typedef float type; };
 template <> struct acc_of<double> { typedef double type; };
 
+// The PTX conversions; a host build of the kernels (tests/emulated) defines both macros first,
+// with a bit-exact software version.
+#ifndef BNCUPY_HALF_TO_FLOAT
+#define BNCUPY_HALF_TO_FLOAT(f, h) asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h))
+#define BNCUPY_FLOAT_TO_HALF(h, f) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f))
+#endif
+
 __device__ __forceinline__ float to_acc(half_t v) {
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    BNCUPY_HALF_TO_FLOAT(f, v.bits);
     return f;
 }
 __device__ __forceinline__ float to_acc(float v) { return v; }
@@ -26,7 +33,7 @@ __device__ __forceinline__ double to_acc(double v) { return v; }
 template <typename T> __device__ __forceinline__ T from_acc(typename acc_of<T>::type v);
 template <> __device__ __forceinline__ half_t from_acc<half_t>(float v) {
     half_t h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    BNCUPY_FLOAT_TO_HALF(h.bits, v);
     return h;
 }
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }

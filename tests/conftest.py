@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from bncupy.backends import cupy as cupy_backend
+from tests.arrays import to_numpy
 
 # "ci" replaces Hypothesis's own profile of that name (loaded when CI=true) with ours on top of it.
 settings.register_profile("dev", max_examples=25, deadline=None)
@@ -21,8 +22,23 @@ settings.register_profile("thorough", max_examples=500, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
                                      "ci" if os.environ.get("CI") else "dev"))
 
+# BNCUPY_EMULATED=1 (tox env "emulated"): the CuPy backend runs its kernels on the CPU, and every
+# test that needs the CuPy backend runs there instead of skipping.
+if os.environ.get("BNCUPY_EMULATED"):
+    from tests import emulated
+
+    emulated.install()
+
+EMULATED = not isinstance(cupy_backend.runtime(), cupy_backend.CupyRuntime)
 GPU_REASON = cupy_backend.unavailable_reason()
+REAL_GPU_REASON = cupy_backend.CupyRuntime().unavailable_reason()
 requires_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"no GPU: {GPU_REASON}")
+requires_real_gpu = pytest.mark.skipif(
+    REAL_GPU_REASON is not None,
+    reason=f"needs a real GPU: {REAL_GPU_REASON or 'the CPU execution target is in use'}")
+if EMULATED:
+    requires_real_gpu = pytest.mark.skip(reason="needs a real GPU (running on the CPU execution "
+                                                "target)")
 
 
 @dataclass(frozen=True)
@@ -33,11 +49,7 @@ class Backend:
 
     @property
     def xp(self) -> Any:
-        if self.name == "numpy":
-            return np
-        import cupy
-
-        return cupy
+        return np if self.name == "numpy" else cupy_backend.require()
 
     def asarray(self, a: Any) -> Any:
         """``a`` in this backend's kind; a strided ``[..., ::2]`` view stays one on the GPU."""
@@ -47,15 +59,21 @@ class Backend:
         buf[..., ::2] = self.xp.asarray(np.ascontiguousarray(a))
         return buf[..., ::2]
 
-    @staticmethod
-    def to_numpy(a: Any) -> np.ndarray:
-        return a.get() if hasattr(a, "get") else np.asarray(a)
+    to_numpy = staticmethod(to_numpy)
 
 
 @pytest.fixture(scope="session",
                 params=["numpy", pytest.param("cupy", marks=[requires_gpu, pytest.mark.gpu])])
 def backend(request: pytest.FixtureRequest) -> Backend:
     return Backend(request.param)
+
+
+@pytest.fixture
+def cuda_runtime() -> Any:
+    """The CuPy backend on its real runtime for one test (tests that fake CuPy's probe)."""
+    previous = cupy_backend.set_runtime(cupy_backend.CupyRuntime())
+    yield
+    cupy_backend.set_runtime(previous)
 
 
 NVRTC_REPORTS: list[str] = []  # filled by tests/test_nvrtc.py

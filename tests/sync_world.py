@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 import bncupy as bn
+from tests.arrays import assign
 
 
 class ThreadWorld:
@@ -103,8 +104,8 @@ def check_rank(comm: Any, rank: int, size: int, seed: int, shape: tuple[int, ...
     ref = bn.SyncBatchNorm(c, momentum=momentum, dtype=np.float64, comm=None,
                            channels_last=channels_last, activation=activation)
     for layer_ in (layer, ref):
-        layer_.weight[...] = np.linspace(0.5, 1.5, c)
-        layer_.bias[...] = np.linspace(-1, 1, c)
+        assign(layer_.weight, np.linspace(0.5, 1.5, c))
+        assign(layer_.bias, np.linspace(-1, 1, c))
     checks = 0
     for _ in range(3):
         x = rng.standard_normal(shape) * 3 + 2

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from bncupy import _bench
-from bncupy._kernels import kernels_digest
-
-SHARED_TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "kernels_digest.py"
+from bncupy._kernels import kernel_dir, kernels_digest
 
 
-@pytest.mark.skipif(not SHARED_TOOL.is_file(), reason="shared/tools/kernels_digest.py not beside")
-def test_digest_matches_the_shared_tool():
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(SHARED_TOOL), str(root)], capture_output=True,
-                         text=True, check=True).stdout
-    assert out.splitlines()[0] == f"kernels {kernels_digest()}"
+def _record_digest(base: Path) -> str:
+    """The GPU record's kernels_digest as the design notes (section 4) specify it, written here
+    independently of bncupy's own: sha256 over kernels/**/*.cu, *.cuh, *.h in sorted POSIX
+    relative path order, feeding for each the path, NUL, the bytes, NUL."""
+    files = sorted((p.relative_to(base).as_posix(), p) for p in base.rglob("*")
+                   if p.is_file() and p.suffix in (".cu", ".cuh", ".h"))
+    return hashlib.sha256(b"".join(rel.encode() + b"\0" + p.read_bytes() + b"\0"
+                                   for rel, p in files)).hexdigest()
+
+
+def test_digest_follows_the_record_spec(tmp_path):
+    for rel, text in [("b.cu", "1"), ("a/z.cuh", "2"), ("a/y.h", "3"), ("a.txt", "4")]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    expected = hashlib.sha256(b"a/y.h\x003\x00a/z.cuh\x002\x00b.cu\x001\x00").hexdigest()
+    assert _record_digest(tmp_path) == expected == kernels_digest(tmp_path)
+    assert kernels_digest() == _record_digest(kernel_dir())
 
 
 def test_digest_changes_with_any_kernel_byte(tmp_path):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from bncupy import _cli
+from tests.conftest import REAL_GPU_REASON
 
 
 def test_info_reports_versions_backends_and_self_check(capsys):
@@ -38,8 +39,8 @@ def test_unknown_command_is_rejected():
         _cli.main(["frobnicate"])
 
 
-@pytest.mark.skipif(_cli.cupy_backend.unavailable_reason() is None, reason="a GPU is present")
-def test_bench_without_gpu_says_so(capsys, tmp_path):
+@pytest.mark.skipif(REAL_GPU_REASON is None, reason="a GPU is present")
+def test_bench_without_gpu_says_so(capsys, tmp_path, cuda_runtime):
     assert _cli.main(["bench", "--out", str(tmp_path)]) == 2
     assert "needs a GPU" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

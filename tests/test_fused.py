@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import bncupy as bn
 from tests import oracle
+from tests.arrays import assign
 from tests.test_properties import TOL, cases, close, make, params
 
 LAYERS = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d, 5: bn.BatchNorm3d}
@@ -39,8 +40,8 @@ def test_fused_layer_backward_matches_oracle(backend, case, training, with_resid
     c = case["shape"][axis]
     layer = LAYERS[len(case["shape"])](c, dtype=np.float64, channels_last=axis == -1,
                                        activation="relu")
-    layer.weight[...] = np.linspace(0.5, 2.0, c)
-    layer.bias[...] = np.linspace(-0.5, 0.5, c)
+    assign(layer.weight, np.linspace(0.5, 2.0, c))
+    assign(layer.bias, np.linspace(-0.5, 0.5, c))
     layer.to(backend.name)
     layer(backend.asarray(make(case, seed_shift=5)))  # non-trivial running statistics
     layer.train(training)
@@ -104,8 +105,8 @@ def test_fold_into_conv_reproduces_conv_then_bn(kernel, layer_cls, with_bias):
     layer = layer_cls(o, dtype=np.float64)
     for seed in range(3):  # train to get running statistics, then freeze
         layer(_conv(rng.standard_normal(x.shape) * 2 + seed, w, np.zeros(o) if b is None else b))
-    layer.weight[...] = rng.uniform(0.5, 2, o)
-    layer.bias[...] = rng.standard_normal(o)
+    assign(layer.weight, rng.uniform(0.5, 2, o))
+    assign(layer.bias, rng.standard_normal(o))
     layer.eval()
     expected = layer(_conv(x, w, np.zeros(o) if b is None else b))
     w2, b2 = bn.fold_into(w, b, layer)

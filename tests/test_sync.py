@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 
 import bncupy as bn
 from tests import oracle
+from tests.arrays import to_numpy
 from tests.sync_world import CountingComm, ThreadWorld, check_rank, split_points
 
 
 @given(seed=st.integers(0, 2**32 - 1), parts=st.integers(1, 5), channels_last=st.booleans())
-def test_building_blocks_over_any_split_equal_batch_norm_of_the_whole(seed, parts,
+def test_building_blocks_over_any_split_equal_batch_norm_of_the_whole(backend, seed, parts,
                                                                       channels_last):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 12))
@@ -31,28 +32,32 @@ def test_building_blocks_over_any_split_equal_batch_norm_of_the_whole(seed, part
     w, b = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
     cuts = [0, *split_points(rng, shape[0], parts), shape[0]]
     slices = [slice(cuts[i], cuts[i + 1]) for i in range(parts)]
-    rm, rv = np.zeros(3), np.ones(3)
-    partials = [bn.batch_norm_stats(x[s], axis=axis) for s in slices]
+    xs = [backend.asarray(x[s]) for s in slices]
+    dys = [backend.asarray(dy[s]) for s in slices]
+    wd, bd = backend.asarray(w), backend.asarray(b)
+    rm, rv = backend.asarray(np.zeros(3)), backend.asarray(np.ones(3))
+    partials = [bn.batch_norm_stats(xi, axis=axis) for xi in xs]
     mean, invstd = bn.batch_norm_gather_stats(partials, rm, rv, 0.1, 1e-5)
-    y = np.concatenate([bn.batch_norm_elemt(x[s], w, b, mean, invstd, axis=axis)
-                        for s in slices])
+    y = np.concatenate([backend.to_numpy(bn.batch_norm_elemt(xi, wd, bd, mean, invstd, axis=axis))
+                        for xi in xs])
     ref_y, _, ref_invstd, ref_rm, ref_rv = oracle.forward(x, axis, w, b, 1e-5, True,
                                                            np.zeros(3), np.ones(3))
     np.testing.assert_allclose(y, ref_y, atol=1e-10)
-    np.testing.assert_allclose(invstd, ref_invstd, rtol=1e-10)
-    np.testing.assert_allclose(rm, ref_rm, atol=1e-12)
-    np.testing.assert_allclose(rv, ref_rv, rtol=1e-10)
-    sums = [bn.batch_norm_backward_reduce(dy[s], x[s], mean, invstd, axis=axis) for s in slices]
+    np.testing.assert_allclose(backend.to_numpy(invstd), ref_invstd, rtol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(rm), ref_rm, atol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(rv), ref_rv, rtol=1e-10)
+    sums = [bn.batch_norm_backward_reduce(dyi, xi, mean, invstd, axis=axis)
+            for dyi, xi in zip(dys, xs, strict=True)]
     sum_dy = sum(s[0] for s in sums)
     sum_dy_xmu = sum(s[1] for s in sums)
     count = x.size // 3
-    dx = np.concatenate([bn.batch_norm_backward_elemt(dy[s], x[s], mean, invstd, w, sum_dy,
-                                                      sum_dy_xmu, count, axis=axis)
-                         for s in slices])
+    dx = np.concatenate([backend.to_numpy(bn.batch_norm_backward_elemt(
+        dyi, xi, mean, invstd, wd, sum_dy, sum_dy_xmu, count, axis=axis))
+        for dyi, xi in zip(dys, xs, strict=True)])
     ref_dx, ref_dw, ref_db = oracle.backward(dy, x, axis, w)
     np.testing.assert_allclose(dx, ref_dx, atol=1e-10)
-    np.testing.assert_allclose(sum_dy, ref_db, atol=1e-10)
-    np.testing.assert_allclose(sum_dy_xmu * invstd, ref_dw, atol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(sum_dy), ref_db, atol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(sum_dy_xmu * invstd), ref_dw, atol=1e-10)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -131,11 +136,11 @@ def test_bad_input_on_one_rank_raises_on_every_rank_without_hanging():
     def fn(comm, rank):
         layer = bn.SyncBatchNorm(3, comm=comm)
         x = np.ones((4, 2 if rank == 1 else 3), np.float32)  # rank 1 has the wrong C
-        before = layer.running_mean.copy()
+        before = to_numpy(layer.running_mean)
         try:
             layer(x)
         finally:
-            np.testing.assert_array_equal(layer.running_mean, before)
+            np.testing.assert_array_equal(to_numpy(layer.running_mean), before)
 
     results = world.run(fn)
     assert all(isinstance(r, ValueError) for r in results), results

@@ -48,19 +48,81 @@ def _probe() -> tuple[str | None, BaseException | None]:
     return None, None
 
 
+class CupyRuntime:
+    """Where the backend's arrays live and its kernels run: CuPy on a CUDA device.
+
+    The launch plan below (geometry, argument packing, allocation) talks to the device only
+    through this object, so another runtime with the same methods (the tests' CPU execution of
+    the same kernels) drives exactly the same code.
+    """
+
+    def __init__(self) -> None:
+        self.counters: dict[Any, Any] = {}
+
+    def unavailable_reason(self) -> str | None:
+        return _probe()[0]
+
+    def require(self) -> Any:
+        reason, cause = _probe()
+        if reason is not None:
+            raise BackendUnavailableError(f"the cupy backend cannot run: {reason}") from cause
+        import cupy
+
+        return cupy
+
+    @staticmethod
+    def is_array(value: Any) -> bool:
+        """A ``cupy.ndarray``, recognised by type so that no CuPy import (or GPU) is needed."""
+        cls = type(value)
+        return cls.__name__ == "ndarray" and cls.__module__.split(".")[0] == "cupy"
+
+    def kernel(self, dtype: str, name: str) -> Any:
+        return _module(self.require().cuda.Device().id, dtype).get_function(name)
+
+    def sm_count(self) -> int:
+        return _sm_count(self.require().cuda.Device().id)
+
+    def stream_key(self) -> Any:
+        cupy = self.require()
+        return cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr
+
+    def describe(self) -> str:
+        cupy = self.require()
+        device = cupy.cuda.Device()
+        props = cupy.cuda.runtime.getDeviceProperties(device.id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return (f"{name} (device {device.id}, sm_{device.compute_capability}, "
+                f"{props['totalGlobalMem'] / 2**30:.1f} GiB)")
+
+
+_runtime: Any = CupyRuntime()
+
+
+def runtime() -> Any:
+    """The runtime the backend launches on (CuPy on a device unless replaced)."""
+    return _runtime
+
+
+def set_runtime(new: Any) -> Any:
+    """Replace the runtime (tests run the kernels on the CPU this way); returns the previous."""
+    global _runtime
+    previous, _runtime = _runtime, new
+    return previous
+
+
 def unavailable_reason() -> str | None:
     """Why the CuPy backend cannot run here, or ``None`` when it can."""
-    return _probe()[0]
+    return _runtime.unavailable_reason()
 
 
 def require() -> Any:
-    """Return the ``cupy`` module, or raise :class:`BackendUnavailableError` saying what is missing."""
-    reason, cause = _probe()
-    if reason is not None:
-        raise BackendUnavailableError(f"the cupy backend cannot run: {reason}") from cause
-    import cupy
+    """Return the array module, or raise :class:`BackendUnavailableError` saying what is missing."""
+    return _runtime.require()
 
-    return cupy
+
+def is_array(value: Any) -> bool:
+    """True for an array of this backend's kind."""
+    return bool(_runtime.is_array(value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +131,9 @@ def require() -> Any:
 _CTYPES = {"float16": "bncupy::half_t", "float32": "float", "float64": "double"}
 _ACC = {"float16": "float32", "float32": "float32", "float64": "float64"}
 _INDEX = {"unsigned int": np.uint32, "unsigned long long": np.uint64}
+_INDEX64_FROM = 2**31  # elements from which kernels index with 64 bits
 _THREADS = 256
-_SOURCES = ("forward.cu", "backward.cu")
+SOURCES = ("forward.cu", "backward.cu")
 _LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply", "relu_grad")
 
 
@@ -105,7 +168,7 @@ def program_source() -> str:
     this text, so it names the sources' digest: changed kernels are never served stale."""
     from .._kernels import kernels_digest
 
-    includes = "".join(f'#include "{name}"\n' for name in _SOURCES)
+    includes = "".join(f'#include "{name}"\n' for name in SOURCES)
     return f"// bncupy kernels {kernels_digest()}\n{includes}"
 
 
@@ -118,22 +181,18 @@ def __getattr__(attr: str) -> Any:
 @functools.cache
 def _module(device_id: int, dtype: str) -> Any:
     """The compiled kernels for one element dtype on one device (CuPy also caches on disk)."""
-    cupy = require()
+    import cupy
+
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(code=program_source(), options=compile_options(),
                               name_expressions=name_expressions((dtype,)))
 
 
-def _kernel(dtype: str, name: str) -> Any:
-    return _module(require().cuda.Device().id, dtype).get_function(name)
-
-
 @functools.cache
 def _sm_count(device_id: int) -> int:
-    return int(require().cuda.Device(device_id).attributes["MultiProcessorCount"])
+    import cupy
 
-
-_counters: dict[tuple[int, int], Any] = {}
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
 def _counter_buffer(size: int) -> Any:
@@ -142,12 +201,11 @@ def _counter_buffer(size: int) -> Any:
     The last block of each channel (group) resets its counter, so one buffer serves every launch
     on a stream; separate streams get separate buffers, so concurrent launches never share one.
     """
-    cupy = require()
-    key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
-    buf = _counters.get(key)
+    key = _runtime.stream_key()
+    buf = _runtime.counters.get(key)
     if buf is None or buf.size < size:
-        buf = cupy.zeros(max(size, 1024), dtype=cupy.uint32)
-        _counters[key] = buf
+        buf = require().zeros(max(size, 1024), dtype=np.uint32)
+        _runtime.counters[key] = buf
     return buf
 
 
@@ -170,12 +228,12 @@ class _Geometry:
         aligned = all(a is None or a.data.ptr % 16 == 0 for a in (x, *others))
         self.width = width if extent % width == 0 and aligned else 1
         self.inner_vecs = extent // self.width
-        self.index = "unsigned int" if x.size < 2**31 else "unsigned long long"
+        self.index = "unsigned int" if x.size < _INDEX64_FROM else "unsigned long long"
         self.itype = _INDEX[self.index]
         self.total_vecs = x.size // self.width
         self.dtype = x.dtype.name
         self.acc = _ACC[self.dtype]
-        sms = _sm_count(require().cuda.Device().id)
+        sms = _runtime.sm_count()
         unroll = 2 if self.width >= 8 else 4
         if self.cl:
             self.lanes = min(32, 1 << max(0, (self.inner_vecs - 1).bit_length()))
@@ -195,14 +253,14 @@ class _Geometry:
                 f"{'true' if self.cl else 'false'}>")
 
     def launch_reduce(self, kernel: str, arrays: tuple, rest: tuple) -> None:
-        _kernel(self.dtype, self.name(kernel))(
+        _runtime.kernel(self.dtype, self.name(kernel))(
             (self.groups * self.splits,), (_THREADS,),
             (*arrays, self.itype(self.rows), self.itype(self.channels),
              self.itype(self.inner_vecs), np.int32(self.splits), np.int32(self.lanes), *rest))
 
     def launch_elementwise(self, kernel: str, arrays: tuple, coefficients: tuple,
                            extra: tuple = ()) -> None:
-        _kernel(self.dtype, self.name(kernel))(
+        _runtime.kernel(self.dtype, self.name(kernel))(
             (self.apply_blocks,), (_THREADS,),
             (*arrays, self.itype(self.total_vecs), self.itype(self.channels),
              self.itype(self.inner_vecs), *coefficients, *extra))
@@ -288,7 +346,7 @@ def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weigh
     invstd, center, scale, shift = (cupy.empty(c, acc) for _ in range(4))
     if c:
         ctype = "double" if acc == "float64" else "float"
-        _kernel(geo.dtype, f"bncupy::eval_coefficients<{ctype}>")(
+        _runtime.kernel(geo.dtype, f"bncupy::eval_coefficients<{ctype}>")(
             (-(-c // _THREADS),), (_THREADS,),
             (np.int32(c), _per_channel(running_mean, acc), _per_channel(running_var, acc),
              _per_channel(weight, acc), _per_channel(bias, acc), getattr(np, acc)(eps), invstd,
@@ -378,10 +436,5 @@ def normalize_with(x: Any, axis: int, mean: Any, invstd: Any, weight: Any, bias:
 
 
 def device_summary() -> str:
-    """Name, compute capability and memory of the current device."""
-    cupy = require()
-    device = cupy.cuda.Device()
-    props = cupy.cuda.runtime.getDeviceProperties(device.id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    return (f"{name} (device {device.id}, sm_{device.compute_capability}, "
-            f"{props['totalGlobalMem'] / 2**30:.1f} GiB)")
+    """What the backend runs on: name, compute capability and memory of the current device."""
+    return str(_runtime.describe())

@@ -90,12 +90,12 @@ def use_backend(name: str) -> Iterator[None]:
 def array_kind(value: Any) -> str | None:
     """``"numpy"`` or ``"cupy"`` for an ndarray of that library, else ``None``.
 
-    CuPy is recognised by type, so no CuPy import (or GPU) is needed to classify arrays.
+    Device arrays are recognised by the CuPy backend's runtime (CuPy's by type, so no CuPy
+    import or GPU is needed to classify arrays).
     """
     if isinstance(value, numpy_backend.np.ndarray):
         return "numpy"
-    cls = type(value)
-    if cls.__name__ == "ndarray" and cls.__module__.split(".")[0] == "cupy":
+    if cupy_backend.is_array(value):
         return "cupy"
     return None
 

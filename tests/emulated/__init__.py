@@ -1,0 +1,224 @@
+"""The CPU execution target: bncupy's CUDA kernels compiled by g++ and launched by the CuPy
+backend's own launch plan, on :mod:`tests.emulated.device` arrays.
+
+``install()`` makes it the CuPy backend's runtime for the whole process (the ``emulated`` tox
+env does this through ``BNCUPY_EMULATED=1``); the backend-parametrised tests then run their
+``cupy`` cases here. It checks logic, not speed or the GPU memory model: a GPU run is the proof.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bncupy.backends import cupy as cupy_backend
+
+from . import device
+from .build import build
+
+_SCALARS = {"u32": (np.uint32, ctypes.c_uint32), "u64": (np.uint64, ctypes.c_uint64),
+            "i32": (np.int32, ctypes.c_int32), "i64": (np.int64, ctypes.c_int64),
+            "f32": (np.float32, ctypes.c_float), "f64": (np.float64, ctypes.c_double)}
+_ELEMENTS = {"f16": np.float16, "f32": np.float32, "f64": np.float64, "u32": np.uint32,
+             "u64": np.uint64, "i32": np.int32, "i64": np.int64}
+# What CuPy passes for Python scalars (cupy/_core/_kernel: int -> long long, float -> double).
+_PYTHON_SCALARS = {int: "i64", float: "f64"}
+
+
+class KernelFault(RuntimeError):
+    """A launch that would be undefined behaviour on a GPU: a bad argument, a write past an
+    allocation, a deadlock, a shuffle naming absent lanes, a hung block."""
+
+
+class Kernel:
+    """One kernel specialisation, called as CuPy's ``RawKernel``: ``k(grid, block, args)``."""
+
+    def __init__(self, runtime: EmulatedRuntime, name: str) -> None:
+        if name not in runtime.entries:
+            raise KernelFault(f"kernel {name} is not in the emulated library (not one of the "
+                              f"backend's name_expressions())")
+        self.runtime = runtime
+        self.name = name
+        self.index, self.signature = runtime.entries[name]
+
+    def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any],
+                 shared_mem: int = 0, stream: Any = None) -> None:
+        g, b = _dims(grid, "grid", self.name), _dims(block, "block", self.name)
+        if g[0] >= 2**31 or g[1] > 65535 or g[2] > 65535:
+            raise KernelFault(f"{self.name}: grid {g} exceeds CUDA's limits "
+                              "(x < 2^31, y and z <= 65535)")
+        if b[0] * b[1] * b[2] > 1024 or b[2] > 64:
+            raise KernelFault(f"{self.name}: block {b} has more than 1024 threads or z > 64")
+        if not isinstance(args, tuple):
+            raise TypeError(f"{self.name}: args must be a tuple, got {type(args).__name__}")
+        if len(args) != len(self.signature):
+            raise KernelFault(f"{self.name} takes {len(self.signature)} arguments, got "
+                              f"{len(args)}")
+        keep, allocations = [], []
+        argv = (ctypes.c_void_p * max(1, len(args)))()
+        for i, (arg, kind) in enumerate(zip(args, self.signature, strict=True)):
+            holder = self._pack(i, arg, kind)
+            if isinstance(arg, device.ndarray):
+                allocations.append((i, arg._alloc))
+            keep.append(holder)
+            argv[i] = ctypes.addressof(holder)
+        rt = self.runtime
+        error = ctypes.create_string_buffer(1024)
+        seed = rt.seed * 1_000_003 + next(rt.launches)
+        failed = rt.lib.bncupy_emu_launch(
+            self.index, (ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
+            1 if rt.order == "random" else 0, ctypes.c_ulonglong(seed),
+            ctypes.c_double(rt.timeout), error, len(error))
+        if failed:
+            raise KernelFault(f"{self.name} grid={g} block={b}: {error.value.decode()}")
+        for i, alloc in allocations:
+            if not alloc.intact():
+                raise KernelFault(f"{self.name} grid={g} block={b} wrote past the end of the "
+                                  f"allocation behind argument {i}")
+
+    def _pack(self, i: int, arg: Any, kind: str) -> Any:
+        where = f"{self.name}: argument {i}"
+        if kind.startswith("p:"):
+            _, element, size = kind.split(":")
+            if arg is None:
+                return ctypes.c_void_p(0)
+            if isinstance(arg, np.ndarray):
+                raise TypeError(f"{where}: Unsupported type {type(arg)} (a host array passed to "
+                                "a kernel)")
+            if not isinstance(arg, device.ndarray):
+                raise KernelFault(f"{where} is a pointer ({element}) but got "
+                                  f"{type(arg).__name__}")
+            if arg.dtype != _ELEMENTS[element] or arg.nbytes % int(size):
+                raise KernelFault(f"{where} points to {element} elements of {size} bytes but got "
+                                  f"a {arg.dtype} array of shape {arg.shape}")
+            if not arg.flags.c_contiguous:
+                raise KernelFault(f"{where} is not C-contiguous (the kernel sees only its "
+                                  "first element's address)")
+            return ctypes.c_void_p(arg.data.ptr)
+        expected, ctype = _SCALARS[kind]
+        passed = _PYTHON_SCALARS.get(type(arg)) if not isinstance(arg, np.generic) else None
+        if passed is not None:
+            if passed != kind:
+                raise KernelFault(f"{where}: a Python {type(arg).__name__} is passed as {passed} "
+                                  f"but the parameter is {kind}: CuPy would reinterpret its "
+                                  f"bytes; pass numpy.{np.dtype(expected).name}")
+            return ctype(arg)
+        if not isinstance(arg, np.generic) or arg.dtype != expected:
+            got = arg.dtype if isinstance(arg, np.generic) else type(arg).__name__
+            raise KernelFault(f"{where} is {kind} but got {got}: a GPU would reinterpret the "
+                              "bytes")
+        return ctype(arg.item())
+
+
+def _dims(value: Any, what: str, name: str) -> tuple[int, int, int]:
+    dims = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) for d in dims):
+        raise KernelFault(f"{name}: {what} must be 1 to 3 ints, got {value!r}")
+    dims = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    if min(dims) < 1:
+        raise KernelFault(f"{name}: {what} {dims} has an empty dimension (invalid configuration)")
+    return dims  # type: ignore[return-value]
+
+
+# Function-local statics of the emulator and the C++ library, not of device code.
+_NOT_DEVICE = ("_ZZN10bncupy_emu", "_ZZNSt", "_ZZSt", "_ZZN9__gnu_cxx")
+
+
+def _register_shared(lib: ctypes.CDLL, path: Path) -> list[str]:
+    """Register every function-local static of the library's device code (``__shared__``
+    variables: CUDA device code has no other) with the loader, which poisons them before each
+    block; returns their mangled names. The emulator's own statics are in ``bncupy_emu``."""
+    out = subprocess.run(["nm", "--defined-only", "-S", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    symbols = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            symbols[parts[3]] = (int(parts[0], 16), int(parts[1], 16), parts[2])
+    base = ctypes.cast(lib.bncupy_emu_count, ctypes.c_void_p).value - symbols["bncupy_emu_count"][0]
+    names = []
+    for name, (value, size, kind) in symbols.items():
+        if name.startswith("_ZZ") and not name.startswith(_NOT_DEVICE) and kind in "bBdDuV" \
+                and size:
+            lib.bncupy_emu_add_shared(ctypes.c_void_p(base + value), ctypes.c_ulonglong(size))
+            names.append(name)
+    return names
+
+
+class EmulatedRuntime:
+    """The CuPy backend's runtime on the CPU (see :class:`bncupy.backends.cupy.CupyRuntime`).
+
+    Parameters
+    ----------
+    sms : int
+        Streaming multiprocessors the launch plan sizes its grids for.
+    order : "random" or "index"
+        Order in which a launch's blocks run (one at a time).
+    seed : int
+        Seeds the block order and the threads' turns (each launch draws its own from it).
+    library : path, optional
+        A library from :func:`tests.emulated.build.build` (default: every kernel of kernels/).
+    """
+
+    def __init__(self, sms: int = 132, order: str = "random", seed: int = 0,
+                 library: Path | None = None, timeout: float = 120.0) -> None:
+        if order not in ("random", "index"):
+            raise ValueError(f"order must be 'random' or 'index', got {order!r}")
+        self.sms, self.order, self.seed, self.timeout = sms, order, seed, timeout
+        library = Path(library or build())
+        self.lib = ctypes.CDLL(str(library))
+        self.lib.bncupy_emu_name.restype = ctypes.c_char_p
+        self.lib.bncupy_emu_signature.restype = ctypes.c_char_p
+        self.entries = {}
+        for i in range(self.lib.bncupy_emu_count()):
+            sig = self.lib.bncupy_emu_signature(i).decode()
+            self.entries[self.lib.bncupy_emu_name(i).decode()] = (i, sig.split(",") if sig else [])
+        self.shared = _register_shared(self.lib, library)
+        self.launches = itertools.count()
+        self.counters: dict[Any, Any] = {}
+        self.xp = device
+
+    def unavailable_reason(self) -> None:
+        return None
+
+    def require(self) -> Any:
+        return self.xp
+
+    @staticmethod
+    def is_array(value: Any) -> bool:
+        return isinstance(value, device.ndarray) or cupy_backend.CupyRuntime.is_array(value)
+
+    def kernel(self, dtype: str, name: str) -> Kernel:
+        return Kernel(self, name)
+
+    def sm_count(self) -> int:
+        return self.sms
+
+    def stream_key(self) -> Any:
+        return device.get_current_stream().ptr
+
+    def describe(self) -> str:
+        return (f"CPU execution target (kernels built with g++; {self.sms} SMs modelled, blocks "
+                f"in {self.order} order, seed {self.seed})")
+
+
+def from_environment() -> EmulatedRuntime:
+    """A runtime configured by ``BNCUPY_EMULATED_ORDER`` (random|index), ``BNCUPY_EMULATED_SEED``
+    and ``BNCUPY_EMULATED_SMS``."""
+    return EmulatedRuntime(sms=int(os.environ.get("BNCUPY_EMULATED_SMS", "132")),
+                           order=os.environ.get("BNCUPY_EMULATED_ORDER", "random"),
+                           seed=int(os.environ.get("BNCUPY_EMULATED_SEED", "0")))
+
+
+def install(runtime: EmulatedRuntime | None = None) -> EmulatedRuntime:
+    """Make ``runtime`` (default: :func:`from_environment`) the CuPy backend's runtime."""
+    runtime = runtime or from_environment()
+    cupy_backend.set_runtime(runtime)
+    return runtime
