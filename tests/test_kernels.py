@@ -5,6 +5,9 @@ block order, streams. Skipped (and reported so) where neither can run."""
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import numpy as np
 import pytest
 
@@ -173,3 +176,70 @@ def test_non_default_stream(xp):
     stream.synchronize()
     np.testing.assert_array_equal(_host(y), expected)
     assert np.isfinite(_host(dx)).all() and (_host(rm) != 0).any()
+
+
+def _threads(fn, n=4):
+    results, errors = [None] * n, []
+
+    def run(i):
+        try:
+            results[i] = fn(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("mode", ["streams", "per-thread default stream"])
+def test_threads_at_once_give_single_threaded_bits(xp, monkeypatch, mode):
+    """Forward and backward from 4 host threads at once equal the single-threaded results bit
+    for bit, on separate non-blocking streams and on CuPy's per-thread default stream (one
+    handle for every thread, so arrival counters must be private to each thread)."""
+    if mode != "streams":
+        if EMULATED:
+            monkeypatch.setattr(xp, "per_thread_default_stream", True)
+        elif xp.cuda.get_current_stream().ptr != cupy_backend._PER_THREAD_STREAM:
+            pytest.skip("run with CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 for this mode")
+    inputs = [_data((8, 16, 24, 24), np.float32, seed=i) for i in range(4)]
+    expected = [_run_all(xp, x, seed=i) for i, x in enumerate(inputs)]
+
+    def work(i):
+        if mode == "streams":
+            with xp.cuda.Stream(non_blocking=True) as stream:
+                out = _run_all(xp, inputs[i], seed=i)
+                stream.synchronize()
+                return out
+        return _run_all(xp, inputs[i], seed=i)
+
+    for got, want in zip(_threads(work), expected, strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_counters_are_per_stream_and_per_thread_on_the_per_thread_stream(xp, monkeypatch):
+    x = xp.asarray(_data((4, 3, 5, 5), np.float32))
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        bn.batch_norm(x, None, None, training=True)
+    key = (cupy_backend.runtime(), cupy_backend.runtime().device_id(), stream.ptr)
+    assert key in cupy_backend._counters
+    del stream
+    gc.collect()
+    assert key not in cupy_backend._counters  # freed with its stream
+
+    if EMULATED:
+        monkeypatch.setattr(xp, "per_thread_default_stream", True)
+    elif xp.cuda.get_current_stream().ptr != cupy_backend._PER_THREAD_STREAM:
+        pytest.skip("run with CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 for the per-thread part")
+
+    def buffer(_):
+        bn.batch_norm(x, None, None, training=True)
+        return cupy_backend._counter_buffer(1)  # returned: kept alive, so no address is reused
+
+    assert len({b.data.ptr for b in _threads(buffer)}) == 4  # one per thread, none shared

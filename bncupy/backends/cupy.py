@@ -8,6 +8,8 @@ missing (CuPy, a device, or a new enough driver).
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -56,9 +58,6 @@ class CupyRuntime:
     the same kernels) drives exactly the same code.
     """
 
-    def __init__(self) -> None:
-        self.counters: dict[Any, Any] = {}
-
     def unavailable_reason(self) -> str | None:
         return _probe()[0]
 
@@ -82,9 +81,11 @@ class CupyRuntime:
     def sm_count(self) -> int:
         return _sm_count(self.require().cuda.Device().id)
 
-    def stream_key(self) -> Any:
-        cupy = self.require()
-        return cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr
+    def device_id(self) -> int:
+        return int(self.require().cuda.Device().id)
+
+    def current_stream(self) -> Any:
+        return self.require().cuda.get_current_stream()
 
     def describe(self) -> str:
         cupy = self.require()
@@ -195,18 +196,42 @@ def _sm_count(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
+_PER_THREAD_STREAM = 2  # cudaStreamPerThread: one handle, a separate stream in each host thread
+_counters: dict[tuple, Any] = {}
+_thread_counters = threading.local()
+
+
 def _counter_buffer(size: int) -> Any:
-    """Zeroed arrival counters for the current device and stream.
+    """Zeroed arrival counters private to the current device and stream.
 
     The last block of each channel (group) resets its counter, so one buffer serves every launch
-    on a stream; separate streams get separate buffers, so concurrent launches never share one.
+    on a stream, whose kernels run one after another. Kernels on different streams may overlap,
+    so each stream has its own buffer, and so has each host thread on CuPy's per-thread default
+    stream (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``), whose one handle stands for a separate
+    stream in every thread. A buffer is freed with its stream object, or with its thread.
     """
-    key = _runtime.stream_key()
-    buf = _runtime.counters.get(key)
+    stream = _runtime.current_stream()
+    key = (_runtime, _runtime.device_id(), stream.ptr)
+    if stream.ptr == _PER_THREAD_STREAM:
+        if not hasattr(_thread_counters, "table"):
+            _thread_counters.table = {}
+        table: dict[tuple, Any] = _thread_counters.table
+    else:
+        table = _counters
+        if key not in table:
+            try:
+                weakref.finalize(stream, _forget_counters, key)
+            except TypeError:  # a stream type without weak references: kept for the process
+                pass
+    buf = table.get(key)
     if buf is None or buf.size < size:
         buf = require().zeros(max(size, 1024), dtype=np.uint32)
-        _runtime.counters[key] = buf
+        table[key] = buf
     return buf
+
+
+def _forget_counters(key: tuple) -> None:
+    _counters.pop(key, None)
 
 
 def asarray(a: Any) -> Any:

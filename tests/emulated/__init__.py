@@ -182,7 +182,6 @@ class EmulatedRuntime:
             self.entries[self.lib.bncupy_emu_name(i).decode()] = (i, sig.split(",") if sig else [])
         self.shared = _register_shared(self.lib, library)
         self.launches = itertools.count()
-        self.counters: dict[Any, Any] = {}
         self.xp = device
 
     def unavailable_reason(self) -> None:
@@ -201,8 +200,11 @@ class EmulatedRuntime:
     def sm_count(self) -> int:
         return self.sms
 
-    def stream_key(self) -> Any:
-        return device.get_current_stream().ptr
+    def device_id(self) -> int:
+        return 0
+
+    def current_stream(self) -> Any:
+        return device.get_current_stream()
 
     def describe(self) -> str:
         return (f"CPU execution target (kernels built with g++; {self.sms} SMs modelled, blocks "

@@ -229,7 +229,9 @@ class _Stream:
 
 
 _current = threading.local()
-_NULL = _Stream(ptr=0)
+_NULL = _Stream(ptr=0)  # the legacy default stream
+_PER_THREAD = _Stream(ptr=2)  # cudaStreamPerThread: one handle for every thread's own stream
+per_thread_default_stream = False  # CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1
 
 
 def _stack() -> list[_Stream]:
@@ -237,8 +239,11 @@ def _stack() -> list[_Stream]:
 
 
 def get_current_stream() -> _Stream:
+    """The innermost ``with stream:`` of this thread, else the default stream (CuPy's rule)."""
     stack = _stack()
-    return stack[-1] if stack else _NULL
+    if stack:
+        return stack[-1]
+    return _PER_THREAD if per_thread_default_stream else _NULL
 
 
 class _Device:
