@@ -141,4 +141,50 @@ __global__ void __launch_bounds__(256) apply(
     }
 }
 
+// Statistics of contiguous rows (LayerNorm rows, channel-first GroupNorm/InstanceNorm groups),
+// several rows per block (see reduce_rows); writes the same per-row outputs as forward_stats.
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(256) row_stats(
+    const T* __restrict__ x, const I rows, const I row_vecs, const int height,
+    const typename acc_of<T>::type eps, const double count,
+    typename acc_of<T>::type* save_mean, typename acc_of<T>::type* save_invstd, double* mean64,
+    typename acc_of<T>::type* center, typename acc_of<T>::type* scale,
+    typename acc_of<T>::type* shift, typename acc_of<T>::type* m2_out) {
+    const StatsOp<T> op = {0,     0,    0,        0,           eps,    0.0,   count,
+                           save_mean, save_invstd, mean64, center, scale, shift, m2_out};
+    reduce_rows<StatsOp<T>, V, I>(op, x, (const T*)0, rows, row_vecs, height);
+}
+
+// The normalizations over groups (see group_of for L):
+//   y = ((x - center[g]) - residual[g]) * (invstd[g] * w[c]) + b[c],
+// center[g] + residual[g] being the group's mean (a constant group maps to exactly b[c]).
+template <typename T, int V, typename I, int L>
+__global__ void __launch_bounds__(256) group_apply(
+    const T* __restrict__ x, T* __restrict__ y, const I total_vecs, const I channels,
+    const I inner_vecs, const I sample_vecs, const I group_channels,
+    const typename acc_of<T>::type* __restrict__ center,
+    const typename acc_of<T>::type* __restrict__ residual,
+    const typename acc_of<T>::type* __restrict__ invstd,
+    const typename acc_of<T>::type* __restrict__ weight,
+    const typename acc_of<T>::type* __restrict__ bias) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    const vec* xv = reinterpret_cast<const vec*>(x);
+    vec* yv = reinterpret_cast<vec*>(y);
+    const I stride = (I)gridDim.x * blockDim.x;
+    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
+        const vec in = xv[j];
+        vec out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            I g, c;
+            group_of<L>(j, k, channels, inner_vecs, sample_vecs, group_channels, V, g, c);
+            const A s = invstd[g] * (weight ? weight[c] : A(1));
+            out.v[k] = from_acc<T>(((to_acc(in.v[k]) - center[g]) - residual[g]) * s +
+                                   (bias ? bias[c] : A(0)));
+        }
+        yv[j] = out;
+    }
+}
+
 }  // namespace bncupy

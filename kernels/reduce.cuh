@@ -87,11 +87,12 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
     if (threadIdx.x == 0) op.finalize(s, c, ctx);
 }
 
-// Tree merge of sh[ty * lanes + tx] over ty (a power of two of rows) into sh[tx], fixed order.
+// Tree merge, in a fixed order, of the `height` (a power of two) entries sh[threadIdx.x + i * step]
+// whose thread has index ty = i among them, into the one of ty = 0.
 template <typename S>
-__device__ __forceinline__ void merge_rows(S* sh, const int lanes, const int ty) {
-    for (int stride = (int)(blockDim.x / lanes) / 2; stride > 0; stride >>= 1) {
-        if (ty < stride) sh[threadIdx.x] = merge(sh[threadIdx.x], sh[threadIdx.x + stride * lanes]);
+__device__ __forceinline__ void merge_tree(S* sh, const int height, const int step, const int ty) {
+    for (int stride = height / 2; stride > 0; stride >>= 1) {
+        if (ty < stride) sh[threadIdx.x] = merge(sh[threadIdx.x], sh[threadIdx.x + stride * step]);
         __syncthreads();
     }
 }
@@ -163,7 +164,7 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
         for (int u = 1; u < U; ++u) s = merge(s, st[u][k]);
         sh[threadIdx.x] = s;
         __syncthreads();
-        merge_rows(sh, lanes, ty);
+        merge_tree(sh, (int)blockDim.x / lanes, lanes, ty);
         if (ty == 0 && active) partials[(size_t)(cv * V + k) * splits + split] = sh[tx];
         __syncthreads();
     }
@@ -177,9 +178,76 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
                 s = merge(s, load_cg(&partials[(size_t)(cv * V + k) * splits + p]));
         sh[threadIdx.x] = s;
         __syncthreads();
-        merge_rows(sh, lanes, ty);
+        merge_tree(sh, (int)blockDim.x / lanes, lanes, ty);
         if (ty == 0 && active) op.finalize(sh[tx], cv * V + k, ctx[k]);
         __syncthreads();
+    }
+}
+
+// Contiguous rows (LayerNorm rows; GroupNorm and InstanceNorm groups of channel-first data), several
+// per block: `height` consecutive threads (a power of two) serve one row, so height = 32 is a warp
+// per row and height = blockDim.x a block per row; row_vecs = row length / V. An Op whose push
+// takes dy scales it by op.dy_scale(column) (LayerNorm's per-column weight).
+template <class Op, int V, typename I>
+__device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* __restrict__ x,
+                                            const typename Op::T* __restrict__ dy, const I rows,
+                                            const I row_vecs, const int height) {
+    typedef typename Op::A A;
+    typedef typename Op::State S;
+    typedef vec_t<typename Op::T, V> vec;
+    __shared__ S sh[256];
+
+    const int ty = threadIdx.x % height;
+    const I row = (I)blockIdx.x * (blockDim.x / height) + threadIdx.x / height;
+    const bool active = row < rows;
+    const size_t base = active ? (size_t)row * row_vecs : 0;
+    const vec* xv = reinterpret_cast<const vec*>(x) + base;
+    const vec* gv = reinterpret_cast<const vec*>(dy) + base;
+    const A ctx = active ? op.context(to_acc(x[base * V]), row) : A(0);
+    S st[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) st[k] = Op::empty();
+    if (active) {
+        for (I j = ty; j < row_vecs; j += height) {
+            const vec xb = xv[j];
+            if constexpr (Op::needs_dy) {
+                const vec gb = gv[j];
+#pragma unroll
+                for (int k = 0; k < V; ++k)
+                    Op::push(st[k], ctx, to_acc(xb.v[k]), op.dy_scale(j * V + k) * to_acc(gb.v[k]));
+            } else {
+#pragma unroll
+                for (int k = 0; k < V; ++k) Op::push(st[k], ctx, to_acc(xb.v[k]), A(0));
+            }
+        }
+    }
+    S s = st[0];
+#pragma unroll
+    for (int k = 1; k < V; ++k) s = merge(s, st[k]);
+    sh[threadIdx.x] = s;
+    __syncthreads();
+    merge_tree(sh, height, 1, ty);
+    if (ty == 0 && active) op.finalize(sh[threadIdx.x], row, ctx);
+}
+
+// Group and channel of element k of vector j for the normalizations over channel groups:
+// L = 0 rows (group = row, channel = column; inner_vecs = columns / V), 1 channel-first (n, C, S)
+// (inner_vecs = S / V), 2 channels-last (n, S, C) (inner_vecs = C / V, sample_vecs = S * C / V);
+// a group is `group_channels` consecutive channels of one sample.
+template <int L, typename I>
+__device__ __forceinline__ void group_of(const I j, const int k, const I channels,
+                                         const I inner_vecs, const I sample_vecs,
+                                         const I group_channels, const int V, I& g, I& c) {
+    if (L == 0) {
+        g = j / inner_vecs;
+        c = (j % inner_vecs) * V + k;
+    } else if (L == 1) {
+        const I plane = j / inner_vecs;
+        c = plane % channels;
+        g = plane / channels * (channels / group_channels) + c / group_channels;
+    } else {
+        c = (j % inner_vecs) * V + k;
+        g = j / sample_vecs * (channels / group_channels) + c / group_channels;
     }
 }
 
@@ -190,6 +258,20 @@ __device__ __forceinline__ I channel_of(const I j, const int k, const I channels
                                         const I inner_vecs, const int V) {
     return CL ? (j % inner_vecs) * V + k : (j / inner_vecs) % channels;
 }
+
+// How one element enters per-channel (or per-row) backward sums: sum(g) and sum(g * (x - m)).
+template <typename A> struct SumOps {
+    typedef SumPair<A> State;
+    __device__ static State empty() {
+        State s;
+        s.dy = s.dy_xmu = A(0);
+        return s;
+    }
+    __device__ static void push(State& s, const A m, const A x, const A g) {
+        s.dy += g;
+        s.dy_xmu += g * (x - m);
+    }
+};
 
 // The forward's pre-activation value. apply and relu_grad both use it, so the ReLU mask in the
 // backward pass recomputes bit for bit what the forward computed.

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from .._errors import BackendUnavailableError
-from ._common import forward_coefficients
+from ._common import forward_coefficients, merge_equal
+from ._groups import GroupLayout
 
 name = "cupy"
 _INSTALL_HINT = "pip install 'bncupy[cuda12]' or 'bncupy[cuda13]'"
@@ -136,6 +137,10 @@ _INDEX64_FROM = 2**31  # elements from which kernels index with 64 bits
 _THREADS = 256
 SOURCES = ("forward.cu", "backward.cu")
 _LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply", "relu_grad")
+_ROW_KERNELS = ("row_stats", "row_grad_sums")
+_GROUP_KERNELS = ("group_apply", "group_backward_apply")
+_GROUP_LAYOUTS = {"rows": 0, "cf": 1, "cl": 2}
+_ROWS_MAX_VECS = 8192  # longer groups are split over several blocks (forward_stats' geometry)
 
 
 def vector_width(dtype_name: str) -> int:
@@ -154,6 +159,10 @@ def name_expressions(dtypes: tuple[str, ...] = tuple(_CTYPES)) -> list[str]:
                 for layout in ("false", "true"):
                     names += [f"bncupy::{kernel}<{ctype}, {width}, {index}, {layout}>"
                               for kernel in _LAYOUT_KERNELS]
+                names += [f"bncupy::{kernel}<{ctype}, {width}, {index}>"
+                          for kernel in _ROW_KERNELS]
+                names += [f"bncupy::{kernel}<{ctype}, {width}, {index}, {layout}>"
+                          for kernel in _GROUP_KERNELS for layout in _GROUP_LAYOUTS.values()]
         names.append(f"bncupy::eval_coefficients<{'double' if dtype == 'float64' else 'float'}>")
     return sorted(set(names))
 
@@ -463,3 +472,155 @@ def normalize_with(x: Any, axis: int, mean: Any, invstd: Any, weight: Any, bias:
 def device_summary() -> str:
     """What the backend runs on: name, compute capability and memory of the current device."""
     return str(_runtime.describe())
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalizations over groups (LayerNorm, GroupNorm, InstanceNorm; see _groups.GroupLayout).
+
+class _GroupGeometry:
+    """Vector width, index type and grid of the elementwise kernels over a group layout."""
+
+    def __init__(self, x: Any, lay: GroupLayout, *others: Any) -> None:
+        innermost = lay.s if lay.kind == "cf" else lay.c
+        width = vector_width(x.dtype.name)
+        aligned = all(a is None or a.data.ptr % 16 == 0 for a in (x, *others))
+        self.width = width if innermost % width == 0 and aligned else 1
+        self.dtype, self.acc = x.dtype.name, _ACC[x.dtype.name]
+        self.index = "unsigned int" if x.size < _INDEX64_FROM else "unsigned long long"
+        itype = _INDEX[self.index]
+        total = x.size // self.width
+        self.blocks = max(1, min(-(-total // _THREADS), _runtime.sm_count() * 32))
+        self.shape_args = (itype(total), itype(lay.c), itype(innermost // self.width),
+                           itype(max(1, lay.s * lay.c // self.width)), itype(lay.k))
+        self.layout = _GROUP_LAYOUTS[lay.kind]
+
+    def launch(self, kernel: str, arrays: tuple, vectors: tuple) -> None:
+        name = (f"bncupy::{kernel}<{_CTYPES[self.dtype]}, {self.width}, {self.index}, "
+                f"{self.layout}>")
+        _runtime.kernel(self.dtype, name)((self.blocks,), (_THREADS,),
+                                          (*arrays, *self.shape_args, *vectors))
+
+
+def _row_launch(kernel: str, x: Any, rows: int, length: int, arrays: tuple, rest: tuple,
+                *others: Any) -> None:
+    """A reduce_rows kernel over ``rows`` contiguous rows of ``length`` values: a warp per short
+    row up to a block per long one."""
+    width = vector_width(x.dtype.name)
+    aligned = all(a is None or a.data.ptr % 16 == 0 for a in (x, *others))
+    width = width if length % width == 0 and aligned else 1
+    vecs = length // width
+    height = min(_THREADS, max(32, 1 << max(0, (vecs // 4 - 1).bit_length())))
+    index = "unsigned int" if x.size < _INDEX64_FROM else "unsigned long long"
+    itype = _INDEX[index]
+    _runtime.kernel(x.dtype.name, f"bncupy::{kernel}<{_CTYPES[x.dtype.name]}, {width}, {index}>")(
+        (-(-rows // (_THREADS // height)),), (_THREADS,),
+        (*arrays, itype(rows), itype(vecs), np.int32(height), *rest))
+
+
+def _contiguous_group_moments(x: Any, groups: int, size: int) -> tuple[Any, Any]:
+    """float64 mean and accumulator-typed M2 of ``groups`` contiguous groups of ``size`` values:
+    reduce_rows for groups up to _ROWS_MAX_VECS vectors, else forward_stats' split geometry."""
+    cupy = require()
+    if size // vector_width(x.dtype.name) > _ROWS_MAX_VECS:
+        _, mean64, m2 = stats(x.reshape(1, groups, size), 1)
+        return mean64, m2
+    acc = _ACC[x.dtype.name]
+    out = [cupy.empty(groups, acc) for _ in range(5)]
+    mean64, m2 = cupy.empty(groups, cupy.float64), cupy.empty(groups, acc)
+    _row_launch("row_stats", x, groups, size, (x,), (
+        getattr(np, acc)(1.0), np.float64(size), out[0], out[1], mean64, out[2], out[3], out[4],
+        m2))
+    return mean64, m2
+
+
+def _group_moments(x: Any, lay: GroupLayout) -> tuple[Any, Any]:
+    """Per-group float64 mean and M2 of a contiguous array."""
+    cupy = require()
+    if lay.kind != "cl":
+        mean64, m2 = _contiguous_group_moments(x, lay.groups, lay.size)
+        return mean64, m2.astype(cupy.float64)
+    per_group = lay.c // lay.k
+    means, m2s = [], []
+    for sample in x.reshape(lay.n, lay.s, lay.c):  # channels-last statistics of each sample
+        _, mean, m2 = stats(sample, 1)
+        _, gmean, gm2 = merge_equal(mean.reshape(per_group, lay.k).T,
+                                    m2.astype(cupy.float64).reshape(per_group, lay.k).T, lay.s)
+        means.append(gmean)
+        m2s.append(gm2)
+    return cupy.concatenate(means), cupy.concatenate(m2s)
+
+
+def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
+                  ) -> tuple[Any, Any, Any, Any]:
+    """Statistics (one reduction launch, per sample for channels-last) and one apply launch;
+    returns ``y`` and the per-group float64 mean, invstd and biased variance."""
+    cupy = require()
+    x = cupy.ascontiguousarray(x)
+    y = cupy.empty_like(x)
+    if x.size == 0:
+        empty = cupy.full(lay.groups, np.nan)
+        return y, empty, empty, empty
+    mean64, m2 = _group_moments(x, lay)
+    var = m2 / lay.size
+    invstd = 1.0 / cupy.sqrt(var + eps)
+    geo = _GroupGeometry(x, lay, y)
+    center = mean64.astype(geo.acc)
+    geo.launch("group_apply", (x, y), (
+        center, (mean64 - center).astype(geo.acc), invstd.astype(geo.acc),
+        _per_channel(weight, geo.acc), _per_channel(bias, geo.acc)))
+    return y, mean64, invstd, var
+
+
+def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, invstd: Any,
+                   ) -> tuple[Any, Any, Any]:
+    """``dx`` and float64 per-channel ``dweight``, ``dbias`` (per column for rows).
+
+    Sums per group of ``w * dy`` and ``w * dy * (x - mean)``: LayerNorm rows in one reduce_rows
+    launch; groups of channels from per-(sample, channel) sums (the batch-norm backward
+    reduction over cells), folded per group on the host (O(n c)). Then one dx launch.
+    """
+    cupy = require()
+    x = cupy.ascontiguousarray(x)
+    dy = _like(dy, x)
+    dx = cupy.empty_like(x)
+    if x.size == 0:
+        return dx, cupy.zeros(lay.c), cupy.zeros(lay.c)
+    geo = _GroupGeometry(x, lay, dy, dx)
+    acc = geo.acc
+    mean, invstd = mean.astype(cupy.float64), invstd.astype(cupy.float64)
+    center = mean.astype(acc)
+    residual = mean - center
+    w = None if weight is None else weight.astype(cupy.float64)
+    if lay.kind == "rows":
+        sum_wdy, sum_wdy_xc = cupy.empty(lay.n, acc), cupy.empty(lay.n, acc)
+        _row_launch("row_grad_sums", x, lay.n, lay.c, (dy, x),
+                    (center, _per_channel(weight, acc), sum_wdy, sum_wdy_xc), dy)
+        s1 = sum_wdy.astype(cupy.float64)
+        s2 = sum_wdy_xc - residual * s1
+        xhat = cupy.empty_like(x)
+        geo.launch("group_apply", (x, xhat), (center, residual.astype(acc), invstd.astype(acc),
+                                               None, None))
+        dbias, dweight = backward_sums(dy, xhat, 1, cupy.zeros(lay.c), None)
+    else:
+        cells = lay.n * lay.c
+        cell_mean = cupy.repeat(mean.reshape(lay.n, -1), lay.k, axis=1)
+        if lay.kind == "cf":
+            sum_dy, sum_dy_xmu = backward_sums(dy.reshape(1, cells, lay.s),
+                                               x.reshape(1, cells, lay.s), 1, cell_mean.ravel(),
+                                               None)
+        else:
+            pairs = [backward_sums(d, v, 1, m, None) for d, v, m in zip(
+                dy.reshape(lay.n, lay.s, lay.c), x.reshape(lay.n, lay.s, lay.c), cell_mean,
+                strict=True)]
+            sum_dy = cupy.concatenate([p[0] for p in pairs])
+            sum_dy_xmu = cupy.concatenate([p[1] for p in pairs])
+        sum_dy, sum_dy_xmu = sum_dy.reshape(lay.n, lay.c), sum_dy_xmu.reshape(lay.n, lay.c)
+        scaled = (sum_dy, sum_dy_xmu) if w is None else (sum_dy * w, sum_dy_xmu * w)
+        s1, s2 = (v.reshape(lay.n, -1, lay.k).sum(axis=2).ravel() for v in scaled)
+        dbias = sum_dy.sum(axis=0)
+        dweight = (sum_dy_xmu * cupy.repeat(invstd.reshape(lay.n, -1), lay.k, axis=1)).sum(axis=0)
+    count = lay.size
+    geo.launch("group_backward_apply", (dy, x, dx), (
+        center, residual.astype(acc), _per_channel(weight, acc), invstd.astype(acc),
+        (-invstd ** 3 * s2 / count).astype(acc), (-invstd * s1 / count).astype(acc)))
+    return dx, dweight, dbias

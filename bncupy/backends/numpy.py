@@ -407,3 +407,7 @@ def normalize_with(x: np.ndarray, axis: int, mean: np.ndarray, invstd: np.ndarra
     """Apply given (e.g. globally merged) statistics; returns ``y`` and the coefficients."""
     coef = forward_coefficients(mean, invstd, weight, bias, x.dtype)
     return apply(x, axis, *coef, residual, relu), coef
+
+
+# The normalizations over groups (LayerNorm, GroupNorm, InstanceNorm).
+from .numpy_groups import group_backward, group_forward  # noqa: E402, F401

@@ -1,0 +1,345 @@
+"""Functional LayerNorm, GroupNorm and InstanceNorm with torch's signatures and semantics.
+
+They are one computation over different groups (see :class:`.backends._groups.GroupLayout`):
+validation and the grouping live here, the arithmetic in the backends' ``group_forward`` and
+``group_backward``. Every argument is checked before anything is computed or written.
+"""
+
+from __future__ import annotations
+
+import numbers
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import _validation as v
+from ._functional import _caller, _native, _resolve
+from ._functional import backward as _bn_backward
+from .backends._common import compute_dtype
+from .backends._groups import GroupLayout
+
+
+def _check_array(value: Any, arg: str, kinds: dict[str, str]) -> None:
+    kinds[arg] = v.check_array(value, arg)
+    v.check_float(value, arg)
+
+
+def _check_vector(value: Any, arg: str, shape: tuple[int, ...], kinds: dict[str, str],
+                  what: str) -> None:
+    if value is None:
+        return
+    _check_array(value, arg, kinds)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{arg} must have shape {shape} ({what}), got {tuple(value.shape)}")
+
+
+def _stats_out(kind: str, be: ModuleType, value: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    return _caller(kind, be, value.astype(compute_dtype(dtype)).reshape(shape))
+
+
+def _grads_out(kind: str, be: ModuleType, dx: Any, dw: Any, db: Any, shape: tuple[int, ...],
+               input: Any, weight: Any) -> tuple[Any, Any, Any]:
+    gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
+    return (_caller(kind, be, dx.reshape(input.shape)),
+            _caller(kind, be, dw.reshape(shape).astype(gd)),
+            _caller(kind, be, db.reshape(shape).astype(gd)))
+
+
+def _contiguous(be: ModuleType, a: Any, shape: tuple[int, ...]) -> Any:
+    return be.xp.ascontiguousarray(be.asarray(a)).reshape(shape)
+
+
+# ------------------------------------------------------------------------------ LayerNorm
+
+def check_normalized_shape(normalized_shape: Any, input: Any = None) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple (an int is one dimension, as in torch), matched against
+    the trailing dimensions of ``input`` when given."""
+    items = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else \
+        normalized_shape
+    if isinstance(normalized_shape, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
+                        f"{type(normalized_shape).__name__}")
+    shape = tuple(items)
+    if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                            for d in shape):
+        raise TypeError(f"normalized_shape must be an int or a non-empty sequence of ints, got "
+                        f"{normalized_shape!r}")
+    shape = tuple(int(d) for d in shape)
+    if min(shape) < 0:
+        raise ValueError(f"normalized_shape must not have negative sizes, got {shape}")
+    if input is not None and tuple(input.shape[input.ndim - len(shape):]) != shape or \
+            input is not None and input.ndim < len(shape):
+        raise ValueError(f"normalized_shape {shape} must match the trailing dimensions of input, "
+                         f"got input of shape {tuple(input.shape)}")
+    return shape
+
+
+def _layer_norm_layout(input: Any, shape: tuple[int, ...]) -> GroupLayout:
+    size = int(np.prod(shape, dtype=np.int64))
+    rows = int(np.prod(input.shape[:input.ndim - len(shape)], dtype=np.int64))
+    return GroupLayout("rows", rows, size)
+
+
+def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
+                       eps: float = 1e-5) -> tuple[Any, Any, Any]:
+    """Layer normalization that also returns the statistics its backward pass needs.
+
+    Parameters
+    ----------
+    input : ndarray, shape (*, *normalized_shape)
+        float16, float32 or float64; never modified.
+    normalized_shape : int or sequence of int
+        The trailing dimensions normalized together (one group per leading index).
+    weight, bias : ndarray of shape normalized_shape, optional
+        Elementwise affine parameters (1 and 0 when None).
+    eps : float > 0
+        Added to the variance.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape, dtype and array kind as ``input``.
+    mean, rstd : ndarray, shape input.shape[:-len(normalized_shape)]
+        Per-row mean and ``1/sqrt(var + eps)`` (float32 for float16/float32 input, float64 for
+        float64), as torch's ``native_layer_norm``.
+    """
+    kinds: dict[str, str] = {}
+    _check_array(input, "input", kinds)
+    shape = check_normalized_shape(normalized_shape, input)
+    _check_vector(weight, "weight", shape, kinds, "normalized_shape")
+    _check_vector(bias, "bias", shape, kinds, "normalized_shape")
+    eps = v.check_eps(eps)
+    kind, be = _resolve(kinds)
+    lay = _layer_norm_layout(input, shape)
+    y, mean, invstd, _ = be.group_forward(
+        _contiguous(be, input, (lay.n, lay.c)), lay, _flat(be, weight), _flat(be, bias), eps)
+    batch = tuple(input.shape[:input.ndim - len(shape)])
+    return (_caller(kind, be, y.reshape(input.shape)),
+            _stats_out(kind, be, mean, batch, input.dtype),
+            _stats_out(kind, be, invstd, batch, input.dtype))
+
+
+def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
+               eps: float = 1e-5) -> Any:
+    """Layer normalization with the signature and semantics of
+    ``torch.nn.functional.layer_norm``; see :func:`layer_norm_forward`."""
+    return layer_norm_forward(input, normalized_shape, weight, bias, eps)[0]
+
+
+def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mean: Any,
+                        rstd: Any, weight: Any = None) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`layer_norm_forward` with respect to input, weight and bias.
+
+    ``mean`` and ``rstd`` are what the forward pass returned (or more precise ones); the weight
+    and bias gradients have ``normalized_shape``.
+    """
+    kinds: dict[str, str] = {}
+    _check_array(input, "input", kinds)
+    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
+    shape = check_normalized_shape(normalized_shape, input)
+    batch = tuple(input.shape[:input.ndim - len(shape)])
+    _check_vector(mean, "mean", batch, kinds, "input's leading dimensions")
+    _check_vector(rstd, "rstd", batch, kinds, "input's leading dimensions")
+    _check_vector(weight, "weight", shape, kinds, "normalized_shape")
+    kind, be = _resolve(kinds)
+    lay = _layer_norm_layout(input, shape)
+    dx, dw, db = be.group_backward(
+        _contiguous(be, grad_output, (lay.n, lay.c)), _contiguous(be, input, (lay.n, lay.c)),
+        lay, _flat(be, weight), _flat(be, mean), _flat(be, rstd))
+    return _grads_out(kind, be, dx, dw, db, shape, input, weight)
+
+
+def _flat(be: ModuleType, value: Any) -> Any:
+    return None if value is None else be.asarray(value).reshape(-1)
+
+
+# ------------------------------------------------------------------------------ GroupNorm
+
+def check_num_groups(num_groups: Any, channels: int | None = None) -> int:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    if int(num_groups) < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    if channels is not None and channels % int(num_groups):
+        raise ValueError(f"num_groups={num_groups} must divide the number of channels "
+                         f"({channels})")
+    return int(num_groups)
+
+
+def _group_layout(input: Any, axis: Any, channels_per_group: int | None,
+                  num_groups: int | None = None) -> tuple[GroupLayout, tuple[int, ...]]:
+    """The layout of an (N, C, *) or, with axis=-1, (N, *, C) input; the canonical shape."""
+    ax = v.check_axis(axis, input.ndim)
+    if ax not in (1, input.ndim - 1):
+        raise ValueError(f"axis must be 1 (N, C, ...) or -1 (N, ..., C), got {axis}")
+    n, c = int(input.shape[0]), int(input.shape[ax])
+    s = int(np.prod(input.shape[1:], dtype=np.int64)) // c if c else 0
+    k = channels_per_group if channels_per_group else c // check_num_groups(num_groups, c)
+    if ax == 1:
+        return GroupLayout("cf", n, c, s, max(k, 1)), (n, c, s)
+    return GroupLayout("cl", n, c, s, max(k, 1)), (n, s, c)
+
+
+def _check_group_input(input: Any, kinds: dict[str, str]) -> None:
+    kinds["input"] = v.check_input(input)
+
+
+def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
+                       eps: float = 1e-5, *, axis: int = 1) -> tuple[Any, Any, Any]:
+    """Group normalization that also returns the statistics its backward pass needs.
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, *) or, with ``axis=-1``, (N, *, C)
+    num_groups : int
+        Groups of ``C / num_groups`` consecutive channels, normalized per sample.
+    weight, bias : ndarray of shape (C,), optional
+        Per-channel affine parameters.
+    eps : float > 0
+    axis : 1 or -1, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    y : ndarray
+    mean, rstd : ndarray, shape (N, num_groups)
+        As torch's ``native_group_norm``.
+    """
+    kinds: dict[str, str] = {}
+    _check_group_input(input, kinds)
+    lay, canonical = _group_layout(input, axis, None, num_groups)
+    _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
+    _check_vector(bias, "bias", (lay.c,), kinds, "one per channel")
+    eps = v.check_eps(eps)
+    kind, be = _resolve(kinds)
+    y, mean, invstd, _ = be.group_forward(_contiguous(be, input, canonical), lay,
+                                          _native(be, weight), _native(be, bias), eps)
+    groups = (lay.n, lay.c // lay.k)
+    return (_caller(kind, be, y.reshape(input.shape)),
+            _stats_out(kind, be, mean, groups, input.dtype),
+            _stats_out(kind, be, invstd, groups, input.dtype))
+
+
+def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
+               eps: float = 1e-5, *, axis: int = 1) -> Any:
+    """Group normalization with the signature and semantics of
+    ``torch.nn.functional.group_norm``; see :func:`group_norm_forward`."""
+    return group_norm_forward(input, num_groups, weight, bias, eps, axis=axis)[0]
+
+
+def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any, rstd: Any,
+                        weight: Any = None, *, axis: int = 1) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`group_norm_forward` with respect to input, weight and bias."""
+    kinds: dict[str, str] = {}
+    _check_group_input(input, kinds)
+    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
+    lay, canonical = _group_layout(input, axis, None, num_groups)
+    groups = (lay.n, lay.c // lay.k)
+    _check_vector(mean, "mean", groups, kinds, "(N, num_groups)")
+    _check_vector(rstd, "rstd", groups, kinds, "(N, num_groups)")
+    _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
+    kind, be = _resolve(kinds)
+    dx, dw, db = be.group_backward(
+        _contiguous(be, grad_output, canonical), _contiguous(be, input, canonical), lay,
+        _native(be, weight), _flat(be, mean), _flat(be, rstd))
+    return _grads_out(kind, be, dx, dw, db, (lay.c,), input, weight)
+
+
+# ------------------------------------------------------------------------------ InstanceNorm
+
+def _check_spatial(input: Any, lay: GroupLayout) -> None:
+    if lay.s <= 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size "
+                         f"{tuple(input.shape)}")
+
+
+def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any = None,
+                          weight: Any = None, bias: Any = None, use_input_stats: bool = True,
+                          momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
+                          ) -> tuple[Any, Any, Any]:
+    """Instance normalization that also returns the statistics its backward pass needs.
+
+    With ``use_input_stats`` each (sample, channel) is normalized with its own statistics and the
+    running statistics (when given) move towards their average over the batch, the variance
+    unbiased, as torch does; otherwise the running statistics normalize.
+
+    Returns
+    -------
+    y : ndarray
+    mean, rstd : ndarray
+        Shape (N, C) with input statistics, (C,) with running ones.
+    """
+    kinds: dict[str, str] = {}
+    _check_group_input(input, kinds)
+    lay, canonical = _group_layout(input, axis, 1)
+    use_input_stats = v.check_bool(use_input_stats, "use_input_stats")
+    eps = v.check_eps(eps)
+    momentum_value = v.check_momentum(momentum, allow_none=False)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both arrays or "
+                         "both None)")
+    for arg, value in (("running_mean", running_mean), ("running_var", running_var),
+                       ("weight", weight), ("bias", bias)):
+        if value is not None:
+            writable = use_input_stats and arg.startswith("running")
+            kinds[arg] = v.check_channel_vector(value, arg, lay.c, writable)
+    if not use_input_stats and running_mean is None:
+        raise ValueError("running_mean and running_var are required when use_input_stats=False")
+    if use_input_stats:
+        _check_spatial(input, lay)
+    kind, be = _resolve(kinds)
+    if not use_input_stats:
+        ax = 1 if lay.kind == "cf" else input.ndim - 1
+        y, _, save_mean, save_invstd, _ = be.normalize_eval(
+            be.asarray(input), ax, _native(be, running_mean), _native(be, running_var),
+            _native(be, weight), _native(be, bias), eps)
+        return (_caller(kind, be, y), _caller(kind, be, save_mean),
+                _caller(kind, be, save_invstd))
+    y, mean, invstd, var = be.group_forward(_contiguous(be, input, canonical), lay,
+                                            _native(be, weight), _native(be, bias), eps)
+    if running_mean is not None:
+        assert momentum_value is not None
+        batch_mean = mean.reshape(lay.n, lay.c).mean(axis=0)
+        batch_var = (var * (lay.s / (lay.s - 1))).reshape(lay.n, lay.c).mean(axis=0)
+        for target, value in ((running_mean, batch_mean), (running_var, batch_var)):
+            current = _native(be, target).astype(np.float64)
+            updated = (1 - momentum_value) * current + momentum_value * value
+            target[...] = _caller(kind, be, updated.astype(target.dtype))
+    cells = (lay.n, lay.c)
+    return (_caller(kind, be, y.reshape(input.shape)),
+            _stats_out(kind, be, mean, cells, input.dtype),
+            _stats_out(kind, be, invstd, cells, input.dtype))
+
+
+def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
+                  weight: Any = None, bias: Any = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1) -> Any:
+    """Instance normalization with the signature and semantics of
+    ``torch.nn.functional.instance_norm``; see :func:`instance_norm_forward`."""
+    return instance_norm_forward(input, running_mean, running_var, weight, bias,
+                                 use_input_stats, momentum, eps, axis=axis)[0]
+
+
+def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
+                           weight: Any = None, *, use_input_stats: bool = True,
+                           axis: int = 1) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`instance_norm_forward`: through the per-instance statistics, or (with
+    ``use_input_stats=False``) with the running statistics as constants."""
+    use_input_stats = v.check_bool(use_input_stats, "use_input_stats")
+    if not use_input_stats:
+        return _bn_backward(grad_output, input, weight, mean, rstd, False,
+                            1 if v.check_axis(axis, getattr(input, "ndim", 2)) == 1 else -1,
+                            ("mean", "rstd"))
+    kinds: dict[str, str] = {}
+    _check_group_input(input, kinds)
+    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
+    lay, canonical = _group_layout(input, axis, 1)
+    _check_vector(mean, "mean", (lay.n, lay.c), kinds, "(N, C)")
+    _check_vector(rstd, "rstd", (lay.n, lay.c), kinds, "(N, C)")
+    _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
+    kind, be = _resolve(kinds)
+    dx, dw, db = be.group_backward(
+        _contiguous(be, grad_output, canonical), _contiguous(be, input, canonical), lay,
+        _native(be, weight), _flat(be, mean), _flat(be, rstd))
+    return _grads_out(kind, be, dx, dw, db, (lay.c,), input, weight)
