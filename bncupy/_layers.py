@@ -125,6 +125,13 @@ class _BatchNorm:
     def _batches(self) -> int:
         return 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
 
+    def _check_counter(self) -> None:
+        """A training call counts one more batch: refuse before it updates anything when the
+        int64 counter is full."""
+        if self._batches() >= v.MAX_COUNT:
+            raise ValueError(f"num_batches_tracked is at its int64 maximum ({v.MAX_COUNT}) and "
+                             f"cannot count another batch; reset it with load_state_dict")
+
     def _state_kind(self) -> str:
         return dispatch.array_kind(self.running_mean if self.weight is None else self.weight) \
             or "numpy"
@@ -138,10 +145,12 @@ class _BatchNorm:
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
             v.check_count(x, self.axis % x.ndim)
+        update = self.training and self.track_running_stats
+        if update:
+            self._check_counter()
         if (self.weight is not None or self.running_mean is not None) and \
                 self._state_kind() != kind:
             self.to(kind)  # after every check: a rejected call leaves the state where it was
-        update = self.training and self.track_running_stats
         if not update:
             momentum = 0.0
         elif self.momentum is None:  # cumulative moving average

@@ -198,6 +198,8 @@ class SyncBatchNorm(_BatchNorm):
         count, mean, m2 = 0, np.zeros(c), np.zeros(c)
         try:
             kind = self._check_input(x, residual)
+            if self.track_running_stats:
+                self._check_counter()
             if self._comm.kind == "nccl" and kind != "cupy":
                 raise TypeError("a NCCL communicator needs CuPy arrays, got a numpy.ndarray input")
             if self.track_running_stats and self._state_kind() == kind:

@@ -622,6 +622,12 @@ def _alias(label: str, names: tuple[str, ...], call: Callable[[dict], Any],
     return bad
 
 
+def _full_counter(layer: Any) -> dict:
+    """Set ``layer``'s batch counter to its int64 maximum (before the snapshot)."""
+    layer.load_state_dict({**layer.state_dict(), COUNTER: np.array(2**63 - 1)})
+    return {}
+
+
 def _overlapping_pair(e: dict) -> dict:
     buf = np.arange(5, dtype=e["rm"].dtype) + 1
     return {"buf": buf, "first": buf[:3], "second": buf[2:]}
@@ -823,6 +829,12 @@ CLASSES = [
     BadClass("Moments.merge: merged count beyond int64", ValueError, explicit(
         lambda e: Bad("Moments.merge other (merged count 2**63)", lambda e: bn.Moments(
             2**63 - 1, e["m"], e["m"]).merge(bn.Moments(1, e["m"], e["m"])), ("count",)))),
+    BadClass("training call on a layer whose batch counter is full", ValueError, explicit(
+        _alias("BatchNorm2d.__call__ with num_batches_tracked = 2**63 - 1", (COUNTER,),
+               lambda e: e["layer"](e["x"]), lambda e: _full_counter(e["layer"])),
+        _alias("SyncBatchNorm.__call__ with num_batches_tracked = 2**63 - 1", (COUNTER,),
+               lambda e: e["sync"](e["x"]), lambda e: _full_counter(e["sync"])),
+    )),
     # load_state_dict's counter -------------------------------------------------------
     BadClass("num_batches_tracked beyond int64 (after valid tensors)", ValueError,
              over([Slot("BatchNorm2d.load_state_dict num_batches_tracked", COUNTER, None,
