@@ -56,6 +56,9 @@ def batch_norm_gather_stats(partials: Sequence[Moments], running_mean: Any = Non
             raise ValueError(f"partials[{i}] has {part.num_channels} channels, partials[0] has "
                              f"{partials[0].num_channels}")
     channels = partials[0].num_channels
+    total = sum(part.count for part in partials)
+    if total > v.MAX_COUNT:
+        raise ValueError(f"partials: the counts add up to {total}, beyond {v.MAX_COUNT}")
     kinds = {f"partials[{i}]": v.check_array(p.mean, f"partials[{i}].mean")
              for i, p in enumerate(partials)}
     eps = v.check_eps(eps)

@@ -826,6 +826,10 @@ CLASSES = [
                         lambda e, v: gather(e, partials=v))], {
                  "one value": lambda e, g: [bn.Moments(1, g[0].mean, g[0].m2 * 0)],
                  "no values": lambda e, g: [bn.Moments(0, g[0].mean, g[0].m2 * 0)] * 3})),
+    BadClass("batch_norm_gather_stats partials: counts add up beyond int64", ValueError,
+             over([Slot("batch_norm_gather_stats partials", "partials", "parts",
+                        lambda e, v: gather(e, partials=v))], {
+                 "3 x 2**62": lambda e, g: [bn.Moments(2**62, g[0].mean, g[0].m2)] * 3})),
     BadClass("Moments.merge: merged count beyond int64", ValueError, explicit(
         lambda e: Bad("Moments.merge other (merged count 2**63)", lambda e: bn.Moments(
             2**63 - 1, e["m"], e["m"]).merge(bn.Moments(1, e["m"], e["m"])), ("count",)))),
