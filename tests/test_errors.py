@@ -17,6 +17,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, NamedTuple
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -332,11 +333,11 @@ class BadClass(NamedTuple):
     bads: Callable[[dict], list[Bad]]  # built from a fresh env (arrays made here join the env)
 
 
-def layer_input_view(e: dict, key: str) -> np.ndarray:
+def layer_input_view(layer: Any, key: str, axis: int) -> np.ndarray:
     """A valid layer input (4-D, 3 channels, zero strides elsewhere) viewing ``layer.<key>``."""
-    vec = getattr(e["layer"], key)
+    vec = getattr(layer, key)
     shape, strides = [2, 1, 1, 1], [0, 0, 0, 0]
-    ax = e["axis"] % 4
+    ax = axis % 4
     shape[ax], strides[ax] = 3, vec.strides[0]
     return as_strided(vec, tuple(shape), tuple(strides))
 
@@ -346,18 +347,6 @@ def channel_view(a: np.ndarray, axis: int) -> np.ndarray:
     index = [0] * a.ndim
     index[axis] = slice(None)
     return a[tuple(index)]
-
-
-def with_env(name: str, value: str, call: Callable[[], Any]) -> Any:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        return call()
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def over(slots: list[Slot], values: dict[str, Callable[[dict, Any], Any]]) -> Callable:
@@ -421,8 +410,7 @@ LIKE_INPUT = [  # arrays that must have the input's shape
     Slot("batch_norm_backward_elemt grad_output", "grad_output", "dy",
          lambda e, a: backward_elemt(e, grad_output=a)),
     Slot("BatchNorm2d.__call__ residual", "residual", "z",
-         lambda e, a: e["fused"](e["x"], residual=a),
-         takes_none=True),
+         lambda e, a: e["fused"](e["x"], residual=a), takes_none=True),
     Slot("BatchNorm2d.backward grad_output", "grad_output", "dy",
          lambda e, a: e["layer"].backward(a)),
     Slot("BatchNorm2d(activation='relu').backward grad_output", "grad_output", "dy",
@@ -433,14 +421,11 @@ LIKE_INPUT = [  # arrays that must have the input's shape
 VECTORS = [  # per-channel vectors that are only read
     Slot("batch_norm_forward weight", "weight", "w", lambda e, a: fwd(e, weight=a),
          takes_none=True),
-    Slot("batch_norm_forward bias", "bias", "b", lambda e, a: fwd(e, bias=a),
-         takes_none=True),
+    Slot("batch_norm_forward bias", "bias", "b", lambda e, a: fwd(e, bias=a), takes_none=True),
     Slot("batch_norm_forward(training=False) running_mean", "running_mean", "rm",
-         lambda e, a: fwd(e, running_mean=a, training=False),
-         takes_none=True),
+         lambda e, a: fwd(e, running_mean=a, training=False), takes_none=True),
     Slot("batch_norm_forward(training=False) running_var", "running_var", "rv",
-         lambda e, a: fwd(e, running_var=a, training=False),
-         takes_none=True),
+         lambda e, a: fwd(e, running_var=a, training=False), takes_none=True),
     Slot("batch_norm_backward weight", "weight", "w", lambda e, a: bwd(e, weight=a),
          takes_none=True),
     Slot("batch_norm_backward save_mean", "save_mean", "m", lambda e, a: bwd(e, save_mean=a)),
@@ -448,24 +433,21 @@ VECTORS = [  # per-channel vectors that are only read
          lambda e, a: bwd(e, save_invstd=a)),
     Slot("batch_norm_elemt weight", "weight", "w", lambda e, a: elemt(e, weight=a),
          takes_none=True),
-    Slot("batch_norm_elemt bias", "bias", "b", lambda e, a: elemt(e, bias=a),
-         takes_none=True),
+    Slot("batch_norm_elemt bias", "bias", "b", lambda e, a: elemt(e, bias=a), takes_none=True),
     Slot("batch_norm_elemt mean", "mean", "m", lambda e, a: elemt(e, mean=a)),
     Slot("batch_norm_elemt invstd", "invstd", "s", lambda e, a: elemt(e, invstd=a)),
     Slot("batch_norm_backward_reduce mean", "mean", "m", lambda e, a: reduce(e, mean=a)),
     Slot("batch_norm_backward_reduce invstd", "invstd", "s", lambda e, a: reduce(e, invstd=a)),
     Slot("batch_norm_backward_elemt weight", "weight", "w",
-         lambda e, a: backward_elemt(e, weight=a),
-         takes_none=True),
+         lambda e, a: backward_elemt(e, weight=a), takes_none=True),
     Slot("batch_norm_backward_elemt sum_dy", "sum_dy", "sum_dy",
          lambda e, a: backward_elemt(e, sum_dy=a)),
     Slot("batch_norm_backward_elemt sum_dy_xmu", "sum_dy_xmu", "sum_dy_xmu",
          lambda e, a: backward_elemt(e, sum_dy_xmu=a)),
     Slot("Moments mean", "mean", "m", lambda e, a: moments_of(e, mean=a)),
     Slot("Moments m2", "m2", "m", lambda e, a: moments_of(e, m2=a)),
-    Slot("fold_into bias", "bias", "b", lambda e, a: bn.fold_into(e["conv_w"], a,
-                                                                  e["eval_layer"]),
-         takes_none=True),
+    Slot("fold_into bias", "bias", "b",
+         lambda e, a: bn.fold_into(e["conv_w"], a, e["eval_layer"]), takes_none=True),
     Slot("BatchNorm2d.load_state_dict weight", "weight", "w", lambda e, a: load(e, "weight", a),
          mixes=False),
     Slot("BatchNorm2d.load_state_dict running_var", "running_var", "rv",
@@ -473,17 +455,13 @@ VECTORS = [  # per-channel vectors that are only read
 ]
 WRITTEN = [  # per-channel vectors updated in place
     Slot("batch_norm_forward running_mean", "running_mean", "rm",
-         lambda e, a: fwd(e, running_mean=a),
-         takes_none=True),
+         lambda e, a: fwd(e, running_mean=a), takes_none=True),
     Slot("batch_norm_forward running_var", "running_var", "rv",
-         lambda e, a: fwd(e, running_var=a),
-         takes_none=True),
+         lambda e, a: fwd(e, running_var=a), takes_none=True),
     Slot("batch_norm_gather_stats running_mean", "running_mean", "rm",
-         lambda e, a: gather(e, running_mean=a),
-         takes_none=True),
+         lambda e, a: gather(e, running_mean=a), takes_none=True),
     Slot("batch_norm_gather_stats running_var", "running_var", "rv",
-         lambda e, a: gather(e, running_var=a),
-         takes_none=True),
+         lambda e, a: gather(e, running_var=a), takes_none=True),
 ]
 ARRAYS = DATA + LIKE_INPUT + VECTORS + WRITTEN
 REQUIRED = [s for s in ARRAYS if not s.takes_none]
@@ -609,10 +587,10 @@ def _read_only(e: dict, good: np.ndarray) -> np.ndarray:
     return out
 
 
-def _alias(label: str, names: tuple[str, ...], call: Callable[[dict], Any],
-           made: Callable[[dict], dict] = lambda e: {}) -> Callable[[dict], Bad]:
-    """A bad call on aliased arrays; the arrays ``made(e)`` makes join the env (so its snapshot
-    covers them) and are passed to ``call`` with it."""
+def _bad(label: str, names: tuple[str, ...], call: Callable[[dict], Any],
+         made: Callable[[dict], dict] = lambda e: {}) -> Callable[[dict], Bad]:
+    """One bad call written out; ``made(e)`` prepares it (arrays it returns join the env, so
+    that the snapshot covers them, and are passed to ``call`` with it)."""
 
     def bad(e: dict) -> Bad:
         extra = made(e)
@@ -620,6 +598,11 @@ def _alias(label: str, names: tuple[str, ...], call: Callable[[dict], Any],
         return Bad(label, lambda e: call({**e, **extra}), names)
 
     return bad
+
+
+def _with_threads(value: str, slot: Slot, e: dict) -> Any:
+    with mock.patch.dict(os.environ, {"BNCUPY_NUM_THREADS": value}):
+        return slot.call(e, None)
 
 
 def _full_counter(layer: Any) -> dict:
@@ -676,66 +659,64 @@ CLASSES = [
              over(WRITTEN, {"zero stride": _zero_stride, "1-byte stride": _sub_element_stride})),
     # aliasing ------------------------------------------------------------------------
     BadClass("running statistics that are one array", ValueError, explicit(
-        _alias("batch_norm_forward running_mean is running_var",
-               ("running_mean", "running_var"),
-               lambda e: fwd(e, running_mean=e["rm"], running_var=e["rm"])),
-        _alias("batch_norm running_var is running_mean (views)", ("running_mean", "running_var"),
-               lambda e: bn.batch_norm(e["x"], e["rv"][:], e["rv"], training=True,
-                                       axis=e["axis"])),
-        _alias("batch_norm_gather_stats running_mean is running_var",
-               ("running_mean", "running_var"),
-               lambda e: gather(e, running_mean=e["rv"], running_var=e["rv"])),
+        _bad("batch_norm_forward running_mean is running_var",
+             ("running_mean", "running_var"),
+             lambda e: fwd(e, running_mean=e["rm"], running_var=e["rm"])),
+        _bad("batch_norm running_mean is a view of running_var", ("running_mean", "running_var"),
+             lambda e: bn.batch_norm(e["x"], e["rv"][:], e["rv"], training=True,
+                                     axis=e["axis"])),
+        _bad("batch_norm_gather_stats running_mean is running_var",
+             ("running_mean", "running_var"),
+             lambda e: gather(e, running_mean=e["rv"], running_var=e["rv"])),
     )),
     BadClass("running statistic that is a view of the input", ValueError, explicit(
-        _alias("batch_norm_forward running_mean views input", ("running_mean", "input"),
-               lambda e: fwd(e, running_mean=channel_view(e["x"], e["axis"]))),
-        _alias("batch_norm_forward running_var views input", ("running_var", "input"),
-               lambda e: fwd(e, running_var=channel_view(e["x"], e["axis"]))),
-        _alias("BatchNorm2d.__call__ input views running_mean", ("running_mean", "input"),
-               lambda e: e["layer"](e["view"]),
-               lambda e: {"view": layer_input_view(e, "running_mean")}),
-        _alias("BatchNorm2d.__call__ input views running_var", ("running_var", "input"),
-               lambda e: e["layer"](e["view"]),
-               lambda e: {"view": layer_input_view(e, "running_var")}),
-        _alias("SyncBatchNorm.__call__ input views running_mean", ("running_mean", "input"),
-               lambda e: e["sync"](e["view"]),
-               lambda e: {"view": layer_input_view({**e, "layer": e["sync"]}, "running_mean")}),
+        _bad("batch_norm_forward running_mean views input", ("running_mean", "input"),
+             lambda e: fwd(e, running_mean=channel_view(e["x"], e["axis"]))),
+        _bad("batch_norm_forward running_var views input", ("running_var", "input"),
+             lambda e: fwd(e, running_var=channel_view(e["x"], e["axis"]))),
+        _bad("BatchNorm2d.__call__ input views running_mean", ("running_mean", "input"),
+             lambda e: e["layer"](e["view"]),
+             lambda e: {"view": layer_input_view(e["layer"], "running_mean", e["axis"])}),
+        _bad("BatchNorm2d.__call__ input views running_var", ("running_var", "input"),
+             lambda e: e["layer"](e["view"]),
+             lambda e: {"view": layer_input_view(e["layer"], "running_var", e["axis"])}),
+        _bad("SyncBatchNorm.__call__ input views running_mean", ("running_mean", "input"),
+             lambda e: e["sync"](e["view"]),
+             lambda e: {"view": layer_input_view(e["sync"], "running_mean", e["axis"])}),
     )),
     BadClass("running statistic that is weight, bias or a view of them", ValueError, explicit(
-        _alias("batch_norm_forward running_mean is weight", ("running_mean", "weight"),
-               lambda e: fwd(e, running_mean=e["w"])),
-        _alias("batch_norm_forward running_var is bias", ("running_var", "bias"),
-               lambda e: fwd(e, running_var=e["b"])),
-        _alias("batch_norm_forward running_var views weight", ("running_var", "weight"),
-               lambda e: fwd(e, running_var=e["w"][::-1])),
+        _bad("batch_norm_forward running_mean is weight", ("running_mean", "weight"),
+             lambda e: fwd(e, running_mean=e["w"])),
+        _bad("batch_norm_forward running_var is bias", ("running_var", "bias"),
+             lambda e: fwd(e, running_var=e["b"])),
+        _bad("batch_norm_forward running_var views weight", ("running_var", "weight"),
+             lambda e: fwd(e, running_var=e["w"][::-1])),
     )),
     BadClass("running statistic that is a view of the residual", ValueError, explicit(
-        _alias("batch_norm_forward running_mean views residual", ("running_mean", "residual"),
-               lambda e: fwd(e, residual=e["z"], running_mean=channel_view(e["z"], e["axis"]))),
+        _bad("batch_norm_forward running_mean views residual", ("running_mean", "residual"),
+             lambda e: fwd(e, residual=e["z"], running_mean=channel_view(e["z"], e["axis"]))),
     )),
     BadClass("running statistics that overlap partially", ValueError, explicit(
-        _alias("batch_norm_forward running_mean/var share one element",
-               ("running_mean", "running_var"),
-               lambda e: fwd(e, running_mean=e["first"], running_var=e["second"]),
-               _overlapping_pair),
-        _alias("batch_norm_gather_stats running_mean/var share one element",
-               ("running_mean", "running_var"),
-               lambda e: gather(e, running_mean=e["second"], running_var=e["first"]),
-               _overlapping_pair),
-        _alias("batch_norm_forward running_mean ends where the input begins",
-               ("running_mean", "input"),
-               lambda e: fwd(e, input=e["input"], running_mean=e["vector"]),
-               _input_after_vector),
+        _bad("batch_norm_forward running_mean/var share one element",
+             ("running_mean", "running_var"),
+             lambda e: fwd(e, running_mean=e["first"], running_var=e["second"]),
+             _overlapping_pair),
+        _bad("batch_norm_gather_stats running_mean/var share one element",
+             ("running_mean", "running_var"),
+             lambda e: gather(e, running_mean=e["second"], running_var=e["first"]),
+             _overlapping_pair),
+        _bad("batch_norm_forward running_mean ends where the input begins",
+             ("running_mean", "input"),
+             lambda e: fwd(e, input=e["input"], running_mean=e["vector"]),
+             _input_after_vector),
     )),
     BadClass("running statistic that is a partial's mean or m2", ValueError, explicit(
-        _alias("batch_norm_gather_stats running_mean is partials[0].mean",
-               ("running_mean", "partials[0].mean"),
-               lambda e: gather(e, running_mean=e["parts"][0].mean.astype(e["rm"].dtype,
-                                                                          copy=False))),
-        _alias("batch_norm_gather_stats running_var is partials[1].m2",
-               ("running_var", "partials[1].m2"),
-               lambda e: gather(e, running_var=e["parts"][1].m2.astype(e["rv"].dtype,
-                                                                       copy=False))),
+        _bad("batch_norm_gather_stats running_mean is partials[0].mean",
+             ("running_mean", "partials[0].mean"),
+             lambda e: gather(e, running_mean=e["parts"][0].mean)),
+        _bad("batch_norm_gather_stats running_var is partials[1].m2",
+             ("running_var", "partials[1].m2"),
+             lambda e: gather(e, running_var=e["parts"][1].m2)),
     )),
     # real scalars --------------------------------------------------------------------
     BadClass("eps/momentum: an int beyond float range", ValueError,
@@ -803,8 +784,7 @@ CLASSES = [
     # environment ---------------------------------------------------------------------
     BadClass("BNCUPY_NUM_THREADS not an integer >= 1", ValueError,
              lambda e: [Bad(f"{slot.label} with BNCUPY_NUM_THREADS={value!r}",
-                            lambda e, slot=slot, value=value: with_env(
-                                "BNCUPY_NUM_THREADS", value, lambda: slot.call(e, None)),
+                            lambda e, slot=slot, value=value: _with_threads(value, slot, e),
                             ("BNCUPY_NUM_THREADS",))
                         for slot in NUMPY_BACKEND_CALLS
                         for value in ("two", "0", "-3", "1.5", " ", "4 threads")]),
@@ -834,10 +814,10 @@ CLASSES = [
         lambda e: Bad("Moments.merge other (merged count 2**63)", lambda e: bn.Moments(
             2**63 - 1, e["m"], e["m"]).merge(bn.Moments(1, e["m"], e["m"])), ("count",)))),
     BadClass("training call on a layer whose batch counter is full", ValueError, explicit(
-        _alias("BatchNorm2d.__call__ with num_batches_tracked = 2**63 - 1", (COUNTER,),
-               lambda e: e["layer"](e["x"]), lambda e: _full_counter(e["layer"])),
-        _alias("SyncBatchNorm.__call__ with num_batches_tracked = 2**63 - 1", (COUNTER,),
-               lambda e: e["sync"](e["x"]), lambda e: _full_counter(e["sync"])),
+        _bad("BatchNorm2d.__call__ with num_batches_tracked = 2**63 - 1", (COUNTER,),
+             lambda e: e["layer"](e["x"]), lambda e: _full_counter(e["layer"])),
+        _bad("SyncBatchNorm.__call__ with num_batches_tracked = 2**63 - 1", (COUNTER,),
+             lambda e: e["sync"](e["x"]), lambda e: _full_counter(e["sync"])),
     )),
     # load_state_dict's counter -------------------------------------------------------
     BadClass("num_batches_tracked beyond int64 (after valid tensors)", ValueError,
