@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import sys
 import time
@@ -74,6 +75,16 @@ def info() -> int:
     return status
 
 
+# Modules of the 'demo' extra the demo cannot run without (tqdm, also in it, is optional).
+DEMO_REQUIREMENTS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+
+
+def missing_demo_requirements() -> list[str]:
+    """Distributions of the 'demo' extra whose modules cannot be imported here."""
+    return [dist for module, dist in DEMO_REQUIREMENTS.items()
+            if importlib.util.find_spec(module) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bncupy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "info":
         return info()
     if args.command == "demo":
+        missing = missing_demo_requirements()
+        if missing:
+            print(f"bncupy demo needs the 'demo' extra, which is not installed (missing: "
+                  f"{', '.join(missing)}); from the repository root: "
+                  f"python3 -m pip install \".[demo]\"", file=sys.stderr)
+            return 2
         from . import demo as demo_module
 
         out = args.out or Path(time.strftime("demo-%Y%m%d-%H%M%S"))

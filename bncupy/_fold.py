@@ -24,7 +24,8 @@ def fold_into(weight: Any, bias: Any, layer: _BatchNorm) -> tuple[Any, Any]:
     bias : ndarray of shape (O,) or None
         The layer's bias (zero when None).
     layer : BatchNorm1d, BatchNorm2d or BatchNorm3d
-        With running statistics and no fused activation; O must equal ``layer.num_features``.
+        In eval mode, with running statistics and no fused activation; O must equal
+        ``layer.num_features``.
 
     Returns
     -------
@@ -49,6 +50,9 @@ def fold_into(weight: Any, bias: Any, layer: _BatchNorm) -> tuple[Any, Any]:
     if bias is not None:
         kinds["bias"] = v.check_channel_vector(bias, "bias", layer.num_features)
     kind = v.check_same_kind(kinds)
+    if layer.training:
+        raise ValueError("layer is in training mode, where it normalizes with batch statistics: "
+                         "call layer.eval() before folding its running statistics")
     xp = dispatch.module_for(kind).xp
     to_kind = dispatch.module_for(kind).asarray
 

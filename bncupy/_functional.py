@@ -18,7 +18,10 @@ from .backends._common import compute_dtype
 
 def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
     kind = v.check_same_kind(kinds)
-    return kind, dispatch.backend_for(kind)
+    backend = dispatch.backend_for(kind)
+    if backend.name == "numpy":
+        v.check_environment()
+    return kind, backend
 
 
 def _native(backend: ModuleType, value: Any) -> Any:
@@ -59,6 +62,10 @@ def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any,
     if training:
         v.check_count(input, ax)
     kind, backend = _resolve(kinds)
+    if training:
+        v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
+                           {"input": input, "weight": weight, "bias": bias,
+                            "residual": residual})
     assert momentum is not None
     return ax, training, momentum, eps, relu, kind, backend
 
@@ -197,8 +204,8 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     ax = v.check_axis(axis, input.ndim)
     channels = input.shape[ax]
-    for arg, value in zip(saved_arg_names, (mean, invstd), strict=False):
-        v.check_channel_vector(value, arg, channels)
+    for arg, value in zip(saved_arg_names, (mean, invstd), strict=True):
+        kinds[arg] = v.check_channel_vector(value, arg, channels)
     if weight is not None:
         kinds["weight"] = v.check_channel_vector(weight, "weight", channels)
     training = v.check_bool(training, "training")
@@ -214,7 +221,8 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
 
 def relu_grad(grad_output: Any, input: Any, residual: Any, out: _Forward, axis: Any) -> Any:
     """Gradient through the ReLU of a fused forward ``out``: grad_output masked by output > 0."""
-    v.check_like_input(grad_output, "grad_output", input)
+    v.check_same_kind({"input": out.kind,
+                       "grad_output": v.check_like_input(grad_output, "grad_output", input)})
     ax = v.check_axis(axis, input.ndim)
     be = out.backend
     g = be.relu_grad(be.asarray(grad_output), be.asarray(input), ax, out.coefficients,
@@ -222,11 +230,14 @@ def relu_grad(grad_output: Any, input: Any, residual: Any, out: _Forward, axis: 
     return _caller(out.kind, be, g)
 
 
-def _check_stats_input(x: Any, axis: Any) -> tuple[int, str, ModuleType]:
-    kind = v.check_input(x, "x")
+def statistics(x: Any, axis: Any, arg: str) -> Moments:
+    """:func:`welford`, with the input's argument name for error messages."""
+    kind = v.check_input(x, arg)
     ax = v.check_axis(axis, x.ndim)
-    kind, be = _resolve({"x": kind})
-    return ax, kind, be
+    kind, be = _resolve({arg: kind})
+    count, mean, m2 = be.stats(be.asarray(x), ax)
+    sd = compute_dtype(x.dtype)
+    return Moments(count, _caller(kind, be, mean.astype(sd)), _caller(kind, be, m2.astype(sd)))
 
 
 def welford(x: Any, axis: int = 1) -> Moments:
@@ -238,10 +249,7 @@ def welford(x: Any, axis: int = 1) -> Moments:
         ``count`` (values per channel), ``mean`` and ``m2`` (sum of squared deviations), the
         arrays in the caller's kind, float32 for float16/float32 input and float64 for float64.
     """
-    ax, kind, be = _check_stats_input(x, axis)
-    count, mean, m2 = be.stats(be.asarray(x), ax)
-    sd = compute_dtype(x.dtype)
-    return Moments(count, _caller(kind, be, mean.astype(sd)), _caller(kind, be, m2.astype(sd)))
+    return statistics(x, axis, "x")
 
 
 def moments(x: Any, axis: int = 1) -> tuple[Any, Any]:

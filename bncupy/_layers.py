@@ -29,8 +29,9 @@ class _BatchNorm:
         Learn a per-channel scale ``weight`` (gamma, init 1) and shift ``bias`` (beta, init 0).
     track_running_stats : bool
         Keep running statistics and use them in eval mode; otherwise batch statistics always.
-    dtype : float dtype
-        dtype of the parameters and running statistics (inputs may be any float dtype).
+    dtype : float dtype or None
+        dtype of the parameters and running statistics (inputs may be any float dtype); None
+        means float32.
     channels_last : bool, keyword-only
         The channel axis is the last one (NHWC, (N, L, C), NDHWC) instead of axis 1.
     activation : None or "relu", keyword-only
@@ -59,10 +60,17 @@ class _BatchNorm:
         self.training = True
         xp = dispatch.module_for(dispatch.get_backend()).xp
         c = self.num_features
-        self.weight = xp.ones(c, self.dtype) if self.affine else None
-        self.bias = xp.zeros(c, self.dtype) if self.affine else None
-        self.running_mean = xp.zeros(c, self.dtype) if self.track_running_stats else None
-        self.running_var = xp.ones(c, self.dtype) if self.track_running_stats else None
+        try:
+            self.weight = xp.ones(c, self.dtype) if self.affine else None
+            self.bias = xp.zeros(c, self.dtype) if self.affine else None
+            self.running_mean = xp.zeros(c, self.dtype) if self.track_running_stats else None
+            self.running_var = xp.ones(c, self.dtype) if self.track_running_stats else None
+        except ValueError as exc:  # more bytes than an address space holds
+            raise ValueError(f"num_features={c} is too large for {self.dtype} vectors: "
+                             f"{exc}") from exc
+        except MemoryError as exc:
+            raise MemoryError(f"num_features={c}: cannot allocate the layer's vectors: "
+                              f"{exc}") from exc
         self.num_batches_tracked = (np.zeros((), np.int64) if self.track_running_stats else None)
         self.grad_weight: Any = None
         self.grad_bias: Any = None
@@ -85,20 +93,24 @@ class _BatchNorm:
 
     def to(self, kind: str) -> _BatchNorm:
         """Move parameters and statistics to ``"numpy"`` or ``"cupy"`` arrays; returns self."""
-        if kind not in ("numpy", "cupy"):
-            raise ValueError(f"kind must be 'numpy' or 'cupy', got {kind!r}")
+        v.check_choice(kind, "kind", ("numpy", "cupy"))
         if kind == "cupy":
             dispatch.backend_for("cupy")  # raises BackendUnavailableError when it cannot run
         module = dispatch.module_for(kind)
-        for name in _VECTORS + ("grad_weight", "grad_bias", "grad_residual"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, module.asarray(value))
+        moved = {name: module.asarray(getattr(self, name))
+                 for name in _VECTORS + ("grad_weight", "grad_bias", "grad_residual")
+                 if getattr(self, name) is not None}
+        for name, value in moved.items():  # only once every copy has succeeded
+            setattr(self, name, value)
         return self
 
     # ------------------------------------------------------------------ computation
-    def _check_input(self, x: Any) -> str:
+    def _check_input(self, x: Any, residual: Any = None) -> str:
+        """Check a call's input (and residual) against the layer; returns the array kind."""
         kind = v.check_input(x)
+        if residual is not None:
+            v.check_same_kind({"input": kind,
+                               "residual": v.check_like_input(residual, "residual", x)})
         if self._ndims and x.ndim not in self._ndims:
             expected = " or ".join(f"{n}-D" for n in self._ndims)
             raise ValueError(f"{type(self).__name__} expected {expected} input, got {x.ndim}-D "
@@ -113,6 +125,13 @@ class _BatchNorm:
     def _batches(self) -> int:
         return 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
 
+    def _check_counter(self) -> None:
+        """A training call counts one more batch: refuse before it updates anything when the
+        int64 counter is full."""
+        if self._batches() >= v.MAX_COUNT:
+            raise ValueError(f"num_batches_tracked is at its int64 maximum ({v.MAX_COUNT}) and "
+                             f"cannot count another batch; reset it with load_state_dict")
+
     def _state_kind(self) -> str:
         return dispatch.array_kind(self.running_mean if self.weight is None else self.weight) \
             or "numpy"
@@ -122,12 +141,16 @@ class _BatchNorm:
 
         With ``residual`` (``x``'s shape) the layer returns ``act(bn(x) + residual)``.
         """
-        kind = self._check_input(x)
+        kind = self._check_input(x, residual)
+        use_batch_stats = self.training or self.running_mean is None
+        if use_batch_stats:
+            v.check_count(x, self.axis % x.ndim)
+        update = self.training and self.track_running_stats
+        if update:
+            self._check_counter()
         if (self.weight is not None or self.running_mean is not None) and \
                 self._state_kind() != kind:
-            self.to(kind)
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
+            self.to(kind)  # after every check: a rejected call leaves the state where it was
         if not update:
             momentum = 0.0
         elif self.momentum is None:  # cumulative moving average
@@ -196,21 +219,24 @@ class _BatchNorm:
         for key in _VECTORS:
             if key in expected:
                 v.check_channel_vector(state[key], f"state[{key!r}]", self.num_features)
+        loaded: dict[str, Any] = {}
         if "num_batches_tracked" in expected:
             value = state["num_batches_tracked"]
             arg = "state['num_batches_tracked']"
             v.check_array(value, arg)
             if value.dtype.kind not in "iu":
                 raise TypeError(f"{arg} must have an integer dtype, got {value.dtype}")
-            if value.shape != () or int(value) < 0:
-                raise ValueError(f"{arg} must be a 0-d array holding a count >= 0, got shape "
+            if value.shape != ():
+                raise ValueError(f"{arg} must be a 0-d array holding a count, got shape "
                                  f"{value.shape}")
+            count = v.check_int(int(value), arg)
+            loaded["num_batches_tracked"] = np.asarray(count, np.int64)
         module = dispatch.module_for(self._state_kind())
-        for key in self._state_keys():
-            if key == "num_batches_tracked":
-                self.num_batches_tracked = np.asarray(int(state[key]), np.int64)
-            else:
-                setattr(self, key, module.asarray(state[key]).astype(self.dtype))
+        for key in _VECTORS:
+            if key in expected:
+                loaded[key] = module.asarray(state[key]).astype(self.dtype)
+        for key, value in loaded.items():  # nothing is replaced until everything is ready
+            setattr(self, key, value)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from . import _validation as v
 from .backends._common import merge
-from .backends.dispatch import array_kind
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,6 +27,29 @@ class Moments:
     mean: Any
     m2: Any
 
+    def __post_init__(self) -> None:
+        """Check the fields (a hand-built ``Moments`` included); ``count`` is stored as an int.
+
+        Raises
+        ------
+        TypeError
+            ``count`` is not an int, or ``mean``/``m2`` are not float arrays of one kind.
+        ValueError
+            ``count`` is negative or beyond int64, or ``mean``/``m2`` are not 1-D of one length.
+        """
+        object.__setattr__(self, "count", v.check_int(self.count, "count"))
+        kinds = {arg: v.check_array(value, arg) for arg, value in (("mean", self.mean),
+                                                                  ("m2", self.m2))}
+        v.check_same_kind(kinds)
+        for arg, value in (("mean", self.mean), ("m2", self.m2)):
+            v.check_float(value, arg)
+            if value.ndim != 1:
+                raise ValueError(f"{arg} must be 1-D (one value per channel), got shape "
+                                 f"{tuple(value.shape)}")
+        if self.m2.shape != self.mean.shape:
+            raise ValueError(f"m2 must have the shape of mean {tuple(self.mean.shape)}, got "
+                             f"{tuple(self.m2.shape)}")
+
     @property
     def num_channels(self) -> int:
         return int(self.mean.shape[0])
@@ -47,9 +69,12 @@ class Moments:
         if other.num_channels != self.num_channels:
             raise ValueError(f"other has {other.num_channels} channels, expected "
                              f"{self.num_channels}")
-        if array_kind(other.mean) != array_kind(self.mean):
-            raise TypeError(f"other holds {array_kind(other.mean)} arrays, expected "
-                            f"{array_kind(self.mean)} arrays")
+        mine, theirs = v.check_array(self.mean, "mean"), v.check_array(other.mean, "other.mean")
+        if mine != theirs:
+            raise TypeError(f"other holds {theirs} arrays, expected {mine} arrays")
+        if self.count + other.count > v.MAX_COUNT:
+            raise ValueError(f"other.count: the merged count {self.count + other.count} would "
+                             f"exceed {v.MAX_COUNT}")
         dtype = self.mean.dtype if self.mean.dtype.itemsize >= other.mean.dtype.itemsize \
             else other.mean.dtype
         count, mean, m2 = merge((self.count, self.mean.astype(dtype), self.m2.astype(dtype)),
@@ -58,9 +83,8 @@ class Moments:
 
     def var(self, ddof: int = 0) -> Any:
         """Per-channel variance ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral) or ddof < 0:
-            raise ValueError(f"ddof must be a non-negative int, got {ddof!r}")
-        denom = self.count - int(ddof)
+        ddof = v.check_int(ddof, "ddof")
+        denom = self.count - ddof
         if denom <= 0:
             return self.m2 * float("nan")
         return self.m2 / denom

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _validation as v
 from ._comm import wrap
-from ._functional import _caller, _native, _resolve, welford
+from ._functional import _caller, _native, _resolve, statistics
 from ._layers import _BatchNorm
 from ._moments import Moments
 from .backends import dispatch
@@ -25,7 +25,7 @@ from .backends._common import backward_coefficients, merge
 
 def batch_norm_stats(input: Any, *, axis: int = 1) -> Moments:
     """This process's per-channel Welford partials (count, mean, m2); see :func:`welford`."""
-    return welford(input, axis)
+    return statistics(input, axis, "input")
 
 
 def _merge_partials(partials: Sequence[Moments]) -> tuple[int, Any, Any]:
@@ -56,6 +56,9 @@ def batch_norm_gather_stats(partials: Sequence[Moments], running_mean: Any = Non
             raise ValueError(f"partials[{i}] has {part.num_channels} channels, partials[0] has "
                              f"{partials[0].num_channels}")
     channels = partials[0].num_channels
+    total = sum(part.count for part in partials)
+    if total > v.MAX_COUNT:
+        raise ValueError(f"partials: the counts add up to {total}, beyond {v.MAX_COUNT}")
     kinds = {f"partials[{i}]": v.check_array(p.mean, f"partials[{i}].mean")
              for i, p in enumerate(partials)}
     eps = v.check_eps(eps)
@@ -66,6 +69,9 @@ def batch_norm_gather_stats(partials: Sequence[Moments], running_mean: Any = Non
         if value is not None:
             kinds[arg] = v.check_channel_vector(value, arg, channels, writable=True)
     kind = v.check_same_kind(kinds)
+    v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
+                       {f"partials[{i}].{field}": getattr(p, field)
+                        for i, p in enumerate(partials) for field in ("mean", "m2")})
     count, mean, m2 = _merge_partials(partials)
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count} "
@@ -127,11 +133,14 @@ def batch_norm_backward_elemt(grad_output: Any, input: Any, mean: Any, invstd: A
     ax, kind, be = _check_elemt(input, mean, invstd, weight, axis, extra)
     v.check_same_kind({"input": kind, "grad_output": v.check_like_input(
         grad_output, "grad_output", input)})
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-        raise TypeError(f"count must be a non-negative int, got {count!r}")
+    local = input.size // input.shape[ax] if input.shape[ax] else 0
+    count = v.check_int(count, "count")
+    if count < local:
+        raise ValueError(f"count is the global number of values per channel and cannot be "
+                         f"below this process's {local}, got {count}")
     center, a, b, c, _, _ = backward_coefficients(
         _native(be, mean), _native(be, invstd), _native(be, weight), _native(be, sum_dy),
-        _native(be, sum_dy_xmu), int(count), True, input.dtype)
+        _native(be, sum_dy_xmu), count, True, input.dtype)
     dx = be.backward_apply(be.asarray(grad_output), be.asarray(input), ax, center, a, b, c)
     return _caller(kind, be, dx)
 
@@ -183,20 +192,24 @@ class SyncBatchNorm(_BatchNorm):
 
     def __call__(self, x: Any, residual: Any = None) -> Any:
         if self._comm is None or not self._synchronised():
-            self._sync_saved = None
-            return super().__call__(x, residual)
+            y = super().__call__(x, residual)
+            self._sync_saved = None  # only now: a rejected call keeps the last forward's state
+            return y
         c = self.num_features
         error: BaseException | None = None
         kind = dispatch.array_kind(x) or "numpy"
         count, mean, m2 = 0, np.zeros(c), np.zeros(c)
         try:
-            kind = self._check_input(x)
-            if residual is not None:
-                v.check_same_kind({"input": kind,
-                                   "residual": v.check_like_input(residual, "residual", x)})
+            kind = self._check_input(x, residual)
+            if self.track_running_stats:
+                self._check_counter()
             if self._comm.kind == "nccl" and kind != "cupy":
                 raise TypeError("a NCCL communicator needs CuPy arrays, got a numpy.ndarray input")
-            part = welford(x, self.axis)
+            if self.track_running_stats and self._state_kind() == kind:
+                v.check_no_overlap({"running_mean": self.running_mean,
+                                    "running_var": self.running_var},
+                                   {"input": x, "residual": residual})
+            part = statistics(x, self.axis, "input")
             count, mean, m2 = part.count, part.mean, part.m2
         except (TypeError, ValueError) as exc:
             error = exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 from .backends.dispatch import array_kind
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+MAX_COUNT = int(np.iinfo(np.int64).max)  # counts of values are int64 wherever they are stored
 
 
 def _describe(value: Any) -> str:
@@ -28,20 +30,31 @@ def check_array(value: Any, arg: str) -> str:
     kind = array_kind(value)
     if kind is None:
         raise TypeError(f"{arg} must be a numpy.ndarray or cupy.ndarray, got {_describe(value)}")
+    if isinstance(value, np.ma.MaskedArray):  # the mask would be silently ignored
+        raise TypeError(f"{arg} must be a plain ndarray, got a numpy.ma.MaskedArray (its mask "
+                        f"cannot be honoured; pass {arg}.filled(...) or numpy.asarray({arg}))")
     return kind
 
 
 def check_float(value: Any, arg: str) -> None:
     if value.dtype not in FLOAT_DTYPES:
+        order = " in non-native byte order" if value.dtype.kind == "f" and \
+            not value.dtype.isnative else ""
         raise TypeError(f"{arg} must have a floating dtype (float16, float32 or float64), "
-                        f"got {value.dtype}")
+                        f"got {value.dtype}{order}")
 
 
 def check_dtype(dtype: Any, arg: str = "dtype") -> np.dtype:
+    """A float16/32/64 dtype from anything ``numpy.dtype`` accepts; None means float32."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    if array_kind(dtype) is not None:  # numpy.dtype would read an array as its dtype
+        raise TypeError(f"{arg} must be a dtype (e.g. numpy.float32 or 'float32'), got an array")
     try:
         resolved = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"{arg} must be a NumPy floating dtype, got {dtype!r}") from exc
+    except Exception as exc:  # noqa: BLE001 - numpy raises Type/Value/Syntax/Overflow errors here
+        raise TypeError(f"{arg} must be a NumPy floating dtype, got {dtype!r} "
+                        f"({type(exc).__name__}: {exc})") from exc
     if resolved not in FLOAT_DTYPES:
         raise TypeError(f"{arg} must be float16, float32 or float64, got {resolved}")
     return resolved
@@ -74,45 +87,122 @@ def check_bool(value: Any, arg: str) -> bool:
     return bool(value)
 
 
+def _short(value: Any) -> str:
+    """``repr`` of a scalar argument, shortened (a 400-digit int is not worth printing)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _real(value: Any, arg: str, expected: str) -> float:
+    """``float(value)`` for a real number (not a bool); ``ValueError`` when out of float range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{arg} must be {expected}, got {_describe(value)}")
+    try:
+        return float(value)
+    except OverflowError as exc:
+        raise ValueError(f"{arg} must be {expected}, got {_short(value)} (beyond float "
+                         f"range)") from exc
+
+
 def check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {_describe(eps)}")
-    value = float(eps)
+    value = _real(eps, "eps", "a real number")
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"eps must be finite and > 0, got {eps}")
+        raise ValueError(f"eps must be finite and > 0, got {_short(eps)}")
     return value
 
 
 def check_momentum(momentum: Any, allow_none: bool) -> float | None:
     if momentum is None and allow_none:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        expected = "a real number in [0, 1] or None" if allow_none else "a real number in [0, 1]"
-        raise TypeError(f"momentum must be {expected}, got {_describe(momentum)}")
-    value = float(momentum)
+    expected = "a real number in [0, 1] or None" if allow_none else "a real number in [0, 1]"
+    value = _real(momentum, "momentum", expected)
     if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        raise ValueError(f"momentum must be in [0, 1], got {_short(momentum)}")
     return value
 
 
+def check_int(value: Any, arg: str, minimum: int = 0, maximum: int = MAX_COUNT) -> int:
+    """An integer (not a bool) in ``[minimum, maximum]``; a count unless told otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{arg} must be an int, got {_describe(value)}")
+    if not minimum <= int(value) <= maximum:
+        raise ValueError(f"{arg} must be an int in [{minimum}, {maximum}], got {_short(value)}")
+    return int(value)
+
+
 def check_num_features(num_features: Any) -> int:
-    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
-        raise TypeError(f"num_features must be an int, got {_describe(num_features)}")
-    if int(num_features) < 1:
-        raise ValueError(f"num_features must be >= 1, got {num_features}")
-    return int(num_features)
+    return check_int(num_features, "num_features", minimum=1)
 
 
 def check_channel_vector(value: Any, arg: str, channels: int, writable: bool = False) -> str:
-    """Check a per-channel vector (weight, bias, running or saved statistics)."""
+    """Check a per-channel vector (weight, bias, running or saved statistics).
+
+    ``writable`` vectors are updated in place: they must be writeable and their elements must
+    not overlap one another (a zero-stride broadcast view, say); see :func:`check_no_overlap`.
+    """
     kind = check_array(value, arg)
     check_float(value, arg)
     if value.shape != (channels,):
         raise ValueError(f"{arg} must have shape ({channels},) to match the {channels} channels "
                          f"of input, got shape {value.shape}")
-    if writable and kind == "numpy" and not value.flags.writeable:
-        raise ValueError(f"{arg} is updated in place and must be writeable")
+    if writable:
+        if kind == "numpy" and not value.flags.writeable:
+            raise ValueError(f"{arg} is updated in place and must be writeable")
+        if channels > 1 and abs(value.strides[0]) < value.itemsize:
+            raise ValueError(f"{arg} is updated in place, but its elements overlap one another "
+                             f"(stride {value.strides[0]} bytes for {value.itemsize}-byte "
+                             f"elements, e.g. a broadcast view): pass an array with its own "
+                             f"memory per element")
     return kind
+
+
+def _addresses(a: Any) -> np.ndarray:
+    """A NumPy array with ``a``'s memory layout (address, shape, strides), for overlap arithmetic
+    only: for a CuPy array it points at device memory and is never read."""
+    if isinstance(a, np.ndarray):
+        return a
+    interface = a.__cuda_array_interface__
+
+    class Layout:
+        __array_interface__ = {"data": interface["data"], "shape": interface["shape"],
+                               "strides": interface.get("strides"),
+                               "typestr": interface["typestr"], "version": 3}
+
+    return np.asarray(Layout())
+
+
+_TOO_HARD = getattr(np, "exceptions", np).TooHardError
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two arrays of one kind share any byte of memory (exact; conservative when the
+    exact problem is too large to solve)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    a, b = _addresses(a), _addresses(b)
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=100_000))
+    except _TOO_HARD:
+        return True
+
+
+def check_no_overlap(written: Mapping[str, Any], read: Mapping[str, Any]) -> None:
+    """Arrays updated in place must not share memory with each other or with any argument.
+
+    Call after :func:`check_same_kind`; None values are skipped. Raises ``ValueError`` naming
+    every overlapping pair before anything is written.
+    """
+    written = {arg: a for arg, a in written.items() if a is not None}
+    others = {**written, **{arg: a for arg, a in read.items() if a is not None}}
+    names = list(others)
+    pairs = [(first, second) for i, first in enumerate(names) for second in names[i + 1:]
+             if first in written and _overlap(others[first], others[second])]
+    if pairs:
+        listing = "; ".join(f"{first} and {second}" for first, second in pairs)
+        raise ValueError(f"arrays updated in place must not share memory with another "
+                         f"argument: {listing} overlap (pass separate arrays, e.g. .copy())")
 
 
 def check_same_kind(kinds: Mapping[str, str]) -> str:
@@ -137,11 +227,36 @@ def check_count(x: Any, axis: int) -> int:
 ACTIVATIONS = (None, "relu")
 
 
+def check_choice(value: Any, arg: str, choices: tuple[str | None, ...]) -> Any:
+    """One of ``choices`` (strings, and None where listed): ``TypeError`` for anything that is
+    not a str (arrays included), ``ValueError`` for an unknown name."""
+    if not (isinstance(value, str) or (value is None and None in choices)):
+        raise TypeError(f"{arg} must be one of {choices}, got {_describe(value)}")
+    if value not in choices:
+        raise ValueError(f"{arg} must be one of {choices}, got {_short(value)}")
+    return value
+
+
 def check_activation(activation: Any) -> bool:
     """True for ``"relu"``, False for None; anything else is an error."""
-    if activation not in ACTIVATIONS or not (activation is None or isinstance(activation, str)):
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    return activation == "relu"
+    return check_choice(activation, "activation", ACTIVATIONS) == "relu"
+
+
+THREADS_VARIABLE = "BNCUPY_NUM_THREADS"
+
+
+def check_environment() -> None:
+    """The NumPy backend's environment: ``BNCUPY_NUM_THREADS`` unset, empty or an int >= 1."""
+    value = os.environ.get(THREADS_VARIABLE)
+    if not value:
+        return
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"environment variable {THREADS_VARIABLE} must be an integer >= 1 "
+                         f"(the NumPy backend's thread count), got {_short(value)}")
 
 
 def check_like_input(value: Any, arg: str, x: Any) -> str:

@@ -44,3 +44,11 @@ def test_bench_without_gpu_says_so(capsys, tmp_path, cuda_runtime):
     assert _cli.main(["bench", "--out", str(tmp_path)]) == 2
     assert "needs a GPU" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_demo_without_its_extra_names_what_to_install(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # find_spec() now reports it missing
+    assert _cli.main(["demo", "--quick", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'demo' extra" in err and "scikit-learn" in err and '".[demo]"' in err
+    assert not (tmp_path / "out").exists()

@@ -145,3 +145,8 @@ def test_layer_with_numpy_backend_forced():
         assert isinstance(layer.weight, np.ndarray)
         layer(_x((5, 4)))
     assert layer.to("numpy") is layer
+
+
+def test_dtype_none_means_float32():
+    layer = bn.BatchNorm2d(3, dtype=None)
+    assert layer.dtype == np.float32 and layer.weight.dtype == np.float32
