@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GPU_REASON
+from tests.conftest import REAL_GPU_REASON
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -33,8 +33,8 @@ def _mpi4py_missing() -> str | None:
 
 def _needs(code: str) -> str | None:
     """Why ``code`` cannot run here, or None."""
-    if re.search(r"^import cupy|^from cupy", code, re.M) and GPU_REASON is not None:
-        return f"needs CuPy and a GPU: {GPU_REASON}"
+    if re.search(r"^import cupy|^from cupy", code, re.M) and REAL_GPU_REASON is not None:
+        return f"needs CuPy and a GPU: {REAL_GPU_REASON}"
     if "mpi4py" in code:
         return _mpi4py_missing()
     return None

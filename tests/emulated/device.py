@@ -162,6 +162,15 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
     data = property(lambda self: _Pointer(self._host.ctypes.data))
     T = property(lambda self: ndarray(self._host.T, self._alloc))
 
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        """As CuPy's (version 3): the "device" pointer, shape and strides (None when
+        C-contiguous); here the pointer is host memory."""
+        host = self._host
+        return {"shape": host.shape, "typestr": host.dtype.str, "version": 3,
+                "data": (host.ctypes.data, False),
+                "strides": None if host.flags.c_contiguous else host.strides}
+
     def astype(self, dtype: Any, order: str = "K", copy: bool = True, **kw: Any) -> ndarray:
         if not copy and np.dtype(dtype) == self.dtype:
             return self
