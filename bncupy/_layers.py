@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from . import _validation as v
 from ._functional import _Forward, backward, forward, relu_grad
-from .backends import dispatch
-
-_VECTORS = ("weight", "bias", "running_mean", "running_var")
+from ._module import _Module
 
 
-class _BatchNorm:
+class _BatchNorm(_Module):
     """Shared implementation of :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`.
 
     Parameters
@@ -58,20 +55,13 @@ class _BatchNorm:
         v.check_activation(activation)
         self.activation = activation
         self.training = True
-        xp = dispatch.module_for(dispatch.get_backend()).xp
-        c = self.num_features
+        self.weight = self.bias = self.running_mean = self.running_var = None
+        self.num_batches_tracked: Any = None
         try:
-            self.weight = xp.ones(c, self.dtype) if self.affine else None
-            self.bias = xp.zeros(c, self.dtype) if self.affine else None
-            self.running_mean = xp.zeros(c, self.dtype) if self.track_running_stats else None
-            self.running_var = xp.ones(c, self.dtype) if self.track_running_stats else None
-        except ValueError as exc:  # more bytes than an address space holds
-            raise ValueError(f"num_features={c} is too large for {self.dtype} vectors: "
-                             f"{exc}") from exc
-        except MemoryError as exc:
-            raise MemoryError(f"num_features={c}: cannot allocate the layer's vectors: "
-                              f"{exc}") from exc
-        self.num_batches_tracked = (np.zeros((), np.int64) if self.track_running_stats else None)
+            self._allocate({"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0,
+                            "num_batches_tracked": 0})
+        except (ValueError, MemoryError) as exc:
+            raise type(exc)(f"num_features={self.num_features}: {exc}") from exc
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self.grad_residual: Any = None
@@ -81,28 +71,6 @@ class _BatchNorm:
     @property
     def axis(self) -> int:
         return -1 if self.channels_last else 1
-
-    def train(self, mode: bool = True) -> _BatchNorm:
-        """Set training mode (batch statistics) or, with ``mode=False``, eval mode."""
-        self.training = v.check_bool(mode, "mode")
-        return self
-
-    def eval(self) -> _BatchNorm:
-        """Set eval mode: normalize with the running statistics."""
-        return self.train(False)
-
-    def to(self, kind: str) -> _BatchNorm:
-        """Move parameters and statistics to ``"numpy"`` or ``"cupy"`` arrays; returns self."""
-        v.check_choice(kind, "kind", ("numpy", "cupy"))
-        if kind == "cupy":
-            dispatch.backend_for("cupy")  # raises BackendUnavailableError when it cannot run
-        module = dispatch.module_for(kind)
-        moved = {name: module.asarray(getattr(self, name))
-                 for name in _VECTORS + ("grad_weight", "grad_bias", "grad_residual")
-                 if getattr(self, name) is not None}
-        for name, value in moved.items():  # only once every copy has succeeded
-            setattr(self, name, value)
-        return self
 
     # ------------------------------------------------------------------ computation
     def _check_input(self, x: Any, residual: Any = None) -> str:
@@ -132,10 +100,6 @@ class _BatchNorm:
             raise ValueError(f"num_batches_tracked is at its int64 maximum ({v.MAX_COUNT}) and "
                              f"cannot count another batch; reset it with load_state_dict")
 
-    def _state_kind(self) -> str:
-        return dispatch.array_kind(self.running_mean if self.weight is None else self.weight) \
-            or "numpy"
-
     def __call__(self, x: Any, residual: Any = None) -> Any:
         """Normalize ``x`` (training: batch statistics and running-stat update; eval: running).
 
@@ -148,9 +112,7 @@ class _BatchNorm:
         update = self.training and self.track_running_stats
         if update:
             self._check_counter()
-        if (self.weight is not None or self.running_mean is not None) and \
-                self._state_kind() != kind:
-            self.to(kind)  # after every check: a rejected call leaves the state where it was
+        self._follow(kind)  # after every check: a rejected call leaves the state where it was
         if not update:
             momentum = 0.0
         elif self.momentum is None:  # cumulative moving average
@@ -188,55 +150,14 @@ class _BatchNorm:
         return grad_input
 
     # ------------------------------------------------------------------ state
-    def _state_keys(self) -> tuple[str, ...]:
-        keys: tuple[str, ...] = ("weight", "bias") if self.affine else ()
+    _GRADS = ("grad_weight", "grad_bias", "grad_residual")
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = (self.num_features,)
+        shapes: dict[str, tuple[int, ...]] = {"weight": c, "bias": c} if self.affine else {}
         if self.track_running_stats:
-            keys += ("running_mean", "running_var", "num_batches_tracked")
-        return keys
-
-    def state_dict(self) -> dict[str, Any]:
-        """Copies of the state under torch's keys: weight, bias, running_mean, running_var,
-        num_batches_tracked (the ones this layer has)."""
-        return {key: getattr(self, key).copy() for key in self._state_keys()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict` (NumPy or CuPy arrays, any float dtype); all or nothing.
-
-        Raises
-        ------
-        TypeError
-            ``state`` is not a mapping, or a value is not an array of a suitable dtype.
-        ValueError
-            Missing or unexpected keys, or a wrong shape.
-        """
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        expected = set(self._state_keys())
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise ValueError(f"state keys do not match {type(self).__name__}: missing "
-                             f"{sorted(missing)}, unexpected {sorted(map(str, unexpected))}")
-        for key in _VECTORS:
-            if key in expected:
-                v.check_channel_vector(state[key], f"state[{key!r}]", self.num_features)
-        loaded: dict[str, Any] = {}
-        if "num_batches_tracked" in expected:
-            value = state["num_batches_tracked"]
-            arg = "state['num_batches_tracked']"
-            v.check_array(value, arg)
-            if value.dtype.kind not in "iu":
-                raise TypeError(f"{arg} must have an integer dtype, got {value.dtype}")
-            if value.shape != ():
-                raise ValueError(f"{arg} must be a 0-d array holding a count, got shape "
-                                 f"{value.shape}")
-            count = v.check_int(int(value), arg)
-            loaded["num_batches_tracked"] = np.asarray(count, np.int64)
-        module = dispatch.module_for(self._state_kind())
-        for key in _VECTORS:
-            if key in expected:
-                loaded[key] = module.asarray(state[key]).astype(self.dtype)
-        for key, value in loaded.items():  # nothing is replaced until everything is ready
-            setattr(self, key, value)
+            shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
+        return shapes
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "

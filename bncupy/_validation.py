@@ -172,6 +172,7 @@ def _addresses(a: Any) -> np.ndarray:
 
 
 _TOO_HARD = getattr(np, "exceptions", np).TooHardError
+_MAX_WORK: Any = 100_000  # bounded exact overlap search (NumPy's stubs only admit -1 and 0)
 
 
 def _overlap(a: Any, b: Any) -> bool:
@@ -183,7 +184,7 @@ def _overlap(a: Any, b: Any) -> bool:
     if not np.may_share_memory(a, b):
         return False
     try:
-        return bool(np.shares_memory(a, b, max_work=100_000))
+        return bool(np.shares_memory(a, b, max_work=_MAX_WORK))
     except _TOO_HARD:
         return True
 

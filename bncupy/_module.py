@@ -1,0 +1,127 @@
+"""What every layer shares: training/eval mode, placement on an array kind, and torch-style state
+dicts (all or nothing). A layer lists its state's keys and shapes in :meth:`_Module._state_shapes`
+and creates it with :meth:`_Module._allocate`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import _validation as v
+from .backends import dispatch
+
+COUNTER = "num_batches_tracked"
+
+
+class _Module:
+    """Base of the layers. ``grad_*`` attributes move with the state in :meth:`to`."""
+
+    training: bool
+    dtype: np.dtype
+    _GRADS: tuple[str, ...] = ("grad_weight", "grad_bias")
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every state key this layer has (torch's order) and its shape; the counter is 0-d."""
+        raise NotImplementedError
+
+    def _allocate(self, fills: Mapping[str, float]) -> None:
+        """Create the array state ``{key: fill value}`` in the array kind of the backend in force
+        (the counter is a 0-d int64 NumPy array, as torch keeps it on any device)."""
+        xp = dispatch.module_for(dispatch.get_backend()).xp
+        shapes = self._state_shapes()
+        for key, fill in fills.items():
+            if key not in shapes:
+                continue
+            if key == COUNTER:
+                setattr(self, key, np.zeros((), np.int64))
+                continue
+            try:
+                setattr(self, key, xp.full(shapes[key], fill, self.dtype))
+            except ValueError as exc:  # more bytes than an address space holds
+                raise ValueError(f"shape {shapes[key]} is too large for {self.dtype} vectors: "
+                                 f"{exc}") from exc
+            except MemoryError as exc:
+                raise MemoryError(f"cannot allocate the layer's {key} of shape "
+                                  f"{shapes[key]}: {exc}") from exc
+
+    # ------------------------------------------------------------------ mode and placement
+    def train(self, mode: bool = True) -> Any:
+        """Set training mode or, with ``mode=False``, eval mode; returns self."""
+        self.training = v.check_bool(mode, "mode")
+        return self
+
+    def eval(self) -> Any:
+        """Set eval mode; returns self."""
+        return self.train(False)
+
+    def _arrays(self) -> list[str]:
+        keys = [k for k in self._state_shapes() if k != COUNTER]
+        return [k for k in (*keys, *self._GRADS) if getattr(self, k, None) is not None]
+
+    def _state_kind(self) -> str:
+        arrays = self._arrays()
+        kind = dispatch.array_kind(getattr(self, arrays[0])) if arrays else None
+        return kind or "numpy"
+
+    def to(self, kind: str) -> Any:
+        """Move parameters, statistics and gradients to ``"numpy"`` or ``"cupy"`` arrays;
+        returns self."""
+        v.check_choice(kind, "kind", ("numpy", "cupy"))
+        if kind == "cupy":
+            dispatch.backend_for("cupy")  # raises BackendUnavailableError when it cannot run
+        module = dispatch.module_for(kind)
+        moved = {name: module.asarray(getattr(self, name)) for name in self._arrays()}
+        for name, value in moved.items():  # only once every copy has succeeded
+            setattr(self, name, value)
+        return self
+
+    def _follow(self, kind: str) -> None:
+        """Move the state to the array kind of a call's input (after every check of the call)."""
+        if self._arrays() and self._state_kind() != kind:
+            self.to(kind)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the state under torch's keys."""
+        return {key: getattr(self, key).copy() for key in self._state_shapes()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (NumPy or CuPy arrays, any float dtype); all or nothing.
+
+        Raises
+        ------
+        TypeError
+            ``state`` is not a mapping, or a value is not an array of a suitable dtype.
+        ValueError
+            Missing or unexpected keys, or a wrong shape.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        shapes = self._state_shapes()
+        missing, unexpected = set(shapes) - set(state), set(state) - set(shapes)
+        if missing or unexpected:
+            raise ValueError(f"state keys do not match {type(self).__name__}: missing "
+                             f"{sorted(missing)}, unexpected {sorted(map(str, unexpected))}")
+        loaded: dict[str, Any] = {}
+        for key, shape in shapes.items():
+            value, arg = state[key], f"state[{key!r}]"
+            v.check_array(value, arg)
+            if key == COUNTER:
+                if value.dtype.kind not in "iu":
+                    raise TypeError(f"{arg} must have an integer dtype, got {value.dtype}")
+                if value.shape != ():
+                    raise ValueError(f"{arg} must be a 0-d array holding a count, got shape "
+                                     f"{value.shape}")
+                loaded[key] = np.asarray(v.check_int(int(value), arg), np.int64)
+                continue
+            v.check_float(value, arg)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{arg} must have shape {shape}, got shape {tuple(value.shape)}")
+        module = dispatch.module_for(self._state_kind())
+        for key in shapes:
+            if key != COUNTER:
+                loaded[key] = module.asarray(state[key]).astype(self.dtype)
+        for key, value in loaded.items():  # nothing is replaced until everything is ready
+            setattr(self, key, value)
