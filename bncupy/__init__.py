@@ -5,6 +5,18 @@ from ._fold import fold_into
 from ._functional import batch_norm, batch_norm_backward, batch_norm_forward, moments, welford
 from ._layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ._moments import Moments
+from ._norm_layers import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
+from ._norms import (
+    group_norm,
+    group_norm_backward,
+    group_norm_forward,
+    instance_norm,
+    instance_norm_backward,
+    instance_norm_forward,
+    layer_norm,
+    layer_norm_backward,
+    layer_norm_forward,
+)
 from ._sync import (
     SyncBatchNorm,
     batch_norm_backward_elemt,
@@ -22,6 +34,11 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
     "Moments",
     "SyncBatchNorm",
     "batch_norm",
@@ -34,6 +51,15 @@ __all__ = [
     "batch_norm_stats",
     "fold_into",
     "get_backend",
+    "group_norm",
+    "group_norm_backward",
+    "group_norm_forward",
+    "instance_norm",
+    "instance_norm_backward",
+    "instance_norm_forward",
+    "layer_norm",
+    "layer_norm_backward",
+    "layer_norm_forward",
     "moments",
     "set_backend",
     "use_backend",

@@ -9,15 +9,42 @@ from __future__ import annotations
 
 import numbers
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _validation as v
 from ._functional import _caller, _native, _resolve
 from ._functional import backward as _bn_backward
+from ._functional import forward as _bn_forward
 from .backends._common import compute_dtype
 from .backends._groups import GroupLayout
+
+
+class GroupForward(NamedTuple):
+    """A forward pass over groups: output (caller's kind) and the backend-native statistics
+    (float64 on NumPy), kept by the layers for their backward pass."""
+
+    y: Any
+    mean: Any
+    invstd: Any
+    var: Any
+    kind: str
+    backend: ModuleType
+    layout: GroupLayout
+    shape: tuple[int, ...]  # the layout's canonical shape of the input
+
+
+def group_backward(grad_output: Any, input: Any, out: GroupForward, weight: Any,
+                   ) -> tuple[Any, Any, Any]:
+    """Backend-native ``dx`` (input's shape), ``dweight``, ``dbias`` of a :class:`GroupForward`."""
+    v.check_same_kind({"input": out.kind,
+                       "grad_output": v.check_like_input(grad_output, "grad_output", input)})
+    be = out.backend
+    dx, dw, db = be.group_backward(
+        _contiguous(be, grad_output, out.shape), _contiguous(be, input, out.shape), out.layout,
+        _flat(be, weight), out.mean, out.invstd)
+    return dx.reshape(input.shape), dw, db
 
 
 def _check_array(value: Any, arg: str, kinds: dict[str, str]) -> None:
@@ -104,6 +131,15 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
         Per-row mean and ``1/sqrt(var + eps)`` (float32 for float16/float32 input, float64 for
         float64), as torch's ``native_layer_norm``.
     """
+    out = forward_layer_norm(input, normalized_shape, weight, bias, eps)
+    batch = tuple(input.shape[:input.ndim - len(check_normalized_shape(normalized_shape))])
+    return (out.y, _stats_out(out.kind, out.backend, out.mean, batch, input.dtype),
+            _stats_out(out.kind, out.backend, out.invstd, batch, input.dtype))
+
+
+def forward_layer_norm(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any,
+                       ) -> GroupForward:
+    """Validated layer normalization on the resolved backend."""
     kinds: dict[str, str] = {}
     _check_array(input, "input", kinds)
     shape = check_normalized_shape(normalized_shape, input)
@@ -112,12 +148,16 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
     eps = v.check_eps(eps)
     kind, be = _resolve(kinds)
     lay = _layer_norm_layout(input, shape)
-    y, mean, invstd, _ = be.group_forward(
-        _contiguous(be, input, (lay.n, lay.c)), lay, _flat(be, weight), _flat(be, bias), eps)
-    batch = tuple(input.shape[:input.ndim - len(shape)])
-    return (_caller(kind, be, y.reshape(input.shape)),
-            _stats_out(kind, be, mean, batch, input.dtype),
-            _stats_out(kind, be, invstd, batch, input.dtype))
+    return _run_forward(be, kind, input, lay, (lay.n, lay.c), _flat(be, weight),
+                        _flat(be, bias), eps)
+
+
+def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
+                 shape: tuple[int, ...], weight: Any, bias: Any, eps: float) -> GroupForward:
+    y, mean, invstd, var = be.group_forward(_contiguous(be, input, shape), lay, weight, bias,
+                                            eps)
+    return GroupForward(_caller(kind, be, y.reshape(input.shape)), mean, invstd, var, kind, be,
+                        lay, shape)
 
 
 def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
@@ -206,6 +246,15 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
     mean, rstd : ndarray, shape (N, num_groups)
         As torch's ``native_group_norm``.
     """
+    out = forward_group_norm(input, num_groups, weight, bias, eps, axis)
+    groups = (out.layout.n, out.layout.c // out.layout.k)
+    return (out.y, _stats_out(out.kind, out.backend, out.mean, groups, input.dtype),
+            _stats_out(out.kind, out.backend, out.invstd, groups, input.dtype))
+
+
+def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps: Any,
+                       axis: Any) -> GroupForward:
+    """Validated group normalization on the resolved backend."""
     kinds: dict[str, str] = {}
     _check_group_input(input, kinds)
     lay, canonical = _group_layout(input, axis, None, num_groups)
@@ -213,12 +262,8 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
     _check_vector(bias, "bias", (lay.c,), kinds, "one per channel")
     eps = v.check_eps(eps)
     kind, be = _resolve(kinds)
-    y, mean, invstd, _ = be.group_forward(_contiguous(be, input, canonical), lay,
-                                          _native(be, weight), _native(be, bias), eps)
-    groups = (lay.n, lay.c // lay.k)
-    return (_caller(kind, be, y.reshape(input.shape)),
-            _stats_out(kind, be, mean, groups, input.dtype),
-            _stats_out(kind, be, invstd, groups, input.dtype))
+    return _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
+                        eps)
 
 
 def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
@@ -248,6 +293,11 @@ def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any
 
 # ------------------------------------------------------------------------------ InstanceNorm
 
+def check_spatial(input: Any, axis: Any) -> None:
+    """torch's error for instance statistics of a single value."""
+    _check_spatial(input, _group_layout(input, axis, 1)[0])
+
+
 def _check_spatial(input: Any, lay: GroupLayout) -> None:
     if lay.s <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size "
@@ -270,10 +320,30 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
     mean, rstd : ndarray
         Shape (N, C) with input statistics, (C,) with running ones.
     """
+    out = forward_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                                momentum, eps, axis)
+    if isinstance(out, GroupForward):
+        cells = (out.layout.n, out.layout.c)
+        return (out.y, _stats_out(out.kind, out.backend, out.mean, cells, input.dtype),
+                _stats_out(out.kind, out.backend, out.invstd, cells, input.dtype))
+    return (out.y, *out.saved())
+
+
+def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weight: Any,
+                          bias: Any, use_input_stats: Any, momentum: Any, eps: Any, axis: Any,
+                          ) -> Any:
+    """Validated instance normalization: a :class:`GroupForward` with input statistics (running
+    statistics updated in place when given), else batch normalization's eval forward."""
     kinds: dict[str, str] = {}
     _check_group_input(input, kinds)
     lay, canonical = _group_layout(input, axis, 1)
     use_input_stats = v.check_bool(use_input_stats, "use_input_stats")
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when "
+                             "use_input_stats=False")
+        return _bn_forward(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                           1 if lay.kind == "cf" else -1)
     eps = v.check_eps(eps)
     momentum_value = v.check_momentum(momentum, allow_none=False)
     if (running_mean is None) != (running_var is None):
@@ -282,34 +352,22 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
     for arg, value in (("running_mean", running_mean), ("running_var", running_var),
                        ("weight", weight), ("bias", bias)):
         if value is not None:
-            writable = use_input_stats and arg.startswith("running")
-            kinds[arg] = v.check_channel_vector(value, arg, lay.c, writable)
-    if not use_input_stats and running_mean is None:
-        raise ValueError("running_mean and running_var are required when use_input_stats=False")
-    if use_input_stats:
-        _check_spatial(input, lay)
+            kinds[arg] = v.check_channel_vector(value, arg, lay.c, arg.startswith("running"))
+    _check_spatial(input, lay)
     kind, be = _resolve(kinds)
-    if not use_input_stats:
-        ax = 1 if lay.kind == "cf" else input.ndim - 1
-        y, _, save_mean, save_invstd, _ = be.normalize_eval(
-            be.asarray(input), ax, _native(be, running_mean), _native(be, running_var),
-            _native(be, weight), _native(be, bias), eps)
-        return (_caller(kind, be, y), _caller(kind, be, save_mean),
-                _caller(kind, be, save_invstd))
-    y, mean, invstd, var = be.group_forward(_contiguous(be, input, canonical), lay,
-                                            _native(be, weight), _native(be, bias), eps)
+    v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
+                       {"input": input, "weight": weight, "bias": bias})
+    out = _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
+                       eps)
     if running_mean is not None:
         assert momentum_value is not None
-        batch_mean = mean.reshape(lay.n, lay.c).mean(axis=0)
-        batch_var = (var * (lay.s / (lay.s - 1))).reshape(lay.n, lay.c).mean(axis=0)
+        batch_mean = out.mean.reshape(lay.n, lay.c).mean(axis=0)
+        batch_var = (out.var * (lay.s / (lay.s - 1))).reshape(lay.n, lay.c).mean(axis=0)
         for target, value in ((running_mean, batch_mean), (running_var, batch_var)):
             current = _native(be, target).astype(np.float64)
             updated = (1 - momentum_value) * current + momentum_value * value
             target[...] = _caller(kind, be, updated.astype(target.dtype))
-    cells = (lay.n, lay.c)
-    return (_caller(kind, be, y.reshape(input.shape)),
-            _stats_out(kind, be, mean, cells, input.dtype),
-            _stats_out(kind, be, invstd, cells, input.dtype))
+    return out
 
 
 def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,

@@ -130,8 +130,8 @@ def check_int(value: Any, arg: str, minimum: int = 0, maximum: int = MAX_COUNT) 
     return int(value)
 
 
-def check_num_features(num_features: Any) -> int:
-    return check_int(num_features, "num_features", minimum=1)
+def check_num_features(num_features: Any, arg: str = "num_features") -> int:
+    return check_int(num_features, arg, minimum=1)
 
 
 def check_channel_vector(value: Any, arg: str, channels: int, writable: bool = False) -> str:

@@ -1,0 +1,284 @@
+"""LayerNorm, GroupNorm and InstanceNorm1d/2d/3d with the constructors, state and semantics of
+their torch.nn namesakes, and a ``backward`` like the batch-norm layers'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _norms
+from . import _validation as v
+from ._functional import _caller
+from ._functional import backward as _bn_backward
+from ._module import _Module
+
+
+class _GroupNormalization(_Module):
+    """Shared forward/backward bookkeeping: the last call's input and forward, gradients."""
+
+    def _init_grads(self) -> None:
+        self.grad_weight: Any = None
+        self.grad_bias: Any = None
+        self._saved: tuple[Any, Any] | None = None
+
+    def _backward_group(self, grad_output: Any, param_shape: tuple[int, ...]) -> Any:
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
+        x, out = self._saved
+        if not isinstance(out, _norms.GroupForward):  # normalized with running statistics
+            dx, dw, db = _bn_backward(grad_output, x, getattr(self, "weight", None), out.mean,
+                                      out.save_invstd, False, self._axis(x))
+        else:
+            dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None))
+            dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
+        weight = getattr(self, "weight", None)
+        if weight is not None:
+            self.grad_weight = dw.reshape(param_shape).astype(weight.dtype)
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            self.grad_bias = db.reshape(param_shape).astype(bias.dtype)
+        return dx
+
+    def _axis(self, x: Any) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        raise NotImplementedError
+
+
+class LayerNorm(_GroupNormalization):
+    """Layer normalization over the trailing ``normalized_shape`` dimensions.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+    eps : float > 0
+    elementwise_affine : bool
+        Learn ``weight`` (init 1) and, with ``bias``, ``bias`` (init 0) of ``normalized_shape``.
+    bias : bool
+    dtype : float dtype or None
+        Of the parameters (None: float32).
+    """
+
+    def __init__(self, normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, dtype: Any = None) -> None:
+        self.normalized_shape = _norms.check_normalized_shape(normalized_shape)
+        self.eps = v.check_eps(eps)
+        self.elementwise_affine = v.check_bool(elementwise_affine, "elementwise_affine")
+        self.has_bias = v.check_bool(bias, "bias") and self.elementwise_affine
+        self.dtype = v.check_dtype(dtype)
+        self.training = True
+        self.weight: Any = None
+        self.bias: Any = None
+        self._allocate({"weight": 1.0, "bias": 0.0})
+        self._init_grads()
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.elementwise_affine:
+            shapes["weight"] = self.normalized_shape
+        if self.has_bias:
+            shapes["bias"] = self.normalized_shape
+        return shapes
+
+    def __call__(self, x: Any) -> Any:
+        """Normalize each row of ``x``'s trailing ``normalized_shape`` dimensions."""
+        kind = v.check_array(x, "input")
+        v.check_float(x, "input")
+        _norms.check_normalized_shape(self.normalized_shape, x)
+        self._follow(kind)  # after the checks: a rejected call leaves the state where it was
+        out = _norms.forward_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        self._saved = (x, out)
+        return out.y
+
+    def backward(self, grad_output: Any) -> Any:
+        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``."""
+        return self._backward_group(grad_output, self.normalized_shape)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}, bias={self.has_bias}")
+
+
+class GroupNorm(_GroupNormalization):
+    """Group normalization: ``num_groups`` groups of consecutive channels, per sample.
+
+    Parameters
+    ----------
+    num_groups : int
+        Must divide ``num_channels``.
+    num_channels : int
+    eps : float > 0
+    affine : bool
+        Learn per-channel ``weight`` and (with ``bias``) ``bias``.
+    bias : bool
+    dtype : float dtype or None
+    channels_last : bool, keyword-only
+        Input (N, *, C) instead of (N, C, *).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, bias: bool = True, dtype: Any = None, *,
+                 channels_last: bool = False) -> None:
+        self.num_channels = v.check_num_features(num_channels, "num_channels")
+        self.num_groups = _norms.check_num_groups(num_groups)
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_channels ({self.num_channels}) must be divisible by "
+                             f"num_groups ({self.num_groups})")
+        self.eps = v.check_eps(eps)
+        self.affine = v.check_bool(affine, "affine")
+        self.has_bias = v.check_bool(bias, "bias") and self.affine
+        self.dtype = v.check_dtype(dtype)
+        self.channels_last = v.check_bool(channels_last, "channels_last")
+        self.training = True
+        self.weight: Any = None
+        self.bias: Any = None
+        self._allocate({"weight": 1.0, "bias": 0.0})
+        self._init_grads()
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = (self.num_channels,)
+        shapes: dict[str, tuple[int, ...]] = {"weight": c} if self.affine else {}
+        if self.has_bias:
+            shapes["bias"] = c
+        return shapes
+
+    def __call__(self, x: Any) -> Any:
+        """Normalize each (sample, group) of ``x``."""
+        kind = v.check_input(x)
+        axis = -1 if self.channels_last else 1
+        if x.shape[axis] != self.num_channels:
+            raise ValueError(f"input has {x.shape[axis]} channels on axis {axis}, but GroupNorm "
+                             f"was built for num_channels={self.num_channels}")
+        self._follow(kind)
+        out = _norms.forward_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                        axis)
+        self._saved = (x, out)
+        return out.y
+
+    def backward(self, grad_output: Any) -> Any:
+        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``."""
+        return self._backward_group(grad_output, (self.num_channels,))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.has_bias}{', channels_last=True' if self.channels_last else ''}")
+
+
+class _InstanceNorm(_GroupNormalization):
+    """Shared implementation of InstanceNorm1d/2d/3d (see :class:`InstanceNorm2d`)."""
+
+    _ndim = 0  # batched input dimensions; one fewer is unbatched input, as in torch
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False, bias: bool = True,
+                 dtype: Any = None, *, channels_last: bool = False) -> None:
+        self.num_features = v.check_num_features(num_features)
+        self.eps = v.check_eps(eps)
+        self.momentum = v.check_momentum(momentum, allow_none=True)
+        self.affine = v.check_bool(affine, "affine")
+        self.has_bias = v.check_bool(bias, "bias") and self.affine
+        self.track_running_stats = v.check_bool(track_running_stats, "track_running_stats")
+        self.dtype = v.check_dtype(dtype)
+        self.channels_last = v.check_bool(channels_last, "channels_last")
+        self.training = True
+        self.weight: Any = None
+        self.bias: Any = None
+        self.running_mean: Any = None
+        self.running_var: Any = None
+        self.num_batches_tracked: Any = None
+        self._allocate({"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0,
+                        "num_batches_tracked": 0})
+        self._init_grads()
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = (self.num_features,)
+        shapes: dict[str, tuple[int, ...]] = {"weight": c} if self.affine else {}
+        if self.has_bias:
+            shapes["bias"] = c
+        if self.track_running_stats:
+            shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
+        return shapes
+
+    def _axis(self, x: Any) -> int:
+        return -1 if self.channels_last else 1
+
+    def _batched(self, x: Any) -> Any:
+        v.check_array(x, "input")
+        if getattr(x, "ndim", 0) == self._ndim - 1:  # unbatched, as torch accepts
+            return x[None]
+        if getattr(x, "ndim", 0) != self._ndim:
+            raise ValueError(f"{type(self).__name__} expected {self._ndim - 1}-D (unbatched) or "
+                             f"{self._ndim}-D input, got input of shape {tuple(x.shape)}")
+        return x
+
+    def __call__(self, x: Any) -> Any:
+        """Normalize each (sample, channel) of ``x`` with its own statistics (training, or
+        without running statistics) or with the running statistics (eval)."""
+        batched = self._batched(x)
+        kind = v.check_input(batched)
+        axis = self._axis(batched)
+        if batched.shape[axis] != self.num_features:
+            raise ValueError(f"input has {batched.shape[axis]} channels on axis {axis}, but "
+                             f"{type(self).__name__} was built for num_features="
+                             f"{self.num_features}")
+        use_input_stats = self.training or not self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum  # torch: None never updates
+        track = self.track_running_stats
+        if use_input_stats:
+            _norms.check_spatial(batched, axis)
+        self._follow(kind)
+        out = _norms.forward_instance_norm(
+            batched, self.running_mean if track else None, self.running_var if track else None,
+            self.weight, self.bias, use_input_stats, momentum, self.eps, axis)
+        self._saved = (batched, out)
+        return out.y.reshape(x.shape)
+
+    def backward(self, grad_output: Any) -> Any:
+        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``."""
+        if self._saved is not None and getattr(grad_output, "ndim", 0) == self._ndim - 1:
+            return self._backward_group(grad_output[None], (self.num_features,))[0]
+        return self._backward_group(grad_output, (self.num_features,))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.has_bias}, "
+                f"track_running_stats={self.track_running_stats}"
+                f"{', channels_last=True' if self.channels_last else ''}")
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance normalization over (N, C, L) or unbatched (C, L) input ((N, L, C) with
+    ``channels_last``); torch's constructor and defaults (affine=False,
+    track_running_stats=False)."""
+
+    _ndim = 3
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance normalization over (N, C, H, W) or unbatched (C, H, W) input.
+
+    Parameters
+    ----------
+    num_features : int
+    eps : float > 0
+    momentum : float in [0, 1] or None
+        Weight of each batch's average statistics in the running ones; None never updates
+        them (as torch).
+    affine : bool
+    track_running_stats : bool
+        Keep running statistics and normalize with them in eval mode.
+    bias : bool
+    dtype : float dtype or None
+    channels_last : bool, keyword-only
+    """
+
+    _ndim = 4
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance normalization over (N, C, D, H, W) or unbatched (C, D, H, W) input."""
+
+    _ndim = 5
