@@ -57,11 +57,8 @@ class _BatchNorm(_Module):
         self.training = True
         self.weight = self.bias = self.running_mean = self.running_var = None
         self.num_batches_tracked: Any = None
-        try:
-            self._allocate({"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0,
-                            "num_batches_tracked": 0})
-        except (ValueError, MemoryError) as exc:
-            raise type(exc)(f"num_features={self.num_features}: {exc}") from exc
+        self._allocate({"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0,
+                        "num_batches_tracked": 0}, f"num_features={self.num_features}")
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self.grad_residual: Any = None

@@ -26,9 +26,10 @@ class _Module:
         """Every state key this layer has (torch's order) and its shape; the counter is 0-d."""
         raise NotImplementedError
 
-    def _allocate(self, fills: Mapping[str, float]) -> None:
+    def _allocate(self, fills: Mapping[str, float], sized_by: str) -> None:
         """Create the array state ``{key: fill value}`` in the array kind of the backend in force
-        (the counter is a 0-d int64 NumPy array, as torch keeps it on any device)."""
+        (the counter is a 0-d int64 NumPy array, as torch keeps it on any device); allocation
+        errors name ``sized_by`` (the constructor argument that sized the state)."""
         xp = dispatch.module_for(dispatch.get_backend()).xp
         shapes = self._state_shapes()
         for key, fill in fills.items():
@@ -40,10 +41,10 @@ class _Module:
             try:
                 setattr(self, key, xp.full(shapes[key], fill, self.dtype))
             except ValueError as exc:  # more bytes than an address space holds
-                raise ValueError(f"shape {shapes[key]} is too large for {self.dtype} vectors: "
-                                 f"{exc}") from exc
+                raise ValueError(f"{sized_by}: {key} of shape {shapes[key]} is too large for "
+                                 f"{self.dtype}: {exc}") from exc
             except MemoryError as exc:
-                raise MemoryError(f"cannot allocate the layer's {key} of shape "
+                raise MemoryError(f"{sized_by}: cannot allocate the layer's {key} of shape "
                                   f"{shapes[key]}: {exc}") from exc
 
     # ------------------------------------------------------------------ mode and placement

@@ -72,7 +72,8 @@ class LayerNorm(_GroupNormalization):
         self.training = True
         self.weight: Any = None
         self.bias: Any = None
-        self._allocate({"weight": 1.0, "bias": 0.0})
+        self._allocate({"weight": 1.0, "bias": 0.0},
+                       f"normalized_shape={self.normalized_shape}")
         self._init_grads()
 
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -135,7 +136,7 @@ class GroupNorm(_GroupNormalization):
         self.training = True
         self.weight: Any = None
         self.bias: Any = None
-        self._allocate({"weight": 1.0, "bias": 0.0})
+        self._allocate({"weight": 1.0, "bias": 0.0}, f"num_channels={self.num_channels}")
         self._init_grads()
 
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -190,7 +191,7 @@ class _InstanceNorm(_GroupNormalization):
         self.running_var: Any = None
         self.num_batches_tracked: Any = None
         self._allocate({"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0,
-                        "num_batches_tracked": 0})
+                        "num_batches_tracked": 0}, f"num_features={self.num_features}")
         self._init_grads()
 
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -53,8 +53,8 @@ def _check_array(value: Any, arg: str, kinds: dict[str, str]) -> None:
 
 
 def _check_vector(value: Any, arg: str, shape: tuple[int, ...], kinds: dict[str, str],
-                  what: str) -> None:
-    if value is None:
+                  what: str, required: bool = False) -> None:
+    if value is None and not required:
         return
     _check_array(value, arg, kinds)
     if tuple(value.shape) != shape:
@@ -179,8 +179,8 @@ def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mea
     kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     shape = check_normalized_shape(normalized_shape, input)
     batch = tuple(input.shape[:input.ndim - len(shape)])
-    _check_vector(mean, "mean", batch, kinds, "input's leading dimensions")
-    _check_vector(rstd, "rstd", batch, kinds, "input's leading dimensions")
+    _check_vector(mean, "mean", batch, kinds, "input's leading dimensions", required=True)
+    _check_vector(rstd, "rstd", batch, kinds, "input's leading dimensions", required=True)
     _check_vector(weight, "weight", shape, kinds, "normalized_shape")
     kind, be = _resolve(kinds)
     lay = _layer_norm_layout(input, shape)
@@ -197,11 +197,9 @@ def _flat(be: ModuleType, value: Any) -> Any:
 # ------------------------------------------------------------------------------ GroupNorm
 
 def check_num_groups(num_groups: Any, channels: int | None = None) -> int:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
-    if int(num_groups) < 1:
-        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
-    if channels is not None and channels % int(num_groups):
+    """A group count >= 1 that divides ``channels`` (when given)."""
+    num_groups = v.check_int(num_groups, "num_groups", minimum=1)
+    if channels is not None and channels % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels "
                          f"({channels})")
     return int(num_groups)
@@ -281,8 +279,8 @@ def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any
     kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     lay, canonical = _group_layout(input, axis, None, num_groups)
     groups = (lay.n, lay.c // lay.k)
-    _check_vector(mean, "mean", groups, kinds, "(N, num_groups)")
-    _check_vector(rstd, "rstd", groups, kinds, "(N, num_groups)")
+    _check_vector(mean, "mean", groups, kinds, "(N, num_groups)", required=True)
+    _check_vector(rstd, "rstd", groups, kinds, "(N, num_groups)", required=True)
     _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
     kind, be = _resolve(kinds)
     dx, dw, db = be.group_backward(
@@ -393,8 +391,8 @@ def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
     _check_group_input(input, kinds)
     kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     lay, canonical = _group_layout(input, axis, 1)
-    _check_vector(mean, "mean", (lay.n, lay.c), kinds, "(N, C)")
-    _check_vector(rstd, "rstd", (lay.n, lay.c), kinds, "(N, C)")
+    _check_vector(mean, "mean", (lay.n, lay.c), kinds, "(N, C)", required=True)
+    _check_vector(rstd, "rstd", (lay.n, lay.c), kinds, "(N, C)", required=True)
     _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
     kind, be = _resolve(kinds)
     dx, dw, db = be.group_backward(

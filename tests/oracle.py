@@ -65,3 +65,27 @@ def backward(dy, x, axis=1, weight=None, eps=1e-5, training=True, running_mean=N
     else:
         dx = g
     return dx, dweight, dbias
+
+
+def grouped(x, dy, weight=None, bias=None, eps=1e-5):
+    """The normalizations over groups in textbook form on a float64 ``(n, G, K, S)`` view: groups
+    are ``[i, g]``, the affine parameters ``(G, K)``. Returns y and (dx, dweight, dbias) of
+    ``sum(y * dy)``."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    g_, k_ = x.shape[1:3]
+    w = np.ones((g_, k_)) if weight is None else np.asarray(weight, np.float64).reshape(g_, k_)
+    b = np.zeros((g_, k_)) if bias is None else np.asarray(bias, np.float64).reshape(g_, k_)
+    w4, b4 = w[None, :, :, None], b[None, :, :, None]
+    mean = x.mean(axis=(2, 3), keepdims=True)
+    invstd = 1.0 / np.sqrt(x.var(axis=(2, 3), keepdims=True) + eps)
+    xhat = (x - mean) * invstd
+    y = xhat * w4 + b4
+    g = dy * w4
+    dx = invstd * (g - g.mean(axis=(2, 3), keepdims=True)
+                   - xhat * (g * xhat).mean(axis=(2, 3), keepdims=True))
+    return y, (dx, (dy * xhat).sum(axis=(0, 3)), dy.sum(axis=(0, 3)))
+
+
+def numerical_gradient(f, x, direction, h=1e-6):
+    """Directional derivative of the scalar function ``f`` at ``x`` by central differences."""
+    return (f(x + h * direction) - f(x - h * direction)) / (2 * h)

@@ -53,7 +53,23 @@ def _env(dtype=np.float32, channels_last: bool = False) -> dict:
     parts = [bn.welford(x[:2], axis=axis), bn.welford(x[2:], axis=axis)]
     dy = data(-1)
     sum_dy, sum_dy_xmu = bn.batch_norm_backward_reduce(dy, x, m, s, axis=axis)
+    ns = x.shape[-1:]  # LayerNorm over the last axis
+    ln_w, ln_b = np.full(ns, 1.5, pd), np.full(ns, 0.5, pd)
+    _, ln_m, ln_s = bn.layer_norm_forward(x, ns, ln_w, ln_b)
+    _, gn_m, gn_s = bn.group_norm_forward(x, 3, axis=axis)
+    _, in_m, in_s = bn.instance_norm_forward(x, axis=axis)
+
+    def trained_norm(layer):
+        layer(data())
+        layer.backward(data() * 0.5)
+        return layer
+
     return {
+        "ns": ns, "ln_w": ln_w, "ln_b": ln_b, "ln_m": ln_m, "ln_s": ln_s, "gn_m": gn_m,
+        "gn_s": gn_s, "in_m": in_m, "in_s": in_s,
+        "ln": trained_norm(bn.LayerNorm(ns)),
+        "gn": trained_norm(bn.GroupNorm(3, 3, **kw)),
+        "inorm": trained_norm(bn.InstanceNorm2d(3, affine=True, track_running_stats=True, **kw)),
         "x": x, "dy": dy, "z": data(2), "axis": axis, "dtype": dtype,
         "rm": rng.standard_normal(3).astype(pd), "rv": np.ones(3, pd) * 2,
         "w": np.full(3, 1.5, pd), "b": np.full(3, 0.5, pd),
@@ -111,6 +127,43 @@ def moments_of(e, **kw):
     part = e["parts"][0]
     args = {"count": part.count, "mean": part.mean, "m2": part.m2, **kw}
     return bn.Moments(**args)
+
+
+def ln(e, **kw):
+    args = {"input": e["x"], "normalized_shape": e["ns"], "weight": e["ln_w"],
+            "bias": e["ln_b"], "eps": 1e-5, **kw}
+    return bn.layer_norm_forward(**args)
+
+
+def ln_bwd(e, **kw):
+    args = {"grad_output": e["dy"], "input": e["x"], "normalized_shape": e["ns"],
+            "mean": e["ln_m"], "rstd": e["ln_s"], "weight": e["ln_w"], **kw}
+    return bn.layer_norm_backward(**args)
+
+
+def gn(e, **kw):
+    args = {"input": e["x"], "num_groups": 3, "weight": e["w"], "bias": e["b"], "eps": 1e-5,
+            "axis": e["axis"], **kw}
+    return bn.group_norm_forward(**args)
+
+
+def gn_bwd(e, **kw):
+    args = {"grad_output": e["dy"], "input": e["x"], "num_groups": 3, "mean": e["gn_m"],
+            "rstd": e["gn_s"], "weight": e["w"], "axis": e["axis"], **kw}
+    return bn.group_norm_backward(**args)
+
+
+def inorm(e, **kw):
+    args = {"input": e["x"], "running_mean": e["rm"], "running_var": e["rv"], "weight": e["w"],
+            "bias": e["b"], "use_input_stats": True, "momentum": 0.1, "eps": 1e-5,
+            "axis": e["axis"], **kw}
+    return bn.instance_norm_forward(**args)
+
+
+def in_bwd(e, **kw):
+    args = {"grad_output": e["dy"], "input": e["x"], "mean": e["in_m"], "rstd": e["in_s"],
+            "weight": e["w"], "axis": e["axis"], **kw}
+    return bn.instance_norm_backward(**args)
 
 
 def load(e, key, value):
@@ -398,6 +451,21 @@ DATA = [  # (N, C, ...) input arrays
     Slot("SyncBatchNorm.__call__ input", "input", "x", lambda e, a: e["sync"](a), mixes=False),
     Slot("fold_into weight", "weight", "conv_w",
          lambda e, a: bn.fold_into(a, e["b"], e["eval_layer"])),
+    Slot("layer_norm_forward input", "input", "x", lambda e, a: ln(e, input=a)),
+    Slot("layer_norm input", "input", "x", lambda e, a: bn.layer_norm(a, e["ns"]), mixes=False),
+    Slot("layer_norm_backward input", "input", "x", lambda e, a: ln_bwd(e, input=a)),
+    Slot("group_norm_forward input", "input", "x", lambda e, a: gn(e, input=a)),
+    Slot("group_norm input", "input", "x", lambda e, a: bn.group_norm(a, 3, axis=e["axis"]),
+         mixes=False),
+    Slot("group_norm_backward input", "input", "x", lambda e, a: gn_bwd(e, input=a)),
+    Slot("instance_norm_forward input", "input", "x", lambda e, a: inorm(e, input=a)),
+    Slot("instance_norm input", "input", "x", lambda e, a: bn.instance_norm(a, axis=e["axis"]),
+         mixes=False),
+    Slot("instance_norm_backward input", "input", "x", lambda e, a: in_bwd(e, input=a)),
+    Slot("LayerNorm.__call__ input", "input", "x", lambda e, a: e["ln"](a), mixes=False),
+    Slot("GroupNorm.__call__ input", "input", "x", lambda e, a: e["gn"](a), mixes=False),
+    Slot("InstanceNorm2d.__call__ input", "input", "x", lambda e, a: e["inorm"](a),
+         mixes=False),
 ]
 LIKE_INPUT = [  # arrays that must have the input's shape
     Slot("batch_norm_forward residual", "residual", "z", lambda e, a: fwd(e, residual=a),
@@ -418,6 +486,16 @@ LIKE_INPUT = [  # arrays that must have the input's shape
          lambda e, a: e["fused"].backward(a)),
     Slot("SyncBatchNorm.backward grad_output", "grad_output", "dy",
          lambda e, a: e["sync"].backward(a)),
+    Slot("layer_norm_backward grad_output", "grad_output", "dy",
+         lambda e, a: ln_bwd(e, grad_output=a)),
+    Slot("group_norm_backward grad_output", "grad_output", "dy",
+         lambda e, a: gn_bwd(e, grad_output=a)),
+    Slot("instance_norm_backward grad_output", "grad_output", "dy",
+         lambda e, a: in_bwd(e, grad_output=a)),
+    Slot("LayerNorm.backward grad_output", "grad_output", "dy", lambda e, a: e["ln"].backward(a)),
+    Slot("GroupNorm.backward grad_output", "grad_output", "dy", lambda e, a: e["gn"].backward(a)),
+    Slot("InstanceNorm2d.backward grad_output", "grad_output", "dy",
+         lambda e, a: e["inorm"].backward(a)),
 ]
 VECTORS = [  # per-channel vectors that are only read
     Slot("batch_norm_forward weight", "weight", "w", lambda e, a: fwd(e, weight=a),
@@ -453,6 +531,29 @@ VECTORS = [  # per-channel vectors that are only read
          mixes=False),
     Slot("BatchNorm2d.load_state_dict running_var", "running_var", "rv",
          lambda e, a: load(e, "running_var", a), mixes=False),
+    Slot("layer_norm_forward weight", "weight", "ln_w", lambda e, a: ln(e, weight=a),
+         takes_none=True),
+    Slot("layer_norm_forward bias", "bias", "ln_b", lambda e, a: ln(e, bias=a), takes_none=True),
+    Slot("layer_norm_backward weight", "weight", "ln_w", lambda e, a: ln_bwd(e, weight=a),
+         takes_none=True),
+    Slot("layer_norm_backward mean", "mean", "ln_m", lambda e, a: ln_bwd(e, mean=a)),
+    Slot("layer_norm_backward rstd", "rstd", "ln_s", lambda e, a: ln_bwd(e, rstd=a)),
+    Slot("group_norm_forward weight", "weight", "w", lambda e, a: gn(e, weight=a),
+         takes_none=True),
+    Slot("group_norm_forward bias", "bias", "b", lambda e, a: gn(e, bias=a), takes_none=True),
+    Slot("group_norm_backward mean", "mean", "gn_m", lambda e, a: gn_bwd(e, mean=a)),
+    Slot("group_norm_backward rstd", "rstd", "gn_s", lambda e, a: gn_bwd(e, rstd=a)),
+    Slot("group_norm_backward weight", "weight", "w", lambda e, a: gn_bwd(e, weight=a),
+         takes_none=True),
+    Slot("instance_norm_forward weight", "weight", "w", lambda e, a: inorm(e, weight=a),
+         takes_none=True),
+    Slot("instance_norm_forward(use_input_stats=False) running_var", "running_var", "rv",
+         lambda e, a: inorm(e, running_var=a, use_input_stats=False), takes_none=True),
+    Slot("instance_norm_backward mean", "mean", "in_m", lambda e, a: in_bwd(e, mean=a)),
+    Slot("instance_norm_backward rstd", "rstd", "in_s", lambda e, a: in_bwd(e, rstd=a)),
+    Slot("LayerNorm.load_state_dict weight", "weight", "ln_w",
+         lambda e, a: e["ln"].load_state_dict({**e["ln"].state_dict(), "weight": a}),
+         mixes=False),
 ]
 WRITTEN = [  # per-channel vectors updated in place
     Slot("batch_norm_forward running_mean", "running_mean", "rm",
@@ -463,6 +564,10 @@ WRITTEN = [  # per-channel vectors updated in place
          lambda e, a: gather(e, running_mean=a), takes_none=True),
     Slot("batch_norm_gather_stats running_var", "running_var", "rv",
          lambda e, a: gather(e, running_var=a), takes_none=True),
+    Slot("instance_norm_forward running_mean", "running_mean", "rm",
+         lambda e, a: inorm(e, running_mean=a), takes_none=True),
+    Slot("instance_norm_forward running_var", "running_var", "rv",
+         lambda e, a: inorm(e, running_var=a), takes_none=True),
 ]
 ARRAYS = DATA + LIKE_INPUT + VECTORS + WRITTEN
 REQUIRED = [s for s in ARRAYS if not s.takes_none]
@@ -472,28 +577,43 @@ EPS = [
     Slot("BatchNorm3d eps", "eps", None, lambda e, v: bn.BatchNorm3d(3, eps=v)),
     Slot("SyncBatchNorm eps", "eps", None, lambda e, v: bn.SyncBatchNorm(3, eps=v)),
     Slot("batch_norm_gather_stats eps", "eps", None, lambda e, v: gather(e, eps=v)),
+    Slot("layer_norm_forward eps", "eps", None, lambda e, v: ln(e, eps=v)),
+    Slot("group_norm_forward eps", "eps", None, lambda e, v: gn(e, eps=v)),
+    Slot("instance_norm_forward eps", "eps", None, lambda e, v: inorm(e, eps=v)),
+    Slot("LayerNorm eps", "eps", None, lambda e, v: bn.LayerNorm(3, eps=v)),
+    Slot("GroupNorm eps", "eps", None, lambda e, v: bn.GroupNorm(1, 3, eps=v)),
+    Slot("InstanceNorm1d eps", "eps", None, lambda e, v: bn.InstanceNorm1d(3, eps=v)),
 ]
 MOMENTUM = [  # None is valid only for the layers (cumulative average)
     Slot("batch_norm_forward momentum", "momentum", None, lambda e, v: fwd(e, momentum=v)),
     Slot("batch_norm_gather_stats momentum", "momentum", None,
          lambda e, v: gather(e, momentum=v)),
+    Slot("instance_norm_forward momentum", "momentum", None, lambda e, v: inorm(e, momentum=v)),
 ]
 LAYER_MOMENTUM = [
     Slot("BatchNorm2d momentum", "momentum", None, lambda e, v: bn.BatchNorm2d(3, momentum=v)),
     Slot("SyncBatchNorm momentum", "momentum", None,
          lambda e, v: bn.SyncBatchNorm(3, momentum=v)),
+    Slot("InstanceNorm3d momentum", "momentum", None,
+         lambda e, v: bn.InstanceNorm3d(3, momentum=v)),
 ]
 REALS = EPS + MOMENTUM + LAYER_MOMENTUM
 NUM_FEATURES = [
     Slot("BatchNorm1d num_features", "num_features", None, lambda e, v: bn.BatchNorm1d(v)),
     Slot("BatchNorm2d num_features", "num_features", None, lambda e, v: bn.BatchNorm2d(v)),
     Slot("SyncBatchNorm num_features", "num_features", None, lambda e, v: bn.SyncBatchNorm(v)),
+    Slot("InstanceNorm2d num_features", "num_features", None,
+         lambda e, v: bn.InstanceNorm2d(v, affine=True)),
+    Slot("GroupNorm num_channels", "num_channels", None, lambda e, v: bn.GroupNorm(1, v)),
 ]
 COUNTS = NUM_FEATURES + [
     Slot("batch_norm_backward_elemt count", "count", None,
          lambda e, v: backward_elemt(e, count=v)),
     Slot("Moments count", "count", None, lambda e, v: moments_of(e, count=v)),
     Slot("Moments.var ddof", "ddof", None, lambda e, v: e["parts"][0].var(ddof=v)),
+    Slot("GroupNorm num_groups", "num_groups", None, lambda e, v: bn.GroupNorm(v, 6)),
+    Slot("group_norm num_groups", "num_groups", None,
+         lambda e, v: bn.group_norm(e["x"], v, axis=e["axis"])),
 ]
 AXES = [
     Slot("batch_norm_forward axis", "axis", None, lambda e, v: fwd(e, axis=v)),
@@ -504,6 +624,10 @@ AXES = [
     Slot("batch_norm_elemt axis", "axis", None, lambda e, v: elemt(e, axis=v)),
     Slot("batch_norm_backward_reduce axis", "axis", None, lambda e, v: reduce(e, axis=v)),
     Slot("batch_norm_backward_elemt axis", "axis", None, lambda e, v: backward_elemt(e, axis=v)),
+    Slot("group_norm_forward axis", "axis", None, lambda e, v: gn(e, axis=v)),
+    Slot("group_norm_backward axis", "axis", None, lambda e, v: gn_bwd(e, axis=v)),
+    Slot("instance_norm_forward axis", "axis", None, lambda e, v: inorm(e, axis=v)),
+    Slot("instance_norm_backward axis", "axis", None, lambda e, v: in_bwd(e, axis=v)),
 ]
 BOOLS = [
     Slot("batch_norm_forward training", "training", None, lambda e, v: fwd(e, training=v)),
@@ -515,6 +639,17 @@ BOOLS = [
          lambda e, v: bn.BatchNorm2d(3, channels_last=v)),
     Slot("SyncBatchNorm affine", "affine", None, lambda e, v: bn.SyncBatchNorm(3, affine=v)),
     Slot("BatchNorm2d.train mode", "mode", None, lambda e, v: e["layer"].train(v)),
+    Slot("instance_norm_forward use_input_stats", "use_input_stats", None,
+         lambda e, v: inorm(e, use_input_stats=v)),
+    Slot("LayerNorm elementwise_affine", "elementwise_affine", None,
+         lambda e, v: bn.LayerNorm(3, elementwise_affine=v)),
+    Slot("LayerNorm bias", "bias", None, lambda e, v: bn.LayerNorm(3, bias=v)),
+    Slot("GroupNorm affine", "affine", None, lambda e, v: bn.GroupNorm(1, 3, affine=v)),
+    Slot("GroupNorm channels_last", "channels_last", None,
+         lambda e, v: bn.GroupNorm(1, 3, channels_last=v)),
+    Slot("InstanceNorm2d track_running_stats", "track_running_stats", None,
+         lambda e, v: bn.InstanceNorm2d(3, track_running_stats=v)),
+    Slot("InstanceNorm2d.train mode", "mode", None, lambda e, v: e["inorm"].train(v)),
 ]
 NAMES = [  # str choices; ``good`` is a valid name
     Slot("batch_norm_forward activation", "activation", "relu",
@@ -526,6 +661,7 @@ NAMES = [  # str choices; ``good`` is a valid name
     Slot("SyncBatchNorm activation", "activation", "relu",
          lambda e, v: bn.SyncBatchNorm(3, activation=v)),
     Slot("BatchNorm2d.to kind", "kind", "numpy", lambda e, v: e["layer"].to(v)),
+    Slot("GroupNorm.to kind", "kind", "numpy", lambda e, v: e["gn"].to(v)),
     Slot("set_backend name", "backend", "numpy", lambda e, v: bn.set_backend(v)),
     Slot("use_backend name", "backend", "numpy", lambda e, v: bn.use_backend(v).__enter__()),
 ]
@@ -534,6 +670,9 @@ DTYPES = [
     Slot("BatchNorm1d dtype", "dtype", None, lambda e, v: bn.BatchNorm1d(3, dtype=v)),
     Slot("BatchNorm2d dtype", "dtype", None, lambda e, v: bn.BatchNorm2d(3, dtype=v)),
     Slot("SyncBatchNorm dtype", "dtype", None, lambda e, v: bn.SyncBatchNorm(3, dtype=v)),
+    Slot("LayerNorm dtype", "dtype", None, lambda e, v: bn.LayerNorm(3, dtype=v)),
+    Slot("GroupNorm dtype", "dtype", None, lambda e, v: bn.GroupNorm(1, 3, dtype=v)),
+    Slot("InstanceNorm2d dtype", "dtype", None, lambda e, v: bn.InstanceNorm2d(3, dtype=v)),
 ]
 NUMPY_BACKEND_CALLS = [  # every call that computes on the NumPy backend
     Slot("batch_norm_forward", "BNCUPY_NUM_THREADS", None, lambda e, v: fwd(e)),
@@ -669,6 +808,40 @@ CLASSES = [
         _bad("batch_norm_gather_stats running_mean is running_var",
              ("running_mean", "running_var"),
              lambda e: gather(e, running_mean=e["rv"], running_var=e["rv"])),
+    )),
+    BadClass("instance norm running statistics that are one array or view the input",
+             ValueError, explicit(
+                 _bad("instance_norm_forward running_mean is running_var",
+                      ("running_mean", "running_var"),
+                      lambda e: inorm(e, running_mean=e["rv"], running_var=e["rv"])),
+                 _bad("instance_norm_forward running_var views input", ("running_var", "input"),
+                      lambda e: inorm(e, running_var=channel_view(e["x"], e["axis"]))),
+             )),
+    BadClass("normalized_shape that does not match the input", ValueError,
+             over([Slot("layer_norm_forward normalized_shape", "normalized_shape", None,
+                        lambda e, v: ln(e, normalized_shape=v, weight=None, bias=None)),
+                   Slot("LayerNorm.__call__ normalized_shape", "normalized_shape", None,
+                        lambda e, v: bn.LayerNorm(v)(e["x"]))],
+                  each([(7,), (5, 5, 5, 5, 5), (2, 3), 0]))),
+    BadClass("normalized_shape not an int or sequence of ints", TypeError,
+             over([Slot("layer_norm_forward normalized_shape", "normalized_shape", None,
+                        lambda e, v: ln(e, normalized_shape=v, weight=None, bias=None)),
+                   Slot("LayerNorm normalized_shape", "normalized_shape", None,
+                        lambda e, v: bn.LayerNorm(v))],
+                  each([3.0, "5", None, (5.0,), (True,), [], np.array([5.0])]))),
+    BadClass("num_groups that does not divide the channels", ValueError,
+             over([Slot("group_norm_forward num_groups", "num_groups", None,
+                        lambda e, v: gn(e, num_groups=v)),
+                   Slot("GroupNorm num_groups", "num_groups", None,
+                        lambda e, v: bn.GroupNorm(v, 6))],
+                  each([4, 5, 7]))),
+    BadClass("instance statistics of one value per (sample, channel)", ValueError, explicit(
+        _bad("instance_norm_forward on (N, C)", ("Expected more than 1 spatial element",),
+             lambda e: bn.instance_norm(e["x"][:, :, 0, 0] if e["axis"] == 1
+                                        else e["x"][:, 0, 0, :], axis=e["axis"])),
+        _bad("InstanceNorm2d.__call__ on 1x1 planes", ("Expected more than 1 spatial element",),
+             lambda e: e["inorm"](e["x"][:, :, :1, :1] if e["axis"] == 1
+                                  else e["x"][:, :1, :1, :])),
     )),
     BadClass("running statistic that is a view of the input", ValueError, explicit(
         _bad("batch_norm_forward running_mean views input", ("running_mean", "input"),

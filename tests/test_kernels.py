@@ -243,3 +243,48 @@ def test_counters_are_per_stream_and_per_thread_on_the_per_thread_stream(xp, mon
         return cupy_backend._counter_buffer(1)  # returned: kept alive, so no address is reused
 
     assert len({b.data.ptr for b in _threads(buffer)}) == 4  # one per thread, none shared
+
+
+FAMILY_CASES = [  # (function, shape): warp/partial-block/block per row, split rows, layouts
+    ("layer", (64, 96)), ("layer", (32, 768)), ("layer", (8, 4096)), ("layer", (3, 40000)),
+    ("layer", (5, 7, 11)), ("group-cf", (4, 8, 14, 14)), ("group-cf", (2, 4, 70000)),
+    ("group-cl", (4, 9, 9, 16)), ("instance-cl", (3, 5, 7, 6)), ("instance-cf", (2, 6, 7, 9)),
+]
+
+
+def _family(name, x, dy, w, b):
+    axis = -1 if name.endswith("-cl") else 1
+    if name == "layer":
+        y, m, s = bn.layer_norm_forward(x, x.shape[-1], w, b)
+        return (y, m, s, *bn.layer_norm_backward(dy, x, x.shape[-1], m, s, w))
+    if name.startswith("group"):
+        y, m, s = bn.group_norm_forward(x, 2, w, b, axis=axis)
+        return (y, m, s, *bn.group_norm_backward(dy, x, 2, m, s, w, axis=axis))
+    y, m, s = bn.instance_norm_forward(x, None, None, w, b, axis=axis)
+    return (y, m, s, *bn.instance_norm_backward(dy, x, m, s, w, axis=axis))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("name, shape", FAMILY_CASES)
+@pytest.mark.parametrize("index64", [False, True])
+def test_normalization_family_paths_agree_with_numpy(xp, monkeypatch, name, shape, dtype,
+                                                      index64):
+    if index64:
+        if not EMULATED:
+            pytest.skip("the index type is forced on the CPU execution target only")
+        monkeypatch.setattr(cupy_backend, "_INDEX64_FROM", 0)
+    c = shape[-1] if name in ("layer",) or name.endswith("-cl") else shape[1]
+    acc = np.float64 if dtype == np.float64 else np.float32
+    x = _data(shape, dtype, seed=11, offset=3.0)
+    dy = _data(shape, dtype, seed=12, offset=0.0)
+    w = np.random.default_rng(13).uniform(0.5, 2, c).astype(acc)
+    b = np.random.default_rng(14).standard_normal(c).astype(acc)
+    got = _family(name, xp.asarray(x), xp.asarray(dy), xp.asarray(w), xp.asarray(b))
+    with bn.use_backend("numpy"):
+        ref = _family(name, x, dy, w, b)
+    rtol, atol = TOL[dtype]
+    groups = max(1, x.size // c)
+    for label, a, r, scale in zip(("y", "mean", "rstd", "dx", "dw", "db"), got, ref,
+                                  (8, 8, 8, 16, groups * 8, groups * 4), strict=True):
+        np.testing.assert_allclose(_host(a).astype(np.float64), r.astype(np.float64),
+                                   rtol=rtol, atol=atol * scale, err_msg=label)
