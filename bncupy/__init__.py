@@ -17,6 +17,7 @@ from ._norms import (
     layer_norm_backward,
     layer_norm_forward,
 )
+from ._renorm import batch_renorm, batch_renorm_backward, batch_renorm_forward
 from ._sync import (
     SyncBatchNorm,
     batch_norm_backward_elemt,
@@ -49,6 +50,9 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_gather_stats",
     "batch_norm_stats",
+    "batch_renorm",
+    "batch_renorm_backward",
+    "batch_renorm_forward",
     "fold_into",
     "get_backend",
     "group_norm",

@@ -6,9 +6,11 @@ from typing import Any
 
 import numpy as np
 
+from . import _renorm
 from . import _validation as v
-from ._functional import _Forward, backward, forward, relu_grad
+from ._functional import backward, forward, relu_grad
 from ._module import _Module
+from .backends import dispatch
 
 
 class _BatchNorm(_Module):
@@ -33,6 +35,16 @@ class _BatchNorm(_Module):
         The channel axis is the last one (NHWC, (N, L, C), NDHWC) instead of axis 1.
     activation : None or "relu", keyword-only
         Fused activation: the layer computes ``act(bn(x) + residual)`` in one pass.
+    renorm : bool, keyword-only
+        Batch Renormalization (Ioffe 2017) in training: the batch statistics are corrected
+        towards the running ones by ``r`` (clipped to ``[1/rmax, rmax]``) and ``d`` (clipped to
+        ``[-dmax, dmax]``); ``rmax`` and ``dmax`` may be changed between calls (the paper ramps
+        them up from 1 and 0). Needs ``track_running_stats``.
+    rmax, dmax : float, keyword-only
+    ghost_batch_size : int or None, keyword-only
+        Ghost batch norm in training: the batch is split into virtual batches of this many
+        samples, each normalized with its own statistics and counted as one batch in the running
+        statistics, in order.
 
     Notes
     -----
@@ -44,7 +56,9 @@ class _BatchNorm(_Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, dtype: Any = np.float32,
-                 *, channels_last: bool = False, activation: str | None = None) -> None:
+                 *, channels_last: bool = False, activation: str | None = None,
+                 renorm: bool = False, rmax: float = 3.0, dmax: float = 5.0,
+                 ghost_batch_size: int | None = None) -> None:
         self.num_features = v.check_num_features(num_features)
         self.eps = v.check_eps(eps)
         self.momentum = v.check_momentum(momentum, allow_none=True)
@@ -54,6 +68,15 @@ class _BatchNorm(_Module):
         self.channels_last = v.check_bool(channels_last, "channels_last")
         v.check_activation(activation)
         self.activation = activation
+        self.renorm = v.check_bool(renorm, "renorm")
+        self.rmax, self.dmax = _renorm.check_limits(rmax, dmax)
+        self.ghost_batch_size = None if ghost_batch_size is None else v.check_int(
+            ghost_batch_size, "ghost_batch_size", minimum=1)
+        if activation is not None and (self.renorm or self.ghost_batch_size is not None):
+            raise ValueError("activation cannot be fused with renorm or ghost_batch_size")
+        if self.renorm and not self.track_running_stats:
+            raise ValueError("renorm needs track_running_stats=True (r and d compare the batch "
+                             "with the running statistics)")
         self.training = True
         self.weight = self.bias = self.running_mean = self.running_var = None
         self.num_batches_tracked: Any = None
@@ -62,7 +85,7 @@ class _BatchNorm(_Module):
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self.grad_residual: Any = None
-        self._saved: tuple[Any, Any, _Forward, bool] | None = None
+        self._saved: tuple[Any, Any, Any, bool] | None = None  # forward, or ghost parts
 
     # ------------------------------------------------------------------ mode and placement
     @property
@@ -103,6 +126,8 @@ class _BatchNorm(_Module):
         With ``residual`` (``x``'s shape) the layer returns ``act(bn(x) + residual)``.
         """
         kind = self._check_input(x, residual)
+        if self.training and (self.renorm or self.ghost_batch_size is not None):
+            return self._call_corrected(x, kind)
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
             v.check_count(x, self.axis % x.ndim)
@@ -125,6 +150,59 @@ class _BatchNorm(_Module):
         self._saved = (x, residual, out._replace(y=None), use_batch_stats)
         return out.y
 
+    def _momentum(self) -> float:
+        return 1.0 / (self._batches() + 1) if self.momentum is None else self.momentum
+
+    def _call_corrected(self, x: Any, kind: str) -> Any:
+        """Training with renormalization and/or ghost batches: each virtual batch normalized
+        (and counted) in turn; every check happens before the first update."""
+        axis = self.axis % x.ndim
+        parts = ([slice(None)] if self.ghost_batch_size is None
+                 else _renorm.ghost_slices(x.shape[0], self.ghost_batch_size))
+        for part in parts:
+            v.check_count(x[part], axis)
+        update = self.track_running_stats
+        if update and self._batches() > v.MAX_COUNT - len(parts):
+            self._check_counter()
+            raise ValueError(f"num_batches_tracked cannot count {len(parts)} more batches")
+        self._follow(kind)
+        outs = []
+        for part in parts:
+            if self.renorm:
+                out: Any = _renorm.forward(x[part], self.running_mean, self.running_var,
+                                           self.weight, self.bias, self._momentum(), self.eps,
+                                           self.rmax, self.dmax, self.axis)
+            else:
+                out = forward(x[part], self.running_mean if update else None,
+                              self.running_var if update else None, self.weight, self.bias,
+                              True, self._momentum() if update else 0.0, self.eps, self.axis)
+            if update:
+                self.num_batches_tracked = np.asarray(self._batches() + 1, np.int64)
+            outs.append((part, out))
+        self._saved = (x, None, outs, True)
+        ys = [out.y for _, out in outs]
+        return ys[0] if len(ys) == 1 else dispatch.module_for(kind).xp.concatenate(ys)
+
+    def _backward_corrected(self, grad_output: Any, x: Any, outs: list) -> Any:
+        v.check_same_kind({"input": dispatch.array_kind(x) or "numpy",
+                           "grad_output": v.check_like_input(grad_output, "grad_output", x)})
+        grads, dw, db = [], None, None
+        for part, out in outs:
+            if isinstance(out, _renorm.RenormForward):
+                mean, invstd, r, d = out.saved()
+                g, w, b = _renorm.backward(grad_output[part], x[part], self.weight, mean, invstd,
+                                           r, d, self.axis, ("mean", "invstd"))
+            else:
+                g, w, b = backward(grad_output[part], x[part], self.weight, out.mean,
+                                   out.save_invstd, True, self.axis)
+            grads.append(g)
+            dw, db = (w, b) if dw is None else (dw + w, db + b)
+        if self.affine:
+            self.grad_weight, self.grad_bias = dw, db
+        self.grad_residual = None
+        kind = dispatch.array_kind(x) or "numpy"
+        return grads[0] if len(grads) == 1 else dispatch.module_for(kind).xp.concatenate(grads)
+
     def backward(self, grad_output: Any) -> Any:
         """Gradient with respect to the last call's input; sets ``grad_weight``, ``grad_bias``
         and, when that call had a residual, ``grad_residual``.
@@ -137,6 +215,8 @@ class _BatchNorm(_Module):
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
         x, residual, out, use_batch_stats = self._saved
+        if isinstance(out, list):
+            return self._backward_corrected(grad_output, x, out)
         if self.activation == "relu":
             grad_output = relu_grad(grad_output, x, residual, out, self.axis)
         grad_input, grad_weight, grad_bias = backward(
@@ -161,7 +241,9 @@ class _BatchNorm(_Module):
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}"
                 f"{', channels_last=True' if self.channels_last else ''}"
-                f"{f', activation={self.activation!r}' if self.activation else ''})")
+                f"{f', activation={self.activation!r}' if self.activation else ''}"
+                f"{f', renorm=True, rmax={self.rmax}, dmax={self.dmax}' if self.renorm else ''}"
+                f"{f', ghost_batch_size={self.ghost_batch_size}' if self.ghost_batch_size else ''})")
 
 
 class BatchNorm1d(_BatchNorm):

@@ -93,7 +93,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
-def _real(value: Any, arg: str, expected: str) -> float:
+def check_real(value: Any, arg: str, expected: str = "a real number") -> float:
     """``float(value)`` for a real number (not a bool); ``ValueError`` when out of float range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{arg} must be {expected}, got {_describe(value)}")
@@ -105,7 +105,7 @@ def _real(value: Any, arg: str, expected: str) -> float:
 
 
 def check_eps(eps: Any) -> float:
-    value = _real(eps, "eps", "a real number")
+    value = check_real(eps, "eps", "a real number")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"eps must be finite and > 0, got {_short(eps)}")
     return value
@@ -115,7 +115,7 @@ def check_momentum(momentum: Any, allow_none: bool) -> float | None:
     if momentum is None and allow_none:
         return None
     expected = "a real number in [0, 1] or None" if allow_none else "a real number in [0, 1]"
-    value = _real(momentum, "momentum", expected)
+    value = check_real(momentum, "momentum", expected)
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"momentum must be in [0, 1], got {_short(momentum)}")
     return value

@@ -89,3 +89,33 @@ def grouped(x, dy, weight=None, bias=None, eps=1e-5):
 def numerical_gradient(f, x, direction, h=1e-6):
     """Directional derivative of the scalar function ``f`` at ``x`` by central differences."""
     return (f(x + h * direction) - f(x - h * direction)) / (2 * h)
+
+
+def batch_renorm(x, dy, axis, weight, bias, running_mean, running_var, eps, rmax, dmax,
+                 momentum):
+    """Batch renormalization with Chainer's ``batch_renormalization`` semantics (r and d from
+    sigma = sqrt(var + eps) and sigma_running = sqrt(running_var + eps), held constant for the
+    gradient), in float64. The running update is batch norm's (unbiased variance, without
+    Chainer's eps). Returns y, r, d, new running mean/var, dx, dweight, dbias."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    axes = _axes(x.ndim, axis)
+    m = x.size // x.shape[axis % x.ndim]
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    sigma = np.sqrt(var + eps)
+    running_sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
+    r = np.clip(sigma / running_sigma, 1 / rmax, rmax)
+    d = np.clip((mean - np.asarray(running_mean, np.float64)) / running_sigma, -dmax, dmax)
+    x_hat = (x - _bcast(mean, x.ndim, axis)) / _bcast(sigma, x.ndim, axis) * _bcast(
+        r, x.ndim, axis) + _bcast(d, x.ndim, axis)
+    y = x_hat * _bcast(weight, x.ndim, axis) + _bcast(bias, x.ndim, axis)
+    gbeta = dy.sum(axis=axes)
+    ggamma = (dy * x_hat).sum(axis=axes)
+    # Chainer: gx = gamma * r / sigma * (gy - (x_hat - d) * (ggamma - d * gbeta) / (m * r**2)
+    #                                    - gbeta / m), with x_hat0 = (x_hat - d) / r.
+    x_hat0 = (x_hat - _bcast(d, x.ndim, axis)) / _bcast(r, x.ndim, axis)
+    mean_dy_xhat0 = (ggamma - d * gbeta) / (m * r)
+    dx = _bcast(np.asarray(weight, np.float64) * r / sigma, x.ndim, axis) * (
+        dy - _bcast(gbeta / m, x.ndim, axis) - x_hat0 * _bcast(mean_dy_xhat0, x.ndim, axis))
+    new_rm = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean
+    new_rv = (1 - momentum) * np.asarray(running_var, np.float64) + momentum * var * m / (m - 1)
+    return y, r, d, new_rm, new_rv, dx, ggamma, gbeta

@@ -166,6 +166,20 @@ def in_bwd(e, **kw):
     return bn.instance_norm_backward(**args)
 
 
+def renorm(e, **kw):
+    args = {"input": e["x"], "running_mean": e["rm"], "running_var": e["rv"], "weight": e["w"],
+            "bias": e["b"], "training": True, "momentum": 0.1, "eps": 1e-5, "rmax": 3.0,
+            "dmax": 5.0, "axis": e["axis"], **kw}
+    return bn.batch_renorm_forward(**args)
+
+
+def renorm_bwd(e, **kw):
+    args = {"grad_output": e["dy"], "input": e["x"], "weight": e["w"], "save_mean": e["m"],
+            "save_invstd": e["s"], "r": e["s"] * 0 + 1.5, "d": e["s"] * 0 + 0.25,
+            "axis": e["axis"], **kw}
+    return bn.batch_renorm_backward(**args)
+
+
 def load(e, key, value):
     return e["layer"].load_state_dict({**e["layer"].state_dict(), key: value})
 
@@ -451,6 +465,10 @@ DATA = [  # (N, C, ...) input arrays
     Slot("SyncBatchNorm.__call__ input", "input", "x", lambda e, a: e["sync"](a), mixes=False),
     Slot("fold_into weight", "weight", "conv_w",
          lambda e, a: bn.fold_into(a, e["b"], e["eval_layer"])),
+    Slot("batch_renorm_forward input", "input", "x", lambda e, a: renorm(e, input=a)),
+    Slot("batch_renorm input", "input", "x",
+         lambda e, a: bn.batch_renorm(a, e["rm"], e["rv"], training=True, axis=e["axis"])),
+    Slot("batch_renorm_backward input", "input", "x", lambda e, a: renorm_bwd(e, input=a)),
     Slot("layer_norm_forward input", "input", "x", lambda e, a: ln(e, input=a)),
     Slot("layer_norm input", "input", "x", lambda e, a: bn.layer_norm(a, e["ns"]), mixes=False),
     Slot("layer_norm_backward input", "input", "x", lambda e, a: ln_bwd(e, input=a)),
@@ -531,6 +549,10 @@ VECTORS = [  # per-channel vectors that are only read
          mixes=False),
     Slot("BatchNorm2d.load_state_dict running_var", "running_var", "rv",
          lambda e, a: load(e, "running_var", a), mixes=False),
+    Slot("batch_renorm_forward weight", "weight", "w", lambda e, a: renorm(e, weight=a),
+         takes_none=True),
+    Slot("batch_renorm_backward r", "r", "s", lambda e, a: renorm_bwd(e, r=a)),
+    Slot("batch_renorm_backward d", "d", "s", lambda e, a: renorm_bwd(e, d=a)),
     Slot("layer_norm_forward weight", "weight", "ln_w", lambda e, a: ln(e, weight=a),
          takes_none=True),
     Slot("layer_norm_forward bias", "bias", "ln_b", lambda e, a: ln(e, bias=a), takes_none=True),
@@ -564,6 +586,8 @@ WRITTEN = [  # per-channel vectors updated in place
          lambda e, a: gather(e, running_mean=a), takes_none=True),
     Slot("batch_norm_gather_stats running_var", "running_var", "rv",
          lambda e, a: gather(e, running_var=a), takes_none=True),
+    Slot("batch_renorm_forward running_mean", "running_mean", "rm",
+         lambda e, a: renorm(e, running_mean=a), takes_none=True),
     Slot("instance_norm_forward running_mean", "running_mean", "rm",
          lambda e, a: inorm(e, running_mean=a), takes_none=True),
     Slot("instance_norm_forward running_var", "running_var", "rv",
@@ -612,6 +636,7 @@ COUNTS = NUM_FEATURES + [
     Slot("Moments count", "count", None, lambda e, v: moments_of(e, count=v)),
     Slot("Moments.var ddof", "ddof", None, lambda e, v: e["parts"][0].var(ddof=v)),
     Slot("GroupNorm num_groups", "num_groups", None, lambda e, v: bn.GroupNorm(v, 6)),
+
     Slot("group_norm num_groups", "num_groups", None,
          lambda e, v: bn.group_norm(e["x"], v, axis=e["axis"])),
 ]
@@ -817,6 +842,32 @@ CLASSES = [
                  _bad("instance_norm_forward running_var views input", ("running_var", "input"),
                       lambda e: inorm(e, running_var=channel_view(e["x"], e["axis"]))),
              )),
+    BadClass("batch renormalization limits out of range", ValueError,
+             over([Slot("batch_renorm_forward rmax", "rmax", None, lambda e, v: renorm(e, rmax=v)),
+                   Slot("batch_renorm_forward dmax", "dmax", None,
+                        lambda e, v: renorm(e, dmax=v * -1 if v > 0 else v)),
+                   Slot("BatchNorm2d rmax", "rmax", None,
+                        lambda e, v: bn.BatchNorm2d(3, renorm=True, rmax=v))],
+                  each([0.5, -1.0, float("nan"), float("inf"), 10**400]))),
+    BadClass("ghost_batch_size not a count >= 1", ValueError,
+             over([Slot("BatchNorm2d ghost_batch_size", "ghost_batch_size", None,
+                        lambda e, v: bn.BatchNorm2d(3, ghost_batch_size=v))],
+                  each([0, -1, 2**63]))),
+    BadClass("ghost_batch_size not an int", TypeError,
+             over([Slot("BatchNorm2d ghost_batch_size", "ghost_batch_size", None,
+                        lambda e, v: bn.BatchNorm2d(3, ghost_batch_size=v))],
+                  each([2.5, "3", True, np.array(3), [3]]))),
+    BadClass("renorm or ghost batches that cannot work", ValueError, explicit(
+        _bad("BatchNorm2d renorm without running statistics", ("track_running_stats",),
+             lambda e: bn.BatchNorm2d(3, renorm=True, track_running_stats=False)),
+        _bad("BatchNorm2d renorm with a fused activation", ("activation",),
+             lambda e: bn.BatchNorm2d(3, renorm=True, activation="relu")),
+        _bad("batch_renorm_forward without running statistics", ("running_mean",),
+             lambda e: renorm(e, running_mean=None, running_var=None)),
+        _bad("BatchNorm2d.__call__ with a one-sample ghost batch", ("Expected more than 1 value",),
+             lambda e: bn.BatchNorm2d(3, ghost_batch_size=3, channels_last=e["axis"] == -1)(
+                 e["x"][:, :, :1, :1] if e["axis"] == 1 else e["x"][:, :1, :1, :])),
+    )),
     BadClass("normalized_shape that does not match the input", ValueError,
              over([Slot("layer_norm_forward normalized_shape", "normalized_shape", None,
                         lambda e, v: ln(e, normalized_shape=v, weight=None, bias=None)),
