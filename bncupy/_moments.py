@@ -6,6 +6,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from ._interop import is_foreign, merge_moments
 from .backends._common import merge
 from .backends.dispatch import array_kind
 
@@ -47,6 +48,8 @@ class Moments:
         if other.num_channels != self.num_channels:
             raise ValueError(f"other has {other.num_channels} channels, expected "
                              f"{self.num_channels}")
+        if is_foreign(self.mean) or is_foreign(other.mean):  # torch, JAX, ...: through views
+            return merge_moments(self, other)
         if array_kind(other.mean) != array_kind(self.mean):
             raise TypeError(f"other holds {array_kind(other.mean)} arrays, expected "
                             f"{array_kind(self.mean)} arrays")

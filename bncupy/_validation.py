@@ -126,9 +126,10 @@ def check_same_kind(kinds: Mapping[str, str]) -> str:
 
 
 def check_count(x: Any, axis: int) -> int:
-    """Values per channel in training; torch's message when there are fewer than two."""
+    """Values per channel in training; torch's message when there is exactly one (an empty
+    batch is no error: it gives an empty output, as in torch)."""
     count = x.size // x.shape[axis] if x.shape[axis] else 0
-    if count < 2:
+    if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, "
                          f"got input size {tuple(x.shape)}")
     return count
