@@ -104,8 +104,8 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
     if training and x.size == 0:  # as torch: empty output, running statistics left alone
         nan = be.xp.full(x.shape[layout.axis], float("nan"))
         y, coef = be.normalize_with(x, layout.axis, nan, nan, w, b, z, relu)
-        mean, save_mean = nan, nan.astype(compute_dtype(x.dtype))
-        save_invstd = save_mean
+        mean = nan
+        save_mean, save_invstd = (nan.astype(compute_dtype(x.dtype)) for _ in range(2))
     elif training:
         y, mean, save_mean, save_invstd, coef = be.normalize_train(
             x, layout.axis, w, b, eps, rm, rv, momentum, z, relu)

@@ -236,7 +236,8 @@ class _BatchNorm:
 
         Values may be NumPy or CuPy arrays or any array with ``__dlpack__`` (torch tensors), of
         any float dtype; ``num_batches_tracked`` a 0-d integer array or a Python int. A state
-        without ``num_batches_tracked`` (a checkpoint from before torch added it) loads it as 0.
+        without ``num_batches_tracked`` (a checkpoint from before torch added it) keeps the
+        layer's count, as torch: 0 for a new layer.
 
         Parameters
         ----------
@@ -263,8 +264,8 @@ class _BatchNorm:
         strict = v.check_bool(strict, "strict")
         expected = self._state_keys()
         given = dict(state)
-        if "num_batches_tracked" in expected:
-            given.setdefault("num_batches_tracked", 0)
+        if "num_batches_tracked" in expected:  # torch: checkpoints before the counter existed
+            given.setdefault("num_batches_tracked", self._batches())
         missing = [key for key in expected if key not in given]
         unexpected = [key for key in state if key not in expected]
         if strict and (missing or unexpected):

@@ -162,11 +162,14 @@ def test_counter_may_be_an_int_a_0d_array_or_missing():
         assert layer.load_state_dict({**state, "num_batches_tracked": counter}) == ([], [])
         assert layer.num_batches_tracked.dtype == np.int64 and int(layer.num_batches_tracked) == 7
     old_checkpoint = {k: v for k, v in state.items() if k != "num_batches_tracked"}
-    layer = _trained()
+    layer = bn.BatchNorm2d(3)
     missing, unexpected = layer.load_state_dict(old_checkpoint)
     assert (missing, unexpected) == ([], [])
     assert int(layer.num_batches_tracked) == 0
     np.testing.assert_array_equal(to_numpy(layer.running_var), to_numpy(source.running_var))
+    layer = _trained(shape=(4, 3, 2, 2))  # a layer's own count is kept, as torch keeps it
+    layer.load_state_dict(old_checkpoint)
+    assert int(layer.num_batches_tracked) == 3
 
 
 def test_foreign_arrays_load():
