@@ -7,10 +7,12 @@ from typing import Any
 import numpy as np
 
 from . import _validation as v
+from ._interop import accepts
 from ._layers import _BatchNorm
 from .backends import dispatch
 
 
+@accepts("weight", "bias")
 def fold_into(weight: Any, bias: Any, layer: _BatchNorm) -> tuple[Any, Any]:
     """Weights and bias of a conv/linear layer that already includes ``layer`` in eval mode.
 

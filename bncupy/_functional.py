@@ -11,9 +11,13 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _validation as v
+from ._interop import accepts
+from ._layout import Layout
 from ._moments import Moments
 from .backends import dispatch
 from .backends._common import compute_dtype
+
+_FORWARD_ARRAYS = ("input", "running_mean", "running_var", "weight", "bias", "residual")
 
 
 def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
@@ -94,24 +98,48 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
             training: Any, momentum: Any, eps: Any, axis: Any, activation: Any = None,
             residual: Any = None) -> _Forward:
     """Validated forward pass on the resolved backend."""
+    if getattr(input, "ndim", None) == 1 and input.size == 0:
+        return _forward_empty_vector(input, running_mean, running_var, weight, bias, training,
+                                     momentum, eps, axis, activation, residual)
     ax, training, momentum, eps, relu, kind, be = _check_forward(
         input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
         activation, residual)
-    x, z = be.asarray(input), _native(be, residual)
+    layout = Layout.of(input, ax)
+    x, z = be.asarray(layout.view(input)), _native(be, layout.view(residual))
     w, b = _native(be, weight), _native(be, bias)
     rm, rv = _native(be, running_mean), _native(be, running_var)
-    if training:
+    if training and x.size == 0:  # as torch: empty output, running statistics left alone
+        nan = be.xp.full(x.shape[layout.axis], float("nan"))
+        y, coef = be.normalize_with(x, layout.axis, nan, nan, w, b, z, relu)
+        mean = nan
+        save_mean, save_invstd = (nan.astype(compute_dtype(x.dtype)) for _ in range(2))
+    elif training:
         y, mean, save_mean, save_invstd, coef = be.normalize_train(
-            x, ax, w, b, eps, rm, rv, momentum, z, relu)
+            x, layout.axis, w, b, eps, rm, rv, momentum, z, relu)
         if rm is not None and be.name != kind:
             _write_in_place(running_mean, rm, kind, be)
             _write_in_place(running_var, rv, kind, be)
     else:
-        y, mean, save_mean, save_invstd, coef = be.normalize_eval(x, ax, rm, rv, w, b, eps, z,
-                                                                  relu)
-    return _Forward(_caller(kind, be, y), mean, save_mean, save_invstd, coef, kind, be)
+        y, mean, save_mean, save_invstd, coef = be.normalize_eval(x, layout.axis, rm, rv, w, b,
+                                                                  eps, z, relu)
+    return _Forward(_caller(kind, be, layout.restore(y)), mean, save_mean, save_invstd, coef,
+                    kind, be)
 
 
+def _forward_empty_vector(input: Any, running_mean: Any, running_var: Any, weight: Any,
+                          bias: Any, training: Any, momentum: Any, eps: Any, axis: Any,
+                          activation: Any, residual: Any) -> _Forward:
+    """torch's 1-D empty input: an empty batch of (0, C), C from the per-channel arguments."""
+    vectors = (running_mean, running_var, weight, bias)
+    channels = next((int(a.shape[0]) for a in vectors if getattr(a, "ndim", None) == 1), 0)
+    if residual is not None and getattr(residual, "shape", None) == input.shape:
+        residual = residual.reshape(0, channels)
+    out = forward(input.reshape(0, channels), running_mean, running_var, weight, bias, training,
+                  momentum, eps, axis, activation, residual)
+    return out._replace(y=out.y.reshape(input.shape))
+
+
+@accepts(*_FORWARD_ARRAYS)
 def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                        bias: Any = None, training: bool = False, momentum: float = 0.1,
                        eps: float = 1e-5, *, axis: int = 1, activation: str | None = None,
@@ -121,9 +149,12 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
     Parameters
     ----------
     input : ndarray, shape (N, C, ...) or (N, ..., C)
-        Floating array (float16, float32 or float64); never modified.
+        Floating array (float16, float32 or float64); never modified. Any array with
+        ``__dlpack__`` or ``__cuda_array_interface__`` (torch, JAX, ...) is taken without a copy;
+        results then come back in its kind. An empty batch gives an empty output.
     running_mean, running_var : ndarray of shape (C,) or None
-        Running statistics; updated in place when ``training`` is true, used when it is false.
+        Running statistics; updated in place when ``training`` is true (and the batch is not
+        empty), used when it is false.
     weight, bias : ndarray of shape (C,), optional
         Affine parameters gamma and beta (1 and 0 when None).
     training : bool
@@ -142,7 +173,8 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
     Returns
     -------
     y : ndarray
-        Same shape, dtype and array kind as ``input``.
+        Same shape, dtype, array kind and memory layout (channels-first or channels-last
+        strides) as ``input``.
     save_mean, save_invstd : ndarray, shape (C,)
         Batch mean and ``1/sqrt(var + eps)`` (training) or the running equivalents (eval);
         float32 for float16/float32 input, float64 for float64.
@@ -152,6 +184,7 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
     return (out.y, *out.saved())
 
 
+@accepts(*_FORWARD_ARRAYS)
 def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                bias: Any = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
                *, axis: int = 1, activation: str | None = None, residual: Any = None) -> Any:
@@ -164,6 +197,7 @@ def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = No
                    axis, activation, residual).y
 
 
+@accepts("grad_output", "input", "weight", "save_mean", "save_invstd")
 def batch_norm_backward(grad_output: Any, input: Any, weight: Any, save_mean: Any,
                         save_invstd: Any, *, training: bool = True, axis: int = 1,
                         ) -> tuple[Any, Any, Any]:
@@ -211,11 +245,15 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     training = v.check_bool(training, "training")
     kind, be = _resolve(kinds)
 
+    layout = Layout.of(input, ax)
+    mean, invstd = _native(be, mean), _native(be, invstd)
+    if input.size == 0:  # no values, no parameter gradient (an empty batch's stats are NaN)
+        mean, invstd = be.xp.zeros_like(mean), be.xp.zeros_like(invstd)
     dx, grad_weight, grad_bias = be.backward(
-        be.asarray(grad_output), be.asarray(input), ax, _native(be, weight), _native(be, mean),
-        _native(be, invstd), training)
+        be.asarray(layout.view(grad_output)), be.asarray(layout.view(input)), layout.axis,
+        _native(be, weight), mean, invstd, training)
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-    return (_caller(kind, be, dx), _caller(kind, be, grad_weight.astype(gd, copy=False)),
+    return (_caller(kind, be, layout.restore(dx)), _caller(kind, be, grad_weight.astype(gd, copy=False)),
             _caller(kind, be, grad_bias.astype(gd, copy=False)))
 
 
@@ -225,9 +263,10 @@ def relu_grad(grad_output: Any, input: Any, residual: Any, out: _Forward, axis: 
                        "grad_output": v.check_like_input(grad_output, "grad_output", input)})
     ax = v.check_axis(axis, input.ndim)
     be = out.backend
-    g = be.relu_grad(be.asarray(grad_output), be.asarray(input), ax, out.coefficients,
-                     _native(be, residual))
-    return _caller(out.kind, be, g)
+    layout = Layout.of(input, ax)
+    g = be.relu_grad(be.asarray(layout.view(grad_output)), be.asarray(layout.view(input)),
+                     layout.axis, out.coefficients, _native(be, layout.view(residual)))
+    return _caller(out.kind, be, layout.restore(g))
 
 
 def statistics(x: Any, axis: Any, arg: str) -> Moments:
@@ -235,11 +274,13 @@ def statistics(x: Any, axis: Any, arg: str) -> Moments:
     kind = v.check_input(x, arg)
     ax = v.check_axis(axis, x.ndim)
     kind, be = _resolve({arg: kind})
-    count, mean, m2 = be.stats(be.asarray(x), ax)
+    layout = Layout.of(x, ax)
+    count, mean, m2 = be.stats(be.asarray(layout.view(x)), layout.axis)
     sd = compute_dtype(x.dtype)
     return Moments(count, _caller(kind, be, mean.astype(sd)), _caller(kind, be, m2.astype(sd)))
 
 
+@accepts("x")
 def welford(x: Any, axis: int = 1) -> Moments:
     """Mergeable per-channel statistics of ``x`` over every axis but ``axis``.
 
@@ -252,6 +293,7 @@ def welford(x: Any, axis: int = 1) -> Moments:
     return statistics(x, axis, "x")
 
 
+@accepts("x")
 def moments(x: Any, axis: int = 1) -> tuple[Any, Any]:
     """Per-channel mean and biased variance of ``x`` over every axis but ``axis``.
 

@@ -9,6 +9,7 @@ import numpy as np
 from . import _renorm
 from . import _validation as v
 from ._functional import backward, forward, relu_grad
+from ._interop import accepts
 from ._module import _Module
 from .backends import dispatch
 
@@ -28,9 +29,13 @@ class _BatchNorm(_Module):
         Learn a per-channel scale ``weight`` (gamma, init 1) and shift ``bias`` (beta, init 0).
     track_running_stats : bool
         Keep running statistics and use them in eval mode; otherwise batch statistics always.
+        Set after construction it keeps the statistics there are (as torch): training then
+        stops (False) updating them; eval mode still normalizes with them.
     dtype : float dtype or None
         dtype of the parameters and running statistics (inputs may be any float dtype); None
-        means float32.
+        means float32, as torch's default.
+    bias : bool, keyword-only
+        With ``affine``, learn the shift ``bias`` too; False keeps only ``weight`` (torch).
     channels_last : bool, keyword-only
         The channel axis is the last one (NHWC, (N, L, C), NDHWC) instead of axis 1.
     activation : None or "relu", keyword-only
@@ -55,8 +60,8 @@ class _BatchNorm(_Module):
     _ndims: tuple[int, ...] = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, dtype: Any = np.float32,
-                 *, channels_last: bool = False, activation: str | None = None,
+                 affine: bool = True, track_running_stats: bool = True, dtype: Any = None,
+                 *, bias: bool = True, channels_last: bool = False, activation: str | None = None,
                  renorm: bool = False, rmax: float = 3.0, dmax: float = 5.0,
                  ghost_batch_size: int | None = None) -> None:
         self.num_features = v.check_num_features(num_features)
@@ -65,6 +70,7 @@ class _BatchNorm(_Module):
         self.affine = v.check_bool(affine, "affine")
         self.track_running_stats = v.check_bool(track_running_stats, "track_running_stats")
         self.dtype = v.check_dtype(dtype)
+        self.has_bias = v.check_bool(bias, "bias") and self.affine
         self.channels_last = v.check_bool(channels_last, "channels_last")
         v.check_activation(activation)
         self.activation = activation
@@ -78,6 +84,7 @@ class _BatchNorm(_Module):
             raise ValueError("renorm needs track_running_stats=True (r and d compare the batch "
                              "with the running statistics)")
         self.training = True
+        self._has_running = self.track_running_stats  # buffers stay when it is toggled
         self.weight = self.bias = self.running_mean = self.running_var = None
         self.num_batches_tracked: Any = None
         self._allocate({"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0,
@@ -120,10 +127,13 @@ class _BatchNorm(_Module):
             raise ValueError(f"num_batches_tracked is at its int64 maximum ({v.MAX_COUNT}) and "
                              f"cannot count another batch; reset it with load_state_dict")
 
+    @accepts("x", "residual")
     def __call__(self, x: Any, residual: Any = None) -> Any:
         """Normalize ``x`` (training: batch statistics and running-stat update; eval: running).
 
-        With ``residual`` (``x``'s shape) the layer returns ``act(bn(x) + residual)``.
+        With ``residual`` (``x``'s shape) the layer returns ``act(bn(x) + residual)``. Arrays
+        with ``__dlpack__`` (torch, JAX, ...) are taken too; the output is then of their kind,
+        while the layer's state stays NumPy/CuPy.
         """
         kind = self._check_input(x, residual)
         if self.training and (self.renorm or self.ghost_batch_size is not None):
@@ -131,7 +141,7 @@ class _BatchNorm(_Module):
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
             v.check_count(x, self.axis % x.ndim)
-        update = self.training and self.track_running_stats
+        update = self.training and self.track_running_stats and self.running_mean is not None
         if update:
             self._check_counter()
         self._follow(kind)  # after every check: a rejected call leaves the state where it was
@@ -198,11 +208,13 @@ class _BatchNorm(_Module):
             grads.append(g)
             dw, db = (w, b) if dw is None else (dw + w, db + b)
         if self.affine:
-            self.grad_weight, self.grad_bias = dw, db
+            self.grad_weight = dw
+            self.grad_bias = db if self.bias is not None else None
         self.grad_residual = None
         kind = dispatch.array_kind(x) or "numpy"
         return grads[0] if len(grads) == 1 else dispatch.module_for(kind).xp.concatenate(grads)
 
+    @accepts("grad_output")
     def backward(self, grad_output: Any) -> Any:
         """Gradient with respect to the last call's input; sets ``grad_weight``, ``grad_bias``
         and, when that call had a residual, ``grad_residual``.
@@ -222,7 +234,8 @@ class _BatchNorm(_Module):
         grad_input, grad_weight, grad_bias = backward(
             grad_output, x, self.weight, out.mean, out.save_invstd, use_batch_stats, self.axis)
         if self.affine:
-            self.grad_weight, self.grad_bias = grad_weight, grad_bias
+            self.grad_weight = grad_weight
+            self.grad_bias = grad_bias if self.bias is not None else None
         self.grad_residual = None if residual is None else grad_output
         return grad_input
 
@@ -230,20 +243,25 @@ class _BatchNorm(_Module):
     _GRADS = ("grad_weight", "grad_bias", "grad_residual")
 
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Kept when ``track_running_stats`` is toggled after construction (as torch)."""
         c = (self.num_features,)
-        shapes: dict[str, tuple[int, ...]] = {"weight": c, "bias": c} if self.affine else {}
-        if self.track_running_stats:
+        shapes: dict[str, tuple[int, ...]] = {"weight": c} if self.affine else {}
+        if self.has_bias:
+            shapes["bias"] = c
+        if self._has_running:
             shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
         return shapes
 
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}"
+    def extra_repr(self) -> str:
+        """torch's ``extra_repr``, then bncupy's own options where they are not the default."""
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}"
+                f"{f', dtype={self.dtype.name}' if self.dtype != np.float32 else ''}"
                 f"{', channels_last=True' if self.channels_last else ''}"
                 f"{f', activation={self.activation!r}' if self.activation else ''}"
                 f"{f', renorm=True, rmax={self.rmax}, dmax={self.dmax}' if self.renorm else ''}"
-                f"{f', ghost_batch_size={self.ghost_batch_size}' if self.ghost_batch_size else ''})")
+                f"{f', ghost_batch_size={self.ghost_batch_size}' if self.ghost_batch_size else ''}")
 
 
 class BatchNorm1d(_BatchNorm):

@@ -4,12 +4,14 @@ and creates it with :meth:`_Module._allocate`."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _validation as v
+from ._interop import is_foreign, to_native
 from .backends import dispatch
 
 COUNTER = "num_batches_tracked"
@@ -84,45 +86,111 @@ class _Module:
             self.to(kind)
 
     # ------------------------------------------------------------------ state
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0, in place (when the
+        layer tracks running statistics, as torch)."""
+        if getattr(self, "track_running_stats", False) and \
+                getattr(self, "running_mean", None) is not None:
+            for name, value in (("running_mean", 0), ("running_var", 1)):
+                getattr(self, name)[...] = value
+            setattr(self, COUNTER, np.zeros((), np.int64))
+
+    def reset_parameters(self) -> None:
+        """:meth:`reset_running_stats`, and ``weight`` 1 and ``bias`` 0, in place."""
+        self.reset_running_stats()
+        for name, value in (("weight", 1), ("bias", 0)):
+            if getattr(self, name, None) is not None:
+                getattr(self, name)[...] = value
+
     def state_dict(self) -> dict[str, Any]:
         """Copies of the state under torch's keys."""
         return {key: getattr(self, key).copy() for key in self._state_shapes()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict` (NumPy or CuPy arrays, any float dtype); all or nothing.
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True,
+                        ) -> IncompatibleKeys:
+        """Load a :meth:`state_dict`, torch's included; all or nothing.
+
+        Values may be NumPy or CuPy arrays or any array with ``__dlpack__`` (torch tensors), of
+        any float dtype; ``num_batches_tracked`` a 0-d integer array or a Python int. A state
+        without ``num_batches_tracked`` (a checkpoint from before torch added it) keeps the
+        layer's count, as torch: 0 for a new layer.
+
+        Parameters
+        ----------
+        state : mapping
+            torch's keys.
+        strict : bool
+            Require exactly this layer's keys. With False, state the mapping lacks keeps its
+            value and keys the layer does not have are ignored (as torch).
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``, as torch returns them.
 
         Raises
         ------
         TypeError
             ``state`` is not a mapping, or a value is not an array of a suitable dtype.
         ValueError
-            Missing or unexpected keys, or a wrong shape.
+            Missing or unexpected keys (``strict``), a wrong shape, or a counter outside int64.
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        strict = v.check_bool(strict, "strict")
         shapes = self._state_shapes()
-        missing, unexpected = set(shapes) - set(state), set(state) - set(shapes)
-        if missing or unexpected:
+        given = dict(state)
+        if COUNTER in shapes:  # torch: checkpoints from before the counter existed
+            given.setdefault(COUNTER, int(getattr(self, COUNTER)))
+        missing = [key for key in shapes if key not in given]
+        unexpected = [key for key in state if key not in shapes]
+        if strict and (missing or unexpected):
             raise ValueError(f"state keys do not match {type(self).__name__}: missing "
-                             f"{sorted(missing)}, unexpected {sorted(map(str, unexpected))}")
+                             f"{sorted(missing)}, unexpected {sorted(map(str, unexpected))} "
+                             f"(strict=False loads the keys that match)")
         loaded: dict[str, Any] = {}
         for key, shape in shapes.items():
-            value, arg = state[key], f"state[{key!r}]"
-            v.check_array(value, arg)
-            if key == COUNTER:
-                if value.dtype.kind not in "iu":
-                    raise TypeError(f"{arg} must have an integer dtype, got {value.dtype}")
-                if value.shape != ():
-                    raise ValueError(f"{arg} must be a 0-d array holding a count, got shape "
-                                     f"{value.shape}")
-                loaded[key] = np.asarray(v.check_int(int(value), arg), np.int64)
+            if key not in given:
                 continue
+            arg = f"state[{key!r}]"
+            value = to_native(given[key], arg) if is_foreign(given[key]) else given[key]
+            if key == COUNTER:
+                loaded[key] = np.asarray(_counter(value, arg), np.int64)
+                continue
+            v.check_array(value, arg)
             v.check_float(value, arg)
             if tuple(value.shape) != shape:
                 raise ValueError(f"{arg} must have shape {shape}, got shape {tuple(value.shape)}")
+            loaded[key] = value
         module = dispatch.module_for(self._state_kind())
-        for key in shapes:
-            if key != COUNTER:
-                loaded[key] = module.asarray(state[key]).astype(self.dtype)
+        for key in loaded.keys() - {COUNTER}:
+            loaded[key] = module.asarray(loaded[key]).astype(self.dtype)
         for key, value in loaded.items():  # nothing is replaced until everything is ready
             setattr(self, key, value)
+        return IncompatibleKeys(missing, unexpected)
+
+    def extra_repr(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`_Module.load_state_dict` returns, as torch's ``load_state_dict``."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[Any]
+
+
+def _counter(value: Any, arg: str) -> int:
+    """``num_batches_tracked`` from a state dict: a Python int or a 0-d integer array."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return v.check_int(int(value), arg)
+    v.check_array(value, arg)
+    if value.dtype.kind not in "iu":
+        raise TypeError(f"{arg} must be an int or have an integer dtype, got {value.dtype}")
+    if value.shape != ():
+        raise ValueError(f"{arg} must be an int or a 0-d array holding a count, got shape "
+                         f"{value.shape}")
+    return v.check_int(int(value), arg)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _validation as v
+from ._interop import is_foreign, merge_moments
 from .backends._common import merge
 
 
@@ -38,11 +39,14 @@ class Moments:
             ``count`` is negative or beyond int64, or ``mean``/``m2`` are not 1-D of one length.
         """
         object.__setattr__(self, "count", v.check_int(self.count, "count"))
-        kinds = {arg: v.check_array(value, arg) for arg, value in (("mean", self.mean),
-                                                                  ("m2", self.m2))}
-        v.check_same_kind(kinds)
+        foreign = is_foreign(self.mean) and is_foreign(self.m2)  # torch, JAX, ...: as given
+        if not foreign:
+            kinds = {arg: v.check_array(value, arg) for arg, value in (("mean", self.mean),
+                                                                      ("m2", self.m2))}
+            v.check_same_kind(kinds)
         for arg, value in (("mean", self.mean), ("m2", self.m2)):
-            v.check_float(value, arg)
+            if not foreign:
+                v.check_float(value, arg)
             if value.ndim != 1:
                 raise ValueError(f"{arg} must be 1-D (one value per channel), got shape "
                                  f"{tuple(value.shape)}")
@@ -69,6 +73,8 @@ class Moments:
         if other.num_channels != self.num_channels:
             raise ValueError(f"other has {other.num_channels} channels, expected "
                              f"{self.num_channels}")
+        if is_foreign(self.mean) or is_foreign(other.mean):  # torch, JAX, ...: through views
+            return merge_moments(self, other)
         mine, theirs = v.check_array(self.mean, "mean"), v.check_array(other.mean, "other.mean")
         if mine != theirs:
             raise TypeError(f"other holds {theirs} arrays, expected {mine} arrays")

@@ -41,12 +41,6 @@ class _GroupNormalization(_Module):
     def _axis(self, x: Any) -> int:
         return 1
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
-
-    def extra_repr(self) -> str:
-        raise NotImplementedError
-
 
 class LayerNorm(_GroupNormalization):
     """Layer normalization over the trailing ``normalized_shape`` dimensions.
@@ -184,6 +178,7 @@ class _InstanceNorm(_GroupNormalization):
         self.track_running_stats = v.check_bool(track_running_stats, "track_running_stats")
         self.dtype = v.check_dtype(dtype)
         self.channels_last = v.check_bool(channels_last, "channels_last")
+        self._has_running = self.track_running_stats  # buffers stay when it is toggled
         self.training = True
         self.weight: Any = None
         self.bias: Any = None
@@ -199,7 +194,7 @@ class _InstanceNorm(_GroupNormalization):
         shapes: dict[str, tuple[int, ...]] = {"weight": c} if self.affine else {}
         if self.has_bias:
             shapes["bias"] = c
-        if self.track_running_stats:
+        if self._has_running:
             shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
         return shapes
 
@@ -225,9 +220,10 @@ class _InstanceNorm(_GroupNormalization):
             raise ValueError(f"input has {batched.shape[axis]} channels on axis {axis}, but "
                              f"{type(self).__name__} was built for num_features="
                              f"{self.num_features}")
-        use_input_stats = self.training or not self.track_running_stats
+        use_input_stats = self.training or not self.track_running_stats or \
+            self.running_mean is None
         momentum = 0.0 if self.momentum is None else self.momentum  # torch: None never updates
-        track = self.track_running_stats
+        track = self.running_mean is not None  # torch passes the buffers whenever they exist
         if use_input_stats:
             _norms.check_spatial(batched, axis)
         self._follow(kind)

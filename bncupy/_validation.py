@@ -126,7 +126,9 @@ def check_int(value: Any, arg: str, minimum: int = 0, maximum: int = MAX_COUNT) 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{arg} must be an int, got {_describe(value)}")
     if not minimum <= int(value) <= maximum:
-        raise ValueError(f"{arg} must be an int in [{minimum}, {maximum}], got {_short(value)}")
+        limit = " (int64)" if maximum == MAX_COUNT else ""
+        raise ValueError(f"{arg} must be an int in [{minimum}, {maximum}]{limit}, got "
+                         f"{_short(value)}")
     return int(value)
 
 
@@ -217,9 +219,10 @@ def check_same_kind(kinds: Mapping[str, str]) -> str:
 
 
 def check_count(x: Any, axis: int) -> int:
-    """Values per channel in training; torch's message when there are fewer than two."""
+    """Values per channel in training; torch's message when there is exactly one (an empty
+    batch is no error: it gives an empty output, as in torch)."""
     count = x.size // x.shape[axis] if x.shape[axis] else 0
-    if count < 2:
+    if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, "
                          f"got input size {tuple(x.shape)}")
     return count

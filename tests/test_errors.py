@@ -1055,7 +1055,7 @@ CLASSES = [
     BadClass("num_batches_tracked not an integer array", TypeError,
              over([Slot("BatchNorm2d.load_state_dict num_batches_tracked", COUNTER, None,
                         lambda e, v: load(e, COUNTER, v))],
-                  each([5, 5.0, "5", np.array(5.0), np.array(True), None]))),
+                  each([5.0, "5", np.array(5.0), np.array(True), None]))),
 ]
 
 

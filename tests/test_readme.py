@@ -37,6 +37,11 @@ def _needs(code: str) -> str | None:
         return f"needs CuPy and a GPU: {REAL_GPU_REASON}"
     if "mpi4py" in code:
         return _mpi4py_missing()
+    if re.search(r"^import torch|^from torch", code, re.M):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return "torch is not installed (the tox env 'torch' runs this block)"
     return None
 
 

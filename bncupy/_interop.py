@@ -1,0 +1,175 @@
+"""Arrays of other libraries, in and out: DLPack and ``__cuda_array_interface__``.
+
+An argument that is neither a NumPy nor a CuPy array but implements ``__dlpack__`` (torch tensors,
+JAX arrays, any array-API library) or ``__cuda_array_interface__`` is imported without a copy:
+host memory as a NumPy array (:func:`numpy.from_dlpack`), CUDA memory as a CuPy array, so that
+``auto`` computes where the memory lives. Views share memory, so running statistics passed that
+way are updated in place; memory exported read-only stays read-only (and is refused where
+bncupy would write). Results go back through the caller's library's ``from_dlpack``, found from
+the argument's own type: this module never imports torch, JAX or any other array library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, ParamSpec, TypeVar
+
+import numpy as np
+
+from .backends import cupy as cupy_backend
+from .backends.dispatch import array_kind
+
+# DLPack device types (dlpack.h): memory NumPy can address, and CUDA memory.
+_HOST_DEVICES = {1: "cpu", 3: "cuda_host", 11: "rocm_host"}
+_CUDA_DEVICES = {2: "cuda", 13: "cuda_managed"}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def is_foreign(value: Any) -> bool:
+    """True for an array of another library that bncupy can import."""
+    return array_kind(value) is None and (hasattr(value, "__dlpack__")
+                                          or hasattr(value, "__cuda_array_interface__"))
+
+
+def _device(value: Any, arg: str) -> str:
+    """Where a foreign array's memory lives: a DLPack device name ("cpu", "cuda", ...)."""
+    if hasattr(value, "__dlpack_device__"):
+        code = int(value.__dlpack_device__()[0])
+        if code in _HOST_DEVICES:
+            return _HOST_DEVICES[code]
+        if code in _CUDA_DEVICES:
+            return _CUDA_DEVICES[code]
+        raise TypeError(f"{arg} ({_library(value)}) lives on DLPack device type {code}; bncupy "
+                        f"computes on host memory (NumPy) and CUDA memory (CuPy) only")
+    if hasattr(value, "__cuda_array_interface__"):
+        return "cuda"
+    raise TypeError(f"{arg} ({_library(value)}) has __dlpack__ but no __dlpack_device__, so "
+                    f"where its memory lives is unknown")
+
+
+def _library(value: Any) -> str:
+    cls = type(value)
+    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+
+
+def describe(value: Any, arg: str = "argument") -> str:
+    """The kind of an array argument as messages name it: ``numpy.ndarray``, ``cupy.ndarray``,
+    ``torch.Tensor (cpu)``, ..."""
+    kind = array_kind(value)
+    if kind is not None:
+        return f"{kind}.ndarray"
+    return f"{_library(value)} ({_device(value, arg)})"
+
+
+def to_native(value: Any, arg: str) -> Any:
+    """A NumPy (host memory) or CuPy (CUDA memory) array sharing ``value``'s memory.
+
+    Raises
+    ------
+    TypeError
+        Naming ``arg``, when the exporter refuses (a torch tensor that requires grad, a dtype
+        NumPy lacks such as bfloat16) or the memory is on a device bncupy does not compute on.
+    BackendUnavailableError
+        For CUDA memory where the CuPy backend cannot run.
+    """
+    device = _device(value, arg)
+    if device in _HOST_DEVICES.values():
+        importer = np.from_dlpack
+    else:
+        cupy = cupy_backend.require()
+        importer = cupy.from_dlpack if hasattr(value, "__dlpack__") else cupy.asarray
+    try:
+        return importer(value)
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        raise TypeError(f"{arg} ({_library(value)} on {device}) could not be imported through "
+                        f"DLPack: {exc}") from exc
+
+
+def _exporter(value: Any) -> Callable[[Any], Any] | None:
+    """The ``from_dlpack`` of ``value``'s library: its array-API namespace's, else its top-level
+    module's (torch.from_dlpack); only libraries the caller has already imported are looked at."""
+    namespace = getattr(value, "__array_namespace__", None)
+    if namespace is not None:
+        found = getattr(namespace(), "from_dlpack", None)
+        if found is not None:
+            return found
+    module = sys.modules.get(type(value).__module__.split(".")[0])
+    return getattr(module, "from_dlpack", None)
+
+
+def export(result: Any, exporter: Callable[[Any], Any]) -> Any:
+    """``result`` with every NumPy/CuPy array in it (tuples, dataclasses such as
+    :class:`~bncupy.Moments`) passed through ``exporter``."""
+    if array_kind(result) is not None:
+        return exporter(result)
+    if isinstance(result, tuple):
+        items = [export(item, exporter) for item in result]
+        return result._make(items) if hasattr(result, "_make") else tuple(items)
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.replace(result, **{f.name: export(getattr(result, f.name), exporter)
+                                              for f in dataclasses.fields(result) if f.init})
+    return result
+
+
+def import_arrays(arguments: dict[str, Any], names: Iterable[str]) -> Callable[[Any], Any]:
+    """Replace the foreign arrays among ``arguments[name]`` by native views, in place.
+
+    Returns the function that gives a result back in the caller's kind (the identity when no
+    argument was foreign, or the foreign library has no ``from_dlpack``).
+
+    Raises
+    ------
+    TypeError
+        When the array arguments are of different kinds (naming each), or one cannot be imported.
+    """
+    kinds = {name: describe(arguments[name], name) for name in names
+             if is_foreign(arguments.get(name)) or array_kind(arguments.get(name)) is not None}
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{name} is a {kind}" for name, kind in kinds.items())
+        raise TypeError(f"all array arguments must be of one kind: {listing}")
+    foreign = [name for name in kinds if is_foreign(arguments[name])]
+    if not foreign:
+        return lambda result: result
+    exporter = _exporter(arguments[foreign[0]])
+    for name in foreign:
+        arguments[name] = to_native(arguments[name], name)
+    if exporter is None:
+        return lambda result: result
+    return functools.partial(export, exporter=exporter)
+
+
+def accepts(*names: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function so that its array parameters ``names`` also take foreign arrays
+    (returned results then come back in their kind). Calls with only NumPy/CuPy arrays go
+    straight through."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            if not any(is_foreign(a) for a in (*args, *kwargs.values())):
+                return fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            give_back = import_arrays(bound.arguments, names)
+            return give_back(fn(*bound.args, **bound.kwargs))
+
+        return call
+
+    return decorate
+
+
+def merge_moments(a: Any, b: Any) -> Any:
+    """``a.merge(b)`` for :class:`~bncupy.Moments` holding foreign arrays: merged as NumPy/CuPy
+    views, returned in the arrays' own kind."""
+    arrays = {"self.mean": a.mean, "self.m2": a.m2, "other.mean": b.mean, "other.m2": b.m2}
+    give_back = import_arrays(arrays, list(arrays))
+    native_a = dataclasses.replace(a, mean=arrays["self.mean"], m2=arrays["self.m2"])
+    native_b = dataclasses.replace(b, mean=arrays["other.mean"], m2=arrays["other.m2"])
+    return give_back(native_a.merge(native_b))
