@@ -171,3 +171,12 @@ def test_values_beyond_the_pages_int16_cells_are_refused(states):
 def test_unknown_distribution_is_refused():
     with pytest.raises(ValueError, match="kind must be one of"):
         ex.standard_draw(np.random.default_rng(0), "cauchy", 4)
+
+
+def test_every_backend_computes_the_same_states(backend, states):
+    """The demo builds the page with its own backend (the GPU's kernels when CuPy can run)."""
+    other = ex.compute(seed=0, backend=backend.name)
+    for name in ("input_rows", "normalized_rows", "output_rows", "normalized_stats",
+                 "output_stats", "running"):
+        assert np.allclose(other[name], states[name], rtol=1e-4, atol=1e-4), name
+    assert f'"backend":"{backend.name}"' in ex.render(other, None, [], backend.name)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import bncupy as bn
+from bncupy.backends.numpy import asarray as host
 
 KINDS = ("normal", "uniform", "skewed", "bimodal", "outliers")
 MEANS = (-10.0, 0.0, 10.0, 50.0)
@@ -112,13 +113,18 @@ class Panel:
                 "hist": np.stack(self.hist).reshape(shape + (BINS,))}
 
 
-def compute(seed: int = 0) -> dict[str, np.ndarray]:
-    """Every state the page can show, computed with bncupy.
+def compute(seed: int = 0, backend: str = "numpy") -> dict[str, np.ndarray]:
+    """Every state the page can show, computed with bncupy's ``backend`` (NumPy arrays out).
 
     Returns arrays indexed ``[mode, gamma, beta, column]`` (output), ``[mode, column]``
     (normalized) and ``[column]`` (input), where mode 0 is training and mode ``1 + i`` is
     inference after ``BATCHES_SEEN[i]`` training batches; columns as in :func:`columns`.
     """
+    with bn.use_backend(backend):
+        return _compute(seed)
+
+
+def _compute(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = draw_batch(rng)
     n_columns = x.shape[1]
@@ -133,7 +139,7 @@ def compute(seed: int = 0) -> dict[str, np.ndarray]:
     for seen in range(1, max(BATCHES_SEEN) + 1):
         layer(draw_batch(rng))
         if seen in BATCHES_SEEN:
-            running.append((np.array(layer.running_mean), np.array(layer.running_var)))
+            running.append((host(layer.running_mean).copy(), host(layer.running_var).copy()))
     modes: list[tuple[Any, Any, bool]] = [(None, None, True)] + [(m, v, False) for m, v in running]
 
     inputs, normalized, output = Panel(), Panel(), Panel()
@@ -185,16 +191,17 @@ def _asset(name: str) -> str:
     return (resources.files(__package__) / "explorer_assets" / name).read_text(encoding="utf-8")
 
 
-def render(arrays: dict[str, np.ndarray], curves_png: bytes | None, notes: Sequence[str]) -> str:
-    """The self-contained page: template + inline CSS + inline JS + gzipped data, with the
-    training curves (a PNG) and a list of ``notes`` about them."""
+def render(arrays: dict[str, np.ndarray], curves_png: bytes | None, notes: Sequence[str],
+           backend: str = "numpy") -> str:
+    """The self-contained page: template + inline CSS + inline JS + gzipped data (computed by
+    ``backend``), with the training curves (a PNG) and a list of ``notes`` about them."""
     layout, blob = _pack(arrays)
     meta = {
         "kinds": KINDS, "means": MEANS, "scales": SCALES, "gammas": GAMMAS, "betas": BETAS,
         "batchesSeen": BATCHES_SEEN, "momentum": MOMENTUM, "features": FEATURES,
         "batch": BATCH, "rowsShown": ROWS_SHOWN, "bins": BINS, "defaults": DEFAULTS,
         "ranges": {"normalized": NORMALIZED_RANGE, "output": OUTPUT_RANGE},
-        "layout": layout, "bncupy": bn.__version__, "backend": bn.get_backend(),
+        "layout": layout, "bncupy": bn.__version__, "backend": backend,
     }
     data = base64.b64encode(gzip.compress(blob, compresslevel=9, mtime=0)).decode("ascii")
     curves = ("" if curves_png is None else
@@ -216,6 +223,7 @@ def render(arrays: dict[str, np.ndarray], curves_png: bytes | None, notes: Seque
 
 
 def write(path: Path, seed: int = 0, curves_png: bytes | None = None,
-          notes: Sequence[str] = ()) -> None:
-    """Compute every state and write the page to ``path``."""
-    path.write_text(render(compute(seed), curves_png, notes), encoding="utf-8")
+          notes: Sequence[str] = (), backend: str = "numpy") -> None:
+    """Compute every state with bncupy's ``backend`` and write the page to ``path``."""
+    path.write_text(render(compute(seed, backend), curves_png, notes, backend),
+                    encoding="utf-8")
