@@ -94,9 +94,21 @@ def arms(lr: float, conv_lr: float) -> list[Arm]:
     return out
 
 
+def eval_steps(steps: int, eval_every: int) -> set[int]:
+    """Every ``eval_every``-th step, the last, and about ten steps per decade before that (the
+    arms differ most in their first few hundred steps, which the figures show on a log axis)."""
+    early, step = set(), 1.0
+    while step < min(4 * eval_every, steps):
+        early.add(round(step))
+        step *= 10 ** 0.1
+    return early | set(range(eval_every, steps + 1, eval_every)) | {steps}
+
+
 def train(xp: Any, data: Data, arm: Arm, steps: int, batch: int, eval_every: int, seed: int,
           progress: Callable[[int], None] = lambda n: None) -> Result:
-    """Train one arm with SGD; evaluate test accuracy (and the probe percentiles) periodically."""
+    """Train one arm with SGD; evaluate test accuracy (and the probe percentiles) at
+    :func:`eval_steps`."""
+    checkpoints = eval_steps(steps, eval_every)
     rng = np.random.default_rng(seed)
     net = arm.build(xp, rng, arm.batch_norm)
     shape = (-1, 1, 8, 8) if arm.image else (-1, 64)
@@ -112,7 +124,8 @@ def train(xp: Any, data: Data, arm: Arm, steps: int, batch: int, eval_every: int
         idx = xp.asarray(order[cursor:cursor + batch])
         cursor += batch
         losses.append(net.sgd_step(data.x_train[idx].reshape(shape), data.y_train[idx], arm.lr))
-        if step % eval_every == 0 or step == steps:
+        if step in checkpoints:
+            progress(step - (result.steps[-1] if result.steps else 0))
             result.steps.append(step)
             result.test_accuracy.append(net.accuracy(x_test, data.y_test))
             result.loss.append(float(np.mean(losses)))
@@ -124,5 +137,4 @@ def train(xp: Any, data: Data, arm: Arm, steps: int, batch: int, eval_every: int
                 values = np.asarray(unit.get() if hasattr(unit, "get") else unit)
                 result.sigmoid_input_percentiles.append(
                     [float(p) for p in np.percentile(values, PERCENTILES)])
-            progress(eval_every)
     return result
