@@ -187,6 +187,81 @@ def fused_rows(cupy: Any, reps: int) -> list[dict[str, Any]]:
             for shape in [(32, 64, 56, 56), (32, 256, 56, 56), (32, 1024, 14, 14)]]
 
 
+# LayerNorm over transformer hidden sizes; GroupNorm (32 groups) on ResNet and UNet shapes.
+LAYER_NORM = [(8192, hidden) for hidden in (768, 1024, 4096, 8192)]
+GROUP_NORM = [(32, 256, 56, 56), (32, 512, 28, 28), (16, 320, 64, 64), (8, 640, 32, 32),
+              (8, 1280, 16, 16)]
+
+
+def family_configs(quick: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(norm, dtype, shape) of the LayerNorm and GroupNorm rows."""
+    layer = LAYER_NORM[:2] if quick else LAYER_NORM
+    group = GROUP_NORM[:2] if quick else GROUP_NORM
+    return [(norm, dtype, shape) for dtype in ("float32", "float16")
+            for norm, shapes in (("layer_norm", layer), ("group_norm", group))
+            for shape in shapes]
+
+
+def _family_ops(xp: Any, norm: str, shape: tuple[int, ...], dtype: str) -> dict[str, Callable]:
+    """bncupy's forward and forward+backward for one LayerNorm/GroupNorm row."""
+    from . import _norms as N
+
+    x = xp.asarray(np.random.default_rng(0).standard_normal(shape).astype(dtype))
+    dy = xp.asarray(np.random.default_rng(1).standard_normal(shape).astype(dtype))
+    c = shape[-1] if norm == "layer_norm" else shape[1]
+    w, b = xp.ones(c, np.float32), xp.zeros(c, np.float32)
+    if norm == "layer_norm":
+        def forward() -> Any:
+            return N.layer_norm_forward(x, c, w, b)
+
+        def both() -> Any:
+            _, m, s = forward()
+            return N.layer_norm_backward(dy, x, c, m, s, w)
+    else:
+        def forward() -> Any:
+            return N.group_norm_forward(x, 32, w, b)
+
+        def both() -> Any:
+            _, m, s = forward()
+            return N.group_norm_backward(dy, x, 32, m, s, w)
+    return {"fwd": forward, "fwd_bwd": both}
+
+
+def _family_torch(torch: Any, norm: str, shape: tuple[int, ...], dtype: str,
+                  ) -> dict[str, Callable]:
+    x = torch.randn(shape, device="cuda", dtype=getattr(torch, dtype), requires_grad=True)
+    c = shape[-1] if norm == "layer_norm" else shape[1]
+    w = torch.ones(c, device="cuda", requires_grad=True)
+    b = torch.zeros(c, device="cuda", requires_grad=True)
+    fn = {"layer_norm": lambda: torch.nn.functional.layer_norm(x, (c,), w.to(x.dtype),
+                                                               b.to(x.dtype)),
+          "group_norm": lambda: torch.nn.functional.group_norm(x, 32, w.to(x.dtype),
+                                                               b.to(x.dtype))}[norm]
+    dy = torch.randn(shape, device="cuda", dtype=x.dtype)
+
+    def both() -> Any:
+        return torch.autograd.grad(fn(), (x, w, b), dy)
+
+    return {"fwd": fn, "fwd_bwd": both}
+
+
+def family_rows(cupy: Any, torch: Any, reps: int, quick: bool = False,
+                timer: Callable[[Any, Callable[[], Any], int], float] = time_us,
+                ) -> list[dict[str, Any]]:
+    """LayerNorm and GroupNorm forward and forward+backward against torch (cuDNN/ATen)."""
+    rows = []
+    for norm, dtype, shape in _progress(family_configs(quick), "family"):
+        ours = _family_ops(cupy, norm, shape, dtype)
+        theirs = _family_torch(torch, norm, shape, dtype) if torch is not None else {}
+        for op in ("fwd", "fwd_bwd"):
+            ours_us = timer(cupy, ours[op], reps)
+            torch_us = timer(cupy, theirs[op], reps) if theirs else None
+            rows.append({"norm": norm, "op": op, "dtype": dtype, "shape": list(shape),
+                         "bncupy_us": round(ours_us, 2),
+                         "torch_us": None if torch_us is None else round(torch_us, 2)})
+    return rows
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Geometric-mean speedups per (op, layout) and the roofline of large tensors."""
     out: dict[str, Any] = {}
@@ -268,6 +343,7 @@ def main(out_dir: Path, quick: bool, run_tests: bool) -> int:
     rows = bench_rows(cupy, torch, copy_gbps, (32,) if quick else (32, 256), 5 if quick else 20)
     print_table(rows)
     fused = fused_rows(cupy, 5 if quick else 20)
+    family = family_rows(cupy, torch, 5 if quick else 20, quick)
     record: dict[str, Any] = {
         "kernels_digest": kernels_digest(),
         "commit": _commit(),
@@ -279,6 +355,7 @@ def main(out_dir: Path, quick: bool, run_tests: bool) -> int:
         "summary": summarize(rows),
         "bench": rows,
         "fused": fused,
+        "family": family,
     }
     print(json.dumps(record["summary"], indent=2))
     out_dir.mkdir(parents=True, exist_ok=True)

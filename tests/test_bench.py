@@ -9,6 +9,7 @@ import pytest
 
 from bncupy import _bench
 from bncupy._kernels import kernel_dir, kernels_digest
+from tests.conftest import requires_gpu
 
 
 def _record_digest(base: Path) -> str:
@@ -62,3 +63,32 @@ def test_program_source_names_the_kernels_digest():
     source = cupy_backend.program_source()
     assert kernels_digest() in source
     assert '#include "forward.cu"' in source and '#include "backward.cu"' in source
+
+
+def test_family_configs_cover_the_transformer_and_groupnorm_shapes():
+    configs = _bench.family_configs()
+    hidden = {shape[-1] for norm, _, shape in configs if norm == "layer_norm"}
+    assert hidden == {768, 1024, 4096, 8192}
+    assert all(shape[1] % 32 == 0 for norm, _, shape in configs if norm == "group_norm")
+    assert {dtype for _, dtype, _ in configs} == {"float32", "float16"}
+
+
+@requires_gpu
+def test_family_rows_run_end_to_end_with_a_given_timer(monkeypatch):
+    """The rows' code path on the CuPy backend (the CPU execution target when no GPU): every op
+    runs and the row format holds; timings come from the timer passed in."""
+    from bncupy.backends import cupy as cupy_backend
+
+    calls = []
+
+    def timer(xp, fn, reps):
+        fn()
+        calls.append(reps)
+        return 1.0
+
+    small = [("layer_norm", "float32", (64, 768)), ("group_norm", "float16", (2, 64, 6, 6))]
+    monkeypatch.setattr(_bench, "family_configs", lambda quick=False: small)
+    rows = _bench.family_rows(cupy_backend.require(), None, 1, timer=timer)
+    assert len(rows) == 4 and len(calls) == 4
+    assert {r["op"] for r in rows} == {"fwd", "fwd_bwd"} and all(r["torch_us"] is None
+                                                                for r in rows)

@@ -103,3 +103,99 @@ def test_fused_relu_residual_layer_matches_torch_autograd(channels_last):
     np.testing.assert_allclose(layer.grad_residual.transpose(inv), tz.grad.numpy(), atol=1e-12)
     np.testing.assert_allclose(layer.grad_weight, tbn.weight.grad.numpy(), atol=1e-11)
     np.testing.assert_allclose(layer.grad_bias, tbn.bias.grad.numpy(), atol=1e-11)
+
+
+def _torch_grads(fn, x, params, dy):
+    tx = torch.tensor(x, requires_grad=True)
+    tp = [torch.tensor(p, requires_grad=True) for p in params]
+    ty = fn(tx, *tp)
+    ty.backward(torch.tensor(dy))
+    return ty.detach().numpy(), tx.grad.numpy(), [p.grad.numpy() for p in tp]
+
+
+@pytest.mark.parametrize("shape, normalized", [((6, 7), (7,)), ((3, 4, 5, 6), (5, 6)),
+                                               ((2, 3, 4), (2, 3, 4))])
+def test_layer_norm_matches_torch(shape, normalized):
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal(shape) * 3 + 2, rng.standard_normal(shape)
+    w, b = rng.uniform(0.5, 2, normalized), rng.standard_normal(normalized)
+    ty, tdx, (tdw, tdb) = _torch_grads(lambda t, tw, tb: F.layer_norm(t, normalized, tw, tb),
+                                       x, (w, b), dy)
+    y, mean, rstd = bn.layer_norm_forward(x, normalized, w, b)
+    dx, dw, db = bn.layer_norm_backward(dy, x, normalized, mean, rstd, w)
+    for ours, theirs in ((y, ty), (dx, tdx), (dw, tdw), (db, tdb)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape, groups", [((4, 6, 5), 3), ((2, 8, 3, 4), 2), ((2, 8, 3, 4), 8),
+                                           ((3, 4, 2, 2, 2), 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_matches_torch(shape, groups, channels_last):
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal(shape) * 3 + 2, rng.standard_normal(shape)
+    c = shape[1]
+    w, b = rng.uniform(0.5, 2, c), rng.standard_normal(c)
+    ty, tdx, (tdw, tdb) = _torch_grads(lambda t, tw, tb: F.group_norm(t, groups, tw, tb), x,
+                                       (w, b), dy)
+    axis = -1 if channels_last else 1
+    xs, dys = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) if channels_last else a
+               for a in (x, dy))
+    y, mean, rstd = bn.group_norm_forward(xs, groups, w, b, axis=axis)
+    dx, dw, db = bn.group_norm_backward(dys, xs, groups, mean, rstd, w, axis=axis)
+    y, dx = (np.moveaxis(a, -1, 1) if channels_last else a for a in (y, dx))
+    for ours, theirs in ((y, ty), (dx, tdx), (dw, tdw), (db, tdb)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-11)
+
+
+@pytest.mark.parametrize("cls, tcls, shape", [(bn.InstanceNorm1d, torch.nn.InstanceNorm1d,
+                                               (4, 3, 7)),
+                                              (bn.InstanceNorm2d, torch.nn.InstanceNorm2d,
+                                               (2, 3, 4, 5)),
+                                              (bn.InstanceNorm3d, torch.nn.InstanceNorm3d,
+                                               (2, 3, 2, 3, 4))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_instance_norm_layers_match_torch_over_steps(cls, tcls, shape, momentum):
+    rng = np.random.default_rng(3)
+    ours = cls(3, momentum=momentum, affine=True, track_running_stats=True, dtype=np.float64)
+    theirs = tcls(3, momentum=momentum, affine=True, track_running_stats=True).double()
+    w, b = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    ours.load_state_dict({**ours.state_dict(), "weight": w, "bias": b})
+    theirs.load_state_dict({**theirs.state_dict(), "weight": torch.tensor(w),
+                            "bias": torch.tensor(b)})
+    for step in range(3):
+        x, dy = rng.standard_normal(shape) * (step + 1) + step, rng.standard_normal(shape)
+        tx = torch.tensor(x, requires_grad=True)
+        ty = theirs(tx)
+        ty.backward(torch.tensor(dy))
+        np.testing.assert_allclose(ours(x), ty.detach().numpy(), atol=1e-11)
+        np.testing.assert_allclose(ours.backward(dy), tx.grad.numpy(), atol=1e-10)
+        np.testing.assert_allclose(ours.grad_weight, theirs.weight.grad.numpy(), atol=1e-10)
+        theirs.zero_grad()
+    for key, value in theirs.state_dict().items():
+        np.testing.assert_allclose(ours.state_dict()[key], value.numpy(), atol=1e-12,
+                                   err_msg=key)
+    ours.eval()
+    theirs.eval()
+    x = rng.standard_normal(shape)
+    np.testing.assert_allclose(ours(x), theirs(torch.tensor(x)).detach().numpy(), atol=1e-11)
+
+
+def test_family_state_dicts_load_into_torch_and_back():
+    for ours, theirs in ((bn.LayerNorm((4, 5)), torch.nn.LayerNorm((4, 5))),
+                         (bn.GroupNorm(2, 6), torch.nn.GroupNorm(2, 6)),
+                         (bn.InstanceNorm2d(6, affine=True, track_running_stats=True),
+                          torch.nn.InstanceNorm2d(6, affine=True, track_running_stats=True))):
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        assert repr(ours) == repr(theirs)
+        theirs.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in
+                                ours.state_dict().items()})
+        ours.load_state_dict(theirs.state_dict())  # torch tensors in
+
+
+def test_batch_renorm_with_unit_limits_matches_torch_batch_norm():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 3, 4)) * 2 + 1
+    layer = bn.BatchNorm1d(3, renorm=True, rmax=1.0, dmax=0.0, dtype=np.float64)
+    tlayer = torch.nn.BatchNorm1d(3).double()
+    np.testing.assert_allclose(layer(x), tlayer(torch.tensor(x)).detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(layer.running_var, tlayer.running_var.numpy(), atol=1e-12)
