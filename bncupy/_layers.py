@@ -10,7 +10,7 @@ from . import _renorm
 from . import _validation as v
 from ._functional import backward, forward, relu_grad
 from ._interop import accepts
-from ._module import _Module
+from ._module import _Module, channel_state
 from .backends import dispatch
 
 
@@ -244,13 +244,7 @@ class _BatchNorm(_Module):
 
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Kept when ``track_running_stats`` is toggled after construction (as torch)."""
-        c = (self.num_features,)
-        shapes: dict[str, tuple[int, ...]] = {"weight": c} if self.affine else {}
-        if self.has_bias:
-            shapes["bias"] = c
-        if self._has_running:
-            shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
-        return shapes
+        return channel_state(self.num_features, self.affine, self.has_bias, self._has_running)
 
     def extra_repr(self) -> str:
         """torch's ``extra_repr``, then bncupy's own options where they are not the default."""

@@ -176,6 +176,18 @@ class _Module:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+def channel_state(channels: int, affine: bool, bias: bool, running: bool,
+                  ) -> dict[str, tuple[int, ...]]:
+    """The state shapes of a per-channel layer (batch norm, instance norm), torch's order."""
+    c = (channels,)
+    shapes: dict[str, tuple[int, ...]] = {"weight": c} if affine else {}
+    if bias:
+        shapes["bias"] = c
+    if running:
+        shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
+    return shapes
+
+
 class IncompatibleKeys(NamedTuple):
     """What :meth:`_Module.load_state_dict` returns, as torch's ``load_state_dict``."""
 

@@ -9,7 +9,7 @@ from . import _norms
 from . import _validation as v
 from ._functional import _caller
 from ._functional import backward as _bn_backward
-from ._module import _Module
+from ._module import _Module, channel_state
 
 
 class _GroupNormalization(_Module):
@@ -134,11 +134,7 @@ class GroupNorm(_GroupNormalization):
         self._init_grads()
 
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
-        c = (self.num_channels,)
-        shapes: dict[str, tuple[int, ...]] = {"weight": c} if self.affine else {}
-        if self.has_bias:
-            shapes["bias"] = c
-        return shapes
+        return channel_state(self.num_channels, self.affine, self.has_bias, False)
 
     def __call__(self, x: Any) -> Any:
         """Normalize each (sample, group) of ``x``."""
@@ -190,13 +186,7 @@ class _InstanceNorm(_GroupNormalization):
         self._init_grads()
 
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
-        c = (self.num_features,)
-        shapes: dict[str, tuple[int, ...]] = {"weight": c} if self.affine else {}
-        if self.has_bias:
-            shapes["bias"] = c
-        if self._has_running:
-            shapes.update(running_mean=c, running_var=c, num_batches_tracked=())
-        return shapes
+        return channel_state(self.num_features, self.affine, self.has_bias, self._has_running)
 
     def _axis(self, x: Any) -> int:
         return -1 if self.channels_last else 1

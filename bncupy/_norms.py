@@ -178,16 +178,26 @@ def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mea
     _check_array(input, "input", kinds)
     kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     shape = check_normalized_shape(normalized_shape, input)
-    batch = tuple(input.shape[:input.ndim - len(shape)])
-    _check_vector(mean, "mean", batch, kinds, "input's leading dimensions", required=True)
-    _check_vector(rstd, "rstd", batch, kinds, "input's leading dimensions", required=True)
-    _check_vector(weight, "weight", shape, kinds, "normalized_shape")
-    kind, be = _resolve(kinds)
     lay = _layer_norm_layout(input, shape)
+    return _backward(grad_output, input, lay, (lay.n, lay.c), mean, rstd,
+                     (tuple(input.shape[:input.ndim - len(shape)]), "input's leading dimensions"),
+                     weight, (shape, "normalized_shape"), kinds)
+
+
+def _backward(grad_output: Any, input: Any, lay: GroupLayout, canonical: tuple[int, ...],
+              mean: Any, rstd: Any, stats: tuple[tuple[int, ...], str], weight: Any,
+              params: tuple[tuple[int, ...], str], kinds: dict[str, str],
+              ) -> tuple[Any, Any, Any]:
+    """The functional backward of any grouping: ``stats`` and ``params`` are the expected shapes
+    of mean/rstd and of weight, with what they are named after in messages."""
+    _check_vector(mean, "mean", stats[0], kinds, stats[1], required=True)
+    _check_vector(rstd, "rstd", stats[0], kinds, stats[1], required=True)
+    _check_vector(weight, "weight", params[0], kinds, params[1])
+    kind, be = _resolve(kinds)
     dx, dw, db = be.group_backward(
-        _contiguous(be, grad_output, (lay.n, lay.c)), _contiguous(be, input, (lay.n, lay.c)),
-        lay, _flat(be, weight), _flat(be, mean), _flat(be, rstd))
-    return _grads_out(kind, be, dx, dw, db, shape, input, weight)
+        _contiguous(be, grad_output, canonical), _contiguous(be, input, canonical), lay,
+        _flat(be, weight), _flat(be, mean), _flat(be, rstd))
+    return _grads_out(kind, be, dx, dw, db, params[0], input, weight)
 
 
 def _flat(be: ModuleType, value: Any) -> Any:
@@ -278,15 +288,9 @@ def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any
     _check_group_input(input, kinds)
     kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     lay, canonical = _group_layout(input, axis, None, num_groups)
-    groups = (lay.n, lay.c // lay.k)
-    _check_vector(mean, "mean", groups, kinds, "(N, num_groups)", required=True)
-    _check_vector(rstd, "rstd", groups, kinds, "(N, num_groups)", required=True)
-    _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
-    kind, be = _resolve(kinds)
-    dx, dw, db = be.group_backward(
-        _contiguous(be, grad_output, canonical), _contiguous(be, input, canonical), lay,
-        _native(be, weight), _flat(be, mean), _flat(be, rstd))
-    return _grads_out(kind, be, dx, dw, db, (lay.c,), input, weight)
+    return _backward(grad_output, input, lay, canonical, mean, rstd,
+                     ((lay.n, lay.c // lay.k), "(N, num_groups)"), weight,
+                     ((lay.c,), "one per channel"), kinds)
 
 
 # ------------------------------------------------------------------------------ InstanceNorm
@@ -391,11 +395,5 @@ def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
     _check_group_input(input, kinds)
     kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     lay, canonical = _group_layout(input, axis, 1)
-    _check_vector(mean, "mean", (lay.n, lay.c), kinds, "(N, C)", required=True)
-    _check_vector(rstd, "rstd", (lay.n, lay.c), kinds, "(N, C)", required=True)
-    _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
-    kind, be = _resolve(kinds)
-    dx, dw, db = be.group_backward(
-        _contiguous(be, grad_output, canonical), _contiguous(be, input, canonical), lay,
-        _native(be, weight), _flat(be, mean), _flat(be, rstd))
-    return _grads_out(kind, be, dx, dw, db, (lay.c,), input, weight)
+    return _backward(grad_output, input, lay, canonical, mean, rstd,
+                     ((lay.n, lay.c), "(N, C)"), weight, ((lay.c,), "one per channel"), kinds)
