@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import bncupy as bn
+from tests.arrays import to_numpy
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -187,7 +188,7 @@ def test_family_state_dicts_load_into_torch_and_back():
                           torch.nn.InstanceNorm2d(6, affine=True, track_running_stats=True))):
         assert list(ours.state_dict()) == list(theirs.state_dict())
         assert repr(ours) == repr(theirs)
-        theirs.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in
+        theirs.load_state_dict({k: torch.tensor(to_numpy(v)) for k, v in
                                 ours.state_dict().items()})
         ours.load_state_dict(theirs.state_dict())  # torch tensors in
 
