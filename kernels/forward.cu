@@ -14,10 +14,9 @@ namespace bncupy {
 //   coefficients center/scale/shift (y = (x - center) * scale + shift: center + residual is the
 //   exact mean and shift absorbs the residual, so a constant channel maps to exactly beta), the
 //   running-statistics update, and (when m2_out is given) the sum of squared deviations.
-template <typename TT> struct StatsOp {
+template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
     typedef TT T;
     typedef typename acc_of<T>::type A;
-    typedef Welford<A> State;
     enum { needs_dy = 0 };
 
     const A* weight;
@@ -35,16 +34,8 @@ template <typename TT> struct StatsOp {
     A* shift;
     A* m2_out;
 
-    template <typename I> __device__ A context(const A first, const I) const { return first; }
-    __device__ static State empty() { return welford_empty<A>(); }
-    __device__ static void push(State& s, const A pilot, const A x, const A) {
-        const A y = x - pilot;
-        s.n += A(1);
-        const A d = y - s.mean;
-        s.mean += d / s.n;
-        s.m2 += d * (y - s.mean);
-    }
-    template <typename I> __device__ void finalize(const State w, const I c, const A pilot) const {
+    template <typename I>
+    __device__ void finalize(const Welford<A> w, const I c, const A pilot) const {
         const A var = w.m2 / A(count);
         const A invstd = A(1) / sqrt(var + eps);
         const A mid = pilot + w.mean;
@@ -80,9 +71,9 @@ __global__ void __launch_bounds__(256) forward_stats(
     typename acc_of<T>::type* save_invstd, double* mean64, typename acc_of<T>::type* center,
     typename acc_of<T>::type* scale, typename acc_of<T>::type* shift,
     typename acc_of<T>::type* m2_out) {
-    const StatsOp<T> op = {weight,    bias,        running_mean, running_var, eps,
-                           momentum,  count,       save_mean,    save_invstd, mean64,
-                           center,    scale,       shift,        m2_out};
+    const StatsOp<T> op = {{},          weight,      bias,   running_mean, running_var,
+                           eps,         momentum,    count,  save_mean,    save_invstd,
+                           mean64,      center,      scale,  shift,        m2_out};
     if (CL)
         reduce_nhwc<StatsOp<T>, V, I>(op, x, (const T*)0, rows, inner_vecs, splits, lanes,
                                       partials, counters);
@@ -141,18 +132,32 @@ __global__ void __launch_bounds__(256) apply(
     }
 }
 
-// Statistics of contiguous rows (LayerNorm rows, channel-first GroupNorm/InstanceNorm groups),
-// several rows per block (see reduce_rows); writes the same per-row outputs as forward_stats.
+// Statistics of contiguous rows (LayerNorm rows, channel-first GroupNorm/InstanceNorm groups):
+// each row's mean (double) and sum of squared deviations.
+template <typename TT> struct RowStatsOp : WelfordOps<typename acc_of<TT>::type> {
+    typedef TT T;
+    typedef typename acc_of<T>::type A;
+    enum { needs_dy = 0 };
+
+    double* mean64;
+    A* m2;
+
+    template <typename I>
+    __device__ void finalize(const Welford<A> w, const I row, const A pilot) const {
+        mean64[row] = (double)pilot + (double)w.mean;
+        m2[row] = w.m2;
+    }
+};
+
+// Several rows per block (see reduce_rows). At least 4 blocks per SM: without the bound, ptxas
+// spills a few bytes for double rows with 64-bit indices.
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256) row_stats(
-    const T* __restrict__ x, const I rows, const I row_vecs, const int height,
-    const typename acc_of<T>::type eps, const double count,
-    typename acc_of<T>::type* save_mean, typename acc_of<T>::type* save_invstd, double* mean64,
-    typename acc_of<T>::type* center, typename acc_of<T>::type* scale,
-    typename acc_of<T>::type* shift, typename acc_of<T>::type* m2_out) {
-    const StatsOp<T> op = {0,     0,    0,        0,           eps,    0.0,   count,
-                           save_mean, save_invstd, mean64, center, scale, shift, m2_out};
-    reduce_rows<StatsOp<T>, V, I>(op, x, (const T*)0, rows, row_vecs, height);
+__global__ void __launch_bounds__(256, 4) row_stats(const T* __restrict__ x, const I rows,
+                                                 const I row_vecs, const int height,
+                                                 double* mean64,
+                                                 typename acc_of<T>::type* m2) {
+    const RowStatsOp<T> op = {{}, mean64, m2};
+    reduce_rows<RowStatsOp<T>, V, I>(op, x, (const T*)0, rows, row_vecs, height);
 }
 
 // The normalizations over groups (see group_of for L):

@@ -164,7 +164,7 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
         for (int u = 1; u < U; ++u) s = merge(s, st[u][k]);
         sh[threadIdx.x] = s;
         __syncthreads();
-        merge_tree(sh, (int)blockDim.x / lanes, lanes, ty);
+        merge_tree(sh, (int)(blockDim.x / lanes), lanes, ty);
         if (ty == 0 && active) partials[(size_t)(cv * V + k) * splits + split] = sh[tx];
         __syncthreads();
     }
@@ -178,7 +178,7 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
                 s = merge(s, load_cg(&partials[(size_t)(cv * V + k) * splits + p]));
         sh[threadIdx.x] = s;
         __syncthreads();
-        merge_tree(sh, (int)blockDim.x / lanes, lanes, ty);
+        merge_tree(sh, (int)(blockDim.x / lanes), lanes, ty);
         if (ty == 0 && active) op.finalize(sh[tx], cv * V + k, ctx[k]);
         __syncthreads();
     }
@@ -197,8 +197,9 @@ __device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* 
     typedef vec_t<typename Op::T, V> vec;
     __shared__ S sh[256];
 
-    const int ty = threadIdx.x % height;
-    const I row = (I)blockIdx.x * (blockDim.x / height) + threadIdx.x / height;
+    const int ty = threadIdx.x & (height - 1);
+    const int shift = __ffs(height) - 1;  // height is a power of two; no integer division
+    const I row = (I)blockIdx.x * (blockDim.x >> shift) + (threadIdx.x >> shift);
     const bool active = row < rows;
     const size_t base = active ? (size_t)row * row_vecs : 0;
     const vec* xv = reinterpret_cast<const vec*>(x) + base;
@@ -258,6 +259,21 @@ __device__ __forceinline__ I channel_of(const I j, const int k, const I channels
                                         const I inner_vecs, const int V) {
     return CL ? (j % inner_vecs) * V + k : (j / inner_vecs) % channels;
 }
+
+// How one element enters the statistics: Welford on values shifted by a pilot (the group's first
+// value), so a large mean costs no precision.
+template <typename A> struct WelfordOps {
+    typedef Welford<A> State;
+    template <typename I> __device__ A context(const A first, const I) const { return first; }
+    __device__ static State empty() { return welford_empty<A>(); }
+    __device__ static void push(State& s, const A pilot, const A x, const A) {
+        const A y = x - pilot;
+        s.n += A(1);
+        const A d = y - s.mean;
+        s.mean += d / s.n;
+        s.m2 += d * (y - s.mean);
+    }
+};
 
 // How one element enters per-channel (or per-row) backward sums: sum(g) and sum(g * (x - m)).
 template <typename A> struct SumOps {

@@ -524,12 +524,8 @@ def _contiguous_group_moments(x: Any, groups: int, size: int) -> tuple[Any, Any]
     if size // vector_width(x.dtype.name) > _ROWS_MAX_VECS:
         _, mean64, m2 = stats(x.reshape(1, groups, size), 1)
         return mean64, m2
-    acc = _ACC[x.dtype.name]
-    out = [cupy.empty(groups, acc) for _ in range(5)]
-    mean64, m2 = cupy.empty(groups, cupy.float64), cupy.empty(groups, acc)
-    _row_launch("row_stats", x, groups, size, (x,), (
-        getattr(np, acc)(1.0), np.float64(size), out[0], out[1], mean64, out[2], out[3], out[4],
-        m2))
+    mean64, m2 = cupy.empty(groups, cupy.float64), cupy.empty(groups, _ACC[x.dtype.name])
+    _row_launch("row_stats", x, groups, size, (x,), (mean64, m2))
     return mean64, m2
 
 

@@ -292,6 +292,7 @@ inline void __syncthreads() {
     bncupy_emu::yield();
 }
 
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline void __threadfence() { bncupy_emu::tick(); }
 template <typename T> inline T __ldcg(const T* p) {
     bncupy_emu::tick();
