@@ -95,8 +95,8 @@ def check_normalized_shape(normalized_shape: Any, input: Any = None) -> tuple[in
     shape = tuple(int(d) for d in shape)
     if min(shape) < 0:
         raise ValueError(f"normalized_shape must not have negative sizes, got {shape}")
-    if input is not None and tuple(input.shape[input.ndim - len(shape):]) != shape or \
-            input is not None and input.ndim < len(shape):
+    if input is not None and (input.ndim < len(shape)
+                              or tuple(input.shape[input.ndim - len(shape):]) != shape):
         raise ValueError(f"normalized_shape {shape} must match the trailing dimensions of input, "
                          f"got input of shape {tuple(input.shape)}")
     return shape
