@@ -160,10 +160,10 @@ class NumpyPasses:
         def tile_moments(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
             xs = x3[tile].astype(cd, copy=False)  # float16 widened once per tile
             n = xs.shape[0] * xs.shape[2]
-            centre = (np.add.reduce(xs, axis=(0, 2), dtype=np.float64) / n).astype(cd)
+            centre = (xs.sum(axis=(0, 2), dtype=np.float64) / n).astype(cd)
             d = xs - centre[:, None]
-            s1 = np.add.reduce(d, axis=(0, 2), dtype=np.float64)
-            s2 = np.add.reduce(np.square(d, out=d), axis=(0, 2), dtype=np.float64)
+            s1 = d.sum(axis=(0, 2), dtype=np.float64)
+            s2 = np.square(d, out=d).sum(axis=(0, 2), dtype=np.float64)
             return n, centre + s1 / n, s2 - s1 * s1 / n
 
         c = x3.shape[1]
@@ -203,8 +203,7 @@ class NumpyPasses:
             g = g3[tile] if g3.dtype == cd else g3[tile].astype(cd)
             e = np.subtract(x3[tile], center[tile[1], None], dtype=cd)
             np.multiply(e, g, out=e)
-            return (np.add.reduce(g, axis=(0, 2), dtype=np.float64),
-                    np.add.reduce(e, axis=(0, 2), dtype=np.float64))
+            return g.sum(axis=(0, 2), dtype=np.float64), e.sum(axis=(0, 2), dtype=np.float64)
 
         sum_g, sum_gx = np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
         for tile, (s, p) in _over_tiles(x3, run):  # tile order

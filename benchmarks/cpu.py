@@ -1,0 +1,288 @@
+"""bncupy's NumPy backend against torch-CPU and a naive NumPy implementation, same machine.
+
+usage: python benchmarks/cpu.py [--threads 1 2] [--blocks 3] [--calls 5] [--json FILE]
+       python benchmarks/cpu.py --compare RUN1.json RUN2.json
+
+Every op (forward-train, forward-eval, backward) x shape x layout x data distribution
+(zero-mean, offset x + 5, post-ReLU) x dtype (float32, float16), once per thread count (1 =
+per core; BNCUPY_NUM_THREADS and torch.set_num_threads alike; naive NumPy is single-threaded).
+The implementations are timed in alternating blocks of ``--calls`` calls (a warm-up call first;
+naive NumPy, several times slower, in the first block only), each block started once the machine
+is idle (other processes below a quarter of a core, or after 0.5 s of waiting: the load seen is
+reported). A row gives the median
+wall time per call, the median process CPU time per call (all threads of this process: CPU well
+above threads x wall means oversubscription), the ratio torch/bncupy and naive/bncupy, and the
+spread of that ratio over the blocks ((max - min) / median of the per-block ratios). After each
+bncupy block the process sleeps 50 ms and the CPU it burns meanwhile is reported (threads left
+spinning). ``--compare`` prints the run-to-run spread of two saved runs.
+torch is optional (``pip install torch==2.13.0``); Numba makes bncupy use its compiled loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+if os.environ.get("GLIBC_TUNABLES") != TUNABLES:  # keep glibc from trimming the heap per call
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": TUNABLES})
+
+import bncupy as bn  # noqa: E402
+from bncupy.backends import numpy as numpy_backend  # noqa: E402
+
+SHAPES = [(32, 64, 56, 56), (256, 64, 14, 14), (32, 512, 7, 7), (8, 256, 28, 28), (1024, 256)]
+OPS = ("fwd_train", "fwd_eval", "bwd")
+DATA = ("zero-mean", "offset", "post-relu")
+EPS = 1e-5
+
+
+def busy_cores(interval: float = 0.05) -> float:
+    """Cores kept busy by the whole machine over ``interval`` seconds (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    (t0, i0), _ = sample(), time.sleep(interval)
+    t1, i1 = sample()
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
+def wait_idle(log: list[float], limit: float = 0.5) -> None:
+    start = time.perf_counter()
+    while True:
+        busy = busy_cores()
+        if busy < 0.25 or time.perf_counter() - start > limit:
+            log.append(busy)
+            return
+
+
+def time_block(fn: Callable[[], Any], calls: int) -> tuple[list[float], list[float]]:
+    fn()
+    wall, cpu = [], []
+    for _ in range(calls):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return wall, cpu
+
+
+def spin_after(seconds: float = 0.05) -> float:
+    """Process CPU seconds burnt while the process itself sleeps for ``seconds``."""
+    c0 = time.process_time()
+    time.sleep(seconds)
+    return time.process_time() - c0
+
+
+def make_data(shape: tuple[int, ...], kind: str, dtype: Any, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal(shape, np.float32)
+    x = {"zero-mean": x, "offset": x + 5, "post-relu": np.maximum(x, 0)}[kind]
+    return x.astype(dtype)
+
+
+def naive_ops(x: np.ndarray, dy: np.ndarray, axis: int, w: np.ndarray, b: np.ndarray,
+              rm: np.ndarray, rv: np.ndarray) -> dict[str, Callable[[], Any]]:
+    """Textbook NumPy: ``x.mean``/``x.var`` and broadcast elementwise expressions (float16 is
+    computed in float32, as bncupy does)."""
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+
+    def f32(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32) if a.dtype == np.float16 else a
+
+    wb, bb, rmb, rvb = (v.reshape(shape) for v in (w, b, rm, rv))
+
+    def train() -> np.ndarray:
+        xf = f32(x)
+        m, v = xf.mean(axis=axes, keepdims=True), xf.var(axis=axes, keepdims=True)
+        return ((xf - m) / np.sqrt(v + EPS) * wb + bb).astype(x.dtype)
+
+    def evaluate() -> np.ndarray:
+        return ((f32(x) - rmb) / np.sqrt(rvb + EPS) * wb + bb).astype(x.dtype)
+
+    def backward() -> tuple[np.ndarray, ...]:
+        xf, g = f32(x), f32(dy)
+        m, invstd = xf.mean(axis=axes, keepdims=True), 1 / np.sqrt(xf.var(axis=axes, keepdims=True) + EPS)
+        xhat = (xf - m) * invstd
+        n = x.size // x.shape[axis]
+        db, dw = g.sum(axis=axes, keepdims=True), (g * xhat).sum(axis=axes, keepdims=True)
+        return ((g - db / n - xhat * dw / n) * (wb * invstd)).astype(x.dtype), dw, db
+
+    return {"fwd_train": train, "fwd_eval": evaluate, "bwd": backward}
+
+
+def case_ops(shape: tuple[int, ...], layout: str, dtype: Any, kind: str,
+             torch: Any) -> dict[str, dict[str, Callable[[], Any]]]:
+    """{op: {impl: callable}} for one case; NHWC is bncupy ``axis=-1`` / torch channels_last."""
+    c = shape[1]
+    x_nc = make_data(shape, kind, dtype, 0)
+    dy_nc = make_data(shape, "zero-mean", dtype, 1)
+    to_last = layout == "NHWC"
+    x = np.ascontiguousarray(np.moveaxis(x_nc, 1, -1)) if to_last else x_nc
+    dy = np.ascontiguousarray(np.moveaxis(dy_nc, 1, -1)) if to_last else dy_nc
+    axis = -1 if to_last else 1
+    rng = np.random.default_rng(2)
+    w, b = rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    m, v = bn.moments(x, axis=axis)
+    rm, rv = m.astype(np.float32), v.astype(np.float32)
+    save_mean, save_invstd = m, (1 / np.sqrt(v + EPS)).astype(np.float32)
+    ops: dict[str, dict[str, Callable[[], Any]]] = {op: {} for op in OPS}
+    rm_b, rv_b = rm.copy(), rv.copy()
+    ops["fwd_train"]["bncupy"] = lambda: bn.batch_norm(x, rm_b, rv_b, w, b, True, axis=axis)
+    ops["fwd_eval"]["bncupy"] = lambda: bn.batch_norm(x, rm, rv, w, b, False, axis=axis)
+    ops["bwd"]["bncupy"] = lambda: bn.batch_norm_backward(dy, x, w, save_mean, save_invstd,
+                                                          axis=axis)
+    if torch is not None:
+        tx, tdy = torch.from_numpy(x_nc), torch.from_numpy(dy_nc)
+        if to_last:
+            tx, tdy = (t.contiguous(memory_format=torch.channels_last) for t in (tx, tdy))
+        tw, tb, trm, trv, tsm, tsi = (torch.from_numpy(a.astype(dtype)) for a in
+                                      (w, b, rm, rv, save_mean, save_invstd))
+        trm_b, trv_b = trm.clone(), trv.clone()
+        F = torch.nn.functional
+        ops["fwd_train"]["torch"] = lambda: F.batch_norm(tx, trm_b, trv_b, tw, tb, True)
+        ops["fwd_eval"]["torch"] = lambda: F.batch_norm(tx, trm, trv, tw, tb, False)
+        ops["bwd"]["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
+            tdy, tx, tw, trm, trv, tsm, tsi, True, EPS, [True, True, True])
+    for op, fn in naive_ops(x, dy, axis, w, b, rm, rv).items():
+        ops[op]["naive"] = fn
+    return ops
+
+
+def measure(fns: dict[str, Callable[[], Any]], blocks: int, calls: int, load: list[float],
+            ) -> dict[str, Any]:
+    wall: dict[str, list[list[float]]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    spin: list[float] = []
+    for block in range(blocks):
+        for name, fn in fns.items():
+            if name == "naive" and block:
+                continue  # one block: naive NumPy is several times slower, the margin is wide
+            wait_idle(load)
+            w, c = time_block(fn, calls)
+            wall[name].append(w)
+            cpu[name] += c
+            if name == "bncupy":
+                spin.append(spin_after())
+    row: dict[str, Any] = {"spin_ms_per_50ms": 1e3 * max(spin)}
+    for name in fns:
+        row[f"{name}_ms"] = 1e3 * float(np.median(np.concatenate(wall[name])))
+        row[f"{name}_cpu_ms"] = 1e3 * float(np.median(cpu[name]))
+    for other in ("torch", "naive"):
+        if other in fns:
+            ratios = [np.median(o) / np.median(ours) for o, ours in
+                      zip(wall[other], wall["bncupy"], strict=False)]
+            row[f"{other}_ratio"] = row[f"{other}_ms"] / row["bncupy_ms"]
+            row[f"{other}_spread"] = float((max(ratios) - min(ratios)) / np.median(ratios))
+    return row
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summarize(rows: list[dict[str, Any]]) -> None:
+    """Geometric means and minima of torch/bncupy per group, and the data-dependence spread."""
+    print("\nsummary: torch_ms / bncupy_ms (>= 1: bncupy faster); naive / bncupy minimum")
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["threads"], r["op"], r["layout"], r["dtype"]), []).append(r)
+    for key, rs in sorted(groups.items()):
+        torch_r = [r["torch_ratio"] for r in rs if "torch_ratio" in r]
+        print(f"  threads {key[0]} {key[1]:9} {key[2]:4} {key[3]:7}  geomean {geomean(torch_r):5.2f}  "
+              f"min {min(torch_r, default=float('nan')):5.2f}  naive min "
+              f"{min(r['naive_ratio'] for r in rs):5.2f}")
+    worst = 0.0
+    by_case: dict[tuple[Any, ...], list[float]] = {}
+    for r in rows:
+        key = (r["threads"], r["op"], tuple(r["shape"]), r["layout"], r["dtype"])
+        by_case.setdefault(key, []).append(r["bncupy_ms"])
+    for times in by_case.values():
+        worst = max(worst, max(times) / min(times))
+    print(f"  slowest / fastest data distribution, worst case: {worst:.2f}x")
+    print(f"  most CPU burnt in 50 ms after a bncupy block: "
+          f"{max(r['spin_ms_per_50ms'] for r in rows):.2f} ms")
+    print(f"  highest CPU/wall of bncupy: "
+          f"{max(r['bncupy_cpu_ms'] / r['bncupy_ms'] / r['threads'] for r in rows):.2f} x threads")
+
+
+def compare(paths: list[str]) -> None:
+    """Run-to-run spread of the torch/bncupy ratio between two saved runs."""
+    runs = [json.load(open(p))["rows"] for p in paths]
+    key = ("threads", "op", "layout", "dtype", "data")
+    index = [{(tuple(r["shape"]), *(r[k] for k in key)): r for r in run} for run in runs]
+    diffs = []
+    for k, r0 in index[0].items():
+        r1 = index[1].get(k)
+        if r1 is not None and "torch_ratio" in r0:
+            diffs.append(abs(r1["torch_ratio"] / r0["torch_ratio"] - 1))
+    diffs.sort()
+    print(f"{len(diffs)} rows in both runs; |ratio2/ratio1 - 1|: median {np.median(diffs):.3f}, "
+          f"90th percentile {diffs[int(0.9 * (len(diffs) - 1))]:.3f}, max {diffs[-1]:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=4)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--compare", nargs=2, metavar="RUN.json")
+    args = parser.parse_args()
+    if args.compare:
+        compare(args.compare)
+        return
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    engine = numpy_backend.engine().name
+    print(f"cores {os.cpu_count()}, numpy {np.__version__}, bncupy engine {engine}, "
+          f"torch {torch.__version__ if torch else 'absent'}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'thr':>3} {'shape':18} {'lay':4} {'dtype':7} {'data':9} {'op':9} {'bncupy':>7} "
+          f"{'(cpu)':>7} {'torch':>7} {'(cpu)':>7} {'naive':>7} {'t/b':>5} {'+-':>5} {'n/b':>5}")
+    rows, load = [], []
+    start = time.perf_counter()
+    for threads in args.threads:
+        os.environ["BNCUPY_NUM_THREADS"] = str(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
+        for shape in SHAPES:
+            for layout in (["NCHW", "NHWC"] if len(shape) > 2 else ["NC"]):
+                for dtype in args.dtypes:
+                    for data in DATA:
+                        for op, fns in case_ops(shape, layout, np.dtype(dtype), data, torch).items():
+                            row = {"threads": threads, "shape": list(shape), "layout": layout,
+                                   "dtype": dtype, "data": data, "op": op,
+                                   **measure(fns, args.blocks, args.calls, load)}
+                            rows.append(row)
+                            print(f"{threads:3} {str(shape):18} {layout:4} {dtype:7} {data:9} {op:9} "
+                                  f"{row['bncupy_ms']:7.2f} {row['bncupy_cpu_ms']:7.2f} "
+                                  f"{row.get('torch_ms', math.nan):7.2f} "
+                                  f"{row.get('torch_cpu_ms', math.nan):7.2f} {row['naive_ms']:7.2f} "
+                                  f"{row.get('torch_ratio', math.nan):5.2f} "
+                                  f"{row.get('torch_spread', math.nan):5.2f} {row['naive_ratio']:5.2f}",
+                                  flush=True)
+    summarize(rows)
+    print(f"machine load while waiting to start a block: median {np.median(load):.2f} busy cores, "
+          f"{100 * np.mean(np.asarray(load) >= 0.25):.0f}% of blocks started busy; "
+          f"{time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"engine": engine, "numpy": np.__version__,
+                       "torch": torch.__version__ if torch else None,
+                       "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
