@@ -1,20 +1,21 @@
 """bncupy's NumPy backend against torch-CPU and a naive NumPy implementation, same machine.
 
-usage: python benchmarks/cpu.py [--threads 1 2] [--blocks 3] [--calls 5] [--json FILE]
-       python benchmarks/cpu.py --compare RUN1.json RUN2.json
+usage: python benchmarks/cpu.py [--threads 1 2] [--blocks 3] [--calls 3] [--json FILE]
+       python benchmarks/cpu.py --summary RUN.json | --compare RUN1.json RUN2.json
 
 Every op (forward-train, forward-eval, backward) x shape x layout x data distribution
 (zero-mean, offset x + 5, post-ReLU) x dtype (float32, float16), once per thread count (1 =
 per core; BNCUPY_NUM_THREADS and torch.set_num_threads alike; naive NumPy is single-threaded).
 The implementations are timed in alternating blocks of ``--calls`` calls (a warm-up call first;
 naive NumPy, several times slower, in the first block only), each block started once the machine
-is idle (other processes below a quarter of a core, or after 0.5 s of waiting: the load seen is
+is idle (other processes below a quarter of a core, or after 0.2 s of waiting: the load seen is
 reported). A row gives the median
 wall time per call, the median process CPU time per call (all threads of this process: CPU well
 above threads x wall means oversubscription), the ratio torch/bncupy and naive/bncupy, and the
 spread of that ratio over the blocks ((max - min) / median of the per-block ratios). After each
 bncupy block the process sleeps 50 ms and the CPU it burns meanwhile is reported (threads left
-spinning). ``--compare`` prints the run-to-run spread of two saved runs.
+spinning). ``--summary`` reprints a saved run's summary; ``--compare`` prints the run-to-run
+spread of two saved runs.
 torch is optional (``pip install torch==2.13.0``); Numba makes bncupy use its compiled loops.
 """
 
@@ -55,7 +56,7 @@ def busy_cores(interval: float = 0.05) -> float:
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
 
 
-def wait_idle(log: list[float], limit: float = 0.5) -> None:
+def wait_idle(log: list[float], limit: float = 0.2) -> None:
     start = time.perf_counter()
     while True:
         busy = busy_cores()
@@ -191,56 +192,63 @@ def geomean(values: list[float]) -> float:
 
 
 def summarize(rows: list[dict[str, Any]]) -> None:
-    """Geometric means and minima of torch/bncupy per group, and the data-dependence spread."""
-    print("\nsummary: torch_ms / bncupy_ms (>= 1: bncupy faster); naive / bncupy minimum")
+    """Per group of rows: geometric mean and minimum of torch/bncupy in wall time and in process
+    CPU time (the per-core figure that a loaded machine disturbs least), naive/bncupy minimum;
+    then the data-dependence spread, threads left spinning and CPU per wall second."""
+    print("\nsummary: torch / bncupy, >= 1 where bncupy is faster (wall; process CPU time)")
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["threads"], r["op"], r["layout"], r["dtype"]), []).append(r)
     for key, rs in sorted(groups.items()):
-        torch_r = [r["torch_ratio"] for r in rs if "torch_ratio" in r]
-        print(f"  threads {key[0]} {key[1]:9} {key[2]:4} {key[3]:7}  geomean {geomean(torch_r):5.2f}  "
-              f"min {min(torch_r, default=float('nan')):5.2f}  naive min "
+        wall = [r["torch_ratio"] for r in rs if "torch_ratio" in r]
+        cpu = [r["torch_cpu_ms"] / r["bncupy_cpu_ms"] for r in rs if "torch_ratio" in r]
+        print(f"  threads {key[0]} {key[1]:9} {key[2]:4} {key[3]:7}  wall geomean "
+              f"{geomean(wall):5.2f} min {min(wall, default=math.nan):5.2f}   cpu geomean "
+              f"{geomean(cpu):5.2f} min {min(cpu, default=math.nan):5.2f}   naive/bncupy min "
               f"{min(r['naive_ratio'] for r in rs):5.2f}")
-    worst = 0.0
-    by_case: dict[tuple[Any, ...], list[float]] = {}
+    by_case: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["threads"], r["op"], tuple(r["shape"]), r["layout"], r["dtype"])
-        by_case.setdefault(key, []).append(r["bncupy_ms"])
-    for times in by_case.values():
-        worst = max(worst, max(times) / min(times))
-    print(f"  slowest / fastest data distribution, worst case: {worst:.2f}x")
+        by_case.setdefault((r["threads"], r["op"], tuple(r["shape"]), r["layout"], r["dtype"]),
+                           []).append(r)
+    for unit in ("bncupy_ms", "bncupy_cpu_ms"):
+        worst = max(max(r[unit] for r in rs) / min(r[unit] for r in rs) for rs in by_case.values())
+        print(f"  slowest / fastest data distribution ({unit}), worst case: {worst:.2f}x")
     print(f"  most CPU burnt in 50 ms after a bncupy block: "
           f"{max(r['spin_ms_per_50ms'] for r in rows):.2f} ms")
-    print(f"  highest CPU/wall of bncupy: "
-          f"{max(r['bncupy_cpu_ms'] / r['bncupy_ms'] / r['threads'] for r in rows):.2f} x threads")
+    print(f"  highest bncupy CPU time / (wall time x threads): "
+          f"{max(r['bncupy_cpu_ms'] / r['bncupy_ms'] / r['threads'] for r in rows):.2f}")
 
 
 def compare(paths: list[str]) -> None:
-    """Run-to-run spread of the torch/bncupy ratio between two saved runs."""
+    """Run-to-run spread of the torch/bncupy ratios (wall and CPU) between two saved runs."""
     runs = [json.load(open(p))["rows"] for p in paths]
     key = ("threads", "op", "layout", "dtype", "data")
     index = [{(tuple(r["shape"]), *(r[k] for k in key)): r for r in run} for run in runs]
-    diffs = []
-    for k, r0 in index[0].items():
-        r1 = index[1].get(k)
-        if r1 is not None and "torch_ratio" in r0:
-            diffs.append(abs(r1["torch_ratio"] / r0["torch_ratio"] - 1))
-    diffs.sort()
-    print(f"{len(diffs)} rows in both runs; |ratio2/ratio1 - 1|: median {np.median(diffs):.3f}, "
-          f"90th percentile {diffs[int(0.9 * (len(diffs) - 1))]:.3f}, max {diffs[-1]:.3f}")
+    pairs = [(r0, index[1][k]) for k, r0 in index[0].items()
+             if k in index[1] and "torch_ratio" in r0]
+    for label, ratio in (("wall", lambda r: r["torch_ratio"]),
+                         ("cpu", lambda r: r["torch_cpu_ms"] / r["bncupy_cpu_ms"])):
+        diffs = sorted(abs(ratio(r1) / ratio(r0) - 1) for r0, r1 in pairs)
+        print(f"{len(diffs)} rows in both runs; |{label} ratio2 / ratio1 - 1|: median "
+              f"{np.median(diffs):.3f}, 90th percentile {diffs[int(0.9 * (len(diffs) - 1))]:.3f}, "
+              f"max {diffs[-1]:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--blocks", type=int, default=3)
-    parser.add_argument("--calls", type=int, default=4)
+    parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--compare", nargs=2, metavar="RUN.json")
+    parser.add_argument("--summary", metavar="RUN.json", help="summarize a saved run")
     args = parser.parse_args()
     if args.compare:
         compare(args.compare)
+        return
+    if args.summary:
+        summarize(json.load(open(args.summary))["rows"])
         return
     try:
         import torch

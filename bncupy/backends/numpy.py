@@ -148,6 +148,17 @@ def _over_tiles(a3: np.ndarray, fn: Callable[[Tile], Any]) -> list[Any]:
     return list(zip(tiles, out, strict=True))
 
 
+def _affine_tile(out: np.ndarray, xs: np.ndarray, center: np.ndarray, scale: np.ndarray,
+                 shift: np.ndarray, cd: np.dtype) -> np.ndarray:
+    """``(xs - center) * scale + shift`` in ``cd``: in ``out`` itself when it is of ``cd``, else
+    in a temporary that the caller copies into ``out`` when done."""
+    tmp = out if out.dtype == cd else np.empty(out.shape, cd)
+    np.subtract(xs, center, out=tmp, dtype=cd)
+    tmp *= scale
+    tmp += shift
+    return tmp
+
+
 class NumpyPasses:
     """The passes as NumPy ufunc calls on one L2-sized tile at a time."""
 
@@ -181,10 +192,7 @@ class NumpyPasses:
 
         def run(tile: Tile) -> None:
             out, ch = _part(y3, tile), tile[1]
-            tmp = out if out.dtype == cd else np.empty(out.shape, cd)
-            np.subtract(_part(x3, tile), center[ch], out=tmp, dtype=cd)
-            tmp *= scale[ch]
-            tmp += shift[ch]
+            tmp = _affine_tile(out, _part(x3, tile), center[ch], scale[ch], shift[ch], cd)
             if z3 is not None:
                 np.add(tmp, _part(z3, tile), out=tmp, dtype=cd)
             if relu:
@@ -219,10 +227,7 @@ class NumpyPasses:
 
         def run(tile: Tile) -> None:
             out, ch = _part(dx3, tile), tile[1]
-            tmp = out if out.dtype == cd else np.empty(out.shape, cd)
-            np.subtract(_part(x3, tile), center[ch], out=tmp, dtype=cd)
-            tmp *= b[ch]
-            tmp += c[ch]
+            tmp = _affine_tile(out, _part(x3, tile), center[ch], b[ch], c[ch], cd)
             tmp += np.multiply(_part(g3, tile), a[ch], dtype=cd)
             if tmp is not out:
                 out[...] = tmp
