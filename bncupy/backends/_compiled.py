@@ -95,32 +95,56 @@ def row_moments(x2, seg, lo, hi, mean, m2):
         m2[u] = s2 - s1 * s1 / n
 
 
+@njit(inline="always")
+def _sum8(v0, v1, v2, v3, v4, v5, v6, v7):
+    return np.float64(((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)))
+
+
 @njit(nogil=True, cache=True)
 def column_moments(x2, rows, lo, hi, mean, m2):
-    """Two-pass per-channel mean and M2 of each block ``u`` of ``rows`` rows."""
+    """Two-pass per-channel mean and M2 of each block ``u`` of ``rows`` rows.
+
+    Eight rows at a time are summed in the compute dtype (at most 8 ulps) and added to float64
+    accumulators, which are so loaded and stored once per eight values.
+    """
     a, c = x2.shape
-    xf = x2.reshape(-1)
-    centre = np.empty(c, np.float64)  # holds values of the compute dtype
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
+    centre = np.empty(c, np.float64)  # holds values of the compute dtype
     for u in range(lo, hi):
         r0, r1 = u * rows, min((u + 1) * rows, a)
         n = r1 - r0
+        r8 = r0 + n - n % 8
         s1[:] = 0.0
-        for r in range(r0, r1):
-            base = np.uint64(r * c)  # unsigned: no negative-index wraparound, so it vectorizes
+        for r in range(r0, r8, 8):
+            x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
+                                               x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
-                s1[k] += widen(xf[base + np.uint64(k)])
+                s1[k] += _sum8(widen(x0[k]), widen(x1[k]), widen(x2_[k]), widen(x3[k]),
+                               widen(x4[k]), widen(x5[k]), widen(x6[k]), widen(x7[k]))
+        for r in range(r8, r1):
+            xr = x2[r]
+            for k in range(c):
+                s1[k] += widen(xr[k])
         for k in range(c):
             centre[k] = compute(x2, s1[k] / n)
         s1[:] = 0.0
         s2[:] = 0.0
-        for r in range(r0, r1):
-            base = np.uint64(r * c)
+        for r in range(r0, r8, 8):
+            x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
+                                               x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
-                d = widen(xf[base + np.uint64(k)]) - compute(x2, centre[k])
+                m = compute(x2, centre[k])
+                d0, d1, d2, d3 = widen(x0[k]) - m, widen(x1[k]) - m, widen(x2_[k]) - m, widen(x3[k]) - m
+                d4, d5, d6, d7 = widen(x4[k]) - m, widen(x5[k]) - m, widen(x6[k]) - m, widen(x7[k]) - m
+                s1[k] += _sum8(d0, d1, d2, d3, d4, d5, d6, d7)
+                s2[k] += _sum8(d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7)
+        for r in range(r8, r1):
+            xr = x2[r]
+            for k in range(c):
+                d = np.float64(widen(xr[k]) - compute(x2, centre[k]))
                 s1[k] += d
-                s2[k] += np.float64(d) * d
+                s2[k] += d * d
         for k in range(c):
             mean[u, k] = centre[k] + s1[k] / n
             m2[u, k] = s2[k] - s1[k] * s1[k] / n
@@ -210,19 +234,35 @@ def row_grad_sums(g2, x2, seg, channels, center, lo, hi, sum_g, sum_gx):
 
 @njit(nogil=True, cache=True)
 def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
-    """Per block of rows, per channel float64 ``sum(g)`` and ``sum(g * (x - center))``."""
+    """Per block of rows, per channel float64 ``sum(g)`` and ``sum(g * (x - center))``; eight
+    rows at a time in the compute dtype, as in :func:`column_moments`."""
     a, c = x2.shape
-    gf, xf = g2.reshape(-1), x2.reshape(-1)
     for u in range(lo, hi):
         s, p = sum_g[u], sum_gx[u]
         s[:] = 0.0
         p[:] = 0.0
-        for r in range(u * rows, min((u + 1) * rows, a)):
-            base = np.uint64(r * c)
+        r0, r1 = u * rows, min((u + 1) * rows, a)
+        r8 = r0 + (r1 - r0) - (r1 - r0) % 8
+        for r in range(r0, r8, 8):
+            g0, g1, g2_, g3, g4, g5, g6, g7 = (g2[r], g2[r + 1], g2[r + 2], g2[r + 3], g2[r + 4],
+                                               g2[r + 5], g2[r + 6], g2[r + 7])
+            x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
+                                               x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
-                g = np.float64(widen(gf[base + np.uint64(k)]))
+                m = center[k]
+                h0, h1, h2, h3 = widen(g0[k]), widen(g1[k]), widen(g2_[k]), widen(g3[k])
+                h4, h5, h6, h7 = widen(g4[k]), widen(g5[k]), widen(g6[k]), widen(g7[k])
+                s[k] += _sum8(h0, h1, h2, h3, h4, h5, h6, h7)
+                p[k] += _sum8(h0 * (widen(x0[k]) - m), h1 * (widen(x1[k]) - m),
+                              h2 * (widen(x2_[k]) - m), h3 * (widen(x3[k]) - m),
+                              h4 * (widen(x4[k]) - m), h5 * (widen(x5[k]) - m),
+                              h6 * (widen(x6[k]) - m), h7 * (widen(x7[k]) - m))
+        for r in range(r8, r1):
+            gr, xr = g2[r], x2[r]
+            for k in range(c):
+                g = np.float64(widen(gr[k]))
                 s[k] += g
-                p[k] += g * (widen(xf[base + np.uint64(k)]) - center[k])
+                p[k] += g * (widen(xr[k]) - center[k])
 
 
 @njit(nogil=True, cache=True)

@@ -27,6 +27,7 @@ own libraries. Partials are merged in unit order: results do not depend on the t
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -89,8 +90,7 @@ def asarray(a: Any) -> np.ndarray:
 def view3(x: np.ndarray, axis: int, dtype: Any = None) -> np.ndarray:
     """``x`` as a C-contiguous ``(A, C, B)`` array, channel axis in the middle (a copy only when
     ``x`` is not contiguous or is not of ``dtype``)."""
-    a = int(np.prod(x.shape[:axis], dtype=np.int64))
-    b = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    a, b = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
     return np.ascontiguousarray(x, dtype).reshape(a, x.shape[axis], b)
 
 
