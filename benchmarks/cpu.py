@@ -7,15 +7,15 @@ Every op (forward-train, forward-eval, backward) x shape x layout x data distrib
 (zero-mean, offset x + 5, post-ReLU) x dtype (float32, float16), once per thread count (1 =
 per core; BNCUPY_NUM_THREADS and torch.set_num_threads alike; naive NumPy is single-threaded).
 The implementations are timed in alternating blocks of ``--calls`` calls (a warm-up call first;
-naive NumPy, several times slower, in the first block only), each block started once the machine
-is idle (other processes below a quarter of a core, or after 0.2 s of waiting: the load seen is
-reported). A row gives the median
-wall time per call, the median process CPU time per call (all threads of this process: CPU well
-above threads x wall means oversubscription), the ratio torch/bncupy and naive/bncupy, and the
-spread of that ratio over the blocks ((max - min) / median of the per-block ratios). After each
-bncupy block the process sleeps 50 ms and the CPU it burns meanwhile is reported (threads left
-spinning). ``--summary`` reprints a saved run's summary; ``--compare`` prints the run-to-run
-spread of two saved runs.
+naive NumPy, several times slower, in the first block only), each block started once the
+machine is idle (other processes below a quarter of a core, or after 0.2 s of waiting: the load
+seen is reported). A row gives the median wall time per call; the median over blocks of the
+process CPU time per call (all threads of this process, counted until 50 ms after the block's
+last call, so that threads left spinning are charged to the library that left them: CPU well
+above threads x wall means oversubscription); the CPU burnt in those 50 ms alone; the ratios
+torch/bncupy and naive/bncupy, and the spread of the torch ratio over the blocks ((max - min) /
+median of the per-block ratios). ``--summary`` reprints a saved run's summary; ``--compare``
+prints the run-to-run spread of two saved runs.
 torch is optional (``pip install torch==2.13.0``); Numba makes bncupy use its compiled loops.
 """
 
@@ -65,22 +65,23 @@ def wait_idle(log: list[float], limit: float = 0.2) -> None:
             return
 
 
-def time_block(fn: Callable[[], Any], calls: int) -> tuple[list[float], list[float]]:
+def time_block(fn: Callable[[], Any], calls: int, tail: float = 0.05,
+               ) -> tuple[list[float], float, float]:
+    """Wall time of each of ``calls`` calls (after a warm-up call); process CPU time per call,
+    counted until ``tail`` seconds after the last call, so that CPU burnt by threads still
+    spinning after returning (and threads whose time the kernel books late) is included; and
+    the CPU time of that tail alone."""
     fn()
-    wall, cpu = [], []
-    for _ in range(calls):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return wall, cpu
-
-
-def spin_after(seconds: float = 0.05) -> float:
-    """Process CPU seconds burnt while the process itself sleeps for ``seconds``."""
+    wall = []
     c0 = time.process_time()
-    time.sleep(seconds)
-    return time.process_time() - c0
+    for _ in range(calls):
+        w0 = time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - w0)
+    c1 = time.process_time()
+    time.sleep(tail)
+    c2 = time.process_time()
+    return wall, (c2 - c0) / calls, c2 - c1
 
 
 def make_data(shape: tuple[int, ...], kind: str, dtype: Any, seed: int) -> np.ndarray:
@@ -163,21 +164,21 @@ def measure(fns: dict[str, Callable[[], Any]], blocks: int, calls: int, load: li
             ) -> dict[str, Any]:
     wall: dict[str, list[list[float]]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
-    spin: list[float] = []
+    spin: dict[str, list[float]] = {k: [] for k in fns}
     for block in range(blocks):
         for name, fn in fns.items():
             if name == "naive" and block:
                 continue  # one block: naive NumPy is several times slower, the margin is wide
             wait_idle(load)
-            w, c = time_block(fn, calls)
+            w, c, s = time_block(fn, calls)
             wall[name].append(w)
-            cpu[name] += c
-            if name == "bncupy":
-                spin.append(spin_after())
-    row: dict[str, Any] = {"spin_ms_per_50ms": 1e3 * max(spin)}
+            cpu[name].append(c)
+            spin[name].append(s)
+    row: dict[str, Any] = {}
     for name in fns:
         row[f"{name}_ms"] = 1e3 * float(np.median(np.concatenate(wall[name])))
         row[f"{name}_cpu_ms"] = 1e3 * float(np.median(cpu[name]))
+        row[f"{name}_spin_ms"] = 1e3 * max(spin[name])
     for other in ("torch", "naive"):
         if other in fns:
             ratios = [np.median(o) / np.median(ours) for o, ours in
@@ -213,8 +214,10 @@ def summarize(rows: list[dict[str, Any]]) -> None:
     for unit in ("bncupy_ms", "bncupy_cpu_ms"):
         worst = max(max(r[unit] for r in rs) / min(r[unit] for r in rs) for rs in by_case.values())
         print(f"  slowest / fastest data distribution ({unit}), worst case: {worst:.2f}x")
-    print(f"  most CPU burnt in 50 ms after a bncupy block: "
-          f"{max(r['spin_ms_per_50ms'] for r in rows):.2f} ms")
+    for name in ("bncupy", "torch"):
+        if f"{name}_spin_ms" in rows[0]:
+            print(f"  most CPU burnt in the 50 ms after a block of {name} calls: "
+                  f"{max(r[f'{name}_spin_ms'] for r in rows):.2f} ms")
     print(f"  highest bncupy CPU time / (wall time x threads): "
           f"{max(r['bncupy_cpu_ms'] / r['bncupy_ms'] / r['threads'] for r in rows):.2f}")
 

@@ -44,7 +44,7 @@ xp = np
 
 _TILE_ELEMENTS = 1 << 17  # NumPy engine: 512 KiB of float32, a tile and its temporaries in L2
 _UNIT_ELEMENTS = 1 << 14  # compiled engine: 64 KiB of float32, re-read from L1/L2
-_PARALLEL_MIN = 1 << 18  # below this many elements a second thread costs more than it saves
+_PARALLEL_MIN = 1 << 19  # below this many elements handing work to a thread costs more than it saves
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
