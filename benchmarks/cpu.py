@@ -1,6 +1,6 @@
 """bncupy's NumPy backend against torch-CPU and a naive NumPy implementation, same machine.
 
-usage: python benchmarks/cpu.py [--threads 1 2] [--blocks 3] [--calls 3] [--json FILE]
+usage: python benchmarks/cpu.py [--threads 1 2] [--blocks 3] [--calls 3] [--data-only] [--json FILE]
        python benchmarks/cpu.py --summary RUN.json | --compare RUN1.json RUN2.json
 
 Every op (forward-train, forward-eval, backward) x shape x layout x data distribution
@@ -14,8 +14,10 @@ process CPU time per call (all threads of this process, counted until 50 ms afte
 last call, so that threads left spinning are charged to the library that left them: CPU well
 above threads x wall means oversubscription); the CPU burnt in those 50 ms alone; the ratios
 torch/bncupy and naive/bncupy, and the spread of the torch ratio over the blocks ((max - min) /
-median of the per-block ratios). ``--summary`` reprints a saved run's summary; ``--compare``
-prints the run-to-run spread of two saved runs.
+median of the per-block ratios). Then bncupy alone, one thread, times the data distributions
+(and x + 1e4 in float32) against each other in alternating blocks: the slowest / fastest ratio
+per case is the data dependence. ``--data-only`` runs just that; ``--summary`` reprints a saved
+run's summary; ``--compare`` prints the run-to-run spread of two saved runs.
 torch is optional (``pip install torch==2.13.0``); Numba makes bncupy use its compiled loops.
 """
 
@@ -86,7 +88,7 @@ def time_block(fn: Callable[[], Any], calls: int, tail: float = 0.05,
 
 def make_data(shape: tuple[int, ...], kind: str, dtype: Any, seed: int) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal(shape, np.float32)
-    x = {"zero-mean": x, "offset": x + 5, "post-relu": np.maximum(x, 0)}[kind]
+    x = {"zero-mean": x, "offset": x + 5, "offset 1e4": x + 1e4, "post-relu": np.maximum(x, 0)}[kind]
     return x.astype(dtype)
 
 
@@ -180,12 +182,47 @@ def measure(fns: dict[str, Callable[[], Any]], blocks: int, calls: int, load: li
         row[f"{name}_cpu_ms"] = 1e3 * float(np.median(cpu[name]))
         row[f"{name}_spin_ms"] = 1e3 * max(spin[name])
     for other in ("torch", "naive"):
-        if other in fns:
+        if other in fns and "bncupy" in fns:
             ratios = [np.median(o) / np.median(ours) for o, ours in
                       zip(wall[other], wall["bncupy"], strict=False)]
             row[f"{other}_ratio"] = row[f"{other}_ms"] / row["bncupy_ms"]
             row[f"{other}_spread"] = float((max(ratios) - min(ratios)) / np.median(ratios))
     return row
+
+
+def data_check(args: argparse.Namespace, load: list[float]) -> list[dict[str, Any]]:
+    """bncupy alone, one thread, the data distributions timed against each other in alternating
+    blocks: slowest / fastest median per op, shape, layout and dtype (float16 data cannot hold
+    x + 1e4 to any precision, so it is left out there)."""
+    os.environ["BNCUPY_NUM_THREADS"] = "1"
+    rows = []
+    print("\ndata dependence: bncupy, 1 thread, distributions in alternating blocks "
+          "(slowest / fastest median wall; process CPU)")
+    for shape, layout, dtype in cases(args):
+        kinds = [*DATA, "offset 1e4"] if dtype == "float32" else list(DATA)
+        ops = {kind: case_ops(shape, layout, np.dtype(dtype), kind, None) for kind in kinds}
+        for op in OPS:
+            row = measure({kind: ops[kind][op]["bncupy"] for kind in kinds}, args.blocks,
+                          args.calls, load)
+            wall = [row[f"{k}_ms"] for k in kinds]
+            cpu = [row[f"{k}_cpu_ms"] for k in kinds]
+            rows.append({"shape": list(shape), "layout": layout, "dtype": dtype, "op": op,
+                         "wall_ratio": max(wall) / min(wall), "cpu_ratio": max(cpu) / min(cpu)})
+            print(f"  {str(shape):18} {layout:4} {dtype:7} {op:9} "
+                  + " ".join(f"{k} {w:.2f}" for k, w in zip(kinds, wall, strict=True))
+                  + f"  -> {max(wall) / min(wall):.2f}x; cpu {max(cpu) / min(cpu):.2f}x", flush=True)
+    worst = max(rows, key=lambda r: r["wall_ratio"])
+    print(f"  worst: {worst['wall_ratio']:.2f}x wall, median over rows "
+          f"{np.median([r['wall_ratio'] for r in rows]):.2f}x; cpu worst "
+          f"{max(r['cpu_ratio'] for r in rows):.2f}x, median "
+          f"{np.median([r['cpu_ratio'] for r in rows]):.2f}x")
+    return rows
+
+
+def cases(args: argparse.Namespace) -> list[tuple[tuple[int, ...], str, str]]:
+    return [(shape, layout, dtype) for shape in SHAPES
+            for layout in (["NCHW", "NHWC"] if len(shape) > 2 else ["NC"])
+            for dtype in args.dtypes]
 
 
 def geomean(values: list[float]) -> float:
@@ -246,6 +283,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--compare", nargs=2, metavar="RUN.json")
     parser.add_argument("--summary", metavar="RUN.json", help="summarize a saved run")
+    parser.add_argument("--data-only", action="store_true",
+                        help="only the data-dependence check (bncupy alone, one thread)")
     args = parser.parse_args()
     if args.compare:
         compare(args.compare)
@@ -262,29 +301,30 @@ def main() -> None:
           f"torch {torch.__version__ if torch else 'absent'}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'thr':>3} {'shape':18} {'lay':4} {'dtype':7} {'data':9} {'op':9} {'bncupy':>7} "
           f"{'(cpu)':>7} {'torch':>7} {'(cpu)':>7} {'naive':>7} {'t/b':>5} {'+-':>5} {'n/b':>5}")
-    rows, load = [], []
+    rows: list[dict[str, Any]] = []
+    load: list[float] = []
     start = time.perf_counter()
-    for threads in args.threads:
+    for threads in [] if args.data_only else args.threads:
         os.environ["BNCUPY_NUM_THREADS"] = str(threads)
         if torch is not None:
             torch.set_num_threads(threads)
-        for shape in SHAPES:
-            for layout in (["NCHW", "NHWC"] if len(shape) > 2 else ["NC"]):
-                for dtype in args.dtypes:
-                    for data in DATA:
-                        for op, fns in case_ops(shape, layout, np.dtype(dtype), data, torch).items():
-                            row = {"threads": threads, "shape": list(shape), "layout": layout,
-                                   "dtype": dtype, "data": data, "op": op,
-                                   **measure(fns, args.blocks, args.calls, load)}
-                            rows.append(row)
-                            print(f"{threads:3} {str(shape):18} {layout:4} {dtype:7} {data:9} {op:9} "
-                                  f"{row['bncupy_ms']:7.2f} {row['bncupy_cpu_ms']:7.2f} "
-                                  f"{row.get('torch_ms', math.nan):7.2f} "
-                                  f"{row.get('torch_cpu_ms', math.nan):7.2f} {row['naive_ms']:7.2f} "
-                                  f"{row.get('torch_ratio', math.nan):5.2f} "
-                                  f"{row.get('torch_spread', math.nan):5.2f} {row['naive_ratio']:5.2f}",
-                                  flush=True)
-    summarize(rows)
+        for shape, layout, dtype in cases(args):
+            for data in DATA:
+                for op, fns in case_ops(shape, layout, np.dtype(dtype), data, torch).items():
+                    row = {"threads": threads, "shape": list(shape), "layout": layout,
+                           "dtype": dtype, "data": data, "op": op,
+                           **measure(fns, args.blocks, args.calls, load)}
+                    rows.append(row)
+                    print(f"{threads:3} {str(shape):18} {layout:4} {dtype:7} {data:9} {op:9} "
+                          f"{row['bncupy_ms']:7.2f} {row['bncupy_cpu_ms']:7.2f} "
+                          f"{row.get('torch_ms', math.nan):7.2f} "
+                          f"{row.get('torch_cpu_ms', math.nan):7.2f} {row['naive_ms']:7.2f} "
+                          f"{row.get('torch_ratio', math.nan):5.2f} "
+                          f"{row.get('torch_spread', math.nan):5.2f} {row['naive_ratio']:5.2f}",
+                          flush=True)
+    if rows:
+        summarize(rows)
+    data_rows = data_check(args, load)
     print(f"machine load while waiting to start a block: median {np.median(load):.2f} busy cores, "
           f"{100 * np.mean(np.asarray(load) >= 0.25):.0f}% of blocks started busy; "
           f"{time.perf_counter() - start:.0f} s")
@@ -292,7 +332,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"engine": engine, "numpy": np.__version__,
                        "torch": torch.__version__ if torch else None,
-                       "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, f, indent=1)
+                       "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
+                       "data_dependence": data_rows}, f, indent=1)
 
 
 if __name__ == "__main__":
