@@ -19,7 +19,8 @@ ENGINES = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
     nb._load_compiled() is None, reason="numba is not installed (tox env 'numba' has it)"))]
 # (A, C, B) shapes, each named by the compiled path it selects
 SHAPES = {
-    "rows": (5, 3, 40),                       # channel first, one segment per row
+    "rows": (5, 3, 100),                      # channel first, one segment per row
+    "short rows": (9, 3, 40),                 # channel first, rows under _ROW_MIN: columns
     "row segments": (2, 3, 3 * nb._UNIT_ELEMENTS + 17),  # rows longer than a unit
     "columns": (70, 6, 1),                    # channels last, several blocks of rows
     "wide columns": (3, 2 * nb._UNIT_ELEMENTS + 5, 1),   # channels last, C over a unit
@@ -103,7 +104,7 @@ def test_each_compiled_path_runs_where_its_layout_says(engine, path):
     x = _data(shape, np.float32, "zero-mean")
     y, mean, invstd = bn.batch_norm_forward(x, None, None, training=True)
     bn.batch_norm_backward(x, x, None, mean, invstd)
-    prefix = "row_" if shape[2] > 1 else "column_"
+    prefix = "row_" if shape[2] >= nb._ROW_MIN else "column_"
     assert list(dict.fromkeys(engine.ran)) == [prefix + "moments", "merge_moments", prefix + "affine",
                           prefix + "grad_sums", prefix + "grad_affine"]
 

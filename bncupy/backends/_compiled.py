@@ -4,10 +4,11 @@ Each function handles a range ``[lo, hi)`` of work units and writes only its own
 so the backend can hand ranges to its threads and merge partials in unit order (results do not
 depend on the thread count). Two layouts of a contiguous ``(A, C, B)`` array:
 
-* rows (``B > 1``, channel first): ``x2`` is ``(A*C, B)``; a unit is a segment of at most ``seg``
-  values of one row, so it belongs to channel ``row % C``;
-* columns (``B == 1``, channels last): ``x2`` is ``(A, C)``; a unit is a block of ``rows`` rows,
-  and per-channel vectors run along the contiguous axis.
+* rows (channel first, rows long enough to vectorize): ``x2`` is ``(A*C, B)``; a unit is a
+  segment of at most ``seg`` values of one row, so it belongs to channel ``row % C``;
+* columns (channels last, or short rows): ``x2`` is ``(A, C*B)``; a unit is a block of ``rows``
+  rows, and per-column vectors (a channel's values spread over its ``B`` columns) run along the
+  contiguous axis.
 
 Statistics of a unit are two-pass while the unit is in cache: its sum gives a centre (the unit's
 mean rounded to the compute dtype), then ``sum(x - centre)`` and ``sum((x - centre)^2)`` are

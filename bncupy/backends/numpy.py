@@ -44,6 +44,7 @@ xp = np
 
 _TILE_ELEMENTS = 1 << 17  # NumPy engine: 512 KiB of float32, a tile and its temporaries in L2
 _UNIT_ELEMENTS = 1 << 14  # compiled engine: 64 KiB of float32, re-read from L1/L2
+_ROW_MIN = 64  # compiled engine: shortest row walked as a row (one vectorized loop step)
 _PARALLEL_MIN = 1 << 19  # below this many elements handing work to a thread costs more than it saves
 
 _pool: ThreadPoolExecutor | None = None
@@ -243,8 +244,14 @@ def _bits(a: np.ndarray | None) -> np.ndarray | None:
 
 
 class CompiledPasses:
-    """The passes as Numba-compiled loops over cache-sized units (see :mod:`._compiled`):
-    segments of at most ``_UNIT_ELEMENTS`` of one row when ``B > 1``, else blocks of rows."""
+    """The passes as Numba-compiled loops over cache-sized units (see :mod:`._compiled`).
+
+    Rows of at least ``_ROW_MIN`` values (channel first) are walked row by row, in segments of at
+    most ``_UNIT_ELEMENTS``, with per-channel scalars. Anything else, channels last (``B == 1``)
+    and short rows alike, is walked as ``(A, C*B)`` columns in blocks of rows, with per-channel
+    vectors spread over the ``B`` values of each channel: a short row would never reach the
+    vectorized loop, a column block always does.
+    """
 
     name = "numba"
 
@@ -255,10 +262,10 @@ class CompiledPasses:
     def _units(shape: tuple[int, ...]) -> tuple[bool, int, int]:
         """``(by_rows, unit_length, units)`` for an ``(A, C, B)`` shape."""
         a, c, b = shape
-        if b > 1:
+        if b >= _ROW_MIN:
             seg = min(b, _UNIT_ELEMENTS)
             return True, seg, a * c * -(-b // seg)
-        rows = max(16, _UNIT_ELEMENTS // c)
+        rows = max(16, _UNIT_ELEMENTS // (c * b))
         return False, rows, -(-a // rows)
 
     @staticmethod
@@ -266,7 +273,7 @@ class CompiledPasses:
         if a3 is None:
             return None
         a, c, b = a3.shape
-        return _bits(a3.reshape(a * c, b) if by_rows else a3.reshape(a, c))
+        return _bits(a3.reshape(a * c, b) if by_rows else a3.reshape(a, c * b))
 
     def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         a, c, b = x3.shape
@@ -278,53 +285,60 @@ class CompiledPasses:
             nseg = units // (a * c)
             counts = np.full(nseg, length)
             counts[-1] = b - length * (nseg - 1)
-            # partials ordered (a, segment) for each channel
-            mean, m2 = (v.reshape(a, c, nseg).transpose(0, 2, 1).reshape(a * nseg, c)
-                        for v in (mean, m2))
-            return self.k.merge_moments(mean, m2, np.tile(counts, a))
-        mean, m2 = np.empty((units, c)), np.empty((units, c))
-        _run(lambda lo, hi: self.k.column_moments(x2, length, lo, hi, mean, m2), units, x3.size)
-        counts = np.full(units, length)
-        counts[-1] = a - length * (units - 1)
+            counts = np.tile(counts, a)
+        else:
+            mean, m2 = np.empty((units, c * b)), np.empty((units, c * b))
+            _run(lambda lo, hi: self.k.column_moments(x2, length, lo, hi, mean, m2), units,
+                 x3.size)
+            nseg = b
+            counts = np.full(units, length)
+            counts[-1] = a - length * (units - 1)
+            counts = np.repeat(counts, b)
+        # partials ordered (row or block, segment or column) for each channel
+        mean, m2 = (v.reshape(-1, c, nseg).transpose(0, 2, 1).reshape(-1, c) for v in (mean, m2))
         return self.k.merge_moments(mean, m2, counts)
 
     def affine(self, x3: np.ndarray, z3: np.ndarray | None, y3: np.ndarray,
                center: np.ndarray, scale: np.ndarray, shift: np.ndarray, relu: bool) -> None:
         by_rows, length, units = self._units(x3.shape)
         x2, z2, y2 = (self._flat(v, by_rows) for v in (x3, z3, y3))
+        c, b = x3.shape[1:]
         if by_rows:
-            c = x3.shape[1]
             _run(lambda lo, hi: self.k.row_affine(x2, z2, y2, length, c, center, scale, shift,
                                                   relu, lo, hi), units, x3.size)
         else:
+            center, scale, shift = (np.repeat(v, b) for v in (center, scale, shift))
             _run(lambda lo, hi: self.k.column_affine(x2, z2, y2, length, center, scale, shift,
                                                      relu, lo, hi), units, x3.size)
 
     def grad_sums(self, g3: np.ndarray, x3: np.ndarray, center: np.ndarray,
                   ) -> tuple[np.ndarray, np.ndarray]:
-        a, c, _ = x3.shape
+        c, b = x3.shape[1:]
         by_rows, length, units = self._units(x3.shape)
         g2, x2 = self._flat(g3, by_rows), self._flat(x3, by_rows)
         if by_rows:
             sum_g, sum_gx = np.empty(units), np.empty(units)
             _run(lambda lo, hi: self.k.row_grad_sums(g2, x2, length, c, center, lo, hi, sum_g,
                                                      sum_gx), units, x3.size)
-            return (sum_g.reshape(a, c, -1).sum(axis=(0, 2)),
-                    sum_gx.reshape(a, c, -1).sum(axis=(0, 2)))
-        sum_g, sum_gx = np.empty((units, c)), np.empty((units, c))
-        _run(lambda lo, hi: self.k.column_grad_sums(g2, x2, length, center, lo, hi, sum_g,
-                                                    sum_gx), units, x3.size)
-        return sum_g.sum(axis=0), sum_gx.sum(axis=0)
+        else:
+            sum_g, sum_gx = np.empty((units, c * b)), np.empty((units, c * b))
+            spread = np.repeat(center, b)
+            _run(lambda lo, hi: self.k.column_grad_sums(g2, x2, length, spread, lo, hi, sum_g,
+                                                        sum_gx), units, x3.size)
+        # (row or block, channel, segment or column), summed in that fixed order
+        k = units // (x3.shape[0] * c) if by_rows else b
+        return sum_g.reshape(-1, c, k).sum(axis=(0, 2)), sum_gx.reshape(-1, c, k).sum(axis=(0, 2))
 
     def grad_affine(self, g3: np.ndarray, x3: np.ndarray, dx3: np.ndarray, center: np.ndarray,
                     a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
         by_rows, length, units = self._units(x3.shape)
         g2, x2, dx2 = (self._flat(v, by_rows) for v in (g3, x3, dx3))
+        ch, n = x3.shape[1:]
         if by_rows:
-            ch = x3.shape[1]
             _run(lambda lo, hi: self.k.row_grad_affine(g2, x2, dx2, length, ch, center, a, b, c,
                                                        lo, hi), units, x3.size)
         else:
+            center, a, b, c = (np.repeat(v, n) for v in (center, a, b, c))
             _run(lambda lo, hi: self.k.column_grad_affine(g2, x2, dx2, length, center, a, b, c,
                                                           lo, hi), units, x3.size)
 
