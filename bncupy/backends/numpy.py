@@ -5,8 +5,9 @@ middle (a non-contiguous input is copied once). Its passes over memory:
 
 * statistics: **one read** of ``x``. The array is cut into cache-sized units; while a unit is in
   cache its sum gives a centre (the unit's mean in the compute dtype), then ``sum(x - centre)``
-  and ``sum((x - centre)^2)`` are accumulated in float64 (two-pass, so no cancellation whatever
-  the mean), and the units' partials are Chan-merged in unit order;
+  and ``sum((x - centre)^2)`` are accumulated in float64, after at most 16 values (or a
+  pairwise sum along a row) in the compute dtype: two passes over cache, so no cancellation
+  whatever the mean. The units' partials are Chan-merged in unit order;
 * apply: **one read** of ``x`` (and the residual), **one write** of ``y``:
   ``act((x - center) * scale + shift + residual)`` in the compute dtype, with ``center`` the
   mean in the compute dtype; a constant channel gives ``0 * scale + shift``, exactly beta;
