@@ -12,9 +12,10 @@ depend on the thread count). Two layouts of a contiguous ``(A, C, B)`` array:
 
 Statistics of a unit are two-pass while the unit is in cache: its sum gives a centre (the unit's
 mean rounded to the compute dtype), then ``sum(x - centre)`` and ``sum((x - centre)^2)`` are
-accumulated in float64. Elementwise passes compute in the compute dtype exactly as the pure-NumPy
-passes do, operation for operation, so the two give bitwise-equal outputs. float16 arrays come in
-as ``uint16`` views and are widened per value with the CPU's half-precision conversion.
+accumulated in float64 (column blocks add eight rows in the compute dtype first). Elementwise
+passes compute in the compute dtype exactly as the pure-NumPy passes do, operation for
+operation, so the two give bitwise-equal outputs. float16 arrays come in as ``uint16`` views and
+are widened per value with the CPU's half-precision conversion.
 """
 
 from __future__ import annotations
