@@ -15,8 +15,9 @@ import bncupy as bn
 from bncupy.backends import numpy as nb
 
 DTYPES = [np.float16, np.float32, np.float64]
-ENGINES = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
-    nb._load_compiled() is None, reason="numba is not installed (tox env 'numba' has it)"))]
+NUMBA = pytest.param("numba", marks=pytest.mark.skipif(
+    nb._load_compiled() is None, reason="numba is not installed (tox env 'numba' has it)"))
+ENGINES = ["numpy", NUMBA]
 # (A, C, B) shapes, each named by the compiled path it selects
 SHAPES = {
     "rows": (5, 3, 100),                      # channel first, one segment per row
@@ -59,14 +60,13 @@ def _numpy_engine(monkeypatch, fn, *args):
     try:
         return fn(*args)
     finally:
-        monkeypatch.setenv("BNCUPY_CPU_ENGINE", "numba")
+        monkeypatch.setenv("BNCUPY_CPU_ENGINE", "auto")
 
 
+@pytest.mark.parametrize("engine", [NUMBA], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", SHAPES)
-def test_compiled_passes_agree_with_numpy_passes(monkeypatch, dtype, path):
-    pytest.importorskip("numba")
-    monkeypatch.setenv("BNCUPY_CPU_ENGINE", "numba")
+def test_compiled_passes_agree_with_numpy_passes(engine, monkeypatch, dtype, path):
     shape = SHAPES[path]
     x = _data(shape, dtype, "offset")
     dy = _data(shape, dtype, "zero-mean", seed=1)
@@ -83,6 +83,9 @@ def test_compiled_passes_agree_with_numpy_passes(monkeypatch, dtype, path):
         dx = run(nb.backward_apply, dy, x, 1, *grad_coef)
         both.append((mean, m2, y, coef, sums, dx))
     (mean, m2, y, coef, sums, dx), (mean_n, m2_n, y_n, coef_n, sums_n, dx_n) = both
+    prefix = "row_" if shape[2] >= nb._ROW_MIN else "column_"
+    assert {prefix + p for p in ("moments", "affine", "grad_sums", "grad_affine")} <= set(engine.ran)
+    assert not any(k.startswith("column_" if prefix == "row_" else "row_") for k in engine.ran)
     rtol = 1e-12 if dtype == np.float64 else 1e-6
     np.testing.assert_allclose(mean, mean_n, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(m2, m2_n, rtol=rtol)
@@ -96,10 +99,9 @@ def test_compiled_passes_agree_with_numpy_passes(monkeypatch, dtype, path):
                                rtol=1e-2 if dtype == np.float16 else 1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("engine", [NUMBA], indirect=True)
 @pytest.mark.parametrize("path", SHAPES)
 def test_each_compiled_path_runs_where_its_layout_says(engine, path):
-    if engine.name != "numba":
-        pytest.skip("records kernels of the compiled engine")
     shape = SHAPES[path]
     x = _data(shape, np.float32, "zero-mean")
     y, mean, invstd = bn.batch_norm_forward(x, None, None, training=True)
@@ -109,10 +111,9 @@ def test_each_compiled_path_runs_where_its_layout_says(engine, path):
                           prefix + "grad_sums", prefix + "grad_affine"]
 
 
+@pytest.mark.parametrize("engine", [NUMBA], indirect=True)
 @pytest.mark.parametrize("kind", ["zero-mean", "offset", "huge offset", "post-relu"])
 def test_the_data_never_selects_a_different_path(engine, kind):
-    if engine.name != "numba":
-        pytest.skip("records kernels of the compiled engine")
     shape = SHAPES["rows"]
     reference: list[str] = []
     for data in ("zero-mean", kind):
@@ -223,6 +224,7 @@ def test_non_contiguous_and_mixed_dtype_operands(engine):
     np.testing.assert_array_equal(dx, dx_ref)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_and_inf_propagate(engine, dtype):
     x = _data((4, 3, 5, 5), dtype, "zero-mean")
