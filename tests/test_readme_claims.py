@@ -6,9 +6,9 @@
   of float32 data against the float64 variance of the same values, for mean/std up to 1e5, in
   channel-first and channels-last layouts alike.
 
-Cases that fail today on the NumPy backend are marked ``xfail(strict=True)`` one by one (see
-``NUMPY_CONSTANT_FAILURES`` and ``NUMPY_VARIANCE_FAILURES`` for the reasons); a fix makes them pass,
-and the strict mark then asks for its own removal.
+Both once failed on the NumPy backend (a folded apply ``x*scale + shift'`` that missed β by a
+few ulps; channels-last sums over too many float32 rows); the backend's rewrite fixed both, and
+these tests keep them fixed.
 """
 
 from __future__ import annotations
@@ -28,18 +28,6 @@ CONSTANTS = [0.0, 1.0, -37.25, 1e6, 6e4, 0.1, 1 / 3]
 # |beta| next to |constant * scale| shows its rounding most.
 SETTINGS = [(eps, gamma, beta) for eps in (1e-5, 1e-3, 1.0, 4.0) for gamma in (1.0, 0.01, 3.0)
             for beta in (0.75, -1e-3)]
-
-# Why the NumPy backend misses today: apply() folds (x - center) * scale + shift into
-# x * scale + (shift - center * scale) when every |center * scale| <= 8, and for a constant channel
-# the rounding of x * scale and that of the folded shift do not cancel (the unfolded form gives
-# exactly shift == beta, since x - center == 0).
-FOLDED_APPLY = "fixed by the CPU-backend rewrite: the folded apply x*scale + shift' misses beta"
-NUMPY_CONSTANT_FAILURES = {  # (dtype, constant): fail in both layouts
-    (np.float16, 1.0), (np.float16, 1 / 3),
-    (np.float32, 1.0), (np.float32, -37.25), (np.float32, 0.1), (np.float32, 1 / 3),
-    (np.float64, 1.0), (np.float64, -37.25), (np.float64, 0.1), (np.float64, 1 / 3),
-}
-
 
 def _param_dtype(dtype) -> type:
     return np.float64 if dtype == np.float64 else np.float32
@@ -73,9 +61,7 @@ CONSTANT_CASES = [pytest.param(dtype, value, id=f"{dtype.__name__}-{value:g}")
 
 @pytest.mark.parametrize("dtype, value", CONSTANT_CASES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=LAYOUTS)
-def test_constant_channel_maps_to_exactly_beta(backend, request, dtype, channels_last, value):
-    if backend.name == "numpy" and (dtype, value) in NUMPY_CONSTANT_FAILURES:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FOLDED_APPLY))
+def test_constant_channel_maps_to_exactly_beta(backend, dtype, channels_last, value):
     misses = []
     for eps, gamma, beta in SETTINGS:
         got, expected = _constant_channel_output(backend, dtype, channels_last, value, eps,
@@ -91,11 +77,9 @@ def test_constant_channel_maps_to_exactly_beta(backend, request, dtype, channels
        eps=st.floats(1e-8, 10.0), gamma=st.floats(-10.0, 10.0), beta=st.floats(-100.0, 100.0),
        seed=st.integers(0, 2**16))
 @example(dtype=np.float32, channels_last=False, value=1.0, eps=1.0, gamma=1.0, beta=-1e-3,
-         seed=0)  # fails today on the NumPy backend: keeps the strict xfail deterministic
-def test_random_constant_channel_maps_to_exactly_beta(backend, request, dtype, channels_last,
-                                                      value, eps, gamma, beta, seed):
-    if backend.name == "numpy":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FOLDED_APPLY))
+         seed=0)  # a case the folded apply used to miss
+def test_random_constant_channel_maps_to_exactly_beta(backend, dtype, channels_last, value, eps,
+                                                      gamma, beta, seed):
     pd = _param_dtype(dtype)
     beta = float(pd(beta).astype(dtype))  # a β the output dtype can hold
     got, expected = _constant_channel_output(backend, dtype, channels_last, value, eps,
@@ -103,11 +87,6 @@ def test_random_constant_channel_maps_to_exactly_beta(backend, request, dtype, c
     np.testing.assert_array_equal(got, np.broadcast_to(expected, got.shape))
 
 
-# Why the NumPy backend misses today: with the channels innermost (B == 1 in its (A, C, B) view:
-# NHWC, NDHWC, (N, L, C) and 2-D (N, C)) a tile's sum of squares is one float32 einsum over up to
-# 2**17 / C rows (its sum one float32 matvec), so rounding grows with the row count; channel-first
-# rows are summed at most 4096 at a time and combined in float64.
-LONG_ROWS = "fixed by the CPU-backend rewrite: channels-last sums run over too many rows in float32"
 VARIANCE_LAYOUTS = {  # name: (shape, channel axis); few channels: long channels-last rows
     "NCHW": ((32, 3, 56, 56), 1),
     "NCL": ((64, 4, 512), 1),
@@ -116,15 +95,12 @@ VARIANCE_LAYOUTS = {  # name: (shape, channel axis); few channels: long channels
     "NDHWC": ((8, 8, 28, 28, 3), -1),
     "NC": ((100_000, 2), 1),  # a 2-D (N, C) batch has its channels innermost too
 }
-CHANNELS_INNERMOST = {"NHWC", "NLC", "NDHWC", "NC"}
 MEAN_STD = [(1e6, 100.0), (1e6, 10.0), (1e5, 10.0), (1e4, 1.0), (1.0, 1e-4)]
 
 
 @pytest.mark.parametrize("mean, std", MEAN_STD, ids=[f"mean{m:g}-std{s:g}" for m, s in MEAN_STD])
 @pytest.mark.parametrize("layout", list(VARIANCE_LAYOUTS))
-def test_float32_variance_to_relative_1e_5_at_any_offset(backend, request, layout, mean, std):
-    if backend.name == "numpy" and layout in CHANNELS_INNERMOST:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=LONG_ROWS))
+def test_float32_variance_to_relative_1e_5_at_any_offset(backend, layout, mean, std):
     shape, axis = VARIANCE_LAYOUTS[layout]
     axes = tuple(i for i in range(len(shape)) if i != axis % len(shape))
     worst = 0.0

@@ -1,42 +1,55 @@
 """NumPy backend: the numerical reference and a multi-threaded CPU fallback.
 
-Every operation sees its input as a 3-D view ``(A, C, B)`` (channel axis in the middle) and walks it
-in cache-sized tiles on a thread pool; NumPy's ufuncs and BLAS release the GIL, so tiles run in
-parallel. Partial statistics are merged in tile order, so results do not depend on thread timing.
+Every operation sees its input as a C-contiguous ``(A, C, B)`` array, the channel axis in the
+middle (a non-contiguous input is copied once). Its passes over memory:
 
-Statistics are computed on shifted data ``x - K``, K a per-channel pilot (the mean of the
-channel's first few values), and a tile is re-centred on its own mean when the pilot was poor, so a
-huge per-channel mean costs no precision; E[x^2] - E[x]^2 is never used on raw data.
+* statistics: **one read** of ``x``. The array is cut into cache-sized units; while a unit is in
+  cache its sum gives a centre (the unit's mean in the compute dtype), then ``sum(x - centre)``
+  and ``sum((x - centre)^2)`` are accumulated in float64, after at most 16 values (or a
+  pairwise sum along a row) in the compute dtype: two passes over cache, so no cancellation
+  whatever the mean. The units' partials are Chan-merged in unit order;
+* apply: **one read** of ``x`` (and the residual), **one write** of ``y``:
+  ``act((x - center) * scale + shift + residual)`` in the compute dtype, with ``center`` the
+  mean in the compute dtype; a constant channel gives ``0 * scale + shift``, exactly beta;
+* backward: **one read** of ``x`` and ``dy`` for the float64 sums ``sum(dy)`` and
+  ``sum(dy * (x - center))``, then **one read** of each and **one write** of ``dx``.
+
+So forward-train reads ``x`` twice and writes once, eval reads once, backward reads ``x`` and
+``dy`` twice each. The compute dtype is float32 (float64 for float64 input); float16 data stays
+in float16 storage and is widened unit by unit as it is read.
+
+Two engines make these passes: compiled loops (:mod:`._compiled`, when Numba is importable;
+``BNCUPY_CPU_ENGINE=numpy`` turns it off) and NumPy ufuncs on L2-sized tiles. Their elementwise
+outputs are bitwise equal; their statistics differ only in summation order. Work units go to at
+most ``BNCUPY_NUM_THREADS`` threads (default: the CPUs this process may use, at most 8) counting
+the caller's; idle pool threads sleep, and no BLAS is called, so a call runs no threads of its
+own libraries. Partials are merged in unit order: results do not depend on the thread count.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from ._common import (
-    backward_coefficients,
-    compute_dtype,
-    forward_coefficients,
-    merge,
-    merge_equal,
-)
+from ._common import backward_coefficients, compute_dtype, forward_coefficients, merge
 
 name = "numpy"
 xp = np
 
-_TILE_ELEMENTS = 1 << 17  # 512 KiB of float32: a tile and its output stay in L2
-_MAX_ROW = 4096  # longest float32 row summed in one BLAS call (bounds rounding growth)
-_PARALLEL_MIN = 1 << 20  # below this many elements threads cost more than they save
-_PILOT_SAMPLE = 256  # values per channel averaged into the pilot
-_FOLD_LIMIT = 8.0  # |center * scale| up to which x * scale + shift' loses < 4 bits
+_TILE_ELEMENTS = 1 << 17  # NumPy engine: 512 KiB of float32, a tile and its temporaries in L2
+_UNIT_ELEMENTS = 1 << 14  # compiled engine: 64 KiB of float32, re-read from L1/L2
+_ROW_MIN = 64  # compiled engine: shortest row walked as a row (one vectorized loop step)
+_PARALLEL_MIN = 1 << 19  # below this many elements handing work to a thread costs more than it saves
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
@@ -44,22 +57,31 @@ def _threads() -> int:
     env = os.environ.get("BNCUPY_NUM_THREADS")
     if env:
         return max(1, int(env))
-    return min(os.cpu_count() or 1, 8)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(cpus or 1, 8)
 
 
-def _map(fn: Callable[[Any], Any], items: list[Any], elements: int) -> list[Any]:
-    """``[fn(item) for item in items]``; on the thread pool when the work is big enough, each
-    thread taking one contiguous run of items (one task per thread keeps overhead low)."""
-    global _pool
-    workers = _threads()
-    if elements < _PARALLEL_MIN or len(items) < 2 or workers == 1:
-        return [fn(item) for item in items]
+def _run(fn: Callable[[int, int], Any], units: int, elements: int) -> None:
+    """``fn(lo, hi)`` over ``[0, units)`` split into one contiguous range per thread; the caller
+    takes the first range and returns when every range is done."""
+    global _pool, _pool_size
+    workers = min(_threads(), units) if elements >= _PARALLEL_MIN else 1
+    if workers <= 1:
+        fn(0, units)
+        return
+    bounds = [units * i // workers for i in range(workers + 1)]
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="bncupy")
-    runs = np.array_split(np.arange(len(items)), min(workers, len(items)))
-    futures = [_pool.submit(lambda idx: [fn(items[i]) for i in idx], run) for run in runs]
-    return [result for future in futures for result in future.result()]
+        if _pool is None or _pool_size < workers - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(workers - 1, "bncupy"), workers - 1
+        futures = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, workers)]
+    try:
+        fn(bounds[0], bounds[1])
+    finally:
+        wait(futures)
+    for future in futures:
+        future.result()
 
 
 def asarray(a: Any) -> np.ndarray:
@@ -67,12 +89,19 @@ def asarray(a: Any) -> np.ndarray:
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
-def view3(x: np.ndarray, axis: int) -> np.ndarray:
-    """``x`` as ``(A, C, B)`` with the channel axis in the middle (a copy only when strides force it)."""
-    a = int(np.prod(x.shape[:axis], dtype=np.int64))
-    b = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
-    return x.reshape(a, x.shape[axis], b)
+def view3(x: np.ndarray, axis: int, dtype: Any = None) -> np.ndarray:
+    """``x`` as a C-contiguous ``(A, C, B)`` array, channel axis in the middle (a copy only when
+    ``x`` is not contiguous or is not of ``dtype``)."""
+    a, b = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+    return np.ascontiguousarray(x, dtype).reshape(a, x.shape[axis], b)
 
+
+def _operand(v: np.ndarray, axis: int, cd: np.dtype) -> np.ndarray:
+    """``dy`` or a residual as :func:`view3`, in ``cd`` unless it already computes in ``cd``."""
+    return view3(v, axis, v.dtype if compute_dtype(v.dtype) == cd else cd)
+
+
+# --- the pure-NumPy engine ----------------------------------------------------------------------
 
 Tile = tuple[slice, slice, slice]  # rows of A, channels, columns of B
 
@@ -96,135 +125,282 @@ def _tiles(shape: tuple[int, int, int]) -> list[Tile]:
             for i in range(a) for j in range(c) for k in range(0, b, _TILE_ELEMENTS)]
 
 
-def _block(a3: np.ndarray, tile: Tile) -> np.ndarray:
-    """The 3-D ``(rows, channels, cols)`` block of a tile."""
-    return a3[tile]
-
-
 def _part(a3: np.ndarray, tile: Tile) -> np.ndarray:
     """A tile for elementwise work: 2-D ``(rows, channels)`` when ``B == 1``, so that
-    per-channel vectors broadcast along a contiguous inner loop (channels-last layouts)."""
+    per-channel vectors broadcast along the contiguous axis (channels last)."""
     rows, chans, cols = tile
     return a3[rows, chans, 0] if a3.shape[2] == 1 else a3[rows, chans, cols]
 
 
-def _per_channel(v: np.ndarray, a3: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A per-channel vector shaped to broadcast against :func:`_part` tiles of ``a3``; index it
-    with a tile's channel slice."""
-    v = v.astype(dtype)
+def _per_channel(v: np.ndarray, a3: np.ndarray) -> np.ndarray:
+    """A per-channel vector shaped to broadcast against :func:`_part` tiles of ``a3``."""
     return v if a3.shape[2] == 1 else v[:, None]
 
 
-def _rowdot(d: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """``sum(d * e, axis=-1)`` without a temporary (BLAS dot per row on NumPy >= 2)."""
-    vecdot = getattr(np, "vecdot", None)
-    return vecdot(d, e) if vecdot is not None else np.einsum("...i,...i->...", d, e)
+def _over_tiles(a3: np.ndarray, fn: Callable[[Tile], Any]) -> list[Any]:
+    """``[fn(tile) for tile in _tiles(a3.shape)]``, tiles shared out among the threads."""
+    tiles = _tiles(a3.shape)
+    out: list[Any] = [None] * len(tiles)
+
+    def run(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            out[i] = fn(tiles[i])
+
+    _run(run, len(tiles), a3.size)
+    return list(zip(tiles, out, strict=True))
 
 
-def _channel_sum(d: np.ndarray, e: np.ndarray | None = None) -> np.ndarray:
-    """Per-channel float64 ``sum(d)`` (or ``sum(d * e)``) of a ``(rows, channels, cols)`` block.
+_HALF_TABLE: list[np.ndarray] = []  # the float32 value of every float16 bit pattern
 
-    Rows are summed by BLAS in the compute dtype, at most ``_MAX_ROW`` long where the length
-    allows the split; row sums are combined in float64.
+
+def _widened(a: np.ndarray, cd: np.dtype) -> np.ndarray:
+    """A tile in the compute dtype ``cd``; float16 through a 65536-entry table, which is faster
+    than NumPy's own float16 conversion and, unlike it, as fast for every value."""
+    if a.dtype != np.float16:
+        return a.astype(cd, copy=False)
+    if not _HALF_TABLE:
+        _HALF_TABLE.append(np.arange(1 << 16).astype(np.uint16).view(np.float16).astype(cd))
+    return _HALF_TABLE[0][a.view(np.uint16)]
+
+
+def _channel_sums(block: np.ndarray) -> np.ndarray:
+    """Per-channel float64 sums of a ``(rows, channels, cols)`` block: along the contiguous
+    columns in the block's dtype (NumPy sums those pairwise), or, with one column, over 16 rows
+    at a time (at most 16 ulps); those partial sums in float64."""
+    if block.shape[2] > 1:
+        return block.sum(axis=2).sum(axis=0, dtype=np.float64)
+    a = block[:, :, 0]
+    r = a.shape[0] - a.shape[0] % 16
+    sums = a[r:].sum(axis=0, dtype=np.float64)
+    if r:
+        sums += a[:r].reshape(-1, 16, a.shape[1]).sum(axis=1).sum(axis=0, dtype=np.float64)
+    return sums
+
+
+def _affine_tile(out: np.ndarray, xs: np.ndarray, center: np.ndarray, scale: np.ndarray,
+                 shift: np.ndarray, cd: np.dtype) -> np.ndarray:
+    """``(xs - center) * scale + shift`` in ``cd``: in ``out`` itself when it is of ``cd``, else
+    in a temporary that the caller copies into ``out`` when done."""
+    tmp = out if out.dtype == cd else np.empty(out.shape, cd)
+    np.subtract(_widened(xs, cd), center, out=tmp)
+    tmp *= scale
+    tmp += shift
+    return tmp
+
+
+class NumpyPasses:
+    """The passes as NumPy ufunc calls on one L2-sized tile at a time."""
+
+    name = "numpy"
+
+    @staticmethod
+    def moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cd = compute_dtype(x3.dtype)
+
+        def tile_moments(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
+            xs = _widened(x3[tile], cd)  # float16: once per tile
+            n = xs.shape[0] * xs.shape[2]
+            centre = (_channel_sums(xs) / n).astype(cd)
+            d = xs - centre[:, None]
+            s1 = _channel_sums(d)
+            s2 = _channel_sums(np.square(d, out=d))
+            return n, centre + s1 / n, s2 - s1 * s1 / n
+
+        c = x3.shape[1]
+        count, mean, m2 = np.zeros(c, np.int64), np.zeros(c), np.zeros(c)
+        for tile, part in _over_tiles(x3, tile_moments):  # tile order: deterministic
+            ch = tile[1]
+            count[ch], mean[ch], m2[ch] = merge((count[ch], mean[ch], m2[ch]), part)
+        return mean, m2
+
+    @staticmethod
+    def affine(x3: np.ndarray, z3: np.ndarray | None, y3: np.ndarray, center: np.ndarray,
+               scale: np.ndarray, shift: np.ndarray, relu: bool) -> None:
+        cd = center.dtype
+        center, scale, shift = (_per_channel(v, x3) for v in (center, scale, shift))
+
+        def run(tile: Tile) -> None:
+            out, ch = _part(y3, tile), tile[1]
+            tmp = _affine_tile(out, _part(x3, tile), center[ch], scale[ch], shift[ch], cd)
+            if z3 is not None:
+                tmp += _widened(_part(z3, tile), cd)
+            if relu:
+                np.maximum(tmp, 0, out=tmp)
+            if tmp is not out:
+                out[...] = tmp
+
+        _over_tiles(x3, run)
+
+    @staticmethod
+    def grad_sums(g3: np.ndarray, x3: np.ndarray, center: np.ndarray,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        cd = center.dtype
+
+        def run(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+            g = _widened(g3[tile], cd)
+            e = _widened(x3[tile], cd) - center[tile[1], None]
+            return _channel_sums(g), _channel_sums(np.multiply(e, g, out=e))
+
+        sum_g, sum_gx = np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
+        for tile, (s, p) in _over_tiles(x3, run):  # tile order
+            sum_g[tile[1]] += s
+            sum_gx[tile[1]] += p
+        return sum_g, sum_gx
+
+    @staticmethod
+    def grad_affine(g3: np.ndarray, x3: np.ndarray, dx3: np.ndarray, center: np.ndarray,
+                    a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
+        cd = center.dtype
+        center, a, b, c = (_per_channel(v, x3) for v in (center, a, b, c))
+
+        def run(tile: Tile) -> None:
+            out, ch = _part(dx3, tile), tile[1]
+            tmp = _affine_tile(out, _part(x3, tile), center[ch], b[ch], c[ch], cd)
+            tmp += np.multiply(_widened(_part(g3, tile), cd), a[ch])
+            if tmp is not out:
+                out[...] = tmp
+
+        _over_tiles(x3, run)
+
+
+# --- the compiled engine ------------------------------------------------------------------------
+
+def _bits(a: np.ndarray | None) -> np.ndarray | None:
+    """float16 arrays as their ``uint16`` bits (the compiled loops widen them)."""
+    return a.view(np.uint16) if a is not None and a.dtype == np.float16 else a
+
+
+class CompiledPasses:
+    """The passes as Numba-compiled loops over cache-sized units (see :mod:`._compiled`).
+
+    Rows of at least ``_ROW_MIN`` values (channel first) are walked row by row, in segments of at
+    most ``_UNIT_ELEMENTS``, with per-channel scalars. Anything else, channels last (``B == 1``)
+    and short rows alike, is walked as ``(A, C*B)`` columns in blocks of rows, with per-channel
+    vectors spread over the ``B`` values of each channel: a short row would never reach the
+    vectorized loop, a column block always does.
     """
-    if d.shape[2] == 1:
-        d2 = d[:, :, 0]
-        if e is None:
-            return (np.ones(d.shape[0], d.dtype) @ d2).astype(np.float64)
-        return np.einsum("ac,ac->c", d2, e[:, :, 0]).astype(np.float64)
-    if d.shape[2] > _MAX_ROW and d.shape[2] % _MAX_ROW == 0 and d.flags.c_contiguous and \
-            (e is None or e.flags.c_contiguous):
-        split = (*d.shape[:2], d.shape[2] // _MAX_ROW, _MAX_ROW)
-        d = d.reshape(split)
-        e = None if e is None else e.reshape(split)
-    rows = d @ np.ones(d.shape[-1], d.dtype) if e is None else _rowdot(d, e)
-    return rows.reshape(d.shape[0], d.shape[1], -1).sum(axis=(0, 2), dtype=np.float64)
 
+    name = "numba"
 
-def _tile_moments(x3: np.ndarray, tile: Tile, shift: np.ndarray | None, dtype: np.dtype,
-                  ) -> tuple[int, np.ndarray, np.ndarray]:
-    """Welford partial of one tile from sums of ``x - shift`` (``x`` itself when shift is None).
+    def __init__(self, kernels: ModuleType) -> None:
+        self.k = kernels
 
-    If the shift is so far from the tile's mean that ``sum(d^2) - n*mean(d)^2`` would cancel more
-    than two bits, the tile is summed again around its own mean.
-    """
-    xs = _block(x3, tile)
-    n = xs.shape[0] * xs.shape[2]
-    if shift is not None:
-        shift = shift[tile[1]]
-    for _ in range(3):
-        if shift is None:
-            d = xs if xs.dtype == dtype else xs.astype(dtype)
+    @staticmethod
+    def _units(shape: tuple[int, ...]) -> tuple[bool, int, int]:
+        """``(by_rows, unit_length, units)`` for an ``(A, C, B)`` shape."""
+        a, c, b = shape
+        if b >= _ROW_MIN:
+            seg = min(b, _UNIT_ELEMENTS)
+            return True, seg, a * c * -(-b // seg)
+        rows = max(16, _UNIT_ELEMENTS // (c * b))
+        return False, rows, -(-a // rows)
+
+    @staticmethod
+    def _flat(a3: np.ndarray | None, by_rows: bool) -> Any:
+        if a3 is None:
+            return None
+        a, c, b = a3.shape
+        return _bits(a3.reshape(a * c, b) if by_rows else a3.reshape(a, c * b))
+
+    def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, c, b = x3.shape
+        by_rows, length, units = self._units(x3.shape)
+        x2 = self._flat(x3, by_rows)
+        if by_rows:
+            mean, m2 = np.empty(units), np.empty(units)
+            _run(lambda lo, hi: self.k.row_moments(x2, length, lo, hi, mean, m2), units, x3.size)
+            nseg = units // (a * c)
+            counts = np.full(nseg, length)
+            counts[-1] = b - length * (nseg - 1)
+            counts = np.tile(counts, a)
         else:
-            d = np.subtract(xs, shift[:, None], dtype=dtype)
-        mean = _channel_sum(d) / n
-        sq = _channel_sum(d, d)
-        if not np.any(n * mean * mean > 0.75 * sq):
-            break
-        base = np.zeros(mean.shape, dtype) if shift is None else shift
-        shift = (base + mean).astype(dtype)
-    m2 = np.maximum(sq - n * mean * mean, 0.0)
-    return n, mean if shift is None else shift.astype(np.float64) + mean, m2
+            mean, m2 = np.empty((units, c * b)), np.empty((units, c * b))
+            _run(lambda lo, hi: self.k.column_moments(x2, length, lo, hi, mean, m2), units,
+                 x3.size)
+            nseg = b
+            counts = np.full(units, length)
+            counts[-1] = a - length * (units - 1)
+            counts = np.repeat(counts, b)
+        # partials ordered (row or block, segment or column) for each channel
+        mean, m2 = (v.reshape(-1, c, nseg).transpose(0, 2, 1).reshape(-1, c) for v in (mean, m2))
+        return self.k.merge_moments(mean, m2, counts)
+
+    def affine(self, x3: np.ndarray, z3: np.ndarray | None, y3: np.ndarray,
+               center: np.ndarray, scale: np.ndarray, shift: np.ndarray, relu: bool) -> None:
+        by_rows, length, units = self._units(x3.shape)
+        x2, z2, y2 = (self._flat(v, by_rows) for v in (x3, z3, y3))
+        c, b = x3.shape[1:]
+        if by_rows:
+            _run(lambda lo, hi: self.k.row_affine(x2, z2, y2, length, c, center, scale, shift,
+                                                  relu, lo, hi), units, x3.size)
+        else:
+            center, scale, shift = (np.repeat(v, b) for v in (center, scale, shift))
+            _run(lambda lo, hi: self.k.column_affine(x2, z2, y2, length, center, scale, shift,
+                                                     relu, lo, hi), units, x3.size)
+
+    def grad_sums(self, g3: np.ndarray, x3: np.ndarray, center: np.ndarray,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        c, b = x3.shape[1:]
+        by_rows, length, units = self._units(x3.shape)
+        g2, x2 = self._flat(g3, by_rows), self._flat(x3, by_rows)
+        if by_rows:
+            sum_g, sum_gx = np.empty(units), np.empty(units)
+            _run(lambda lo, hi: self.k.row_grad_sums(g2, x2, length, c, center, lo, hi, sum_g,
+                                                     sum_gx), units, x3.size)
+        else:
+            sum_g, sum_gx = np.empty((units, c * b)), np.empty((units, c * b))
+            spread = np.repeat(center, b)
+            _run(lambda lo, hi: self.k.column_grad_sums(g2, x2, length, spread, lo, hi, sum_g,
+                                                        sum_gx), units, x3.size)
+        # (row or block, channel, segment or column), summed in that fixed order
+        k = units // (x3.shape[0] * c) if by_rows else b
+        return sum_g.reshape(-1, c, k).sum(axis=(0, 2)), sum_gx.reshape(-1, c, k).sum(axis=(0, 2))
+
+    def grad_affine(self, g3: np.ndarray, x3: np.ndarray, dx3: np.ndarray, center: np.ndarray,
+                    a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
+        by_rows, length, units = self._units(x3.shape)
+        g2, x2, dx2 = (self._flat(v, by_rows) for v in (g3, x3, dx3))
+        ch, n = x3.shape[1:]
+        if by_rows:
+            _run(lambda lo, hi: self.k.row_grad_affine(g2, x2, dx2, length, ch, center, a, b, c,
+                                                       lo, hi), units, x3.size)
+        else:
+            center, a, b, c = (np.repeat(v, n) for v in (center, a, b, c))
+            _run(lambda lo, hi: self.k.column_grad_affine(g2, x2, dx2, length, center, a, b, c,
+                                                          lo, hi), units, x3.size)
 
 
-def _pilot(x3: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
-    """Per-channel shift for the statistics: the mean of the first ~``_PILOT_SAMPLE`` values, or
-    None (no shift) when every channel's sample is already centred within one deviation."""
-    a, _, b = x3.shape
-    rb = min(b, _PILOT_SAMPLE)
-    ra = min(a, max(1, _PILOT_SAMPLE // rb))
-    sample = x3[:ra, :, :rb].astype(np.float64)
-    mean = sample.mean(axis=(0, 2))
-    if x3.dtype == dtype and sample.size > x3.shape[1] and \
-            np.all(mean * mean <= sample.var(axis=(0, 2))):
+def _load_compiled() -> CompiledPasses | None:
+    try:
+        from . import _compiled
+    except ImportError:
         return None
-    return mean.astype(dtype)
+    return CompiledPasses(_compiled)
 
 
-def _row_moments(x3: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Statistics of centred, contiguous, channel-first data: every (a, c) row is a Welford
-    partial summed by BLAS in one sweep over the array; rows whose own mean is too far from 0
-    for ``sum(x^2) - n*mean^2`` are summed again around that mean; then one k-way merge."""
-    a, c, b = x3.shape
-    x2 = x3.reshape(a * c, b)
-    ones = np.ones(b, x3.dtype)
-    halves = [slice(0, x2.shape[0] // 2), slice(x2.shape[0] // 2, None)]
-    sums = _map(lambda rows: (x2[rows] @ ones, _rowdot(x2[rows], x2[rows])), halves, x2.size)
-    s = np.concatenate([part[0] for part in sums]).astype(np.float64)
-    q = np.concatenate([part[1] for part in sums]).astype(np.float64)
-    mean = s / b
-    for _ in range(2):
-        bad = b * mean * mean > 0.75 * q
-        if not bad.any():
-            break
-        shift = mean[bad].astype(x3.dtype)
-        d = x2[bad] - shift[:, None]
-        s_d = (d @ ones).astype(np.float64)
-        q[bad] = _rowdot(d, d).astype(np.float64)
-        mean[bad] = shift.astype(np.float64) + s_d / b
-        s[bad] = s_d
-    m2 = np.maximum(q - s * s / b, 0.0)
-    return merge_equal(mean.reshape(a, c), m2.reshape(a, c), b)
+_COMPILED: list[CompiledPasses | None] = []  # filled on first use: importing Numba takes time
 
+
+def engine() -> NumpyPasses | CompiledPasses:
+    """The passes in use: compiled when Numba is importable and ``BNCUPY_CPU_ENGINE`` is not
+    ``numpy``."""
+    if os.environ.get("BNCUPY_CPU_ENGINE", "").strip().lower() == "numpy":
+        return NumpyPasses()
+    if not _COMPILED:
+        _COMPILED.append(_load_compiled())
+    return _COMPILED[0] or NumpyPasses()
+
+
+# --- the backend interface ------------------------------------------------------------------------
 
 def stats(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Per-channel Welford partials ``(count, mean, m2)`` of ``x`` (float64 mean and m2)."""
     x3 = view3(x, axis)
-    tiles = _tiles(x3.shape)
     a, c, b = x3.shape
-    count, mean, m2 = np.zeros(c, np.int64), np.zeros(c), np.zeros(c)
-    if tiles:
-        cd = compute_dtype(x.dtype)
-        shift = _pilot(x3, cd)
-        if shift is None and 1 < b <= _MAX_ROW and x3.flags.c_contiguous:
-            return _row_moments(x3)
-        # Channels-last sums of squares go through einsum, which threads slow down here.
-        parts = _map(lambda t: _tile_moments(x3, t, shift, cd), tiles, x.size if b > 1 else 0)
-        for tile, part in zip(tiles, parts, strict=True):  # tile order: deterministic
-            chans = tile[1]
-            count[chans], mean[chans], m2[chans] = merge(
-                (count[chans], mean[chans], m2[chans]), part)
-    return a * b, mean, m2
+    if x3.size == 0:
+        return a * b, np.zeros(c), np.zeros(c)
+    mean, m2 = engine().moments(x3)
+    return a * b, mean, np.maximum(m2, 0.0)
 
 
 def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -276,118 +452,45 @@ def relu_grad(dy: np.ndarray, x: np.ndarray, axis: int, coef: tuple,
 
 def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift: np.ndarray,
           residual: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
-    """``act((x - center) * scale + shift + residual)`` per channel, in the compute dtype, output
+    """``act((x - center) * scale + shift + residual)`` per channel in the compute dtype, output
     in ``x.dtype``; act is ReLU (NaN kept) when ``relu``, residual optional.
 
-    When every ``|center * scale|`` is small the same value is computed in two passes as
-    ``x * scale + (shift - center * scale)``: rounding then grows by at most ``_FOLD_LIMIT`` ulps
-    of the output. Large means (and constant channels) keep the exact three-pass form.
+    Never folded into ``x * scale + shift'``: with ``center`` the exact mean of a constant
+    channel, ``x - center`` is 0 and the output is exactly ``shift``.
     """
+    cd = compute_dtype(x.dtype)
     x3 = view3(x, axis)
     y = np.empty(x.shape, x.dtype)
-    y3 = y.reshape(x3.shape)
-    cd = compute_dtype(x.dtype)
-    center = center.astype(cd)
-    folded = bool(np.all(np.abs(center * scale) <= _FOLD_LIMIT))
-    if folded:
-        shift = shift - center.astype(np.float64) * scale
-    center, scale, shift = (_per_channel(v, x3, cd) for v in (center, scale, shift))
-    z3 = None if residual is None else view3(residual, axis)
-
-    def run(tile: Tile) -> None:
-        out, xs, chans = _part(y3, tile), _part(x3, tile), tile[1]
-        tmp = out if out.dtype == cd else np.empty(out.shape, cd)
-        if folded:
-            np.multiply(xs, scale[chans], out=tmp, dtype=cd)
-        else:
-            np.subtract(xs, center[chans], out=tmp, dtype=cd)
-            tmp *= scale[chans]
-        tmp += shift[chans]
-        if z3 is not None:
-            np.add(tmp, _part(z3, tile), out=tmp, dtype=cd)
-        if relu:
-            np.maximum(tmp, 0, out=tmp)
-        if tmp is not out:
-            out[...] = tmp
-
-    _map(run, _tiles(x3.shape), x.size)
+    z3 = None if residual is None else _operand(residual, axis, cd)
+    if x.size:
+        engine().affine(x3, z3, y.reshape(x3.shape), center.astype(cd), scale.astype(cd),
+                        shift.astype(cd), relu)
     return y
-
-
-def backward_reduce(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray,
-                    centred: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - center))``.
-
-    With ``centred`` (every ``|center|`` within one deviation of zero) the second sum is taken as
-    ``sum(dy * x) - center * sum(dy)``, which then cancels less than a bit, without a temporary.
-    """
-    x3, dy3 = view3(x, axis), view3(dy, axis)
-    c = x3.shape[1]
-    cd = compute_dtype(x.dtype)
-    center_t = center.astype(cd)[:, None]
-
-    def run(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-        g = _block(dy3, tile)
-        if g.dtype != cd:
-            g = g.astype(cd)
-        xs = _block(x3, tile)
-        if centred and xs.dtype == cd:
-            return _channel_sum(g), _channel_sum(xs, g)
-        e = np.subtract(xs, center_t[tile[1]], dtype=cd)
-        return _channel_sum(g), _channel_sum(e, g)
-
-    sum_dy, sum_dy_xc = np.zeros(c), np.zeros(c)
-    tiles = _tiles(x3.shape)
-    for tile, (s, p) in zip(tiles, _map(run, tiles, x.size), strict=True):  # tile order
-        sum_dy[tile[1]] += s
-        sum_dy_xc[tile[1]] += p
-    if centred and x.dtype == cd:
-        sum_dy_xc -= center.astype(np.float64) * sum_dy
-    return sum_dy, sum_dy_xc
 
 
 def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray, a: np.ndarray,
                    b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """``a * dy + b * (x - center) + c`` per channel, output in ``x.dtype``.
-
-    Folded to ``a * dy + b * x + (c - b * center)`` when every ``|b * center|`` is small next to
-    ``|a|`` (the same rule as :func:`apply`).
-    """
-    x3, dy3 = view3(x, axis), view3(dy, axis)
-    dx = np.empty(x.shape, x.dtype)
-    dx3 = dx.reshape(x3.shape)
+    """``(x - center) * b + c + a * dy`` per channel in the compute dtype, output in
+    ``x.dtype``."""
     cd = compute_dtype(x.dtype)
-    center = center.astype(cd)
-    folded = bool(np.all(np.abs(b * center) <= _FOLD_LIMIT * np.abs(a)))
-    if folded:
-        c = c - b * center.astype(np.float64)
-    center, a, b, c = (_per_channel(v, x3, cd) for v in (center, a, b, c))
-
-    def run(tile: Tile) -> None:
-        out, chans = _part(dx3, tile), tile[1]
-        tmp = out if out.dtype == cd else np.empty(out.shape, cd)
-        xs, g = _part(x3, tile), _part(dy3, tile)
-        if folded:
-            np.multiply(xs, b[chans], out=tmp, dtype=cd)
-        else:
-            np.subtract(xs, center[chans], out=tmp, dtype=cd)
-            tmp *= b[chans]
-        tmp += c[chans]
-        tmp += np.multiply(g, a[chans], dtype=cd)
-        if tmp is not out:
-            out[...] = tmp
-
-    _map(run, _tiles(x3.shape), x.size)
+    x3 = view3(x, axis)
+    dx = np.empty(x.shape, x.dtype)
+    if x.size:
+        engine().grad_affine(_operand(dy, axis, cd), x3, dx.reshape(x3.shape), center.astype(cd),
+                             a.astype(cd), b.astype(cd), c.astype(cd))
     return dx
 
 
 def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
                  invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    cd = compute_dtype(x.dtype)
     mean = mean.astype(np.float64)
-    center = mean.astype(compute_dtype(x.dtype))
-    centred = bool(np.all(np.abs(mean) * invstd.astype(np.float64) <= 1.0))
-    sum_dy, sum_dy_xc = backward_reduce(dy, x, axis, center, centred)
+    center = mean.astype(cd)
+    x3 = view3(x, axis)
+    if x.size == 0:
+        return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
+    sum_dy, sum_dy_xc = engine().grad_sums(_operand(dy, axis, cd), x3, center)
     return sum_dy, sum_dy_xc - (mean - center) * sum_dy
 
 

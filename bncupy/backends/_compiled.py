@@ -1,0 +1,292 @@
+"""The NumPy backend's passes compiled with Numba (used when Numba is importable).
+
+Each function handles a range ``[lo, hi)`` of work units and writes only its own units' outputs,
+so the backend can hand ranges to its threads and merge partials in unit order (results do not
+depend on the thread count). Two layouts of a contiguous ``(A, C, B)`` array:
+
+* rows (channel first, rows long enough to vectorize): ``x2`` is ``(A*C, B)``; a unit is a
+  segment of at most ``seg`` values of one row, so it belongs to channel ``row % C``;
+* columns (channels last, or short rows): ``x2`` is ``(A, C*B)``; a unit is a block of ``rows``
+  rows, and per-column vectors (a channel's values spread over its ``B`` columns) run along the
+  contiguous axis.
+
+Statistics of a unit are two-pass while the unit is in cache: its sum gives a centre (the unit's
+mean rounded to the compute dtype), then ``sum(x - centre)`` and ``sum((x - centre)^2)`` are
+accumulated in float64 (column blocks add eight rows in the compute dtype first). Elementwise
+passes compute in the compute dtype exactly as the pure-NumPy passes do, operation for
+operation, so the two give bitwise-equal outputs. float16 arrays come in as ``uint16`` views and
+are widened per value with the CPU's half-precision conversion.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+_SUMS = {"reassoc"}  # lets LLVM vectorize float64 sums; the order is still fixed by the code
+
+
+@intrinsic
+def _half_to_float(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _float_to_half(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def widen(value):  # pragma: no cover - replaced by the overload inside compiled code
+    """A stored value in its compute dtype (float16 bits -> float32)."""
+
+
+@overload(widen)
+def _widen(value):
+    if value == types.uint16:
+        return lambda value: _half_to_float(value)
+    return lambda value: value
+
+
+def narrow(out, value):  # pragma: no cover - replaced by the overload inside compiled code
+    """``value`` as stored in ``out`` (float32 -> float16 bits, round to nearest even)."""
+
+
+@overload(narrow)
+def _narrow(out, value):
+    if out.dtype == types.uint16:
+        return lambda out, value: _float_to_half(np.float32(value))
+    return lambda out, value: value
+
+
+def compute(like, value):  # pragma: no cover - replaced by the overload inside compiled code
+    """``value`` in the compute dtype of the array ``like`` (float32, or float64 for float64)."""
+
+
+@overload(compute)
+def _compute(like, value):
+    if like.dtype == types.float64:
+        return lambda like, value: np.float64(value)
+    return lambda like, value: np.float32(value)
+
+
+@njit(nogil=True, cache=True, fastmath=_SUMS)
+def row_moments(x2, seg, lo, hi, mean, m2):
+    """Two-pass mean and M2 of each row segment ``u`` in ``[lo, hi)``."""
+    nseg = (x2.shape[1] + seg - 1) // seg
+    for u in range(lo, hi):
+        xs = x2[u // nseg, (u % nseg) * seg:(u % nseg + 1) * seg]
+        n = xs.shape[0]
+        s = 0.0
+        for j in range(n):
+            s += widen(xs[j])
+        centre = compute(x2, s / n)
+        s1 = s2 = 0.0
+        for j in range(n):
+            d = widen(xs[j]) - centre
+            s1 += d
+            s2 += np.float64(d) * d
+        mean[u] = centre + s1 / n
+        m2[u] = s2 - s1 * s1 / n
+
+
+@njit(inline="always")
+def _sum8(v0, v1, v2, v3, v4, v5, v6, v7):
+    return np.float64(((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)))
+
+
+@njit(nogil=True, cache=True)
+def column_moments(x2, rows, lo, hi, mean, m2):
+    """Two-pass per-channel mean and M2 of each block ``u`` of ``rows`` rows.
+
+    Eight rows at a time are summed in the compute dtype (at most 8 ulps) and added to float64
+    accumulators, which are so loaded and stored once per eight values.
+    """
+    a, c = x2.shape
+    s1 = np.empty(c, np.float64)
+    s2 = np.empty(c, np.float64)
+    centre = np.empty(c, np.float64)  # holds values of the compute dtype
+    for u in range(lo, hi):
+        r0, r1 = u * rows, min((u + 1) * rows, a)
+        n = r1 - r0
+        r8 = r0 + n - n % 8
+        s1[:] = 0.0
+        for r in range(r0, r8, 8):
+            x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
+                                               x2[r + 5], x2[r + 6], x2[r + 7])
+            for k in range(c):
+                s1[k] += _sum8(widen(x0[k]), widen(x1[k]), widen(x2_[k]), widen(x3[k]),
+                               widen(x4[k]), widen(x5[k]), widen(x6[k]), widen(x7[k]))
+        for r in range(r8, r1):
+            xr = x2[r]
+            for k in range(c):
+                s1[k] += widen(xr[k])
+        for k in range(c):
+            centre[k] = compute(x2, s1[k] / n)
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for r in range(r0, r8, 8):
+            x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
+                                               x2[r + 5], x2[r + 6], x2[r + 7])
+            for k in range(c):
+                m = compute(x2, centre[k])
+                d0, d1, d2, d3 = widen(x0[k]) - m, widen(x1[k]) - m, widen(x2_[k]) - m, widen(x3[k]) - m
+                d4, d5, d6, d7 = widen(x4[k]) - m, widen(x5[k]) - m, widen(x6[k]) - m, widen(x7[k]) - m
+                s1[k] += _sum8(d0, d1, d2, d3, d4, d5, d6, d7)
+                s2[k] += _sum8(d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7)
+        for r in range(r8, r1):
+            xr = x2[r]
+            for k in range(c):
+                d = np.float64(widen(xr[k]) - compute(x2, centre[k]))
+                s1[k] += d
+                s2[k] += d * d
+        for k in range(c):
+            mean[u, k] = centre[k] + s1[k] / n
+            m2[u, k] = s2[k] - s1[k] * s1[k] / n
+
+
+@njit(nogil=True, cache=True)
+def merge_moments(mean, m2, counts):
+    """Chan et al. merge of partials ``(P, C)`` over ``P``, in order; returns float64 (C,)."""
+    p, c = mean.shape
+    n = np.zeros(c, np.float64)
+    out_mean = np.zeros(c, np.float64)
+    out_m2 = np.zeros(c, np.float64)
+    for i in range(p):
+        nb = np.float64(counts[i])
+        if nb == 0:
+            continue
+        for k in range(c):
+            total = n[k] + nb
+            delta = mean[i, k] - out_mean[k]
+            w = nb / total
+            out_mean[k] += delta * w
+            out_m2[k] += m2[i, k] + delta * delta * n[k] * w
+            n[k] = total
+    return out_mean, out_m2
+
+
+@njit(nogil=True, cache=True)
+def row_affine(x2, z2, y2, seg, channels, center, scale, shift, relu, lo, hi):
+    """``y = act((x - center) * scale + shift + z)`` on row segments; ``z2`` may be None."""
+    nseg = (x2.shape[1] + seg - 1) // seg
+    zero = compute(x2, 0.0)
+    for u in range(lo, hi):
+        r, j0 = u // nseg, (u % nseg) * seg
+        k = r % channels
+        m, s, t = center[k], scale[k], shift[k]
+        xs, ys = x2[r, j0:j0 + seg], y2[r, j0:j0 + seg]
+        if z2 is None:
+            for j in range(xs.shape[0]):
+                v = (widen(xs[j]) - m) * s + t
+                if relu and v < 0:
+                    v = zero
+                ys[j] = narrow(ys, v)
+        else:
+            zs = z2[r, j0:j0 + seg]
+            for j in range(xs.shape[0]):
+                v = (widen(xs[j]) - m) * s + t + widen(zs[j])
+                if relu and v < 0:
+                    v = zero
+                ys[j] = narrow(ys, v)
+
+
+@njit(nogil=True, cache=True)
+def column_affine(x2, z2, y2, rows, center, scale, shift, relu, lo, hi):
+    """``y = act((x - center) * scale + shift + z)`` on row blocks; ``z2`` may be None."""
+    c = x2.shape[1]
+    xf, yf = x2.reshape(-1), y2.reshape(-1)
+    zf = None if z2 is None else z2.reshape(-1)
+    zero = compute(x2, 0.0)
+    for r in range(lo * rows, min(hi * rows, x2.shape[0])):
+        base = np.uint64(r * c)  # unsigned: no negative-index wraparound, so the loop vectorizes
+        for k in range(c):
+            i = base + np.uint64(k)
+            v = (widen(xf[i]) - center[k]) * scale[k] + shift[k]
+            if zf is not None:
+                v = v + widen(zf[i])
+            if relu and v < 0:
+                v = zero
+            yf[i] = narrow(yf, v)
+
+
+@njit(nogil=True, cache=True, fastmath=_SUMS)
+def row_grad_sums(g2, x2, seg, channels, center, lo, hi, sum_g, sum_gx):
+    """Per row segment float64 ``sum(g)`` and ``sum(g * (x - center))``."""
+    nseg = (x2.shape[1] + seg - 1) // seg
+    for u in range(lo, hi):
+        r, j0 = u // nseg, (u % nseg) * seg
+        m = center[r % channels]
+        gs, xs = g2[r, j0:j0 + seg], x2[r, j0:j0 + seg]
+        s = p = 0.0
+        for j in range(xs.shape[0]):
+            g = np.float64(widen(gs[j]))
+            s += g
+            p += g * (widen(xs[j]) - m)
+        sum_g[u] = s
+        sum_gx[u] = p
+
+
+@njit(nogil=True, cache=True)
+def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
+    """Per block of rows, per channel float64 ``sum(g)`` and ``sum(g * (x - center))``; eight
+    rows at a time in the compute dtype, as in :func:`column_moments`."""
+    a, c = x2.shape
+    for u in range(lo, hi):
+        s, p = sum_g[u], sum_gx[u]
+        s[:] = 0.0
+        p[:] = 0.0
+        r0, r1 = u * rows, min((u + 1) * rows, a)
+        r8 = r0 + (r1 - r0) - (r1 - r0) % 8
+        for r in range(r0, r8, 8):
+            g0, g1, g2_, g3, g4, g5, g6, g7 = (g2[r], g2[r + 1], g2[r + 2], g2[r + 3], g2[r + 4],
+                                               g2[r + 5], g2[r + 6], g2[r + 7])
+            x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
+                                               x2[r + 5], x2[r + 6], x2[r + 7])
+            for k in range(c):
+                m = center[k]
+                h0, h1, h2, h3 = widen(g0[k]), widen(g1[k]), widen(g2_[k]), widen(g3[k])
+                h4, h5, h6, h7 = widen(g4[k]), widen(g5[k]), widen(g6[k]), widen(g7[k])
+                s[k] += _sum8(h0, h1, h2, h3, h4, h5, h6, h7)
+                p[k] += _sum8(h0 * (widen(x0[k]) - m), h1 * (widen(x1[k]) - m),
+                              h2 * (widen(x2_[k]) - m), h3 * (widen(x3[k]) - m),
+                              h4 * (widen(x4[k]) - m), h5 * (widen(x5[k]) - m),
+                              h6 * (widen(x6[k]) - m), h7 * (widen(x7[k]) - m))
+        for r in range(r8, r1):
+            gr, xr = g2[r], x2[r]
+            for k in range(c):
+                g = np.float64(widen(gr[k]))
+                s[k] += g
+                p[k] += g * (widen(xr[k]) - center[k])
+
+
+@njit(nogil=True, cache=True)
+def row_grad_affine(g2, x2, dx2, seg, channels, center, a, b, c, lo, hi):
+    """``dx = (x - center) * b + c + g * a`` on row segments."""
+    nseg = (x2.shape[1] + seg - 1) // seg
+    for u in range(lo, hi):
+        r, j0 = u // nseg, (u % nseg) * seg
+        k = r % channels
+        m, ak, bk, ck = center[k], a[k], b[k], c[k]
+        gs, xs, ds = g2[r, j0:j0 + seg], x2[r, j0:j0 + seg], dx2[r, j0:j0 + seg]
+        for j in range(xs.shape[0]):
+            ds[j] = narrow(ds, (widen(xs[j]) - m) * bk + ck + widen(gs[j]) * ak)
+
+
+@njit(nogil=True, cache=True)
+def column_grad_affine(g2, x2, dx2, rows, center, a, b, c, lo, hi):
+    """``dx = (x - center) * b + c + g * a`` on row blocks."""
+    ch = x2.shape[1]
+    gf, xf, df = g2.reshape(-1), x2.reshape(-1), dx2.reshape(-1)
+    for r in range(lo * rows, min(hi * rows, x2.shape[0])):
+        base = np.uint64(r * ch)
+        for k in range(ch):
+            i = base + np.uint64(k)
+            df[i] = narrow(df, (widen(xf[i]) - center[k]) * b[k] + c[k] + widen(gf[i]) * a[k])

@@ -1,0 +1,235 @@
+"""The NumPy backend's own promises: both engines (pure NumPy, Numba) agree on data that selects
+each of their paths, constant channels map to exactly beta, float32 statistics keep their
+precision at huge means in both layouts, and threads neither change results nor exceed
+``BNCUPY_NUM_THREADS``."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import bncupy as bn
+from bncupy.backends import numpy as nb
+
+DTYPES = [np.float16, np.float32, np.float64]
+NUMBA = pytest.param("numba", marks=pytest.mark.skipif(
+    nb._load_compiled() is None, reason="numba is not installed (tox env 'numba' has it)"))
+ENGINES = ["numpy", NUMBA]
+# (A, C, B) shapes, each named by the compiled path it selects
+SHAPES = {
+    "rows": (5, 3, 100),                      # channel first, one segment per row
+    "short rows": (9, 3, 40),                 # channel first, rows under _ROW_MIN: columns
+    "row segments": (2, 3, 3 * nb._UNIT_ELEMENTS + 17),  # rows longer than a unit
+    "columns": (70, 6, 1),                    # channels last, several blocks of rows
+    "wide columns": (3, 2 * nb._UNIT_ELEMENTS + 5, 1),   # channels last, C over a unit
+}
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, monkeypatch):
+    """Forces an engine; for the compiled one, records which kernels ran."""
+    monkeypatch.setenv("BNCUPY_CPU_ENGINE", request.param)
+    ran: list[str] = []
+    if request.param == "numba":
+        kernels = nb._load_compiled().k
+
+        def spy(name):
+            def call(*args):
+                ran.append(name)
+                return getattr(kernels, name)(*args)
+            return call
+
+        names = [n for n in dir(kernels) if n.startswith(("row_", "column_", "merge_"))]
+        monkeypatch.setattr(nb, "_COMPILED", [nb.CompiledPasses(
+            SimpleNamespace(**{n: spy(n) for n in names}))])
+    return SimpleNamespace(name=request.param, ran=ran)
+
+
+def _data(shape, dtype, kind, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    x = {"zero-mean": x, "offset": x + 5, "huge offset": x + 1e4, "post-relu": np.maximum(x, 0)}[kind]
+    return x.astype(dtype)
+
+
+def _numpy_engine(monkeypatch, fn, *args):
+    monkeypatch.setenv("BNCUPY_CPU_ENGINE", "numpy")
+    try:
+        return fn(*args)
+    finally:
+        monkeypatch.setenv("BNCUPY_CPU_ENGINE", "auto")
+
+
+@pytest.mark.parametrize("engine", [NUMBA], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", SHAPES)
+def test_compiled_passes_agree_with_numpy_passes(engine, monkeypatch, dtype, path):
+    shape = SHAPES[path]
+    x = _data(shape, dtype, "offset")
+    dy = _data(shape, dtype, "zero-mean", seed=1)
+    z = _data(shape, dtype, "zero-mean", seed=2)
+    rng = np.random.default_rng(3)
+    w, b = rng.uniform(0.5, 2, shape[1]), rng.standard_normal(shape[1])
+    grad_coef = (np.full(shape[1], 5.0), w, -0.1 * w, b)  # center, a, b, c
+    both = []
+    for run in (lambda f, *a: f(*a), lambda f, *a: _numpy_engine(monkeypatch, f, *a)):
+        count, mean, m2 = run(nb.stats, x, 1)
+        invstd = 1 / np.sqrt(m2 / count + 1e-5)
+        y, coef = run(nb.normalize_with, x, 1, mean, invstd, w, b, z, True)
+        sums = run(nb.backward_sums, dy, x, 1, mean, invstd)
+        dx = run(nb.backward_apply, dy, x, 1, *grad_coef)
+        both.append((mean, m2, y, coef, sums, dx))
+    (mean, m2, y, coef, sums, dx), (mean_n, m2_n, y_n, coef_n, sums_n, dx_n) = both
+    prefix = "row_" if shape[2] >= nb._ROW_MIN else "column_"
+    assert {prefix + p for p in ("moments", "affine", "grad_sums", "grad_affine")} <= set(engine.ran)
+    assert not any(k.startswith("column_" if prefix == "row_" else "row_") for k in engine.ran)
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(mean, mean_n, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(m2, m2_n, rtol=rtol)
+    np.testing.assert_allclose(sums, sums_n, rtol=rtol, atol=rtol * shape[0] * shape[2])
+    # Elementwise passes: the same operations in the same order, so bitwise equal outputs
+    # (given equal coefficients: rerun the NumPy engine's apply with the compiled statistics).
+    y_same = _numpy_engine(monkeypatch, nb.apply, x, 1, *coef, z, True)
+    np.testing.assert_array_equal(y, y_same)
+    np.testing.assert_array_equal(dx, dx_n)
+    np.testing.assert_allclose(y.astype(np.float64), y_n.astype(np.float64),
+                               rtol=1e-2 if dtype == np.float16 else 1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("engine", [NUMBA], indirect=True)
+@pytest.mark.parametrize("path", SHAPES)
+def test_each_compiled_path_runs_where_its_layout_says(engine, path):
+    shape = SHAPES[path]
+    x = _data(shape, np.float32, "zero-mean")
+    y, mean, invstd = bn.batch_norm_forward(x, None, None, training=True)
+    bn.batch_norm_backward(x, x, None, mean, invstd)
+    prefix = "row_" if shape[2] >= nb._ROW_MIN else "column_"
+    assert list(dict.fromkeys(engine.ran)) == [prefix + "moments", "merge_moments", prefix + "affine",
+                          prefix + "grad_sums", prefix + "grad_affine"]
+
+
+@pytest.mark.parametrize("engine", [NUMBA], indirect=True)
+@pytest.mark.parametrize("kind", ["zero-mean", "offset", "huge offset", "post-relu"])
+def test_the_data_never_selects_a_different_path(engine, kind):
+    shape = SHAPES["rows"]
+    reference: list[str] = []
+    for data in ("zero-mean", kind):
+        engine.ran.clear()
+        bn.batch_norm(_data(shape, np.float32, data), None, None, training=True)
+        reference.append(",".join(engine.ran))
+    assert reference[0] == reference[1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("value", [0.1, 1 / 3, -37.25, 1e6, 6e4, 2.0**-20, "random"])
+def test_constant_channels_give_exactly_beta(engine, dtype, axis, value):
+    c = 3
+    shape = (4, c, 7, 9) if axis == 1 else (4, 7, 9, c)
+    rng = np.random.default_rng(7)
+    values = rng.uniform(-1e4, 1e4, c) if value == "random" else np.full(c, value)
+    if dtype == np.float16:
+        values = np.clip(values, -6e4, 6e4)
+    bshape = (1, c, 1, 1) if axis == 1 else (1, 1, 1, c)
+    x = np.broadcast_to(values.reshape(bshape), shape).astype(dtype)
+    for gamma, beta in [([1.5, 2.0, -1.0], [0.5, -2.0, 3.25]), ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])]:
+        g, b = np.array(gamma, np.float32), np.array(beta, np.float32)
+        y = bn.batch_norm(x, None, None, g, b, training=True, axis=axis)
+        expected = np.broadcast_to(b.reshape(bshape), shape).astype(dtype)
+        np.testing.assert_array_equal(y, expected)
+        mean, var = bn.moments(x, axis=axis)
+        np.testing.assert_array_equal(mean, values.astype(dtype).astype(mean.dtype))
+        np.testing.assert_array_equal(var, 0)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("ratio", [1e4, 1e6])
+def test_float32_variance_keeps_1e_5_at_huge_mean_over_std(engine, axis, ratio):
+    rng = np.random.default_rng(2)
+    c = 8
+    shape = (16, c, 30, 30) if axis == 1 else (16, 30, 30, c)
+    bshape = (1, c, 1, 1) if axis == 1 else (1, 1, 1, c)
+    std = rng.uniform(0.5, 2.0, c).reshape(bshape)
+    x = (rng.standard_normal(shape) * std + ratio * std).astype(np.float32)
+    axes = tuple(i for i in range(4) if i != axis % 4)
+    truth = x.astype(np.float64).var(axis=axes)
+    _, var = bn.moments(x, axis=axis)
+    assert np.max(np.abs(var.astype(np.float64) / truth - 1)) <= 1e-5
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_results_do_not_depend_on_the_thread_count(engine, monkeypatch, axis):
+    shape = (8, 16, 64, 64) if axis == 1 else (8, 64, 64, 16)
+    assert np.prod(shape) >= nb._PARALLEL_MIN
+    x = _data(shape, np.float32, "offset")
+    outs = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("BNCUPY_NUM_THREADS", threads)
+        y, mean, invstd = bn.batch_norm_forward(x, None, None, training=True, axis=axis)
+        outs.append((y, mean, invstd, *bn.batch_norm_backward(x, x, None, mean, invstd,
+                                                               axis=axis)))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_work_runs_on_at_most_bncupy_num_threads(monkeypatch, threads):
+    monkeypatch.setenv("BNCUPY_NUM_THREADS", str(threads))
+    seen: set[int] = set()
+    lock = threading.Lock()
+
+    def work(lo, hi):
+        with lock:
+            seen.add(threading.get_ident())
+        threading.Event().wait(0.01)  # long enough for every thread to take a range
+
+    nb._run(work, 12, nb._PARALLEL_MIN)
+    assert len(seen) == threads
+    assert threading.get_ident() in seen  # the caller works too
+    seen.clear()
+    nb._run(work, 12, nb._PARALLEL_MIN - 1)  # small work stays on the caller
+    assert seen == {threading.get_ident()}
+
+
+def test_a_failing_range_raises_after_every_range_has_finished(monkeypatch):
+    monkeypatch.setenv("BNCUPY_NUM_THREADS", "2")
+    done = []
+
+    def work(lo, hi):
+        if lo == 0:
+            raise ValueError("first range")
+        threading.Event().wait(0.05)
+        done.append(lo)
+
+    with pytest.raises(ValueError, match="first range"):
+        nb._run(work, 2, nb._PARALLEL_MIN)
+    assert done == [1]
+
+
+def test_non_contiguous_and_mixed_dtype_operands(engine):
+    base = _data((6, 5, 8, 10), np.float32, "offset")
+    x = base[..., ::2]  # strided view
+    dy = _data(x.shape, np.float64, "zero-mean", seed=4)
+    z = _data(x.shape, np.float16, "zero-mean", seed=5)
+    y, mean, invstd = bn.batch_norm_forward(x, None, None, training=True, residual=z)
+    xc = np.ascontiguousarray(x)
+    y_ref = bn.batch_norm(xc, None, None, training=True, residual=z.astype(np.float32))
+    np.testing.assert_array_equal(y, y_ref)
+    dx = bn.batch_norm_backward(dy, x, None, mean, invstd)[0]
+    dx_ref = bn.batch_norm_backward(dy.astype(np.float32), xc, None, mean, invstd)[0]
+    np.testing.assert_array_equal(dx, dx_ref)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_propagate(engine, dtype):
+    x = _data((4, 3, 5, 5), dtype, "zero-mean")
+    x[1, 0, 2, 2] = np.nan
+    x[2, 1, 0, 0] = np.inf
+    y = bn.batch_norm(x, None, None, training=True, activation="relu")
+    assert np.isnan(y[:, 0]).all() and np.isnan(y[:, 1]).all()
+    assert np.isfinite(y[:, 2]).all()
