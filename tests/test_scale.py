@@ -1,0 +1,122 @@
+"""The NumPy backend's two engines against the float64 oracle on inputs large enough to take
+every one of their paths: several tiles, tiles of whole planes, of channel runs and of column
+runs (the pure-NumPy engine), rows of several segments and blocks of columns (the compiled
+engine), several threads, and both sides of each threshold.
+
+The sizes come from the engines' own thresholds, read from :mod:`bncupy.backends.numpy` when a
+test runs: ``_TILE_ELEMENTS`` (NumPy engine tile), ``_PARALLEL_MIN`` (elements from which work
+goes to threads), ``_UNIT_ELEMENTS`` (compiled engine's row segment and column block) and
+``_ROW_MIN`` (shortest row the compiled engine walks as a row). Every output is checked against
+:mod:`tests.oracle` within :mod:`tests.tolerances`' bounds (:mod:`tests.agreement`); the
+engines are never compared with each other. The CUDA kernels' paths are in
+:mod:`tests.test_kernels`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bncupy.backends import numpy as nb
+from tests import agreement
+from tests.conftest import requirement
+
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+def _thresholds() -> dict[str, int]:
+    return {"T": nb._TILE_ELEMENTS, "P": nb._PARALLEL_MIN, "U": nb._UNIT_ELEMENTS,
+            "R": nb._ROW_MIN}
+
+
+# name: (shape from the thresholds, channel axis, dtypes). A, C, B below are the backends'
+# (rows before the channel axis, channels, values after it).
+PATHS = {
+    # C*B = T/4: tiles of 4 whole planes; 17 planes are several tiles and threads
+    "plane tiles, threads": (lambda t: (17, 4, 64, t["T"] // 1024), 1, DTYPES),
+    # C*B = 2T with B = T/4: tiles of 4 channels of one row; compiled: 2 segments per row
+    "channel-run tiles, 2 segments": (lambda t: (2, 8, t["T"] // 4), 1, [np.float16, np.float32]),
+    # B = T + 17 > T: tiles of T columns of one channel, the last of 17; compiled: segments of
+    # U, the last of 17
+    "column-run tiles, short last segment": (lambda t: (2, 3, t["T"] + 17), 1, DTYPES),
+    # channels last: (A, C, 1), tiles of T // C rows; compiled: blocks of U // C rows
+    "channels last, threads": (lambda t: (-(-t["P"] // (12 * 48)), 3, 4, 48), -1, DTYPES),
+    # channels last with C > T: tiles of channel runs of one row; compiled: one block
+    "channels last, C over a tile": (lambda t: (5, t["T"] + 3), 1, [np.float32]),
+    # B = R - 1: compiled engine's columns path; R: its rows path
+    "rows under the row minimum": (lambda t: (-(-t["P"] // (4 * (t["R"] - 1))), 4, t["R"] - 1),
+                                   1, [np.float16, np.float32]),
+    "rows at the row minimum": (lambda t: (-(-t["P"] // (4 * t["R"])), 4, t["R"]), 1,
+                                [np.float32]),
+    # one element under and at the thread threshold (one channel, channels last)
+    "P - 1 elements": (lambda t: (t["P"] - 1, 1), 1, [np.float32]),
+    "P elements": (lambda t: (t["P"], 1), 1, [np.float32]),
+    # B = T: one plane per tile; B = T + 1: column runs, the last tile one element
+    "B = T": (lambda t: (3, 1, t["T"]), 1, [np.float32]),
+    "B = T + 1": (lambda t: (3, 1, t["T"] + 1), 1, [np.float32]),
+    # C*B = T + 2 with B <= T: channel runs of one channel
+    "C*B = T + 2": (lambda t: (3, 2, t["T"] // 2 + 1), 1, [np.float32]),
+    # rows of exactly one segment, and of one segment and one value
+    "B = U": (lambda t: (4, 3, t["U"]), 1, [np.float32]),
+    "B = U + 1": (lambda t: (4, 3, t["U"] + 1), 1, [np.float32]),
+}
+CASES = [pytest.param(name, dtype, id=f"{name}-{np.dtype(dtype).name}")
+         for name, (_, _, dtypes) in PATHS.items() for dtype in dtypes]
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def engine(request, monkeypatch):
+    """The NumPy backend with one engine forced and three threads allowed."""
+    if request.param == "numba" and nb._load_compiled() is None:
+        requirement("numba", "the compiled engine did not load (numba missing or failing)")
+    monkeypatch.setenv("BNCUPY_CPU_ENGINE", request.param)
+    monkeypatch.setenv("BNCUPY_NUM_THREADS", "3")
+    assert nb.engine().name == request.param
+    return request.param
+
+
+def _shape(name: str) -> tuple[tuple[int, ...], int]:
+    build, axis, _ = PATHS[name]
+    return build(_thresholds()), axis
+
+
+@pytest.mark.parametrize("name, dtype", CASES)
+def test_batch_norm_paths_match_the_oracle(engine, name, dtype):
+    shape, axis = _shape(name)
+    offset = {np.float16: 300.0, np.float32: 3e4, np.float64: 1e6}[dtype]
+    x = agreement.data(shape, dtype, seed=len(name), axis=axis, offset=offset)
+    agreement.batch_norm(np, x, axis, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("name", ["plane tiles, threads", "channels last, threads"])
+def test_renorm_and_ghost_batches_at_scale(engine, name, dtype):
+    shape, axis = _shape(name)
+    x = agreement.data(shape, dtype, seed=2, axis=axis, offset=10.0)
+    agreement.batch_renorm(np, x, axis, seed=3)
+    agreement.ghost_batch_norm(np, x, axis, size=-(-shape[0] // 2), seed=4)
+
+
+def test_the_cases_take_the_paths_they_name():
+    """The shapes above select what their names say, by the thresholds' definitions."""
+    t = _thresholds()
+    for name, (build, axis, _) in PATHS.items():
+        shape = build(t)
+        a = int(np.prod(shape[:axis % len(shape)]))
+        c = shape[axis]
+        b = int(np.prod(shape[axis % len(shape) + 1:]))
+        size = a * c * b
+        if "threads" in name or name == "P elements":
+            assert size >= t["P"], name
+        if name == "P - 1 elements":
+            assert size == t["P"] - 1
+        if name.startswith("plane tiles"):
+            assert c * b <= t["T"] and a > t["T"] // (c * b)
+        if name.startswith("channel-run") or name.startswith("C*B"):
+            assert c * b > t["T"] >= b
+        if name.startswith("column-run") or name == "B = T + 1":
+            assert b > t["T"]
+        if "segment" in name:
+            assert b > t["U"] and b >= t["R"]
+        if name == "rows under the row minimum":
+            assert b == t["R"] - 1
