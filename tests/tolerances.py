@@ -55,22 +55,28 @@ def channels(a: Any, axis: int) -> np.ndarray:
     return np.ascontiguousarray(moved).reshape(1, a.shape[axis], 1, -1)
 
 
-def check(actual: Any, expected: Any, bound: Any, name: str) -> None:
+def check(actual: Any, expected: Any, bound: Any, name: str, scale: Any = None) -> None:
     """Assert ``|actual - expected| <= bound`` elementwise (NaN where, and only where, the
-    oracle has NaN), and that ``bound`` is narrower than the largest ``|expected|``."""
+    oracle has NaN), and that ``bound`` is narrower than the quantity it bounds: the largest
+    ``|expected|``, or ``scale``, the size of its terms, where they may cancel (a backward pass
+    on two values per channel has ``dx`` = 0 whatever ``dy``)."""
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     bound = np.broadcast_to(np.asarray(bound, np.float64), expected.shape)
     nan = np.isnan(expected)
     np.testing.assert_array_equal(np.isnan(actual), nan, err_msg=f"{name}: NaN positions")
+    infinite = np.isinf(expected)
+    np.testing.assert_array_equal(actual[infinite], expected[infinite],
+                                  err_msg=f"{name}: overflow")
+    nan |= infinite
     if not expected.size or nan.all():
         return
-    largest = np.abs(expected[~nan]).max()
+    largest = max(np.abs(expected[~nan]).max(), 0 if scale is None else np.max(scale))
     widest = bound[~nan].max()
     assert largest == 0 or widest < largest, (
-        f"{name}: the bound {widest:.3g} is as wide as the quantity it bounds (max |expected| "
-        f"{largest:.3g}); a zero result would pass")
+        f"{name}: the bound {widest:.3g} is as wide as the quantity it bounds ({largest:.3g}); "
+        f"a zero result would pass")
     error = np.abs(actual - expected)
     bad = ~nan & ~(error <= bound)
     if bad.any():
@@ -79,6 +85,15 @@ def check(actual: Any, expected: Any, bound: Any, name: str) -> None:
             f"{name}: {bad.sum()} of {expected.size} values off by more than their bound; worst "
             f"at {tuple(int(i) for i in worst)}: got {actual[worst]!r}, expected "
             f"{expected[worst]!r}, error {error[worst]:.3g} > bound {bound[worst]:.3g}")
+
+
+def overflowing(expected: Any, dtype: Any) -> np.ndarray:
+    """The oracle's values, ``inf`` where they are beyond ``dtype``'s largest value by more than
+    half its last ulp (the results stored in ``dtype`` overflow there)."""
+    expected = np.asarray(expected, np.float64)
+    with np.errstate(over="ignore"):
+        overflow = np.isinf(expected.astype(dtype)) & np.isfinite(expected)
+    return np.where(overflow, np.copysign(np.inf, expected), expected)
 
 
 def _group_max(a: np.ndarray) -> np.ndarray:
@@ -147,6 +162,8 @@ class Bounds:
                    + self.rel_inv * _group_max(np.abs(self.xhat * self.w4)))
         #: bound of the output (a fused ReLU is 1-Lipschitz: the pre-activation's bound holds)
         self.y = self.ud * np.abs(pre) + (1 + self.ud) * compute + _tiny(dtype)
+        #: the size of each result's terms, by name (see :func:`check`)
+        self.scales = {"y": _group_max(terms)}
         #: bounds of the statistics as saved in the compute dtype, shape (n, G, 1, 1)
         self.saved_mean = self.d_mean + self.uc * np.abs(mean)
         self.saved_invstd = (self.rel_inv + self.uc) * self.inv
@@ -210,6 +227,10 @@ class Bounds:
             dx = inv * g
             compute = C_ELEMENT * uc * _group_max(t1) + rel_inv * _group_max(t1)
         tol_dx = ud * np.abs(dx) + (1 + ud) * compute + _tiny(self.dtype)
+        self.scales.update(
+            dx=_group_max(t1 + t2 + t3) if training else _group_max(t1),
+            dw=np.sqrt(oracle.total(np.square(dy4 * xhat), per_channel)).ravel(),
+            db=np.sqrt(oracle.total(np.square(dy4), per_channel)).ravel())
         return tol_dx, tol_dw.ravel(), tol_db.ravel()
 
 
