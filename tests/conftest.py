@@ -3,6 +3,7 @@ requirements that a tox env turns from skips into failures, array helpers."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 import zlib
@@ -40,6 +41,28 @@ def requirement(subject: str, reason: str) -> NoReturn:
     if subject in REQUIRED:
         pytest.fail(f"BNCUPY_REQUIRE={subject}, but {reason}", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
+
+
+def needs(module: str, subject: str, reason: str) -> Any:
+    """``import module``, or :func:`requirement` (skip, or fail where ``subject`` is required)
+    if it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        requirement(subject, f"{reason} ({exc})")
+
+
+def compiled_engine_missing() -> str | None:
+    """Why the NumPy backend's compiled (Numba) engine does not load here, or None."""
+    from bncupy.backends import numpy as nb
+
+    if nb._load_compiled() is not None:
+        return None
+    try:  # the loader swallows the ImportError: repeat the import for its message
+        importlib.import_module("bncupy.backends._compiled")
+    except ImportError as exc:
+        return f"the compiled engine does not load: {exc!r}"
+    return "the compiled engine does not load (bncupy.backends.numpy._load_compiled)"
 
 
 def requires(subject: str, reason: str | None) -> pytest.MarkDecorator:

@@ -14,12 +14,14 @@ engines are never compared with each other. The CUDA kernels' paths are in
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from bncupy.backends import numpy as nb
 from tests import agreement
-from tests.conftest import requirement
+from tests.conftest import compiled_engine_missing, needs, requirement
 
 DTYPES = [np.float16, np.float32, np.float64]
 
@@ -64,11 +66,21 @@ CASES = [pytest.param(name, dtype, id=f"{name}-{np.dtype(dtype).name}")
          for name, (_, _, dtypes) in PATHS.items() for dtype in dtypes]
 
 
+def test_the_compiled_engine_loads_wherever_numba_is_installed():
+    """A compiled engine that fails to import falls back to NumPy silently: here it fails,
+    saying why, wherever Numba is importable or required (tox env ``numba``)."""
+    reason = compiled_engine_missing()
+    if reason is not None:
+        needs("numba", "numba", "numba is not installed (tox env 'numba' has it)")
+        pytest.fail(f"numba imports, but {reason}")
+    assert nb.engine().name == "numba" or os.environ.get("BNCUPY_CPU_ENGINE") == "numpy"
+
+
 @pytest.fixture(params=["numpy", "numba"])
 def engine(request, monkeypatch):
     """The NumPy backend with one engine forced and three threads allowed."""
-    if request.param == "numba" and nb._load_compiled() is None:
-        requirement("numba", "the compiled engine did not load (numba missing or failing)")
+    if request.param == "numba" and (reason := compiled_engine_missing()) is not None:
+        requirement("numba", reason)
     monkeypatch.setenv("BNCUPY_CPU_ENGINE", request.param)
     monkeypatch.setenv("BNCUPY_NUM_THREADS", "3")
     assert nb.engine().name == request.param
