@@ -63,7 +63,8 @@ def test_fused_layer_backward_matches_oracle(backend, case, training, with_resid
     w = backend.to_numpy(layer.weight)
     ref_dx, ref_dw, ref_db = oracle.backward(g, x, axis, w, 1e-5, training, rm, rv)
     bound = Bounds(channels(x, axis), dtype, w, stats=None if training else (rm, rv))
-    bound_dx, bound_dw, bound_db = bound.backward(channels(g, axis), training)
+    bound_dx, bound_dw, bound_db = bound.backward(channels(g, axis), training,
+                                                  saved_mean=not training)
     check(channels(dx, axis), channels(overflowing(ref_dx, dtype), axis), bound_dx, "dx",
           bound.scales["dx"])
     check(backend.to_numpy(layer.grad_weight), overflowing(ref_dw, pd), bound_dw,

@@ -31,39 +31,41 @@ def _thresholds() -> dict[str, int]:
             "R": nb._ROW_MIN}
 
 
-# name: (shape from the thresholds, channel axis, dtypes). A, C, B below are the backends'
-# (rows before the channel axis, channels, values after it).
+# name: (shape from the thresholds, channel axis, dtypes, every operation or training only).
+# A, C, B below are the backends' (rows before the channel axis, channels, values after it).
+F16, F32, F64 = np.float16, np.float32, np.float64
 PATHS = {
     # C*B = T/4: tiles of 4 whole planes; 17 planes are several tiles and threads
-    "plane tiles, threads": (lambda t: (17, 4, 64, t["T"] // 1024), 1, DTYPES),
+    "plane tiles, threads": (lambda t: (17, 4, 64, t["T"] // 1024), 1, [F16, F32, F64], True),
     # C*B = 2T with B = T/4: tiles of 4 channels of one row; compiled: 2 segments per row
-    "channel-run tiles, 2 segments": (lambda t: (2, 8, t["T"] // 4), 1, [np.float16, np.float32]),
+    "channel-run tiles, 2 segments": (lambda t: (2, 8, t["T"] // 4), 1, [F16, F32], False),
     # B = T + 17 > T: tiles of T columns of one channel, the last of 17; compiled: segments of
     # U, the last of 17
-    "column-run tiles, short last segment": (lambda t: (2, 3, t["T"] + 17), 1, DTYPES),
+    "column-run tiles, short last segment": (lambda t: (2, 3, t["T"] + 17), 1, [F16, F64], True),
     # channels last: (A, C, 1), tiles of T // C rows; compiled: blocks of U // C rows
-    "channels last, threads": (lambda t: (-(-t["P"] // (12 * 48)), 3, 4, 48), -1, DTYPES),
+    "channels last, threads": (lambda t: (-(-t["P"] // (12 * 48)), 3, 4, 48), -1,
+                               [F16, F32, F64], True),
     # channels last with C > T: tiles of channel runs of one row; compiled: one block
-    "channels last, C over a tile": (lambda t: (5, t["T"] + 3), 1, [np.float32]),
+    "channels last, C over a tile": (lambda t: (5, t["T"] + 3), 1, [F32], False),
     # B = R - 1: compiled engine's columns path; R: its rows path
     "rows under the row minimum": (lambda t: (-(-t["P"] // (4 * (t["R"] - 1))), 4, t["R"] - 1),
-                                   1, [np.float16, np.float32]),
-    "rows at the row minimum": (lambda t: (-(-t["P"] // (4 * t["R"])), 4, t["R"]), 1,
-                                [np.float32]),
+                                   1, [F16], False),
+    "rows at the row minimum": (lambda t: (-(-t["P"] // (4 * t["R"])), 4, t["R"]), 1, [F32],
+                                False),
     # one element under and at the thread threshold (one channel, channels last)
-    "P - 1 elements": (lambda t: (t["P"] - 1, 1), 1, [np.float32]),
-    "P elements": (lambda t: (t["P"], 1), 1, [np.float32]),
+    "P - 1 elements": (lambda t: (t["P"] - 1, 1), 1, [F32], False),
+    "P elements": (lambda t: (t["P"], 1), 1, [F32], False),
     # B = T: one plane per tile; B = T + 1: column runs, the last tile one element
-    "B = T": (lambda t: (3, 1, t["T"]), 1, [np.float32]),
-    "B = T + 1": (lambda t: (3, 1, t["T"] + 1), 1, [np.float32]),
+    "B = T": (lambda t: (3, 1, t["T"]), 1, [F32], False),
+    "B = T + 1": (lambda t: (3, 1, t["T"] + 1), 1, [F32], False),
     # C*B = T + 2 with B <= T: channel runs of one channel
-    "C*B = T + 2": (lambda t: (3, 2, t["T"] // 2 + 1), 1, [np.float32]),
+    "C*B = T + 2": (lambda t: (3, 2, t["T"] // 2 + 1), 1, [F32], False),
     # rows of exactly one segment, and of one segment and one value
-    "B = U": (lambda t: (4, 3, t["U"]), 1, [np.float32]),
-    "B = U + 1": (lambda t: (4, 3, t["U"] + 1), 1, [np.float32]),
+    "B = U": (lambda t: (4, 3, t["U"]), 1, [F32], False),
+    "B = U + 1": (lambda t: (4, 3, t["U"] + 1), 1, [F32], False),
 }
 CASES = [pytest.param(name, dtype, id=f"{name}-{np.dtype(dtype).name}")
-         for name, (_, _, dtypes) in PATHS.items() for dtype in dtypes]
+         for name, (_, _, dtypes, _) in PATHS.items() for dtype in dtypes]
 
 
 def test_the_compiled_engine_loads_wherever_numba_is_installed():
@@ -88,7 +90,7 @@ def engine(request, monkeypatch):
 
 
 def _shape(name: str) -> tuple[tuple[int, ...], int]:
-    build, axis, _ = PATHS[name]
+    build, axis, _, _ = PATHS[name]
     return build(_thresholds()), axis
 
 
@@ -97,11 +99,11 @@ def test_batch_norm_paths_match_the_oracle(engine, name, dtype):
     shape, axis = _shape(name)
     offset = {np.float16: 300.0, np.float32: 3e4, np.float64: 1e6}[dtype]
     x = agreement.data(shape, dtype, seed=len(name), axis=axis, offset=offset)
-    agreement.batch_norm(np, x, axis, seed=1)
+    agreement.batch_norm(np, x, axis, seed=1, fused=PATHS[name][3])
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("name", ["plane tiles, threads", "channels last, threads"])
+@pytest.mark.parametrize("name, dtype", [("plane tiles, threads", F32),
+                                         ("channels last, threads", F16)])
 def test_renorm_and_ghost_batches_at_scale(engine, name, dtype):
     shape, axis = _shape(name)
     x = agreement.data(shape, dtype, seed=2, axis=axis, offset=10.0)
@@ -112,7 +114,7 @@ def test_renorm_and_ghost_batches_at_scale(engine, name, dtype):
 def test_the_cases_take_the_paths_they_name():
     """The shapes above select what their names say, by the thresholds' definitions."""
     t = _thresholds()
-    for name, (build, axis, _) in PATHS.items():
+    for name, (build, axis, _, _) in PATHS.items():
         shape = build(t)
         a = int(np.prod(shape[:axis % len(shape)]))
         c = shape[axis]

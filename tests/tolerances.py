@@ -186,19 +186,19 @@ class Bounds:
                 + uv * (np.abs((1 - momentum) * rv) + np.abs(momentum * unbiased * var)))
 
     def backward(self, dy4: Any, training: bool = True, grad_dtype: Any = None,
-                 saved: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 saved_mean: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bounds of ``dx`` (the ``(n, G, K, S)`` view) and of ``dweight``, ``dbias`` (flat per
         channel), for the gradient ``dy4`` (``(n, G, K, S)``).
 
-        ``saved``: the backward pass is given the statistics as saved in the compute dtype
-        (the functional API); ``grad_dtype``: dtype of ``dweight``/``dbias`` (the weight's, or the
-        compute dtype).
+        The backward pass is given the statistics as saved in the compute dtype (the functional
+        API), or with ``saved_mean=False`` the mean unrounded (a layer keeps the float64 mean);
+        ``grad_dtype``: dtype of ``dweight``/``dbias`` (the weight's, or the compute dtype).
         """
         dy4 = np.asarray(dy4, np.float64)
         uc, ud, inv, xhat, m = self.uc, self.ud, self.inv, self.xhat, max(self.m, 1)
         ug = unit(grad_dtype or compute_dtype(self.dtype))
-        d_mean = self.d_mean + (uc * np.abs(self.mean) if saved else 0)
-        rel_inv = self.rel_inv + (uc if saved else 0)
+        d_mean = self.d_mean + (uc * np.abs(self.mean) if saved_mean else 0)
+        rel_inv = self.rel_inv + uc
         per_channel = (0, 3)
         db = oracle.total(dy4, per_channel, keepdims=True)
         dw = oracle.total(dy4 * xhat, per_channel, keepdims=True)
