@@ -232,14 +232,20 @@ def batch_norm_backward(grad_output: Any, input: Any, weight: Any, save_mean: An
 
 def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, training: Any,
              axis: Any, saved_arg_names: tuple[str, str] = ("save_mean", "save_invstd"),
-             ) -> tuple[Any, Any, Any]:
-    """Validated backward pass; ``mean``/``invstd`` may be a layer's float64 statistics."""
+             fused: tuple | None = None, layer: bool = False) -> tuple[Any, ...]:
+    """Validated backward pass.
+
+    A ``layer``'s ``mean``/``invstd`` are its forward's backend-native statistics (checked when
+    they were made). ``fused`` is a layer's fused ReLU forward ``(coefficients, residual)``: the
+    mask is applied to ``grad_output`` inline, and a fourth result is the residual's gradient.
+    """
     kinds = {"input": v.check_input(input)}
     kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
     ax = v.check_axis(axis, input.ndim)
     channels = input.shape[ax]
-    for arg, value in zip(saved_arg_names, (mean, invstd), strict=True):
-        kinds[arg] = v.check_channel_vector(value, arg, channels)
+    if not layer:
+        for arg, value in zip(saved_arg_names, (mean, invstd), strict=True):
+            kinds[arg] = v.check_channel_vector(value, arg, channels)
     if weight is not None:
         kinds["weight"] = v.check_channel_vector(weight, "weight", channels)
     training = v.check_bool(training, "training")
@@ -247,26 +253,21 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
 
     layout = Layout.of(input, ax)
     mean, invstd = _native(be, mean), _native(be, invstd)
+    if fused is not None:
+        fused = (fused[0], _native(be, layout.view(fused[1])))
     if input.size == 0:  # no values, no parameter gradient (an empty batch's stats are NaN)
-        mean, invstd = be.xp.zeros_like(mean), be.xp.zeros_like(invstd)
-    dx, grad_weight, grad_bias = be.backward(
-        be.asarray(layout.view(grad_output)), be.asarray(layout.view(input)), layout.axis,
-        _native(be, weight), mean, invstd, training)
+        mean, invstd = be.xp.zeros(channels, invstd.dtype), be.xp.zeros_like(invstd)
+        fused = None
+    dx, grad_weight, grad_bias, grad_residual = be.backward(
+        _native(be, layout.view(grad_output)), _native(be, layout.view(input)), layout.axis,
+        _native(be, weight), mean, invstd, training, fused)
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-    return (_caller(kind, be, layout.restore(dx)), _caller(kind, be, grad_weight.astype(gd, copy=False)),
-            _caller(kind, be, grad_bias.astype(gd, copy=False)))
-
-
-def relu_grad(grad_output: Any, input: Any, residual: Any, out: _Forward, axis: Any) -> Any:
-    """Gradient through the ReLU of a fused forward ``out``: grad_output masked by output > 0."""
-    v.check_same_kind({"input": out.kind,
-                       "grad_output": v.check_like_input(grad_output, "grad_output", input)})
-    ax = v.check_axis(axis, input.ndim)
-    be = out.backend
-    layout = Layout.of(input, ax)
-    g = be.relu_grad(be.asarray(layout.view(grad_output)), be.asarray(layout.view(input)),
-                     layout.axis, out.coefficients, _native(be, layout.view(residual)))
-    return _caller(out.kind, be, layout.restore(g))
+    out = (_caller(kind, be, layout.restore(dx)),
+           _caller(kind, be, grad_weight.astype(gd, copy=False)),
+           _caller(kind, be, grad_bias.astype(gd, copy=False)))
+    if grad_residual is None:
+        return out
+    return (*out, _caller(kind, be, layout.restore(grad_residual)))
 
 
 def statistics(x: Any, axis: Any, arg: str) -> Moments:

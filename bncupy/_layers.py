@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _renorm
 from . import _validation as v
-from ._functional import backward, forward, relu_grad
+from ._functional import backward, forward
 from ._interop import accepts
 from ._module import _Module, channel_state
 from .backends import dispatch
@@ -204,7 +204,7 @@ class _BatchNorm(_Module):
                                            r, d, self.axis, ("mean", "invstd"))
             else:
                 g, w, b = backward(grad_output[part], x[part], self.weight, out.mean,
-                                   out.save_invstd, True, self.axis)
+                                   out.save_invstd, True, self.axis, layer=True)
             grads.append(g)
             dw, db = (w, b) if dw is None else (dw + w, db + b)
         if self.affine:
@@ -229,15 +229,17 @@ class _BatchNorm(_Module):
         x, residual, out, use_batch_stats = self._saved
         if isinstance(out, list):
             return self._backward_corrected(grad_output, x, out)
-        if self.activation == "relu":
-            grad_output = relu_grad(grad_output, x, residual, out, self.axis)
-        grad_input, grad_weight, grad_bias = backward(
-            grad_output, x, self.weight, out.mean, out.save_invstd, use_batch_stats, self.axis)
+        fused = (out.coefficients, residual) if self.activation == "relu" else None
+        grads = backward(grad_output, x, self.weight, out.mean, out.save_invstd,
+                         use_batch_stats, self.axis, fused=fused, layer=True)
         if self.affine:
-            self.grad_weight = grad_weight
-            self.grad_bias = grad_bias if self.bias is not None else None
-        self.grad_residual = None if residual is None else grad_output
-        return grad_input
+            self.grad_weight = grads[1]
+            self.grad_bias = grads[2] if self.bias is not None else None
+        if residual is None:
+            self.grad_residual = None
+        else:
+            self.grad_residual = grads[3] if fused is not None else grad_output
+        return grads[0]
 
     # ------------------------------------------------------------------ state
     _GRADS = ("grad_weight", "grad_bias", "grad_residual")

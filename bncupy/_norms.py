@@ -22,13 +22,13 @@ from .backends._groups import GroupLayout
 
 
 class GroupForward(NamedTuple):
-    """A forward pass over groups: output (caller's kind) and the backend-native statistics
-    (float64 on NumPy), kept by the layers for their backward pass."""
+    """A forward pass over groups: output (caller's kind), the per-group mean and invstd and the
+    backend-native statistics a backward pass takes (the precise mean)."""
 
     y: Any
     mean: Any
     invstd: Any
-    var: Any
+    saved: Any
     kind: str
     backend: ModuleType
     layout: GroupLayout
@@ -43,7 +43,7 @@ def group_backward(grad_output: Any, input: Any, out: GroupForward, weight: Any,
     be = out.backend
     dx, dw, db = be.group_backward(
         _contiguous(be, grad_output, out.shape), _contiguous(be, input, out.shape), out.layout,
-        _flat(be, weight), out.mean, out.invstd)
+        _flat(be, weight), out.saved, out.invstd)
     return dx.reshape(input.shape), dw, db
 
 
@@ -62,19 +62,20 @@ def _check_vector(value: Any, arg: str, shape: tuple[int, ...], kinds: dict[str,
 
 
 def _stats_out(kind: str, be: ModuleType, value: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    return _caller(kind, be, value.astype(compute_dtype(dtype)).reshape(shape))
+    return _caller(kind, be, value.astype(compute_dtype(dtype), copy=False).reshape(shape))
 
 
 def _grads_out(kind: str, be: ModuleType, dx: Any, dw: Any, db: Any, shape: tuple[int, ...],
                input: Any, weight: Any) -> tuple[Any, Any, Any]:
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
     return (_caller(kind, be, dx.reshape(input.shape)),
-            _caller(kind, be, dw.reshape(shape).astype(gd)),
-            _caller(kind, be, db.reshape(shape).astype(gd)))
+            _caller(kind, be, dw.reshape(shape).astype(gd, copy=False)),
+            _caller(kind, be, db.reshape(shape).astype(gd, copy=False)))
 
 
 def _contiguous(be: ModuleType, a: Any, shape: tuple[int, ...]) -> Any:
-    return be.xp.ascontiguousarray(be.asarray(a)).reshape(shape)
+    a = _native(be, a)
+    return (a if a.flags.c_contiguous else be.xp.ascontiguousarray(a)).reshape(shape)
 
 
 # ------------------------------------------------------------------------------ LayerNorm
@@ -153,11 +154,12 @@ def forward_layer_norm(input: Any, normalized_shape: Any, weight: Any, bias: Any
 
 
 def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
-                 shape: tuple[int, ...], weight: Any, bias: Any, eps: float) -> GroupForward:
-    y, mean, invstd, var = be.group_forward(_contiguous(be, input, shape), lay, weight, bias,
-                                            eps)
-    return GroupForward(_caller(kind, be, y.reshape(input.shape)), mean, invstd, var, kind, be,
-                        lay, shape)
+                 shape: tuple[int, ...], weight: Any, bias: Any, eps: float,
+                 running: tuple | None = None) -> GroupForward:
+    y, mean, invstd, saved = be.group_forward(_contiguous(be, input, shape), lay, weight, bias,
+                                              eps, running)
+    return GroupForward(_caller(kind, be, y.reshape(input.shape)), mean, invstd, saved, kind,
+                        be, lay, shape)
 
 
 def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
@@ -359,16 +361,14 @@ def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weigh
     kind, be = _resolve(kinds)
     v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
                        {"input": input, "weight": weight, "bias": bias})
-    out = _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
-                       eps)
+    running = None
     if running_mean is not None:
-        assert momentum_value is not None
-        batch_mean = out.mean.reshape(lay.n, lay.c).mean(axis=0)
-        batch_var = (out.var * (lay.s / (lay.s - 1))).reshape(lay.n, lay.c).mean(axis=0)
-        for target, value in ((running_mean, batch_mean), (running_var, batch_var)):
-            current = _native(be, target).astype(np.float64)
-            updated = (1 - momentum_value) * current + momentum_value * value
-            target[...] = _caller(kind, be, updated.astype(target.dtype))
+        running = (_native(be, running_mean), _native(be, running_var), momentum_value)
+    out = _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
+                       eps, running)
+    if running is not None and be.name != kind:  # computed on copies: write them back
+        for target, value in zip((running_mean, running_var), running[:2], strict=False):
+            target[...] = _caller(kind, be, value)
     return out
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import bncupy as bn
+from bncupy.backends import _cuda
 from bncupy.backends import cupy as cupy_backend
 from tests import oracle
 from tests.arrays import to_numpy
@@ -92,7 +93,7 @@ def test_launch_geometries_give_the_same_bits(xp, monkeypatch, sms, index64, ali
     if index64:
         monkeypatch.setattr(cupy_backend, "_INDEX64_FROM", 0)
     xd = xp.asarray(flat)[1:].reshape(shape) if not aligned else xp.asarray(x)
-    geometry = cupy_backend._Geometry(xd, 1)
+    geometry = cupy_backend._geometry(xd, 1)
     assert geometry.index == ("unsigned long long" if index64 else "unsigned int")
     assert geometry.width == (4 if aligned else 1)
     if sms == 1000:
@@ -222,27 +223,27 @@ def test_threads_at_once_give_single_threaded_bits(xp, monkeypatch, mode):
             np.testing.assert_array_equal(a, b)
 
 
-def test_counters_are_per_stream_and_per_thread_on_the_per_thread_stream(xp, monkeypatch):
+def test_workspaces_are_per_stream_and_per_thread_on_the_per_thread_stream(xp, monkeypatch):
     x = xp.asarray(_data((4, 3, 5, 5), np.float32))
     stream = xp.cuda.Stream(non_blocking=True)
     with stream:
         bn.batch_norm(x, None, None, training=True)
-    key = (cupy_backend.runtime(), cupy_backend.runtime().device_id(), stream.ptr)
-    assert key in cupy_backend._counters
+        key, _ = _cuda.workspace(stream)
+    assert key in _cuda._workspaces
     del stream
     gc.collect()
-    assert key not in cupy_backend._counters  # freed with its stream
+    assert key not in _cuda._workspaces  # freed with its stream
 
     if EMULATED:
         monkeypatch.setattr(xp, "per_thread_default_stream", True)
-    elif xp.cuda.get_current_stream().ptr != cupy_backend._PER_THREAD_STREAM:
+    elif xp.cuda.get_current_stream().ptr != _cuda.PER_THREAD_STREAM:
         pytest.skip("run with CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 for the per-thread part")
 
-    def buffer(_):
+    def counters(_):
         bn.batch_norm(x, None, None, training=True)
-        return cupy_backend._counter_buffer(1)  # returned: kept alive, so no address is reused
+        return _cuda.workspace(xp.cuda.get_current_stream())[1].counters  # kept alive: no reuse
 
-    assert len({b.data.ptr for b in _threads(buffer)}) == 4  # one per thread, none shared
+    assert len({b.data.ptr for b in _threads(counters)}) == 4  # one per thread, none shared
 
 
 FAMILY_CASES = [  # (function, shape): warp/partial-block/block per row, split rows, layouts

@@ -495,13 +495,18 @@ def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
 
 
 def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
-             invstd: np.ndarray, training: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``."""
+             invstd: np.ndarray, training: bool, fused: tuple | None = None,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``, and the gradient
+    of a fused residual. ``fused`` is a fused ReLU forward's ``(coefficients, residual)``: dy is
+    masked where its output was not positive."""
+    g = dy if fused is None else relu_grad(dy, x, axis, *fused)
     count = x.size // x.shape[axis] if x.shape[axis] else 0
-    sum_dy, sum_dy_xmu = backward_sums(dy, x, axis, mean, invstd)
+    sum_dy, sum_dy_xmu = backward_sums(g, x, axis, mean, invstd)
     center, a, b, c, grad_weight, grad_bias = backward_coefficients(
         mean, invstd, weight, sum_dy, sum_dy_xmu, count, training, x.dtype)
-    return backward_apply(dy, x, axis, center, a, b, c), grad_weight, grad_bias
+    residual_grad = g if fused is not None and fused[1] is not None else None
+    return backward_apply(g, x, axis, center, a, b, c), grad_weight, grad_bias, residual_grad
 
 
 def normalize_with(x: np.ndarray, axis: int, mean: np.ndarray, invstd: np.ndarray, weight: Any,

@@ -88,6 +88,9 @@ class Kernel:
         if kind.startswith("p:"):
             _, element, size = kind.split(":")
             if arg is None:
+                raise KernelFault(f"{where} is a pointer ({element}) but got None: CuPy 13 "
+                                  "passes None as a garbage address; pass the backend's NULL")
+            if isinstance(arg, np.uint64) and arg == 0:  # the backend's NULL
                 return ctypes.c_void_p(0)
             if isinstance(arg, np.ndarray):
                 raise TypeError(f"{where}: Unsupported type {type(arg)} (a host array passed to "
