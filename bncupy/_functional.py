@@ -43,10 +43,9 @@ def _write_in_place(target: Any, value: Any, kind: str, backend: ModuleType) -> 
 def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
                    training: Any, momentum: Any, eps: Any, axis: Any, activation: Any,
                    residual: Any) -> tuple[int, bool, float, float, bool, str, ModuleType]:
-    kinds = {"input": v.check_input(input)}
+    kind = v.check_input(input)
     relu = v.check_activation(activation)
-    if residual is not None:
-        kinds["residual"] = v.check_like_input(residual, "residual", input)
+    same = residual is None or v.check_like_input(residual, "residual", input) == kind
     ax = v.check_axis(axis, input.ndim)
     channels = input.shape[ax]
     training = v.check_bool(training, "training")
@@ -55,18 +54,26 @@ def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any,
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (both arrays or "
                          "both None)")
-    for arg, value, writable in (("running_mean", running_mean, training),
-                                 ("running_var", running_var, training),
-                                 ("weight", weight, False), ("bias", bias, False)):
-        if value is not None:
-            kinds[arg] = v.check_channel_vector(value, arg, channels, writable)
+    if running_mean is not None:
+        same &= v.check_channel_vector(running_mean, "running_mean", channels, training) == kind
+        same &= v.check_channel_vector(running_var, "running_var", channels, training) == kind
+    if weight is not None:
+        same &= v.check_channel_vector(weight, "weight", channels) == kind
+    if bias is not None:
+        same &= v.check_channel_vector(bias, "bias", channels) == kind
+    if not same:  # raises, naming every argument's kind
+        v.check_same_kind({arg: str(dispatch.array_kind(a)) for arg, a in (
+            ("input", input), ("residual", residual), ("running_mean", running_mean),
+            ("running_var", running_var), ("weight", weight), ("bias", bias)) if a is not None})
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False "
                          "(evaluation normalizes with the running statistics)")
     if training:
         v.check_count(input, ax)
-    kind, backend = _resolve(kinds)
-    if training:
+    backend = dispatch.backend_for(kind)
+    if backend.name == "numpy":
+        v.check_environment()
+    if training and running_mean is not None:
         v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
                            {"input": input, "weight": weight, "bias": bias,
                             "residual": residual})
@@ -77,8 +84,10 @@ def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any,
 class _Forward(NamedTuple):
     """A forward pass's output, caller's kind, and the backend-native statistics.
 
-    ``mean`` is the most precise mean the backend has (float64 on NumPy), kept for a layer's own
-    backward pass; ``save_mean``/``save_invstd`` are what :func:`batch_norm_forward` returns.
+    ``mean`` is the most precise mean the backend has (float64 on NumPy, the statistics buffer
+    on CuPy), kept for a layer's own backward pass; ``save_mean``/``save_invstd`` are what
+    :func:`batch_norm_forward` returns (None where the backend makes them on demand from
+    ``mean``: ``stat_rows``).
     """
 
     y: Any
@@ -90,24 +99,65 @@ class _Forward(NamedTuple):
     backend: ModuleType
 
     def saved(self) -> tuple[Any, Any]:
-        return (_caller(self.kind, self.backend, self.save_mean),
-                _caller(self.kind, self.backend, self.save_invstd))
+        saved = (self.save_mean, self.save_invstd) if self.save_mean is not None else \
+            self.backend.stat_rows(self.mean)
+        return _caller(self.kind, self.backend, saved[0]), _caller(self.kind, self.backend,
+                                                                   saved[1])
+
+
+_FORWARD_CHECKED = v.CheckedCalls()
+
+
+def _forward_key(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+                 training: Any, axis: Any, activation: Any, residual: Any) -> tuple | None:
+    """The signature of a forward call's arrays and options (None where one is not of a kind
+    that a cache lookup can stand for: the checks then run in full)."""
+    if not (training is True or training is False) or type(axis) is not int or not (
+            activation is None or type(activation) is str):
+        return None
+    sig = v.signature
+    try:
+        return (sig(input), sig(running_mean), sig(running_var), sig(weight), sig(bias),
+                sig(residual), training, axis, activation, dispatch.configured_backend())
+    except AttributeError:
+        return None
 
 
 def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
             training: Any, momentum: Any, eps: Any, axis: Any, activation: Any = None,
             residual: Any = None) -> _Forward:
-    """Validated forward pass on the resolved backend."""
-    if getattr(input, "ndim", None) == 1 and input.size == 0:
-        return _forward_empty_vector(input, running_mean, running_var, weight, bias, training,
-                                     momentum, eps, axis, activation, residual)
-    ax, training, momentum, eps, relu, kind, be = _check_forward(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
-        activation, residual)
-    layout = Layout.of(input, ax)
-    x, z = be.asarray(layout.view(input)), _native(be, layout.view(residual))
-    w, b = _native(be, weight), _native(be, bias)
-    rm, rv = _native(be, running_mean), _native(be, running_var)
+    """Validated forward pass on the resolved backend.
+
+    Array and option checks are cached by call signature; ``eps`` and ``momentum``, the backend
+    and (in training) the memory overlap of the running statistics are checked on every call.
+    """
+    key = _forward_key(input, running_mean, running_var, weight, bias, training, axis,
+                       activation, residual)
+    checked = _FORWARD_CHECKED.get(key)
+    if checked is None:
+        if getattr(input, "ndim", None) == 1 and input.size == 0:
+            return _forward_empty_vector(input, running_mean, running_var, weight, bias,
+                                         training, momentum, eps, axis, activation, residual)
+        ax, training, momentum, eps, relu, kind, be = _check_forward(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+            activation, residual)
+        layout = Layout.of(input, ax)
+        _FORWARD_CHECKED.put(key, (relu, kind, layout))
+    else:
+        relu, kind, layout = checked
+        eps = v.check_eps(eps)
+        momentum = v.check_momentum(momentum, allow_none=False)
+        be = dispatch.backend_for(kind)
+        if be.name == "numpy":
+            v.check_environment()
+        if training and running_mean is not None:
+            v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
+                               {"input": input, "weight": weight, "bias": bias,
+                                "residual": residual})
+    x, z = layout.view(input), layout.view(residual)
+    w, b, rm, rv = weight, bias, running_mean, running_var
+    if be.name != kind:  # an explicit backend computes on copies of the arrays
+        x, z, w, b, rm, rv = (_native(be, a) for a in (x, z, w, b, rm, rv))
     if training and x.size == 0:  # as torch: empty output, running statistics left alone
         nan = be.xp.full(x.shape[layout.axis], float("nan"))
         y, coef = be.normalize_with(x, layout.axis, nan, nan, w, b, z, relu)
@@ -256,7 +306,7 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     if fused is not None:
         fused = (fused[0], _native(be, layout.view(fused[1])))
     if input.size == 0:  # no values, no parameter gradient (an empty batch's stats are NaN)
-        mean, invstd = be.xp.zeros(channels, invstd.dtype), be.xp.zeros_like(invstd)
+        mean = invstd = be.xp.zeros(channels, compute_dtype(input.dtype))
         fused = None
     dx, grad_weight, grad_bias, grad_residual = be.backward(
         _native(be, layout.view(grad_output)), _native(be, layout.view(input)), layout.axis,

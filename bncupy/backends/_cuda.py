@@ -72,6 +72,11 @@ class CupyRuntime:
 
         return cupy
 
+    @property
+    def xp(self) -> Any:
+        """The array module (for the launch plan, after the backend was resolved)."""
+        return self.require()
+
     @staticmethod
     def is_array(value: Any) -> bool:
         """A ``cupy.ndarray``, recognised by type so that no CuPy import (or GPU) is needed."""

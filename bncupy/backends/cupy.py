@@ -34,7 +34,8 @@ from ._groups import GroupLayout
 
 name = "cupy"
 
-_ACC = {"float16": "float32", "float32": "float32", "float64": "float64"}
+_ACC = {np.dtype(k): np.dtype(v) for k, v in (("float16", "float32"), ("float32", "float32"),
+                                              ("float64", "float64"))}
 _INDEX64_FROM = 2**31  # elements from which kernels index with 64 bits
 _THREADS = 256
 _ROWS_MAX_VECS = 8192  # longer channel-first groups are split over several blocks
@@ -96,7 +97,7 @@ def _launch(dtype: str, name: str, grid: int, args: tuple) -> None:
 class _Geometry:
     """How one contiguous array is walked: layout, vector width, index type, grids, scratch."""
 
-    def __init__(self, shape: tuple[int, ...], axis: int, dtype: str, aligned: bool,
+    def __init__(self, shape: tuple[int, ...], axis: int, dtype: np.dtype, aligned: bool,
                  sms: int, samples: int = 1) -> None:
         self.rows = math.prod(shape[:axis])
         self.channels = shape[axis]
@@ -105,12 +106,13 @@ class _Geometry:
         # Channels-last kernels whenever channels are innermost: (N, C) too.
         self.cl = inner == 1
         extent = self.channels if self.cl else inner
-        width = vector_width(dtype)
+        width = 16 // dtype.itemsize
         self.width = width if extent % width == 0 and aligned else 1
         self.inner_vecs = extent // self.width
         self.index, self.itype = _index(size)
         self.total_vecs = size // self.width
-        self.dtype, self.acc = dtype, _ACC[dtype]
+        self.dtype, self.acc = dtype.name, _ACC[dtype]
+        self.acc_type = self.acc.type
         unroll = 2 if self.width >= 8 else 4
         if self.cl:
             self.lanes = min(32, 1 << max(0, (self.inner_vecs - 1).bit_length()))
@@ -132,7 +134,7 @@ class _Geometry:
                              np.int32(self.splits), np.int32(self.lanes))
         self.apply_shape = (it(self.total_vecs), it(self.channels), it(self.inner_vecs))
         layout = "true" if self.cl else "false"
-        ctype = _cuda.CTYPES[dtype]
+        ctype = _cuda.CTYPES[self.dtype]
         self.names = {k: f"bncupy::{k}<{ctype}, {self.width}, {self.index}, {layout}>"
                       for k in ("forward_stats", "apply", "backward_reduce", "backward_apply",
                                 "relu_grad")}
@@ -146,14 +148,14 @@ class _Geometry:
 
 
 @functools.lru_cache(maxsize=1024)
-def _geometry_cached(shape: tuple[int, ...], axis: int, dtype: str, aligned: bool, sms: int,
-                     index64_from: int) -> _Geometry:
+def _geometry_cached(shape: tuple[int, ...], axis: int, dtype: np.dtype, aligned: bool,
+                     sms: int, index64_from: int) -> _Geometry:
     return _Geometry(shape, axis, dtype, aligned, sms)
 
 
 def _geometry(x: Any, axis: int, *others: Any) -> _Geometry:
     """The cached geometry of ``x`` (with ``others`` of its shape walked alongside)."""
-    return _geometry_cached(x.shape, axis, x.dtype.name, _aligned(x, *others),
+    return _geometry_cached(x.shape, axis, x.dtype, _aligned(x, *others),
                             _cuda.runtime().sm_count(), _INDEX64_FROM)
 
 
@@ -168,7 +170,7 @@ def _like(a: Any, x: Any) -> Any:
     return require().ascontiguousarray(a, dtype=x.dtype)
 
 
-def _per_channel(value: Any, acc: str) -> Any:
+def _per_channel(value: Any, acc: np.dtype) -> Any:
     """A contiguous accumulator-typed per-channel vector (the argument itself when it is one)."""
     if value is None or (value.dtype == acc and value.flags.c_contiguous):
         return value
@@ -180,74 +182,77 @@ def _workspace(counters: int, layout: tuple) -> tuple[Any, ...]:
     return _cuda.bind(_cuda.runtime().current_stream(), counters, layout)
 
 
-def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float) -> Any:
-    """Launch ``forward_stats``; returns its STAT-row buffer (STAT_ROWS, C)."""
-    counters, partials = _workspace(geo.groups, geo.stats_scratch)
-    stats = require().empty((STAT_ROWS, geo.channels), geo.acc)
-    geo.launch_reduce("forward_stats", geo.reduce_blocks, (
-        x, *geo.reduce_shape, partials, counters, _ptr(weight), _ptr(bias),
-        getattr(np, geo.acc)(eps), geo.count, stats))
-    return stats
-
-
-def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running: tuple, weight: Any,
-           bias: Any, eps: float, momentum: float, evaluate: bool, relu: bool) -> Any:
-    y = require().empty_like(x)
+def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
+           running_var: Any, weight: Any, bias: Any, eps: float, momentum: float,
+           evaluate: bool, relu: bool) -> Any:
+    y = _cuda.runtime().xp.empty_like(x)
     geo.launch_reduce("apply", geo.apply_blocks, (
-        x, y, _ptr(residual), *geo.apply_shape, stats, _ptr(running[0]), _ptr(running[1]),
-        _ptr(weight), _ptr(bias), getattr(np, geo.acc)(eps), np.float64(momentum),
+        x, y, _ptr(residual), *geo.apply_shape, stats, _ptr(running_mean), _ptr(running_var),
+        _ptr(weight), _ptr(bias), geo.acc_type(eps), np.float64(momentum),
         np.int32(evaluate), np.int32(relu)))
     return y
 
 
-def _saved(stats: Any) -> tuple[Any, Any, Any, Any]:
-    return stats, stats[_CENTER], stats[_INVSTD], stats
+def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float) -> Any:
+    """Launch ``forward_stats``; returns its STAT-row buffer (STAT_ROWS, C)."""
+    counters, partials = _workspace(geo.groups, geo.stats_scratch)
+    stats = _cuda.runtime().xp.empty((STAT_ROWS, geo.channels), geo.acc)
+    geo.launch_reduce("forward_stats", geo.reduce_blocks, (
+        x, *geo.reduce_shape, partials, counters, _ptr(weight), _ptr(bias), geo.acc_type(eps),
+        geo.count, stats))
+    return stats
+
+
+def stat_rows(stats: Any) -> tuple[Any, Any]:
+    """save_mean and save_invstd: rows of a forward's statistics buffer."""
+    return stats[_CENTER], stats[_INVSTD]
 
 
 def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, running_mean: Any,
                     running_var: Any, momentum: float, residual: Any = None,
-                    relu: bool = False) -> tuple[Any, Any, Any, Any, Any]:
+                    relu: bool = False) -> tuple[Any, Any, None, None, Any]:
     """Two launches: statistics, then apply (whose first threads also move the running
-    statistics). Returns ``y``, the statistics buffer (the precise mean for a backward pass),
-    save_mean, save_invstd and the buffer again (the apply coefficients)."""
+    statistics). Returns ``y``, the statistics buffer (the precise mean for a backward pass,
+    save_mean and save_invstd in :func:`stat_rows`), None twice, and the buffer again (the
+    apply coefficients)."""
     x = _contiguous(x)
     residual = _like(residual, x)
     geo = _geometry(x, axis, residual)
     acc = geo.acc
-    targets = (running_mean, running_var)
-    running = tuple(_per_channel(r, acc) for r in targets)
+    rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
     weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
     if x.size == 0:
         raise ValueError("normalize_train needs values (the caller handles empty batches)")
     stats = _stats(x, geo, weight, bias, eps)
-    y = _apply(x, geo, stats, residual, running, weight, bias, eps, momentum, False, relu)
-    for target, value in zip(targets, running, strict=True):
-        if target is not None and value is not target:
-            target[...] = value  # a non-contiguous or differently typed running-stat array
-    return (y, *_saved(stats))
+    y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, momentum, False, relu)
+    if rm is not running_mean:  # a non-contiguous or differently typed running-stat array
+        running_mean[...] = rm
+        running_var[...] = rv
+    return y, stats, None, None, stats
 
 
 def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weight: Any,
                    bias: Any, eps: float, residual: Any = None, relu: bool = False,
-                   ) -> tuple[Any, Any, Any, Any, Any]:
+                   ) -> tuple[Any, Any, None, None, Any]:
     """One launch: apply with coefficients from the running statistics (its first threads also
-    write them into the statistics buffer for a backward pass)."""
+    write them into the statistics buffer for a backward pass). Returns as
+    :func:`normalize_train`."""
     x = _contiguous(x)
     residual = _like(residual, x)
     geo = _geometry(x, axis, residual)
     acc = geo.acc
-    running = (_per_channel(running_mean, acc), _per_channel(running_var, acc))
+    rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
     weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
-    stats = require().empty((STAT_ROWS, geo.channels), acc)
-    y = _apply(x, geo, stats, residual, running, weight, bias, eps, 0.0, True, relu)
-    return (y, *_saved(stats))
+    stats = _cuda.runtime().xp.empty((STAT_ROWS, geo.channels), acc)
+    y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, 0.0, True, relu)
+    return y, stats, None, None, stats
 
 
-def _mean_parts(mean: Any, acc: str) -> tuple[Any, Any]:
+def _mean_parts(mean: Any, acc: np.dtype) -> tuple[Any, Any]:
     """(center, lo) of a mean: a statistics buffer's rows, or a given vector (lo null)."""
     if mean.ndim == 2:
         return mean[_CENTER], mean[_LO]
-    if mean.dtype.itemsize > np.dtype(acc).itemsize:  # a float64 mean of float32 data: split
+    if mean.dtype.itemsize > acc.itemsize:  # a float64 mean of float32 data: split
         center = mean.astype(acc)
         return center, (mean - center).astype(acc)
     return _per_channel(mean, acc), None
@@ -256,11 +261,14 @@ def _mean_parts(mean: Any, acc: str) -> tuple[Any, Any]:
 def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd: Any,
                  training: bool, fwd: Any, residual: Any) -> tuple[Any, Any]:
     """The deterministic reduction; its last blocks write grad_weight/grad_bias and the dx
-    coefficients. Returns the (2, C) gradient buffer and the coefficients."""
+    coefficients. Returns the (2, C) gradient buffer and the coefficients. ``invstd`` None:
+    the statistics buffer ``mean``'s."""
     acc = geo.acc
     center, lo = _mean_parts(mean, acc)
+    if invstd is None:
+        invstd = mean[_INVSTD]
     counters, partials, coef = _workspace(geo.groups, geo.grad_scratch)
-    grads = require().empty((2, geo.channels), acc)
+    grads = _cuda.runtime().xp.empty((2, geo.channels), acc)
     geo.launch_reduce("backward_reduce", geo.reduce_blocks, (
         dy, x, _ptr(residual), *geo.reduce_shape, partials, counters, center, _ptr(lo),
         _per_channel(invstd, acc), _ptr(_per_channel(weight, acc)), _ptr(fwd), geo.count,
@@ -281,7 +289,7 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
     dy, residual = _like(dy, x), _like(residual, x)
     geo = _geometry(x, axis, dy, residual)
     grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, training, fwd, residual)
-    xp = require()
+    xp = _cuda.runtime().xp
     dx = xp.empty_like(x)
     g = xp.empty_like(x) if fwd is not None and residual is not None else None
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
@@ -296,7 +304,7 @@ def stats(x: Any, axis: int) -> tuple[int, Any, Any]:
     count = x.size // c if c else 0
     if count == 0:
         xp = require()
-        return 0, xp.zeros(c, _ACC[x.dtype.name]), xp.zeros(c, _ACC[x.dtype.name])
+        return 0, xp.zeros(c, _ACC[x.dtype]), xp.zeros(c, _ACC[x.dtype])
     out = _stats(x, _geometry(x, axis), None, None, 1.0)
     return count, out[_CENTER].astype(np.float64) + out[_LO], out[_M2]
 
@@ -347,7 +355,7 @@ def normalize_with(x: Any, axis: int, mean: Any, invstd: Any, weight: Any, bias:
     stats = xp.zeros((STAT_ROWS, geo.channels), geo.acc)
     for row, value in ((0, center), (1, invstd), (3, scale), (4, shift)):
         stats[row] = value
-    y = _apply(x, geo, stats, residual, (None, None), None, None, 1.0, 0.0, False, relu)
+    y = _apply(x, geo, stats, residual, None, None, None, None, 1.0, 0.0, False, relu)
     return y, stats
 
 
@@ -357,11 +365,12 @@ def normalize_with(x: Any, axis: int, mean: Any, invstd: Any, weight: Any, bias:
 class _GroupGeometry:
     """The launches of one group layout: statistics, apply and backward."""
 
-    def __init__(self, lay: GroupLayout, dtype: str, aligned: bool, sms: int) -> None:
-        self.lay, self.dtype, self.acc = lay, dtype, _ACC[dtype]
-        ctype = _cuda.CTYPES[dtype]
+    def __init__(self, lay: GroupLayout, dtype: np.dtype, aligned: bool, sms: int) -> None:
+        self.lay, self.dtype, self.acc = lay, dtype.name, _ACC[dtype]
+        self.acc_type = self.acc.type
+        ctype = _cuda.CTYPES[self.dtype]
         innermost = lay.s if lay.kind == "cf" else lay.c
-        width = vector_width(dtype)
+        width = 16 // dtype.itemsize
         self.width = width if innermost % width == 0 and aligned else 1
         size = lay.n * lay.c * lay.s
         self.index, itype = _index(size)
@@ -376,7 +385,7 @@ class _GroupGeometry:
         self.names.update({k: f"bncupy::{k}<{head}>" for k in (
             "cell_stats", "row_forward", "row_backward", "column_grads", "cell_grad_planes",
             "cell_grad_cl")})
-        acc = "double" if dtype == "float64" else "float"
+        acc = "double" if self.dtype == "float64" else "float"
         self.names.update({k: f"bncupy::{k}<{acc}>" for k in ("group_merge",
                                                                 "group_grad_coefficients")})
         self.groups = lay.groups
@@ -410,13 +419,13 @@ def _row_height(vecs: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _group_geometry_cached(lay: GroupLayout, dtype: str, aligned: bool, sms: int,
+def _group_geometry_cached(lay: GroupLayout, dtype: np.dtype, aligned: bool, sms: int,
                            index64_from: int) -> _GroupGeometry:
     return _GroupGeometry(lay, dtype, aligned, sms)
 
 
 def _group_geometry(x: Any, lay: GroupLayout, *others: Any) -> _GroupGeometry:
-    return _group_geometry_cached(lay, x.dtype.name, _aligned(x, *others),
+    return _group_geometry_cached(lay, x.dtype, _aligned(x, *others),
                                   _cuda.runtime().sm_count(), _INDEX64_FROM)
 
 
@@ -426,7 +435,7 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
     channel-first groups) the same launch also writes ``y``: returns whether it did."""
     lay, acc = geo.lay, geo.acc
     it = geo.itype
-    eps_ = getattr(np, acc)(eps)
+    eps_ = geo.acc_type(eps)
     if geo.stats_mode == "cells":
         cells = geo.cells
         counters, partials, mean, m2 = _workspace(lay.n * cells.groups,
@@ -468,7 +477,7 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     x = _contiguous(x)
     y = xp.empty_like(x)
     if x.size == 0:
-        nan = xp.full(lay.groups, np.nan, _ACC[x.dtype.name])
+        nan = xp.full(lay.groups, np.nan, _ACC[x.dtype])
         return y, nan, nan, None
     geo = _group_geometry(x, lay, y)
     acc = geo.acc
@@ -504,7 +513,7 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     dy = _like(dy, x)
     dx = xp.empty_like(x)
     if x.size == 0:
-        return dx, xp.zeros(lay.c, _ACC[x.dtype.name]), xp.zeros(lay.c, _ACC[x.dtype.name])
+        return dx, xp.zeros(lay.c, _ACC[x.dtype]), xp.zeros(lay.c, _ACC[x.dtype])
     geo = _group_geometry(x, lay, dy, dx)
     acc, it = geo.acc, geo.itype
     center, lo = _mean_parts(mean, acc)
