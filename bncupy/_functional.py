@@ -20,12 +20,17 @@ from .backends._common import compute_dtype
 _FORWARD_ARRAYS = ("input", "running_mean", "running_var", "weight", "bias", "residual")
 
 
-def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
-    kind = v.check_same_kind(kinds)
+def _backend(kind: str) -> ModuleType:
+    """The backend for ``kind`` under the setting in force (and its environment checked)."""
     backend = dispatch.backend_for(kind)
     if backend.name == "numpy":
         v.check_environment()
-    return kind, backend
+    return backend
+
+
+def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
+    kind = v.check_same_kind(kinds)
+    return kind, _backend(kind)
 
 
 def _native(backend: ModuleType, value: Any) -> Any:
@@ -70,9 +75,7 @@ def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any,
                          "(evaluation normalizes with the running statistics)")
     if training:
         v.check_count(input, ax)
-    backend = dispatch.backend_for(kind)
-    if backend.name == "numpy":
-        v.check_environment()
+    backend = _backend(kind)
     if training and running_mean is not None:
         v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
                            {"input": input, "weight": weight, "bias": bias,
@@ -108,31 +111,17 @@ class _Forward(NamedTuple):
 _FORWARD_CHECKED = v.CheckedCalls()
 
 
-def _forward_key(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
-                 training: Any, axis: Any, activation: Any, residual: Any) -> tuple | None:
-    """The signature of a forward call's arrays and options (None where one is not of a kind
-    that a cache lookup can stand for: the checks then run in full)."""
-    if not (training is True or training is False) or type(axis) is not int or not (
-            activation is None or type(activation) is str):
-        return None
-    sig = v.signature
-    try:
-        return (sig(input), sig(running_mean), sig(running_var), sig(weight), sig(bias),
-                sig(residual), training, axis, activation, dispatch.configured_backend())
-    except AttributeError:
-        return None
-
-
 def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
             training: Any, momentum: Any, eps: Any, axis: Any, activation: Any = None,
-            residual: Any = None) -> _Forward:
-    """Validated forward pass on the resolved backend.
+            residual: Any = None, keep: bool = True) -> _Forward:
+    """Validated forward pass on the resolved backend; ``keep`` False when the caller uses only
+    ``y`` (the statistics may then be temporaries of the backend's workspace).
 
     Array and option checks are cached by call signature; ``eps`` and ``momentum``, the backend
     and (in training) the memory overlap of the running statistics are checked on every call.
     """
-    key = _forward_key(input, running_mean, running_var, weight, bias, training, axis,
-                       activation, residual)
+    key = _FORWARD_CHECKED.key((input, running_mean, running_var, weight, bias, residual),
+                               (training, axis, activation), dispatch.configured_backend())
     checked = _FORWARD_CHECKED.get(key)
     if checked is None:
         if getattr(input, "ndim", None) == 1 and input.size == 0:
@@ -147,9 +136,7 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
         relu, kind, layout = checked
         eps = v.check_eps(eps)
         momentum = v.check_momentum(momentum, allow_none=False)
-        be = dispatch.backend_for(kind)
-        if be.name == "numpy":
-            v.check_environment()
+        be = _backend(kind)
         if training and running_mean is not None:
             v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
                                {"input": input, "weight": weight, "bias": bias,
@@ -165,13 +152,13 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
         save_mean, save_invstd = (nan.astype(compute_dtype(x.dtype)) for _ in range(2))
     elif training:
         y, mean, save_mean, save_invstd, coef = be.normalize_train(
-            x, layout.axis, w, b, eps, rm, rv, momentum, z, relu)
+            x, layout.axis, w, b, eps, rm, rv, momentum, z, relu, keep)
         if rm is not None and be.name != kind:
             _write_in_place(running_mean, rm, kind, be)
             _write_in_place(running_var, rv, kind, be)
     else:
         y, mean, save_mean, save_invstd, coef = be.normalize_eval(x, layout.axis, rm, rv, w, b,
-                                                                  eps, z, relu)
+                                                                  eps, z, relu, keep)
     return _Forward(_caller(kind, be, layout.restore(y)), mean, save_mean, save_invstd, coef,
                     kind, be)
 
@@ -244,7 +231,7 @@ def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = No
     ``residual``); returns only the normalized array.
     """
     return forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                   axis, activation, residual).y
+                   axis, activation, residual, keep=False).y
 
 
 @accepts("grad_output", "input", "weight", "save_mean", "save_invstd")
@@ -280,6 +267,9 @@ def batch_norm_backward(grad_output: Any, input: Any, weight: Any, save_mean: An
     return backward(grad_output, input, weight, save_mean, save_invstd, training, axis)
 
 
+_BACKWARD_CHECKED = v.CheckedCalls()
+
+
 def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, training: Any,
              axis: Any, saved_arg_names: tuple[str, str] = ("save_mean", "save_invstd"),
              fused: tuple | None = None, layer: bool = False) -> tuple[Any, ...]:
@@ -289,19 +279,28 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     they were made). ``fused`` is a layer's fused ReLU forward ``(coefficients, residual)``: the
     mask is applied to ``grad_output`` inline, and a fourth result is the residual's gradient.
     """
-    kinds = {"input": v.check_input(input)}
-    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
-    ax = v.check_axis(axis, input.ndim)
-    channels = input.shape[ax]
-    if not layer:
-        for arg, value in zip(saved_arg_names, (mean, invstd), strict=True):
-            kinds[arg] = v.check_channel_vector(value, arg, channels)
-    if weight is not None:
-        kinds["weight"] = v.check_channel_vector(weight, "weight", channels)
-    training = v.check_bool(training, "training")
-    kind, be = _resolve(kinds)
-
-    layout = Layout.of(input, ax)
+    key = _BACKWARD_CHECKED.key(
+        (grad_output, input, weight, mean, invstd, None if fused is None else fused[1]),
+        (training, axis, layer, saved_arg_names), dispatch.configured_backend())
+    checked = _BACKWARD_CHECKED.get(key)
+    if checked is None:
+        kinds = {"input": v.check_input(input)}
+        kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
+        ax = v.check_axis(axis, input.ndim)
+        if not layer:
+            for arg, value in zip(saved_arg_names, (mean, invstd), strict=True):
+                kinds[arg] = v.check_channel_vector(value, arg, input.shape[ax])
+        if weight is not None:
+            kinds["weight"] = v.check_channel_vector(weight, "weight", input.shape[ax])
+        training = v.check_bool(training, "training")
+        kind, be = _resolve(kinds)
+        layout = Layout.of(input, ax)
+        _BACKWARD_CHECKED.put(key, (kind, layout))
+    else:
+        kind, layout = checked
+        be = _backend(kind)
+    channels = input.shape[layout.axis] if layout.perm is None else \
+        input.shape[layout.perm[layout.axis]]
     mean, invstd = _native(be, mean), _native(be, invstd)
     if fused is not None:
         fused = (fused[0], _native(be, layout.view(fused[1])))

@@ -50,12 +50,29 @@ def signature(a: Any) -> Any:
 
 
 class CheckedCalls:
-    """Call signatures (see :func:`signature`) that passed every check, with what the checks
-    found (axis, layout, ...); bounded, cleared when full."""
+    """Call signatures that passed every check, with what the checks found (axis, layout, ...);
+    bounded, cleared when full.
+
+    A key (:meth:`key`) holds each array's :func:`signature` and each option with its type (so
+    that ``True`` and ``1`` differ), and the backend setting in force; scalars whose value
+    changes from call to call (``eps``, ``momentum``) stay out of it and are checked every time.
+    """
 
     def __init__(self, size: int = 512) -> None:
         self.table: dict[tuple, Any] = {}
         self.size = size
+
+    @staticmethod
+    def key(arrays: tuple, options: tuple, backend: str) -> tuple | None:
+        """The key of a call, or None where an argument cannot be looked up (not an array,
+        unhashable): its checks then run in full."""
+        try:
+            key = (tuple(signature(a) for a in arrays),
+                   tuple((o.__class__, o) for o in options), backend)
+            hash(key)
+        except (AttributeError, TypeError):
+            return None
+        return key
 
     def get(self, key: tuple | None) -> Any:
         return None if key is None else self.table.get(key)

@@ -193,10 +193,24 @@ def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
     return y
 
 
-def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float) -> Any:
+def _with_stats(counters: int, layout: tuple, width: int, acc: np.dtype,
+                keep: bool) -> tuple[Any, ...]:
+    """The workspace's counters and views of ``layout``, and a (STAT_ROWS, width) statistics
+    buffer: a fresh array when the caller keeps it, else the workspace's (a temporary must not
+    be an allocation freed after the call: a CUDA graph capturing the call would keep writing
+    it)."""
+    if keep:
+        return (*_workspace(counters, layout),
+                _cuda.runtime().xp.empty((STAT_ROWS, width), acc))
+    *views, stats = _workspace(counters, (*layout, (acc, STAT_ROWS * width)))
+    return (*views, stats.reshape(STAT_ROWS, width))
+
+
+def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float,
+           keep: bool = True) -> Any:
     """Launch ``forward_stats``; returns its STAT-row buffer (STAT_ROWS, C)."""
-    counters, partials = _workspace(geo.groups, geo.stats_scratch)
-    stats = _cuda.runtime().xp.empty((STAT_ROWS, geo.channels), geo.acc)
+    counters, partials, stats = _with_stats(geo.groups, geo.stats_scratch, geo.channels,
+                                            geo.acc, keep)
     geo.launch_reduce("forward_stats", geo.reduce_blocks, (
         x, *geo.reduce_shape, partials, counters, _ptr(weight), _ptr(bias), geo.acc_type(eps),
         geo.count, stats))
@@ -210,11 +224,11 @@ def stat_rows(stats: Any) -> tuple[Any, Any]:
 
 def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, running_mean: Any,
                     running_var: Any, momentum: float, residual: Any = None,
-                    relu: bool = False) -> tuple[Any, Any, None, None, Any]:
+                    relu: bool = False, keep: bool = True) -> tuple[Any, Any, None, None, Any]:
     """Two launches: statistics, then apply (whose first threads also move the running
     statistics). Returns ``y``, the statistics buffer (the precise mean for a backward pass,
     save_mean and save_invstd in :func:`stat_rows`), None twice, and the buffer again (the
-    apply coefficients)."""
+    apply coefficients); unless ``keep``, the buffer is the stream's workspace."""
     x = _contiguous(x)
     residual = _like(residual, x)
     geo = _geometry(x, axis, residual)
@@ -223,7 +237,7 @@ def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, runni
     weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
     if x.size == 0:
         raise ValueError("normalize_train needs values (the caller handles empty batches)")
-    stats = _stats(x, geo, weight, bias, eps)
+    stats = _stats(x, geo, weight, bias, eps, keep)
     y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, momentum, False, relu)
     if rm is not running_mean:  # a non-contiguous or differently typed running-stat array
         running_mean[...] = rm
@@ -233,7 +247,7 @@ def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, runni
 
 def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weight: Any,
                    bias: Any, eps: float, residual: Any = None, relu: bool = False,
-                   ) -> tuple[Any, Any, None, None, Any]:
+                   keep: bool = True) -> tuple[Any, Any, None, None, Any]:
     """One launch: apply with coefficients from the running statistics (its first threads also
     write them into the statistics buffer for a backward pass). Returns as
     :func:`normalize_train`."""
@@ -243,7 +257,7 @@ def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weigh
     acc = geo.acc
     rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
     weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
-    stats = _cuda.runtime().xp.empty((STAT_ROWS, geo.channels), acc)
+    stats = _with_stats(0, (), geo.channels, acc, keep)[-1]
     y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, 0.0, True, relu)
     return y, stats, None, None, stats
 
@@ -429,27 +443,28 @@ def _group_geometry(x: Any, lay: GroupLayout, *others: Any) -> _GroupGeometry:
                                   _cuda.runtime().sm_count(), _INDEX64_FROM)
 
 
-def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float,
-                 y: Any) -> tuple[Any, bool]:
-    """The group statistics (STAT rows, ``groups`` long); for rows (LayerNorm, short
-    channel-first groups) the same launch also writes ``y``: returns whether it did."""
+def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float, y: Any,
+                 keep: bool) -> tuple[Any, bool]:
+    """The group statistics (STAT rows, ``groups`` long; the workspace's unless ``keep``); for
+    rows (LayerNorm, short channel-first groups) the same launch also writes ``y``: returns
+    whether it did."""
     lay, acc = geo.lay, geo.acc
     it = geo.itype
     eps_ = geo.acc_type(eps)
     if geo.stats_mode == "cells":
         cells = geo.cells
-        counters, partials, mean, m2 = _workspace(lay.n * cells.groups,
-            ((acc, 3 * lay.n * lay.c * cells.splits), ("float64", lay.n * lay.c),
-             ("float64", lay.n * lay.c)))
-        stats = require().empty((STAT_ROWS, geo.groups), acc)
+        counters, partials, mean, m2, stats = _with_stats(
+            lay.n * cells.groups, ((acc, 3 * lay.n * lay.c * cells.splits),
+                                   ("float64", lay.n * lay.c), ("float64", lay.n * lay.c)),
+            geo.groups, acc, keep)
         _launch(geo.dtype, geo.names["cell_stats"], cells.reduce_blocks, (
             x, it(lay.s), it(cells.inner_vecs), np.int32(cells.splits), np.int32(cells.lanes),
             partials, counters, mean, m2))
         _launch(geo.dtype, geo.names["group_merge"], -(-geo.groups // _THREADS), (
             mean, m2, np.uint64(geo.groups), np.int32(lay.k), np.float64(lay.s), eps_, stats))
         return stats, False
-    stats = require().empty((STAT_ROWS, geo.groups), acc)
     if geo.stats_mode == "rows":
+        stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
         per_channel = lay.kind != "rows"
         _launch(geo.dtype, geo.names["row_forward"], geo.row_blocks, (
             x, y, it(geo.groups), it(lay.size // geo.width), np.int32(geo.row_height),
@@ -457,23 +472,24 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
             _ptr(weight), _ptr(bias), eps_, stats))
         return stats, True
     split = geo.split
-    counters, partials = _workspace(split.groups,
-                                    split.stats_scratch)
+    counters, partials, stats = _with_stats(split.groups, split.stats_scratch, geo.groups, acc,
+                                            keep)
     split.launch_reduce("forward_stats", split.reduce_blocks, (
         x, *split.reduce_shape, partials, counters, NULL, NULL, eps_, split.count, stats))
     return stats, False
 
 
 def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
-                  running: tuple | None = None) -> tuple[Any, Any, Any, Any]:
+                  running: tuple | None = None, keep: bool = True,
+                  ) -> tuple[Any, Any, Any, Any]:
     """LayerNorm rows and short channel-first groups: one launch; other groups: statistics,
     then one apply launch (channels-last: cell moments, group merge, apply).
 
     ``running`` is InstanceNorm's ``(running_mean, running_var, momentum)``, moved in the last
     launch. Returns ``y``, the per-group mean and invstd (accumulator dtype) and the statistics
-    buffer (the precise mean for a backward pass).
+    buffer (the precise mean for a backward pass; the stream's workspace unless ``keep``).
     """
-    xp = require()
+    xp = _cuda.runtime().xp
     x = _contiguous(x)
     y = xp.empty_like(x)
     if x.size == 0:
@@ -484,7 +500,7 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
     targets = (None, None) if running is None else running[:2]
     rm, rv = (_per_channel(r, acc) for r in targets)
-    stats, done = _group_stats(x, geo, weight, bias, eps, y)
+    stats, done = _group_stats(x, geo, weight, bias, eps, y, keep)
     if not done or rm is not None:
         # rows already written: an empty elementwise range, the launch only moves running stats
         shape = geo.shape_args if not done else (geo.itype(0), *geo.shape_args[1:])

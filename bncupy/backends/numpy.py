@@ -410,9 +410,10 @@ def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndar
 
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float,
-                    residual: np.ndarray | None = None, relu: bool = False,
+                    residual: np.ndarray | None = None, relu: bool = False, keep: bool = True,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with batch statistics; update the running ones in place (after everything else).
+    (``keep``: whether the caller keeps the statistics; they are always fresh arrays here.)
 
     Returns ``y``, the float64 batch mean, ``save_mean``/``save_invstd`` in the stat dtype, and
     the apply coefficients (for a fused activation's backward).
@@ -433,7 +434,8 @@ def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float
 
 def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_var: np.ndarray,
                    weight: Any, bias: Any, eps: float, residual: np.ndarray | None = None,
-                   relu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
+                   relu: bool = False, keep: bool = True,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with the running statistics; same returns as :func:`normalize_train`."""
     mean = running_mean.astype(np.float64)
     invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)

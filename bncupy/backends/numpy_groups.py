@@ -35,7 +35,7 @@ def _affine4(v: Any, lay: GroupLayout) -> Any:
 
 
 def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: float,
-                  running: tuple | None = None,
+                  running: tuple | None = None, keep: bool = True,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Normalize every group; returns ``y``, the float64 per-group mean and invstd (flattened
     in group order) and the mean again (what :func:`group_backward` takes).

@@ -76,7 +76,7 @@ class Kernel:
         device.SEAM.launches += 1
         device.SEAM.streams.append(stream.ptr)
 
-        def run(allocations: list) -> None:
+        def run(allocations: list, holders: list = keep) -> None:  # argv points into holders
             if rt.null:
                 return
             error = ctypes.create_string_buffer(1024)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,6 +96,7 @@ class Faults:
 
 SEAM = Seam()
 FAULTS = Faults()
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every allocation, to resolve imported pointers
 POISON = True  # fill fresh memory with 0xFF and check canaries (off: O(1) allocations)
 
 
@@ -113,6 +115,7 @@ class Allocation:
         self.poisoned = POISON
         if POISON:
             self.buffer[nbytes:] = _CANARY
+        _LIVE.add(self)
 
     def intact(self) -> bool:
         return not self.poisoned or bool((self.buffer[self.nbytes:] == _CANARY).all())
@@ -320,6 +323,14 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
         _operation("ndarray.copy")
         return _to_device(self._host.copy(order=order))
 
+    def reshape(self, *shape: Any, order: str = "C") -> ndarray:
+        if self._host.flags.c_contiguous and order == "C":  # always a view: the common case
+            return ndarray(self._host.reshape(*shape), self._alloc)
+        return self.__getattr__("reshape")(*shape, order=order)
+
+    def transpose(self, *axes: Any) -> ndarray:
+        return ndarray(self._host.transpose(*axes), self._alloc)
+
     def __getattr__(self, name: str) -> Any:
         if name not in _METHODS:
             raise AttributeError(f"emulated device arrays do not model ndarray.{name}")
@@ -473,8 +484,24 @@ cuda = types.SimpleNamespace(Stream=_Stream, Device=_Device, ExternalStream=Exte
 def asarray(a: Any, dtype: Any = None, order: Any = None) -> ndarray:
     if isinstance(a, ndarray):
         return a if dtype is None else a.astype(dtype, copy=False)
+    if hasattr(a, "__cuda_array_interface__"):  # device memory of another library: no copy
+        view = _import_interface(a.__cuda_array_interface__)
+        return view if dtype is None else view.astype(dtype, copy=False)
     _operation("cupy.asarray (a host-to-device copy)")
     return _to_device(np.asarray(a, dtype=dtype))
+
+
+def _import_interface(interface: dict) -> ndarray:
+    """A view of the live allocation that ``interface`` (CUDA array interface) points into."""
+    ptr = interface["data"][0]
+    dtype = np.dtype(interface["typestr"])
+    for alloc in _LIVE:
+        base = alloc.buffer.ctypes.data
+        if base <= ptr < base + max(alloc.nbytes, 1):
+            host = np.ndarray(interface["shape"], dtype, buffer=alloc.buffer, offset=ptr - base,
+                              strides=interface.get("strides"))
+            return ndarray(host, alloc)
+    raise ValueError("the CUDA array interface points at no emulated device allocation")
 
 
 def array(a: Any, dtype: Any = None, copy: bool = True) -> ndarray:
