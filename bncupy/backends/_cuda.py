@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -206,9 +207,14 @@ def _sm_count(device_id: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _external_stream(ptr: int, device_id: int) -> Any:
+    """A CuPy handle on another library's stream. ``ExternalStream`` (deprecated in CuPy 14 for
+    ``Stream.from_external``) because it never destroys the stream it wraps: a ``Stream`` made
+    by ``from_external`` does when it is collected."""
     import cupy
 
-    return cupy.cuda.ExternalStream(ptr, device_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device_id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import types
 import weakref
 from collections.abc import Iterator
@@ -438,6 +439,24 @@ class Graph:
             replay(allocations)
 
 
+class Event:
+    """A CUDA event: launches run to completion, so it records the host clock."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        self.time = time.perf_counter()
+
+    def synchronize(self) -> None:
+        SEAM.sync()
+
+
+def get_elapsed_time(start: Event, stop: Event) -> float:
+    """Milliseconds between two recorded events."""
+    return (stop.time - start.time) * 1e3
+
+
 def ExternalStream(ptr: int, device_id: int = 0) -> _Stream:  # noqa: N802 - CuPy's name
     """Another library's stream, by its handle."""
     return _Stream(ptr=ptr)
@@ -476,6 +495,7 @@ class _Device:
 
 
 cuda = types.SimpleNamespace(Stream=_Stream, Device=_Device, ExternalStream=ExternalStream,
+                             Event=Event, get_elapsed_time=get_elapsed_time,
                              get_current_stream=get_current_stream, is_available=lambda: True,
                              memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
                              driver=types.SimpleNamespace(CUDADriverError=CUDADriverError))
