@@ -88,6 +88,8 @@ def batch_norm_ops(cp: Any, rng: np.random.Generator) -> None:
                          training=False, axis=axis)
                 _compare(f"bn fused relu+residual {tag}", bn.batch_norm, [x, None, None, wt, b], cp,
                          dtype, training=True, axis=axis, activation="relu", residual=z)
+                _compare(f"bn eval relu+residual {tag}", bn.batch_norm, [x, rm, rv, wt, b], cp,
+                         dtype, training=False, axis=axis, activation="relu", residual=z)
                 mean, var = bn.moments(x.astype(np.float64), axis=axis)
                 smean = mean.astype(pdtype)
                 sinv = (1 / np.sqrt(var + 1e-5)).astype(pdtype)
@@ -121,7 +123,7 @@ def layer_step(cp: Any, x: np.ndarray, dy: np.ndarray, z: np.ndarray, axis: int,
 def family_ops(cp: Any, rng: np.random.Generator) -> None:
     for dtype in DTYPES:
         pdtype = "float64" if dtype == "float64" else "float32"
-        for rows, hidden in [(6, 64), (5, 37), (3, 1000)]:
+        for rows, hidden in [(6, 64), (5, 37), (3, 1000), (2, 70001)]:
             x = (rng.standard_normal((rows, hidden)) + 1).astype(dtype)
             dy = rng.standard_normal((rows, hidden)).astype(dtype)
             w, b = rng.standard_normal(hidden).astype(pdtype), rng.standard_normal(hidden).astype(pdtype)
@@ -131,7 +133,8 @@ def family_ops(cp: Any, rng: np.random.Generator) -> None:
                 _, m, s = bn.layer_norm_forward(x, hidden, w, b)
             _compare(f"layer_norm bwd {tag}", bn.layer_norm_backward, [dy, x, hidden, m, s, w], cp,
                      dtype)
-        for shape, groups in [((4, 8, 6, 6), 4), ((2, 6, 5, 7), 3), ((3, 32, 9), 32)]:
+        for shape, groups in [((4, 8, 6, 6), 4), ((2, 6, 5, 7), 3), ((3, 32, 9), 32),
+                              ((1, 4, 40000), 2)]:
             for axis in (1, -1):
                 dims = shape if axis == 1 else (shape[0], *shape[2:], shape[1])
                 x = (rng.standard_normal(dims) - 2).astype(dtype)
@@ -147,6 +150,10 @@ def family_ops(cp: Any, rng: np.random.Generator) -> None:
                          dtype, axis=axis)
                 _compare(f"instance_norm fwd {tag}", bn.instance_norm_forward, [x, None, None, w, b],
                          cp, dtype, axis=axis)
+                rm, rv = np.zeros(c, pdtype), np.ones(c, pdtype)
+                _compare(f"instance_norm running {tag}", lambda *a, **k: (
+                    bn.instance_norm(*a, **k), a[1], a[2]), [x, rm, rv, w, b], cp, dtype,
+                    axis=axis)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,61 +1,117 @@
-"""``bncupy bench``: the GPU suite plus the ResNet-50 shape suite, written as a GPU record.
+"""The GPU benchmark behind ``bncupy bench`` and ``bncupy gpu-check``: rows of the GPU record.
 
-The record format is fixed by the project's design notes (section 4): kernels digest, commit, date,
-device, versions, suite counts, copy bandwidth and one row per (op, layout, dtype, shape) with
-bncupy, torch (cuDNN) and naive-CuPy medians from CUDA events, and the roofline fraction.
+Per (op, layout, dtype, shape) it times bncupy, torch's ``F.batch_norm`` with cuDNN and with
+cuDNN off, and naive CuPy, side by side in one process, in three ways:
+
+* ``*_us``: CUDA events around ``reps`` back-to-back calls, per call: what a training loop sees,
+  the host's time included when it is the slower side;
+* ``bncupy_device_us``: the same calls captured in a CUDA graph and replayed, per call: the
+  kernels alone (the roofline fraction uses this time);
+* ``*_host_us``: CPU wall time of one call with the GPU queue drained (median): the Python and
+  launch cost a call adds.
+
+The record format is fixed by the project's design notes (section 4). Timing is injectable
+(``Timers``) so that the whole path runs on the CPU execution target in CI.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
-import json
 import platform
 import re
 import subprocess
 import sys
-import tempfile
-import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import _functional as F
+from . import _norms as N
 from ._kernels import kernels_digest
 
 RESNET50 = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
             (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7)]
+# Tensors of at most 1 MB in float32, where a call is bound by launch and host cost.
+SMALL = [(32, 64, 8, 8), (8, 128, 16, 16), (4, 256, 4, 4)]
 # Bytes moved per element, in units of the tensor's size (design notes, section 4).
 TRAFFIC = {"fwd_train": 3, "fwd_eval": 2, "bwd": 4}
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _progress(items: list[Any], description: str) -> Iterator[Any]:
-    try:
-        from rich.progress import track
-    except ImportError:
-        for i, item in enumerate(items, 1):
+def _progress(items: list[Any], description: str) -> Iterable[Any]:
+    for i, item in enumerate(items, 1):
+        if i == 1 or i == len(items) or i % 10 == 0:
             print(f"[{i}/{len(items)}] {description}: {item}", file=sys.stderr, flush=True)
-            yield item
-        return
-    yield from track(items, description=description)
+        yield item
+
+
+@dataclass
+class Timers:
+    """How rows are timed (the CPU execution target passes stand-ins)."""
+
+    throughput: Callable[[Any, Callable[[], Any], int], float]
+    device: Callable[[Any, Callable[[], Any], int], float | None]
+    host: Callable[[Any, Callable[[], Any], int], float]
 
 
 def time_us(cupy: Any, fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
-    """Median time of ``fn`` in microseconds from CUDA events on the current stream."""
+    """Per-call microseconds from CUDA events around ``reps`` back-to-back calls."""
     for _ in range(warmup):
         fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    cupy.cuda.get_current_stream().synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return float(cupy.cuda.get_elapsed_time(start, stop)) * 1e3 / reps
+
+
+def graph_us(cupy: Any, fn: Callable[[], Any], reps: int) -> float | None:
+    """Per-call microseconds of ``reps`` calls captured in one CUDA graph and replayed: the
+    kernels without the host. None where the call cannot be captured."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    try:
+        with stream:
+            fn()  # the stream's workspace, before capturing
+            stream.begin_capture()
+            try:
+                outputs = [fn() for _ in range(reps)]
+            finally:
+                graph = stream.end_capture()
+            graph.launch()
+            stream.synchronize()
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            graph.launch()
+            stop.record()
+            stop.synchronize()
+    except Exception:  # noqa: BLE001 - any op or library that refuses capture: no figure
+        return None
+    del outputs
+    return float(cupy.cuda.get_elapsed_time(start, stop)) * 1e3 / reps
+
+
+def host_us(cupy: Any, fn: Callable[[], Any], reps: int) -> float:
+    """Median CPU wall microseconds of one call with the GPU queue drained before it."""
+    fn()
     times = []
     for _ in range(reps):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
+        cupy.cuda.Device().synchronize()
+        t0 = time.perf_counter()
         fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+        times.append((time.perf_counter() - t0) * 1e6)
+    cupy.cuda.Device().synchronize()
     return float(np.median(times))
+
+
+GPU_TIMERS = Timers(time_us, graph_us, host_us)
 
 
 def copy_bandwidth_gbps(cupy: Any, nbytes: int = 1 << 30) -> float:
@@ -66,26 +122,10 @@ def copy_bandwidth_gbps(cupy: Any, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
-def run_suite(tests: Path) -> dict[str, Any]:
-    """Run the test suite (GPU included) in a subprocess and count its outcomes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests),
-                   f"--junitxml={report}"]
-        subprocess.run(command, check=False, cwd=tests.parent)
-        root = ET.parse(report).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
-    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors",
-                                                                 "skipped")}
-    return {"command": "python -m pytest -q tests", "passed": total["tests"] - total["failures"]
-            - total["errors"] - total["skipped"], "failed": total["failures"] + total["errors"],
-            "skipped": total["skipped"]}
-
-
-def _torch_ops(torch: Any, shape: tuple[int, ...], dtype: str, layout: str) -> dict[str, Callable]:
+def _torch_ops(torch: Any, shape: tuple[int, ...], dtype: str, layout: str,
+               ) -> dict[str, Callable[[], Any]]:
     device = torch.device("cuda")
-    tdtype = getattr(torch, dtype)
-    x = torch.randn(shape, device=device, dtype=tdtype)
+    x = torch.randn(shape, device=device, dtype=getattr(torch, dtype))
     if layout == "NHWC":
         x = x.contiguous(memory_format=torch.channels_last)
     c = shape[1]
@@ -108,8 +148,7 @@ def _ops(cupy: Any, shape: tuple[int, ...], dtype: str, layout: str) -> tuple[di
     n, c, h, w = shape
     axis = 1 if layout == "NCHW" else -1
     dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
-    x = cupy.random.default_rng(0).standard_normal(dims, dtype=cupy.float32).astype(dtype)
-    dy = cupy.random.default_rng(1).standard_normal(dims, dtype=cupy.float32).astype(dtype)
+    x, dy = (cupy.asarray(_normal(dims, seed).astype(dtype)) for seed in (0, 1))
     weight, bias = cupy.ones(c, cupy.float32), cupy.zeros(c, cupy.float32)
     rm, rv = cupy.zeros(c, cupy.float32), cupy.ones(c, cupy.float32)
     _, mean, invstd = F.batch_norm_forward(x, None, None, weight, bias, True, axis=axis)
@@ -141,50 +180,83 @@ def _ops(cupy: Any, shape: tuple[int, ...], dtype: str, layout: str) -> tuple[di
     return ours, naive
 
 
-def bench_rows(cupy: Any, torch: Any, copy_gbps: float, batches: Iterable[int], reps: int,
-               ) -> list[dict[str, Any]]:
-    configs = [(layout, dtype, (n, *chw)) for layout in ("NCHW", "NHWC")
-               for dtype in ("float32", "float16") for n in batches for chw in RESNET50]
+def _normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def _free_pool(cupy: Any) -> None:
+    pool = getattr(cupy, "get_default_memory_pool", None)
+    if pool is not None:
+        pool().free_all_blocks()
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def bench_configs(batches: Iterable[int] = (32,), small: bool = True,
+                  ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(layout, dtype, NCHW shape) of the batch-norm rows: ResNet-50 at each batch, and the
+    launch-bound small tensors."""
+    shapes = [(n, *chw) for n in batches for chw in RESNET50] + (SMALL if small else [])
+    return [(layout, dtype, shape) for layout in ("NCHW", "NHWC")
+            for dtype in ("float32", "float16") for shape in shapes]
+
+
+def bench_rows(cupy: Any, torch: Any, copy_gbps: float, configs: list, reps: int,
+               timers: Timers = GPU_TIMERS) -> list[dict[str, Any]]:
     rows = []
     for layout, dtype, shape in _progress(configs, "bench"):
         ours, naive = _ops(cupy, shape, dtype, layout)
         theirs = _torch_ops(torch, shape, dtype, layout) if torch is not None else {}
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         for op in ("fwd_train", "fwd_eval", "bwd"):
-            ours_us = time_us(cupy, ours[op], reps)
-            torch_us = time_us(cupy, theirs[op], reps) if theirs else None
-            naive_us = time_us(cupy, naive[op], reps)
+            row: dict[str, Any] = {"op": op, "layout": layout, "dtype": dtype,
+                                   "shape": list(shape)}
+            row["bncupy_us"] = _round(timers.throughput(cupy, ours[op], reps))
+            device = timers.device(cupy, ours[op], reps)
+            row["bncupy_device_us"] = _round(device)
+            row["bncupy_host_us"] = _round(timers.host(cupy, ours[op], reps))
+            if theirs:
+                torch.backends.cudnn.enabled = True
+                row["torch_us"] = _round(timers.throughput(cupy, theirs[op], reps))
+                row["torch_host_us"] = _round(timers.host(cupy, theirs[op], reps))
+                torch.backends.cudnn.enabled = False
+                row["torch_native_us"] = _round(timers.throughput(cupy, theirs[op], reps))
+                torch.backends.cudnn.enabled = True
+            else:
+                row["torch_us"] = row["torch_host_us"] = row["torch_native_us"] = None
+            row["cupy_naive_us"] = _round(timers.throughput(cupy, naive[op], reps))
             ideal_us = TRAFFIC[op] * nbytes / (copy_gbps * 1e9) * 1e6
-            rows.append({"op": op, "layout": layout, "dtype": dtype, "shape": list(shape),
-                         "bncupy_us": round(ours_us, 2),
-                         "torch_us": None if torch_us is None else round(torch_us, 2),
-                         "cupy_naive_us": round(naive_us, 2),
-                         "roofline_fraction": round(ideal_us / ours_us, 4)})
+            row["roofline_fraction"] = round(ideal_us / (device or row["bncupy_us"]), 4)
+            rows.append(row)
         del ours, naive, theirs
-        cupy.get_default_memory_pool().free_all_blocks()
+        _free_pool(cupy)
     return rows
 
 
-def _fused_row(cupy: Any, layout: str, shape: tuple[int, ...], reps: int) -> dict[str, Any]:
+def _fused_row(cupy: Any, layout: str, shape: tuple[int, ...], reps: int,
+               timers: Timers) -> dict[str, Any]:
     n, c, h, w = shape
     axis = 1 if layout == "NCHW" else -1
     dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
-    x = cupy.random.default_rng(0).standard_normal(dims, dtype=cupy.float32)
-    z = cupy.random.default_rng(1).standard_normal(dims, dtype=cupy.float32)
+    x, z = (cupy.asarray(_normal(dims, seed)) for seed in (0, 1))
     variants: dict[str, dict[str, Any]] = {
         "bn_us": {}, "bn_relu_us": {"activation": "relu"},
         "bn_add_relu_us": {"activation": "relu", "residual": z}}
-    times = {name: time_us(cupy, functools.partial(F.batch_norm, x, None, None, training=True,
-                                                   axis=axis, **kw), reps)
-             for name, kw in variants.items()}
+    times = {name: timers.throughput(cupy, functools.partial(
+        F.batch_norm, x, None, None, training=True, axis=axis, **kw), reps)
+        for name, kw in variants.items()}
     return {"layout": layout, "dtype": "float32", "shape": list(shape),
             **{k: round(t, 2) for k, t in times.items()}}
 
 
-def fused_rows(cupy: Any, reps: int) -> list[dict[str, Any]]:
+def fused_rows(cupy: Any, reps: int, timers: Timers = GPU_TIMERS,
+               shapes: Iterable[tuple[int, ...]] = ((32, 64, 56, 56), (32, 256, 56, 56),
+                                                    (32, 1024, 14, 14))) -> list[dict]:
     """fwd_train with and without the fused ReLU (+ residual), on a few ResNet-50 shapes."""
-    return [_fused_row(cupy, layout, shape, reps) for layout in ("NCHW", "NHWC")
-            for shape in [(32, 64, 56, 56), (32, 256, 56, 56), (32, 1024, 14, 14)]]
+    return [_fused_row(cupy, layout, shape, reps, timers) for layout in ("NCHW", "NHWC")
+            for shape in shapes]
 
 
 # LayerNorm over transformer hidden sizes; GroupNorm (32 groups) on ResNet and UNet shapes.
@@ -204,8 +276,6 @@ def family_configs(quick: bool = False) -> list[tuple[str, str, tuple[int, ...]]
 
 def _family_ops(xp: Any, norm: str, shape: tuple[int, ...], dtype: str) -> dict[str, Callable]:
     """bncupy's forward and forward+backward for one LayerNorm/GroupNorm row."""
-    from . import _norms as N
-
     x = xp.asarray(np.random.default_rng(0).standard_normal(shape).astype(dtype))
     dy = xp.asarray(np.random.default_rng(1).standard_normal(shape).astype(dtype))
     c = shape[-1] if norm == "layer_norm" else shape[1]
@@ -247,6 +317,7 @@ def _family_torch(torch: Any, norm: str, shape: tuple[int, ...], dtype: str,
 
 def family_rows(cupy: Any, torch: Any, reps: int, quick: bool = False,
                 timer: Callable[[Any, Callable[[], Any], int], float] = time_us,
+                host: Callable[[Any, Callable[[], Any], int], float] | None = None,
                 ) -> list[dict[str, Any]]:
     """LayerNorm and GroupNorm forward and forward+backward against torch (cuDNN/ATen)."""
     rows = []
@@ -258,7 +329,12 @@ def family_rows(cupy: Any, torch: Any, reps: int, quick: bool = False,
             torch_us = timer(cupy, theirs[op], reps) if theirs else None
             rows.append({"norm": norm, "op": op, "dtype": dtype, "shape": list(shape),
                          "bncupy_us": round(ours_us, 2),
-                         "torch_us": None if torch_us is None else round(torch_us, 2)})
+                         "torch_us": None if torch_us is None else round(torch_us, 2),
+                         "bncupy_host_us": None if host is None else _round(
+                             host(cupy, ours[op], reps)),
+                         "torch_host_us": None if host is None or not theirs else _round(
+                             host(cupy, theirs[op], reps))})
+        _free_pool(cupy)
     return rows
 
 
@@ -271,7 +347,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if not sel:
                 continue
             key = f"{op}_{layout}"
-            with_torch = [r for r in sel if r["torch_us"]]
+            with_torch = [r for r in sel if r.get("torch_us")]
             if with_torch:
                 out[f"{key}_vs_torch_geomean"] = round(float(np.exp(np.mean(
                     [np.log(r["torch_us"] / r["bncupy_us"]) for r in with_torch]))), 3)
@@ -284,21 +360,23 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _versions(cupy: Any, torch: Any) -> dict[str, Any]:
+def versions(cupy: Any, torch: Any) -> dict[str, Any]:
     return {"python": platform.python_version(), "numpy": np.__version__,
             "cupy": cupy.__version__, "cuda": cupy.cuda.runtime.runtimeGetVersion(),
+            "driver": cupy.cuda.runtime.driverGetVersion(),
             "torch": None if torch is None else torch.__version__}
 
 
-def _device(cupy: Any) -> dict[str, Any]:
+def device_record(cupy: Any) -> dict[str, Any]:
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     return {"name": name, "compute_capability": dev.compute_capability,
-            "memory_bytes": int(props["totalGlobalMem"])}
+            "memory_bytes": int(props["totalGlobalMem"]),
+            "sm_count": int(props["multiProcessorCount"])}
 
 
-def _commit() -> str:
+def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=REPO, check=True)
@@ -310,17 +388,20 @@ def _commit() -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'op':9} {'layout':6} {'dtype':8} {'shape':22} {'bncupy':>9} {'torch':>9} " \
-           f"{'naive':>9} {'roof':>6}"
-    print(head)
+    def cell(value: Any) -> str:
+        return f"{value:9.1f}" if value is not None else f"{'-':>9}"
+
+    print(f"{'op':9} {'layout':6} {'dtype':8} {'shape':22} {'bncupy':>9} {'device':>9} "
+          f"{'host':>9} {'torch':>9} {'t.host':>9} {'native':>9} {'naive':>9} {'roof':>6}")
     for r in rows:
-        torch_us = f"{r['torch_us']:9.1f}" if r["torch_us"] else f"{'-':>9}"
         print(f"{r['op']:9} {r['layout']:6} {r['dtype']:8} {str(tuple(r['shape'])):22} "
-              f"{r['bncupy_us']:9.1f} {torch_us} {r['cupy_naive_us']:9.1f} "
+              f"{cell(r['bncupy_us'])} {cell(r['bncupy_device_us'])} "
+              f"{cell(r['bncupy_host_us'])} {cell(r['torch_us'])} {cell(r['torch_host_us'])} "
+              f"{cell(r['torch_native_us'])} {cell(r['cupy_naive_us'])} "
               f"{r['roofline_fraction']:6.2f}")
 
 
-def _cuda_torch() -> Any:
+def cuda_torch() -> Any:
     """torch with cuDNN enabled when it can use this GPU, else None (torch columns are null)."""
     try:
         import torch
@@ -332,35 +413,21 @@ def _cuda_torch() -> Any:
     return torch
 
 
-def main(out_dir: Path, quick: bool, run_tests: bool) -> int:
-    from .backends import cupy as cupy_backend
-
-    cupy = cupy_backend.require()
-    torch = _cuda_torch()
-    tests = REPO / "tests"
-    suite = run_suite(tests) if run_tests and tests.is_dir() else None
-    copy_gbps = copy_bandwidth_gbps(cupy)
-    rows = bench_rows(cupy, torch, copy_gbps, (32,) if quick else (32, 256), 5 if quick else 20)
-    print_table(rows)
-    fused = fused_rows(cupy, 5 if quick else 20)
-    family = family_rows(cupy, torch, 5 if quick else 20, quick)
-    record: dict[str, Any] = {
-        "kernels_digest": kernels_digest(),
-        "commit": _commit(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(cupy),
-        "versions": _versions(cupy, torch),
-        "suite": suite,
-        "copy_bandwidth_GBps": round(copy_gbps, 1),
-        "summary": summarize(rows),
-        "bench": rows,
-        "fused": fused,
-        "family": family,
-    }
-    print(json.dumps(record["summary"], indent=2))
-    out_dir.mkdir(parents=True, exist_ok=True)
+def record_path(out_dir: Path, record: dict[str, Any]) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"]["name"]).strip("-").lower()
-    path = out_dir / f"gpu-{record['date'][:10]}-{slug}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
-    return 0 if suite is None or suite["failed"] == 0 else 1
+    return out_dir / f"gpu-{record['date'][:10]}-{slug}.json"
+
+
+def base_record(cupy: Any, torch: Any) -> dict[str, Any]:
+    """The record's identity fields: kernels digest, commit, date, device, versions."""
+    return {"kernels_digest": kernels_digest(), "commit": commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_record(cupy), "versions": versions(cupy, torch)}
+
+
+def main(out_dir: Path, quick: bool, run_tests: bool) -> int:
+    """``bncupy bench``: the GPU check's bench phase alone, or with its suite phase."""
+    from . import _gpu_check
+
+    phases = ["env", *(["suite"] if run_tests else []), "bench"]
+    return _gpu_check.main(out_dir, phases=phases, quick=quick)

@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="directory for the GPU record (default: benchmarks/results)")
     bench.add_argument("--quick", action="store_true", help="batch 32 only, 5 repetitions")
     bench.add_argument("--no-suite", action="store_true", help="skip running the test suite")
+    sub.add_parser("gpu-check", add_help=False,
+                   help="the prepared GPU proof: suite, sanitizers, streams, bench -> record")
     from .demo import MEASURED_TIMINGS
 
     demo = sub.add_parser(
@@ -107,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true",
                       help="600 steps per arm instead of 5000")
     demo.add_argument("--seed", type=int, default=0, help="seed for data split and weights")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gpu-check"]:
+        from . import _gpu_check
+
+        return _gpu_check.cli(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()

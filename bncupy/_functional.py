@@ -20,12 +20,17 @@ from .backends._common import compute_dtype
 _FORWARD_ARRAYS = ("input", "running_mean", "running_var", "weight", "bias", "residual")
 
 
-def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
-    kind = v.check_same_kind(kinds)
+def _backend(kind: str) -> ModuleType:
+    """The backend for ``kind`` under the setting in force (and its environment checked)."""
     backend = dispatch.backend_for(kind)
     if backend.name == "numpy":
         v.check_environment()
-    return kind, backend
+    return backend
+
+
+def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
+    kind = v.check_same_kind(kinds)
+    return kind, _backend(kind)
 
 
 def _native(backend: ModuleType, value: Any) -> Any:
@@ -43,10 +48,9 @@ def _write_in_place(target: Any, value: Any, kind: str, backend: ModuleType) -> 
 def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
                    training: Any, momentum: Any, eps: Any, axis: Any, activation: Any,
                    residual: Any) -> tuple[int, bool, float, float, bool, str, ModuleType]:
-    kinds = {"input": v.check_input(input)}
+    kind = v.check_input(input)
     relu = v.check_activation(activation)
-    if residual is not None:
-        kinds["residual"] = v.check_like_input(residual, "residual", input)
+    same = residual is None or v.check_like_input(residual, "residual", input) == kind
     ax = v.check_axis(axis, input.ndim)
     channels = input.shape[ax]
     training = v.check_bool(training, "training")
@@ -55,18 +59,24 @@ def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any,
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (both arrays or "
                          "both None)")
-    for arg, value, writable in (("running_mean", running_mean, training),
-                                 ("running_var", running_var, training),
-                                 ("weight", weight, False), ("bias", bias, False)):
-        if value is not None:
-            kinds[arg] = v.check_channel_vector(value, arg, channels, writable)
+    if running_mean is not None:
+        same &= v.check_channel_vector(running_mean, "running_mean", channels, training) == kind
+        same &= v.check_channel_vector(running_var, "running_var", channels, training) == kind
+    if weight is not None:
+        same &= v.check_channel_vector(weight, "weight", channels) == kind
+    if bias is not None:
+        same &= v.check_channel_vector(bias, "bias", channels) == kind
+    if not same:  # raises, naming every argument's kind
+        v.check_same_kind({arg: str(dispatch.array_kind(a)) for arg, a in (
+            ("input", input), ("residual", residual), ("running_mean", running_mean),
+            ("running_var", running_var), ("weight", weight), ("bias", bias)) if a is not None})
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False "
                          "(evaluation normalizes with the running statistics)")
     if training:
         v.check_count(input, ax)
-    kind, backend = _resolve(kinds)
-    if training:
+    backend = _backend(kind)
+    if training and running_mean is not None:
         v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
                            {"input": input, "weight": weight, "bias": bias,
                             "residual": residual})
@@ -77,8 +87,10 @@ def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any,
 class _Forward(NamedTuple):
     """A forward pass's output, caller's kind, and the backend-native statistics.
 
-    ``mean`` is the most precise mean the backend has (float64 on NumPy), kept for a layer's own
-    backward pass; ``save_mean``/``save_invstd`` are what :func:`batch_norm_forward` returns.
+    ``mean`` is the most precise mean the backend has (float64 on NumPy, the statistics buffer
+    on CuPy), kept for a layer's own backward pass; ``save_mean``/``save_invstd`` are what
+    :func:`batch_norm_forward` returns (None where the backend makes them on demand from
+    ``mean``: ``stat_rows``).
     """
 
     y: Any
@@ -90,24 +102,49 @@ class _Forward(NamedTuple):
     backend: ModuleType
 
     def saved(self) -> tuple[Any, Any]:
-        return (_caller(self.kind, self.backend, self.save_mean),
-                _caller(self.kind, self.backend, self.save_invstd))
+        saved = (self.save_mean, self.save_invstd) if self.save_mean is not None else \
+            self.backend.stat_rows(self.mean)
+        return _caller(self.kind, self.backend, saved[0]), _caller(self.kind, self.backend,
+                                                                   saved[1])
+
+
+_FORWARD_CHECKED = v.CheckedCalls()
 
 
 def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
             training: Any, momentum: Any, eps: Any, axis: Any, activation: Any = None,
-            residual: Any = None) -> _Forward:
-    """Validated forward pass on the resolved backend."""
-    if getattr(input, "ndim", None) == 1 and input.size == 0:
-        return _forward_empty_vector(input, running_mean, running_var, weight, bias, training,
-                                     momentum, eps, axis, activation, residual)
-    ax, training, momentum, eps, relu, kind, be = _check_forward(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
-        activation, residual)
-    layout = Layout.of(input, ax)
-    x, z = be.asarray(layout.view(input)), _native(be, layout.view(residual))
-    w, b = _native(be, weight), _native(be, bias)
-    rm, rv = _native(be, running_mean), _native(be, running_var)
+            residual: Any = None, keep: bool = True) -> _Forward:
+    """Validated forward pass on the resolved backend; ``keep`` False when the caller uses only
+    ``y`` (the statistics may then be temporaries of the backend's workspace).
+
+    Array and option checks are cached by call signature; ``eps`` and ``momentum``, the backend
+    and (in training) the memory overlap of the running statistics are checked on every call.
+    """
+    key = _FORWARD_CHECKED.key((input, running_mean, running_var, weight, bias, residual),
+                               (training, axis, activation), dispatch.configured_backend())
+    checked = _FORWARD_CHECKED.get(key)
+    if checked is None:
+        if getattr(input, "ndim", None) == 1 and input.size == 0:
+            return _forward_empty_vector(input, running_mean, running_var, weight, bias,
+                                         training, momentum, eps, axis, activation, residual)
+        ax, training, momentum, eps, relu, kind, be = _check_forward(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+            activation, residual)
+        layout = Layout.of(input, ax)
+        _FORWARD_CHECKED.put(key, (relu, kind, layout))
+    else:
+        relu, kind, layout = checked
+        eps = v.check_eps(eps)
+        momentum = v.check_momentum(momentum, allow_none=False)
+        be = _backend(kind)
+        if training and running_mean is not None:
+            v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
+                               {"input": input, "weight": weight, "bias": bias,
+                                "residual": residual})
+    x, z = layout.view(input), layout.view(residual)
+    w, b, rm, rv = weight, bias, running_mean, running_var
+    if be.name != kind:  # an explicit backend computes on copies of the arrays
+        x, z, w, b, rm, rv = (_native(be, a) for a in (x, z, w, b, rm, rv))
     if training and x.size == 0:  # as torch: empty output, running statistics left alone
         nan = be.xp.full(x.shape[layout.axis], float("nan"))
         y, coef = be.normalize_with(x, layout.axis, nan, nan, w, b, z, relu)
@@ -115,13 +152,13 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
         save_mean, save_invstd = (nan.astype(compute_dtype(x.dtype)) for _ in range(2))
     elif training:
         y, mean, save_mean, save_invstd, coef = be.normalize_train(
-            x, layout.axis, w, b, eps, rm, rv, momentum, z, relu)
+            x, layout.axis, w, b, eps, rm, rv, momentum, z, relu, keep)
         if rm is not None and be.name != kind:
             _write_in_place(running_mean, rm, kind, be)
             _write_in_place(running_var, rv, kind, be)
     else:
         y, mean, save_mean, save_invstd, coef = be.normalize_eval(x, layout.axis, rm, rv, w, b,
-                                                                  eps, z, relu)
+                                                                  eps, z, relu, keep)
     return _Forward(_caller(kind, be, layout.restore(y)), mean, save_mean, save_invstd, coef,
                     kind, be)
 
@@ -194,7 +231,7 @@ def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = No
     ``residual``); returns only the normalized array.
     """
     return forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                   axis, activation, residual).y
+                   axis, activation, residual, keep=False).y
 
 
 @accepts("grad_output", "input", "weight", "save_mean", "save_invstd")
@@ -230,43 +267,56 @@ def batch_norm_backward(grad_output: Any, input: Any, weight: Any, save_mean: An
     return backward(grad_output, input, weight, save_mean, save_invstd, training, axis)
 
 
+_BACKWARD_CHECKED = v.CheckedCalls()
+
+
 def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, training: Any,
              axis: Any, saved_arg_names: tuple[str, str] = ("save_mean", "save_invstd"),
-             ) -> tuple[Any, Any, Any]:
-    """Validated backward pass; ``mean``/``invstd`` may be a layer's float64 statistics."""
-    kinds = {"input": v.check_input(input)}
-    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
-    ax = v.check_axis(axis, input.ndim)
-    channels = input.shape[ax]
-    for arg, value in zip(saved_arg_names, (mean, invstd), strict=True):
-        kinds[arg] = v.check_channel_vector(value, arg, channels)
-    if weight is not None:
-        kinds["weight"] = v.check_channel_vector(weight, "weight", channels)
-    training = v.check_bool(training, "training")
-    kind, be = _resolve(kinds)
+             fused: tuple | None = None, layer: bool = False) -> tuple[Any, ...]:
+    """Validated backward pass.
 
-    layout = Layout.of(input, ax)
+    A ``layer``'s ``mean``/``invstd`` are its forward's backend-native statistics (checked when
+    they were made). ``fused`` is a layer's fused ReLU forward ``(coefficients, residual)``: the
+    mask is applied to ``grad_output`` inline, and a fourth result is the residual's gradient.
+    """
+    key = _BACKWARD_CHECKED.key(
+        (grad_output, input, weight, mean, invstd, None if fused is None else fused[1]),
+        (training, axis, layer, saved_arg_names), dispatch.configured_backend())
+    checked = _BACKWARD_CHECKED.get(key)
+    if checked is None:
+        kinds = {"input": v.check_input(input)}
+        kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
+        ax = v.check_axis(axis, input.ndim)
+        if not layer:
+            for arg, value in zip(saved_arg_names, (mean, invstd), strict=True):
+                kinds[arg] = v.check_channel_vector(value, arg, input.shape[ax])
+        if weight is not None:
+            kinds["weight"] = v.check_channel_vector(weight, "weight", input.shape[ax])
+        training = v.check_bool(training, "training")
+        kind, be = _resolve(kinds)
+        layout = Layout.of(input, ax)
+        _BACKWARD_CHECKED.put(key, (kind, layout))
+    else:
+        kind, layout = checked
+        be = _backend(kind)
+    channels = input.shape[layout.axis] if layout.perm is None else \
+        input.shape[layout.perm[layout.axis]]
     mean, invstd = _native(be, mean), _native(be, invstd)
+    if fused is not None:
+        fused = (fused[0], _native(be, layout.view(fused[1])))
     if input.size == 0:  # no values, no parameter gradient (an empty batch's stats are NaN)
-        mean, invstd = be.xp.zeros_like(mean), be.xp.zeros_like(invstd)
-    dx, grad_weight, grad_bias = be.backward(
-        be.asarray(layout.view(grad_output)), be.asarray(layout.view(input)), layout.axis,
-        _native(be, weight), mean, invstd, training)
+        mean = invstd = be.xp.zeros(channels, compute_dtype(input.dtype))
+        fused = None
+    dx, grad_weight, grad_bias, grad_residual = be.backward(
+        _native(be, layout.view(grad_output)), _native(be, layout.view(input)), layout.axis,
+        _native(be, weight), mean, invstd, training, fused)
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-    return (_caller(kind, be, layout.restore(dx)), _caller(kind, be, grad_weight.astype(gd, copy=False)),
-            _caller(kind, be, grad_bias.astype(gd, copy=False)))
-
-
-def relu_grad(grad_output: Any, input: Any, residual: Any, out: _Forward, axis: Any) -> Any:
-    """Gradient through the ReLU of a fused forward ``out``: grad_output masked by output > 0."""
-    v.check_same_kind({"input": out.kind,
-                       "grad_output": v.check_like_input(grad_output, "grad_output", input)})
-    ax = v.check_axis(axis, input.ndim)
-    be = out.backend
-    layout = Layout.of(input, ax)
-    g = be.relu_grad(be.asarray(layout.view(grad_output)), be.asarray(layout.view(input)),
-                     layout.axis, out.coefficients, _native(be, layout.view(residual)))
-    return _caller(out.kind, be, layout.restore(g))
+    out = (_caller(kind, be, layout.restore(dx)),
+           _caller(kind, be, grad_weight.astype(gd, copy=False)),
+           _caller(kind, be, grad_bias.astype(gd, copy=False)))
+    if grad_residual is None:
+        return out
+    return (*out, _caller(kind, be, layout.restore(grad_residual)))
 
 
 def statistics(x: Any, axis: Any, arg: str) -> Moments:

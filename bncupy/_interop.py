@@ -11,6 +11,7 @@ the argument's own type: this module never imports torch, JAX or any other array
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -144,21 +145,49 @@ def import_arrays(arguments: dict[str, Any], names: Iterable[str]) -> Callable[[
     return functools.partial(export, exporter=exporter)
 
 
+def caller_stream(arguments: dict[str, Any], names: Iterable[str]) -> Any:
+    """The stream the caller's library is working on, for foreign CUDA arrays whose library
+    names one (torch: ``torch.cuda.current_stream``), wrapped without a copy as a CuPy stream;
+    None when there is none (CuPy's current stream is then the caller's)."""
+    for name in names:
+        value: Any = arguments.get(name)
+        if not is_foreign(value) or not hasattr(value, "__dlpack_device__"):
+            continue
+        code, device = value.__dlpack_device__()
+        if int(code) not in _CUDA_DEVICES:
+            continue
+        module = sys.modules.get(type(value).__module__.split(".")[0])
+        current = getattr(getattr(module, "cuda", None), "current_stream", None)
+        if current is not None:
+            ptr = int(current(int(device)).cuda_stream)
+            return cupy_backend.runtime().external_stream(ptr, int(device))
+    return None
+
+
+# Argument types that are never foreign arrays: checked before anything else.
+_PLAIN = frozenset({type(None), bool, int, float, str, np.ndarray})
+
+
 def accepts(*names: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function so that its array parameters ``names`` also take foreign arrays
-    (returned results then come back in their kind). Calls with only NumPy/CuPy arrays go
-    straight through."""
+    (returned results then come back in their kind, computed on the caller's stream where its
+    library names one). Calls with only NumPy/CuPy arrays go straight through."""
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(fn)
 
         @functools.wraps(fn)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            if not any(is_foreign(a) for a in (*args, *kwargs.values())):
+            for a in (*args, *kwargs.values()):
+                if a.__class__ not in _PLAIN and is_foreign(a):
+                    break
+            else:
                 return fn(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
-            give_back = import_arrays(bound.arguments, names)
-            return give_back(fn(*bound.args, **bound.kwargs))
+            stream = caller_stream(bound.arguments, names)
+            with contextlib.nullcontext() if stream is None else stream:
+                give_back = import_arrays(bound.arguments, names)
+                return give_back(fn(*bound.args, **bound.kwargs))
 
         return call
 

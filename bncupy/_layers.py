@@ -8,9 +8,10 @@ import numpy as np
 
 from . import _renorm
 from . import _validation as v
-from ._functional import backward, forward, relu_grad
+from ._functional import backward, forward
 from ._interop import accepts
 from ._module import _Module, channel_state
+from .backends import cupy as cupy_backend
 from .backends import dispatch
 
 
@@ -145,12 +146,7 @@ class _BatchNorm(_Module):
         if update:
             self._check_counter()
         self._follow(kind)  # after every check: a rejected call leaves the state where it was
-        if not update:
-            momentum = 0.0
-        elif self.momentum is None:  # cumulative moving average
-            momentum = 1.0 / (self._batches() + 1)
-        else:
-            momentum = self.momentum
+        momentum = self._momentum(kind) if update else 0.0
         tracked = self.running_mean is not None and (update or not self.training)
         out = forward(x, self.running_mean if tracked else None,
                       self.running_var if tracked else None, self.weight, self.bias,
@@ -160,8 +156,19 @@ class _BatchNorm(_Module):
         self._saved = (x, residual, out._replace(y=None), use_batch_stats)
         return out.y
 
-    def _momentum(self) -> float:
-        return 1.0 / (self._batches() + 1) if self.momentum is None else self.momentum
+    def _momentum(self, kind: str) -> float:
+        """This step's momentum: ``momentum``, or for None the cumulative average's factor
+        ``1 / (n + 1)``. That factor is host state: a CUDA graph would replay the captured one,
+        so a capture of it is refused."""
+        if self.momentum is not None:
+            return self.momentum
+        if kind == "cupy" and cupy_backend.runtime().is_capturing():
+            raise RuntimeError(f"{type(self).__name__} with momentum=None (a cumulative moving "
+                               f"average) cannot be captured in a CUDA graph: its factor "
+                               f"1/(num_batches_tracked + 1) changes every step on the host, "
+                               f"and a replay would repeat the captured one; give the layer a "
+                               f"fixed momentum")
+        return 1.0 / (self._batches() + 1)
 
     def _call_corrected(self, x: Any, kind: str) -> Any:
         """Training with renormalization and/or ghost batches: each virtual batch normalized
@@ -180,12 +187,12 @@ class _BatchNorm(_Module):
         for part in parts:
             if self.renorm:
                 out: Any = _renorm.forward(x[part], self.running_mean, self.running_var,
-                                           self.weight, self.bias, self._momentum(), self.eps,
-                                           self.rmax, self.dmax, self.axis)
+                                           self.weight, self.bias, self._momentum(kind),
+                                           self.eps, self.rmax, self.dmax, self.axis)
             else:
                 out = forward(x[part], self.running_mean if update else None,
                               self.running_var if update else None, self.weight, self.bias,
-                              True, self._momentum() if update else 0.0, self.eps, self.axis)
+                              True, self._momentum(kind) if update else 0.0, self.eps, self.axis)
             if update:
                 self.num_batches_tracked = np.asarray(self._batches() + 1, np.int64)
             outs.append((part, out))
@@ -204,7 +211,7 @@ class _BatchNorm(_Module):
                                            r, d, self.axis, ("mean", "invstd"))
             else:
                 g, w, b = backward(grad_output[part], x[part], self.weight, out.mean,
-                                   out.save_invstd, True, self.axis)
+                                   out.save_invstd, True, self.axis, layer=True)
             grads.append(g)
             dw, db = (w, b) if dw is None else (dw + w, db + b)
         if self.affine:
@@ -229,15 +236,17 @@ class _BatchNorm(_Module):
         x, residual, out, use_batch_stats = self._saved
         if isinstance(out, list):
             return self._backward_corrected(grad_output, x, out)
-        if self.activation == "relu":
-            grad_output = relu_grad(grad_output, x, residual, out, self.axis)
-        grad_input, grad_weight, grad_bias = backward(
-            grad_output, x, self.weight, out.mean, out.save_invstd, use_batch_stats, self.axis)
+        fused = (out.coefficients, residual) if self.activation == "relu" else None
+        grads = backward(grad_output, x, self.weight, out.mean, out.save_invstd,
+                         use_batch_stats, self.axis, fused=fused, layer=True)
         if self.affine:
-            self.grad_weight = grad_weight
-            self.grad_bias = grad_bias if self.bias is not None else None
-        self.grad_residual = None if residual is None else grad_output
-        return grad_input
+            self.grad_weight = grads[1]
+            self.grad_bias = grads[2] if self.bias is not None else None
+        if residual is None:
+            self.grad_residual = None
+        else:
+            self.grad_residual = grads[3] if fused is not None else grad_output
+        return grads[0]
 
     # ------------------------------------------------------------------ state
     _GRADS = ("grad_weight", "grad_bias", "grad_residual")

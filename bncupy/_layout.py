@@ -26,7 +26,7 @@ class Layout(NamedTuple):
         """The layout to compute ``x`` (channel axis ``axis`` >= 1) in."""
         ndim = x.ndim
         if ndim < 3 or x.flags.c_contiguous or axis not in (1, ndim - 1):
-            return cls(None, axis)
+            return _AS_IS.get(axis) or cls(None, axis)
         others = tuple(range(1, ndim))
         if axis == 1:  # memory N...C?
             perm, moved = (0, *others[1:], 1), ndim - 1
@@ -48,3 +48,6 @@ class Layout(NamedTuple):
         for position, source in enumerate(self.perm):
             inverse[source] = position
         return a.transpose(inverse)
+
+
+_AS_IS = {axis: Layout(None, axis) for axis in range(1, 8)}  # the common case, made once

@@ -26,16 +26,16 @@ class _GroupNormalization(_Module):
         x, out = self._saved
         if not isinstance(out, _norms.GroupForward):  # normalized with running statistics
             dx, dw, db = _bn_backward(grad_output, x, getattr(self, "weight", None), out.mean,
-                                      out.save_invstd, False, self._axis(x))
+                                      out.save_invstd, False, self._axis(x), layer=True)
         else:
             dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None))
             dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
         weight = getattr(self, "weight", None)
         if weight is not None:
-            self.grad_weight = dw.reshape(param_shape).astype(weight.dtype)
+            self.grad_weight = dw.reshape(param_shape).astype(weight.dtype, copy=False)
         bias = getattr(self, "bias", None)
         if bias is not None:
-            self.grad_bias = db.reshape(param_shape).astype(bias.dtype)
+            self.grad_bias = db.reshape(param_shape).astype(bias.dtype, copy=False)
         return dx
 
     def _axis(self, x: Any) -> int:

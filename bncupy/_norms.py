@@ -14,21 +14,22 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _validation as v
-from ._functional import _caller, _native, _resolve
+from ._functional import _backend, _caller, _native
 from ._functional import backward as _bn_backward
 from ._functional import forward as _bn_forward
+from .backends import dispatch
 from .backends._common import compute_dtype
 from .backends._groups import GroupLayout
 
 
 class GroupForward(NamedTuple):
-    """A forward pass over groups: output (caller's kind) and the backend-native statistics
-    (float64 on NumPy), kept by the layers for their backward pass."""
+    """A forward pass over groups: output (caller's kind), the per-group mean and invstd and the
+    backend-native statistics a backward pass takes (the precise mean)."""
 
     y: Any
     mean: Any
     invstd: Any
-    var: Any
+    saved: Any
     kind: str
     backend: ModuleType
     layout: GroupLayout
@@ -43,7 +44,7 @@ def group_backward(grad_output: Any, input: Any, out: GroupForward, weight: Any,
     be = out.backend
     dx, dw, db = be.group_backward(
         _contiguous(be, grad_output, out.shape), _contiguous(be, input, out.shape), out.layout,
-        _flat(be, weight), out.mean, out.invstd)
+        _flat(be, weight), out.saved, out.invstd)
     return dx.reshape(input.shape), dw, db
 
 
@@ -62,19 +63,20 @@ def _check_vector(value: Any, arg: str, shape: tuple[int, ...], kinds: dict[str,
 
 
 def _stats_out(kind: str, be: ModuleType, value: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    return _caller(kind, be, value.astype(compute_dtype(dtype)).reshape(shape))
+    return _caller(kind, be, value.astype(compute_dtype(dtype), copy=False).reshape(shape))
 
 
 def _grads_out(kind: str, be: ModuleType, dx: Any, dw: Any, db: Any, shape: tuple[int, ...],
                input: Any, weight: Any) -> tuple[Any, Any, Any]:
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
     return (_caller(kind, be, dx.reshape(input.shape)),
-            _caller(kind, be, dw.reshape(shape).astype(gd)),
-            _caller(kind, be, db.reshape(shape).astype(gd)))
+            _caller(kind, be, dw.reshape(shape).astype(gd, copy=False)),
+            _caller(kind, be, db.reshape(shape).astype(gd, copy=False)))
 
 
 def _contiguous(be: ModuleType, a: Any, shape: tuple[int, ...]) -> Any:
-    return be.xp.ascontiguousarray(be.asarray(a)).reshape(shape)
+    a = _native(be, a)
+    return (a if a.flags.c_contiguous else be.xp.ascontiguousarray(a)).reshape(shape)
 
 
 # ------------------------------------------------------------------------------ LayerNorm
@@ -100,6 +102,11 @@ def check_normalized_shape(normalized_shape: Any, input: Any = None) -> tuple[in
         raise ValueError(f"normalized_shape {shape} must match the trailing dimensions of input, "
                          f"got input of shape {tuple(input.shape)}")
     return shape
+
+
+def _ndim(normalized_shape: Any) -> int:
+    """Dimensions of a checked ``normalized_shape``."""
+    return 1 if isinstance(normalized_shape, numbers.Integral) else len(normalized_shape)
 
 
 def _layer_norm_layout(input: Any, shape: tuple[int, ...]) -> GroupLayout:
@@ -132,39 +139,58 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
         float64), as torch's ``native_layer_norm``.
     """
     out = forward_layer_norm(input, normalized_shape, weight, bias, eps)
-    batch = tuple(input.shape[:input.ndim - len(check_normalized_shape(normalized_shape))])
+    batch = tuple(input.shape[:input.ndim - _ndim(normalized_shape)])
     return (out.y, _stats_out(out.kind, out.backend, out.mean, batch, input.dtype),
             _stats_out(out.kind, out.backend, out.invstd, batch, input.dtype))
 
 
+_CHECKED = v.CheckedCalls()
+
+
+def _checked(tag: str, arrays: tuple, options: tuple, check: Any) -> tuple[tuple, ModuleType]:
+    """What ``check()`` returns, ``(kind, ...)`` (cached by call signature), and the backend."""
+    key = _CHECKED.key(arrays, (tag, *options), dispatch.configured_backend())
+    found = _CHECKED.get(key)
+    if found is None:
+        found = check()
+        _CHECKED.put(key, found)
+    return found, _backend(found[0])
+
+
 def forward_layer_norm(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any,
-                       ) -> GroupForward:
-    """Validated layer normalization on the resolved backend."""
-    kinds: dict[str, str] = {}
-    _check_array(input, "input", kinds)
-    shape = check_normalized_shape(normalized_shape, input)
-    _check_vector(weight, "weight", shape, kinds, "normalized_shape")
-    _check_vector(bias, "bias", shape, kinds, "normalized_shape")
+                       keep: bool = True) -> GroupForward:
+    """Validated layer normalization on the resolved backend (``keep``: see
+    :func:`._functional.forward`)."""
+    def check() -> tuple:
+        kinds: dict[str, str] = {}
+        _check_array(input, "input", kinds)
+        shape = check_normalized_shape(normalized_shape, input)
+        _check_vector(weight, "weight", shape, kinds, "normalized_shape")
+        _check_vector(bias, "bias", shape, kinds, "normalized_shape")
+        v.check_eps(eps)
+        return v.check_same_kind(kinds), _layer_norm_layout(input, shape)
+
+    shape_key = tuple(normalized_shape) if type(normalized_shape) is list else normalized_shape
+    (kind, lay), be = _checked("layer_norm", (input, weight, bias), (shape_key,), check)
     eps = v.check_eps(eps)
-    kind, be = _resolve(kinds)
-    lay = _layer_norm_layout(input, shape)
     return _run_forward(be, kind, input, lay, (lay.n, lay.c), _flat(be, weight),
-                        _flat(be, bias), eps)
+                        _flat(be, bias), eps, keep=keep)
 
 
 def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
-                 shape: tuple[int, ...], weight: Any, bias: Any, eps: float) -> GroupForward:
-    y, mean, invstd, var = be.group_forward(_contiguous(be, input, shape), lay, weight, bias,
-                                            eps)
-    return GroupForward(_caller(kind, be, y.reshape(input.shape)), mean, invstd, var, kind, be,
-                        lay, shape)
+                 shape: tuple[int, ...], weight: Any, bias: Any, eps: float,
+                 running: tuple | None = None, keep: bool = True) -> GroupForward:
+    y, mean, invstd, saved = be.group_forward(_contiguous(be, input, shape), lay, weight, bias,
+                                              eps, running, keep)
+    return GroupForward(_caller(kind, be, y.reshape(input.shape)), mean, invstd, saved, kind,
+                        be, lay, shape)
 
 
 def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
                eps: float = 1e-5) -> Any:
     """Layer normalization with the signature and semantics of
     ``torch.nn.functional.layer_norm``; see :func:`layer_norm_forward`."""
-    return layer_norm_forward(input, normalized_shape, weight, bias, eps)[0]
+    return forward_layer_norm(input, normalized_shape, weight, bias, eps, keep=False).y
 
 
 def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mean: Any,
@@ -174,30 +200,42 @@ def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mea
     ``mean`` and ``rstd`` are what the forward pass returned (or more precise ones); the weight
     and bias gradients have ``normalized_shape``.
     """
-    kinds: dict[str, str] = {}
-    _check_array(input, "input", kinds)
-    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
-    shape = check_normalized_shape(normalized_shape, input)
-    lay = _layer_norm_layout(input, shape)
-    return _backward(grad_output, input, lay, (lay.n, lay.c), mean, rstd,
-                     (tuple(input.shape[:input.ndim - len(shape)]), "input's leading dimensions"),
-                     weight, (shape, "normalized_shape"), kinds)
+    def layout() -> tuple:
+        shape = check_normalized_shape(normalized_shape, input)
+        lay = _layer_norm_layout(input, shape)
+        batch = tuple(input.shape[:input.ndim - len(shape)])
+        return (lay, (lay.n, lay.c), (batch, "input's leading dimensions"),
+                (shape, "normalized_shape"))
+
+    shape_key = tuple(normalized_shape) if type(normalized_shape) is list else normalized_shape
+    return _backward(grad_output, input, mean, rstd, weight, False, "layer_norm_backward",
+                     (shape_key,), layout)
 
 
-def _backward(grad_output: Any, input: Any, lay: GroupLayout, canonical: tuple[int, ...],
-              mean: Any, rstd: Any, stats: tuple[tuple[int, ...], str], weight: Any,
-              params: tuple[tuple[int, ...], str], kinds: dict[str, str],
-              ) -> tuple[Any, Any, Any]:
-    """The functional backward of any grouping: ``stats`` and ``params`` are the expected shapes
-    of mean/rstd and of weight, with what they are named after in messages."""
-    _check_vector(mean, "mean", stats[0], kinds, stats[1], required=True)
-    _check_vector(rstd, "rstd", stats[0], kinds, stats[1], required=True)
-    _check_vector(weight, "weight", params[0], kinds, params[1])
-    kind, be = _resolve(kinds)
+def _backward(grad_output: Any, input: Any, mean: Any, rstd: Any, weight: Any, grouped: bool,
+              tag: str, options: tuple, layout: Any) -> tuple[Any, Any, Any]:
+    """The functional backward of any grouping. ``layout()`` checks the grouping and returns
+    it, the canonical shape and the expected shapes of mean/rstd and of weight, with what they
+    are named after in messages; every check is cached by call signature."""
+    def check() -> tuple:
+        kinds: dict[str, str] = {}
+        if grouped:
+            _check_group_input(input, kinds)
+        else:
+            _check_array(input, "input", kinds)
+        kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
+        lay, canonical, stats, params = layout()
+        _check_vector(mean, "mean", stats[0], kinds, stats[1], required=True)
+        _check_vector(rstd, "rstd", stats[0], kinds, stats[1], required=True)
+        _check_vector(weight, "weight", params[0], kinds, params[1])
+        return v.check_same_kind(kinds), lay, canonical, params[0]
+
+    (kind, lay, canonical, params), be = _checked(
+        tag, (grad_output, input, mean, rstd, weight), options, check)
     dx, dw, db = be.group_backward(
         _contiguous(be, grad_output, canonical), _contiguous(be, input, canonical), lay,
         _flat(be, weight), _flat(be, mean), _flat(be, rstd))
-    return _grads_out(kind, be, dx, dw, db, params[0], input, weight)
+    return _grads_out(kind, be, dx, dw, db, params, input, weight)
 
 
 def _flat(be: ModuleType, value: Any) -> Any:
@@ -261,36 +299,41 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
 
 
 def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps: Any,
-                       axis: Any) -> GroupForward:
+                       axis: Any, keep: bool = True) -> GroupForward:
     """Validated group normalization on the resolved backend."""
-    kinds: dict[str, str] = {}
-    _check_group_input(input, kinds)
-    lay, canonical = _group_layout(input, axis, None, num_groups)
-    _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
-    _check_vector(bias, "bias", (lay.c,), kinds, "one per channel")
+    def check() -> tuple:
+        kinds: dict[str, str] = {}
+        _check_group_input(input, kinds)
+        lay, canonical = _group_layout(input, axis, None, num_groups)
+        _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
+        _check_vector(bias, "bias", (lay.c,), kinds, "one per channel")
+        v.check_eps(eps)
+        return v.check_same_kind(kinds), lay, canonical
+
+    (kind, lay, canonical), be = _checked("group_norm", (input, weight, bias),
+                                          (num_groups, axis), check)
     eps = v.check_eps(eps)
-    kind, be = _resolve(kinds)
     return _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
-                        eps)
+                        eps, keep=keep)
 
 
 def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
                eps: float = 1e-5, *, axis: int = 1) -> Any:
     """Group normalization with the signature and semantics of
     ``torch.nn.functional.group_norm``; see :func:`group_norm_forward`."""
-    return group_norm_forward(input, num_groups, weight, bias, eps, axis=axis)[0]
+    return forward_group_norm(input, num_groups, weight, bias, eps, axis, keep=False).y
 
 
 def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any, rstd: Any,
                         weight: Any = None, *, axis: int = 1) -> tuple[Any, Any, Any]:
     """Gradients of :func:`group_norm_forward` with respect to input, weight and bias."""
-    kinds: dict[str, str] = {}
-    _check_group_input(input, kinds)
-    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
-    lay, canonical = _group_layout(input, axis, None, num_groups)
-    return _backward(grad_output, input, lay, canonical, mean, rstd,
-                     ((lay.n, lay.c // lay.k), "(N, num_groups)"), weight,
-                     ((lay.c,), "one per channel"), kinds)
+    def layout() -> tuple:
+        lay, canonical = _group_layout(input, axis, None, num_groups)
+        return (lay, canonical, ((lay.n, lay.c // lay.k), "(N, num_groups)"),
+                ((lay.c,), "one per channel"))
+
+    return _backward(grad_output, input, mean, rstd, weight, True, "group_norm_backward",
+                     (num_groups, axis), layout)
 
 
 # ------------------------------------------------------------------------------ InstanceNorm
@@ -333,42 +376,49 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
 
 def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weight: Any,
                           bias: Any, use_input_stats: Any, momentum: Any, eps: Any, axis: Any,
-                          ) -> Any:
+                          keep: bool = True) -> Any:
     """Validated instance normalization: a :class:`GroupForward` with input statistics (running
     statistics updated in place when given), else batch normalization's eval forward."""
-    kinds: dict[str, str] = {}
-    _check_group_input(input, kinds)
-    lay, canonical = _group_layout(input, axis, 1)
-    use_input_stats = v.check_bool(use_input_stats, "use_input_stats")
+    def check() -> tuple:
+        kinds: dict[str, str] = {}
+        _check_group_input(input, kinds)
+        lay, canonical = _group_layout(input, axis, 1)
+        if not v.check_bool(use_input_stats, "use_input_stats"):
+            if running_mean is None or running_var is None:
+                raise ValueError("running_mean and running_var are required when "
+                                 "use_input_stats=False")
+            return kinds["input"], lay, canonical
+        v.check_eps(eps)
+        v.check_momentum(momentum, allow_none=False)
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must be given together (both arrays "
+                             "or both None)")
+        for arg, value in (("running_mean", running_mean), ("running_var", running_var),
+                           ("weight", weight), ("bias", bias)):
+            if value is not None:
+                kinds[arg] = v.check_channel_vector(value, arg, lay.c, arg.startswith("running"))
+        _check_spatial(input, lay)
+        return v.check_same_kind(kinds), lay, canonical
+
+    (kind, lay, canonical), be = _checked(
+        "instance_norm", (input, running_mean, running_var, weight, bias), (use_input_stats,
+                                                                            axis), check)
     if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when "
-                             "use_input_stats=False")
         return _bn_forward(input, running_mean, running_var, weight, bias, False, momentum, eps,
-                           1 if lay.kind == "cf" else -1)
+                           1 if lay.kind == "cf" else -1, keep=keep)
     eps = v.check_eps(eps)
     momentum_value = v.check_momentum(momentum, allow_none=False)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (both arrays or "
-                         "both None)")
-    for arg, value in (("running_mean", running_mean), ("running_var", running_var),
-                       ("weight", weight), ("bias", bias)):
-        if value is not None:
-            kinds[arg] = v.check_channel_vector(value, arg, lay.c, arg.startswith("running"))
-    _check_spatial(input, lay)
-    kind, be = _resolve(kinds)
-    v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
-                       {"input": input, "weight": weight, "bias": bias})
-    out = _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
-                       eps)
     if running_mean is not None:
-        assert momentum_value is not None
-        batch_mean = out.mean.reshape(lay.n, lay.c).mean(axis=0)
-        batch_var = (out.var * (lay.s / (lay.s - 1))).reshape(lay.n, lay.c).mean(axis=0)
-        for target, value in ((running_mean, batch_mean), (running_var, batch_var)):
-            current = _native(be, target).astype(np.float64)
-            updated = (1 - momentum_value) * current + momentum_value * value
-            target[...] = _caller(kind, be, updated.astype(target.dtype))
+        v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
+                           {"input": input, "weight": weight, "bias": bias})
+    running = None
+    if running_mean is not None:
+        running = (_native(be, running_mean), _native(be, running_var), momentum_value)
+    out = _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
+                       eps, running, keep)
+    if running is not None and be.name != kind:  # computed on copies: write them back
+        for target, value in zip((running_mean, running_var), running[:2], strict=False):
+            target[...] = _caller(kind, be, value)
     return out
 
 
@@ -377,8 +427,8 @@ def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
                   momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1) -> Any:
     """Instance normalization with the signature and semantics of
     ``torch.nn.functional.instance_norm``; see :func:`instance_norm_forward`."""
-    return instance_norm_forward(input, running_mean, running_var, weight, bias,
-                                 use_input_stats, momentum, eps, axis=axis)[0]
+    return forward_instance_norm(input, running_mean, running_var, weight, bias,
+                                 use_input_stats, momentum, eps, axis, keep=False).y
 
 
 def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
@@ -391,9 +441,9 @@ def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
         return _bn_backward(grad_output, input, weight, mean, rstd, False,
                             1 if v.check_axis(axis, getattr(input, "ndim", 2)) == 1 else -1,
                             ("mean", "rstd"))
-    kinds: dict[str, str] = {}
-    _check_group_input(input, kinds)
-    kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
-    lay, canonical = _group_layout(input, axis, 1)
-    return _backward(grad_output, input, lay, canonical, mean, rstd,
-                     ((lay.n, lay.c), "(N, C)"), weight, ((lay.c,), "one per channel"), kinds)
+    def layout() -> tuple:
+        lay, canonical = _group_layout(input, axis, 1)
+        return lay, canonical, ((lay.n, lay.c), "(N, C)"), ((lay.c,), "one per channel")
+
+    return _backward(grad_output, input, mean, rstd, weight, True, "instance_norm_backward",
+                     (axis,), layout)

@@ -36,6 +36,54 @@ def check_array(value: Any, arg: str) -> str:
     return kind
 
 
+def signature(a: Any) -> Any:
+    """What the array checks of ``a`` depend on: its type, shape, strides, dtype and, for NumPy,
+    writeability (None for None). A call whose arrays and options match one that passed its
+    checks passes them too, so checked signatures are cached. Raises AttributeError for
+    anything that is not an array (whose checks then run and say what is wrong)."""
+    if a is None:
+        return None
+    cls = a.__class__
+    if cls is np.ndarray:
+        return (cls, a.shape, a.strides, a.dtype, a.flags.writeable)
+    return (cls, a.shape, a.strides, a.dtype)
+
+
+class CheckedCalls:
+    """Call signatures that passed every check, with what the checks found (axis, layout, ...);
+    bounded, cleared when full.
+
+    A key (:meth:`key`) holds each array's :func:`signature` and each option with its type (so
+    that ``True`` and ``1`` differ), and the backend setting in force; scalars whose value
+    changes from call to call (``eps``, ``momentum``) stay out of it and are checked every time.
+    """
+
+    def __init__(self, size: int = 512) -> None:
+        self.table: dict[tuple, Any] = {}
+        self.size = size
+
+    @staticmethod
+    def key(arrays: tuple, options: tuple, backend: str) -> tuple | None:
+        """The key of a call, or None where an argument cannot be looked up (not an array,
+        unhashable): its checks then run in full."""
+        try:
+            key = (tuple(signature(a) for a in arrays),
+                   tuple((o.__class__, o) for o in options), backend)
+            hash(key)
+        except (AttributeError, TypeError):
+            return None
+        return key
+
+    def get(self, key: tuple | None) -> Any:
+        return None if key is None else self.table.get(key)
+
+    def put(self, key: tuple | None, value: Any) -> None:
+        if key is not None:
+            if len(self.table) >= self.size:
+                self.table.clear()
+            self.table[key] = value
+
+
 def check_float(value: Any, arg: str) -> None:
     if value.dtype not in FLOAT_DTYPES:
         order = " in non-native byte order" if value.dtype.kind == "f" and \
@@ -69,6 +117,8 @@ def check_input(x: Any, arg: str = "input") -> str:
 
 
 def check_axis(axis: Any, ndim: int, arg: str = "axis") -> int:
+    if type(axis) is int and 0 < axis < ndim:
+        return axis
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"{arg} must be an int, got {_describe(axis)}")
     if not -ndim <= int(axis) < ndim:
@@ -82,6 +132,8 @@ def check_axis(axis: Any, ndim: int, arg: str = "axis") -> int:
 
 
 def check_bool(value: Any, arg: str) -> bool:
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{arg} must be a bool, got {_describe(value)}")
     return bool(value)
@@ -105,6 +157,8 @@ def check_real(value: Any, arg: str, expected: str = "a real number") -> float:
 
 
 def check_eps(eps: Any) -> float:
+    if type(eps) is float and 0.0 < eps < math.inf:
+        return eps
     value = check_real(eps, "eps", "a real number")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"eps must be finite and > 0, got {_short(eps)}")
@@ -112,6 +166,8 @@ def check_eps(eps: Any) -> float:
 
 
 def check_momentum(momentum: Any, allow_none: bool) -> float | None:
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum
     if momentum is None and allow_none:
         return None
     expected = "a real number in [0, 1] or None" if allow_none else "a real number in [0, 1]"
@@ -160,33 +216,45 @@ def check_channel_vector(value: Any, arg: str, channels: int, writable: bool = F
 
 def _addresses(a: Any) -> np.ndarray:
     """A NumPy array with ``a``'s memory layout (address, shape, strides), for overlap arithmetic
-    only: for a CuPy array it points at device memory and is never read."""
+    only: for a device array it points at device memory and is never read."""
     if isinstance(a, np.ndarray):
         return a
-    interface = a.__cuda_array_interface__
+    return np.asarray(_Layout(a.__cuda_array_interface__))
 
-    class Layout:
-        __array_interface__ = {"data": interface["data"], "shape": interface["shape"],
-                               "strides": interface.get("strides"),
-                               "typestr": interface["typestr"], "version": 3}
 
-    return np.asarray(Layout())
+class _Layout:
+    """An object whose ``__array_interface__`` describes another array's memory layout."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, interface: dict) -> None:
+        self.__array_interface__ = {"data": interface["data"], "shape": interface["shape"],
+                                    "strides": interface.get("strides"),
+                                    "typestr": interface["typestr"], "version": 3}
 
 
 _TOO_HARD = getattr(np, "exceptions", np).TooHardError
 _MAX_WORK: Any = 100_000  # bounded exact overlap search (NumPy's stubs only admit -1 and 0)
 
 
-def _overlap(a: Any, b: Any) -> bool:
-    """Whether two arrays of one kind share any byte of memory (exact; conservative when the
+def _extent(a: Any) -> tuple[int, int]:
+    """The bytes ``[lo, hi)`` a (non-empty) device array's elements lie in."""
+    lo = hi = a.data.ptr
+    if a.flags.c_contiguous:
+        return lo, lo + a.nbytes
+    for n, stride in zip(a.shape, a.strides, strict=True):
+        if stride > 0:
+            hi += (n - 1) * stride
+        else:
+            lo += (n - 1) * stride
+    return lo, hi + a.itemsize
+
+
+def _exactly_overlap(a: Any, b: Any) -> bool:
+    """Whether two arrays whose byte ranges meet share a byte (exact; conservative when the
     exact problem is too large to solve)."""
-    if a.size == 0 or b.size == 0:
-        return False
-    a, b = _addresses(a), _addresses(b)
-    if not np.may_share_memory(a, b):
-        return False
     try:
-        return bool(np.shares_memory(a, b, max_work=_MAX_WORK))
+        return bool(np.shares_memory(_addresses(a), _addresses(b), max_work=_MAX_WORK))
     except _TOO_HARD:
         return True
 
@@ -194,14 +262,28 @@ def _overlap(a: Any, b: Any) -> bool:
 def check_no_overlap(written: Mapping[str, Any], read: Mapping[str, Any]) -> None:
     """Arrays updated in place must not share memory with each other or with any argument.
 
-    Call after :func:`check_same_kind`; None values are skipped. Raises ``ValueError`` naming
-    every overlapping pair before anything is written.
+    Call after :func:`check_same_kind`; None and empty arrays are skipped. One pass over the
+    pairs that involve a written array: byte ranges (NumPy's bounds check, or each device
+    array's extent computed once) settle almost every pair, the exact test the rest. Raises
+    ``ValueError`` naming every overlapping pair before anything is written.
     """
-    written = {arg: a for arg, a in written.items() if a is not None}
-    others = {**written, **{arg: a for arg, a in read.items() if a is not None}}
-    names = list(others)
-    pairs = [(first, second) for i, first in enumerate(names) for second in names[i + 1:]
-             if first in written and _overlap(others[first], others[second])]
+    arrays = [(arg, a) for arg, a in (*written.items(), *read.items())
+              if a is not None and a.size]
+    count = sum(1 for arg, a in written.items() if a is not None and a.size)
+    host = bool(arrays) and isinstance(arrays[0][1], np.ndarray)
+    extents = None if host else [_extent(a) for _, a in arrays]
+    pairs = []
+    for i in range(count):
+        first, a = arrays[i]
+        for j in range(i + 1, len(arrays)):
+            second, b = arrays[j]
+            if host:
+                meet = np.may_share_memory(a, b)
+            else:
+                (alo, ahi), (blo, bhi) = extents[i], extents[j]  # type: ignore[index]
+                meet = alo < bhi and blo < ahi
+            if meet and _exactly_overlap(a, b):
+                pairs.append((first, second))
     if pairs:
         listing = "; ".join(f"{first} and {second}" for first, second in pairs)
         raise ValueError(f"arrays updated in place must not share memory with another "
@@ -243,6 +325,8 @@ def check_choice(value: Any, arg: str, choices: tuple[str | None, ...]) -> Any:
 
 def check_activation(activation: Any) -> bool:
     """True for ``"relu"``, False for None; anything else is an error."""
+    if activation is None:
+        return False
     return check_choice(activation, "activation", ACTIVATIONS) == "relu"
 
 

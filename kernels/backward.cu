@@ -3,34 +3,48 @@
 
 namespace bncupy {
 
-// Per-channel sum(dy) and sum(dy * (x - center)); the channel's last block writes
-//   grad_weight = sum(dy * xhat), grad_bias = sum(dy), and the coefficients of
-//   dx = a * dy + b * (x - center) + c  (training: through the batch statistics; eval: b = c = 0).
-// The mean comes as double (mean64) or in the accumulator type (mean_acc); center is it rounded
-// to the accumulator type, and the rounding residual is folded into the sums and into c.
+// Per-channel sum(g) and sum(g * (x - center)), g being dy, or with a fused ReLU dy where the
+// forward's output (recomputed from x, the forward's STAT rows `fwd` and the residual z) was
+// positive. The mean is center + lo (lo may be null: 0); the channel's last block writes
+//   grads = [grad_weight = sum(g * xhat), grad_bias = sum(g)] and the coefficients
+//   coef = [center, a, b, c] of dx = a * g + b * (x - center) + c (training: through the batch
+//   statistics; eval: b = c = 0).
 template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
     typedef TT T;
     typedef typename acc_of<T>::type A;
-    enum { needs_dy = 1 };
+    enum { needs_dy = 1, gated = 1 };
+    struct Gate {
+        A center, scale, shift;
+    };
 
-    const double* mean64;
-    const A* mean_acc;
+    const A* mean;
+    const A* lo;
     const A* invstd;
     const A* weight;
+    const A* fwd;  // null: no fused ReLU
     double count;
     int training;
-    A* grad_weight;
-    A* grad_bias;
-    A* center;
-    A* coef_a;
-    A* coef_b;
-    A* coef_c;
+    A* grads;
+    A* coef;
+    unsigned long long channels;
 
-    template <typename I> __device__ A context(const A, const I c) const {
-        return mean64 ? (A)mean64[c] : mean_acc[c];
+    template <typename I> __device__ A context(const A, const I c) const { return mean[c]; }
+    template <typename I> __device__ Gate gate_of(const I c) const {
+        Gate g = {A(0), A(0), A(0)};
+        if (fwd) {
+            g.center = fwd[STAT_CENTER * channels + c];
+            g.scale = fwd[STAT_SCALE * channels + c];
+            g.shift = fwd[STAT_SHIFT * channels + c];
+        }
+        return g;
+    }
+    __device__ A gate(const Gate& g, const A x, const A dy, const A z) const {
+        if (!fwd) return dy;
+        const A v = pre_activation(x, g.center, g.scale, g.shift, true, z);
+        return to_acc(from_acc<T>(v)) > A(0) ? dy : A(0);
     }
     template <typename I> __device__ void finalize(const SumPair<A> s, const I c, const A m) const {
-        const double residual = (mean64 ? mean64[c] : (double)mean_acc[c]) - (double)m;
+        const double residual = lo ? (double)lo[c] : 0.0;
         const double sum_dy = s.dy;
         const double sum_dy_xmu = (double)s.dy_xmu - residual * sum_dy;
         const double inv = invstd[c];
@@ -40,72 +54,85 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
             b = -a * inv * inv * sum_dy_xmu / count;
             k = -a * sum_dy / count - b * residual;
         }
-        grad_bias[c] = (A)sum_dy;
-        grad_weight[c] = (A)(sum_dy_xmu * inv);
-        center[c] = m;
-        coef_a[c] = (A)a;
-        coef_b[c] = (A)b;
-        coef_c[c] = (A)k;
+        grads[c] = (A)(sum_dy_xmu * inv);
+        grads[channels + c] = (A)sum_dy;
+        coef[c] = m;
+        coef[channels + c] = (A)a;
+        coef[2 * channels + c] = (A)b;
+        coef[3 * channels + c] = (A)k;
     }
 };
 
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) backward_reduce(
-    const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I channels,
-    const I inner_vecs, const int splits, const int lanes,
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
+    const I rows, const I channels, const I inner_vecs, const int splits, const int lanes,
     SumPair<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
-    const double* mean64, const typename acc_of<T>::type* mean_acc,
+    const typename acc_of<T>::type* mean, const typename acc_of<T>::type* lo,
     const typename acc_of<T>::type* invstd, const typename acc_of<T>::type* weight,
-    const double count, const int training, typename acc_of<T>::type* grad_weight,
-    typename acc_of<T>::type* grad_bias, typename acc_of<T>::type* center,
-    typename acc_of<T>::type* coef_a, typename acc_of<T>::type* coef_b,
-    typename acc_of<T>::type* coef_c) {
-    const GradOp<T> op = {{},          mean64,    mean_acc, invstd, weight, count,
-                          training,    grad_weight, grad_bias, center, coef_a, coef_b, coef_c};
+    const typename acc_of<T>::type* fwd, const double count, const int training,
+    typename acc_of<T>::type* grads, typename acc_of<T>::type* coef) {
+    const GradOp<T> op = {{},   mean,     lo,    invstd, weight, fwd, count, training,
+                          grads, coef, (unsigned long long)channels};
     if (CL)
-        reduce_nhwc<GradOp<T>, V, I>(op, x, dy, rows, inner_vecs, splits, lanes, partials,
-                                     counters);
+        reduce_nhwc<GradOp<T>, V, I>(op, x, dy, residual, rows, inner_vecs, splits, lanes,
+                                     partials, counters);
     else
-        reduce_nchw<GradOp<T>, V, I>(op, x, dy, rows, channels, inner_vecs, splits, partials,
-                                     counters);
+        reduce_nchw<GradOp<T>, V, I>(op, x, dy, residual, rows, channels, inner_vecs, splits,
+                                     partials, counters);
 }
 
-// dx = a[c] * dy + b[c] * (x - center[c]) + c[c], flat grid-stride over vectors.
+// dx = a[c] * g + b[c] * (x - center[c]) + c[c] with the coefficients backward_reduce wrote; g is
+// dy, or with a fused ReLU (fwd not null) dy masked where the forward's output was not positive.
+// g_out (may be null) receives g: the gradient of the fused residual. Flat grid-stride loop.
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) backward_apply(
-    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I total_vecs,
-    const I channels, const I inner_vecs, const typename acc_of<T>::type* __restrict__ center,
-    const typename acc_of<T>::type* __restrict__ coef_a,
-    const typename acc_of<T>::type* __restrict__ coef_b,
-    const typename acc_of<T>::type* __restrict__ coef_c) {
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
+    T* __restrict__ dx, T* __restrict__ g_out, const I total_vecs, const I channels,
+    const I inner_vecs, const typename acc_of<T>::type* __restrict__ coef,
+    const typename acc_of<T>::type* __restrict__ fwd) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
     const vec* xv = reinterpret_cast<const vec*>(x);
     const vec* gv = reinterpret_cast<const vec*>(dy);
+    const vec* zv = reinterpret_cast<const vec*>(residual);
     vec* dxv = reinterpret_cast<vec*>(dx);
+    vec* gov = reinterpret_cast<vec*>(g_out);
+    const T zero = from_acc<T>(A(0));
     const I stride = (I)gridDim.x * blockDim.x;
     for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
-        const vec xi = xv[j], gi = gv[j];
+        const vec xi = xv[j];
+        vec gi = gv[j];
+        vec z;
+        if (residual) z = zv[j];
         vec out;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
-            out.v[k] = from_acc<T>(coef_a[c] * to_acc(gi.v[k]) +
-                                   coef_b[c] * (to_acc(xi.v[k]) - center[c]) + coef_c[c]);
+            const A xk = to_acc(xi.v[k]);
+            if (fwd) {
+                const A v = pre_activation(xk, fwd[STAT_CENTER * channels + c],
+                                           fwd[STAT_SCALE * channels + c],
+                                           fwd[STAT_SHIFT * channels + c], residual != 0,
+                                           residual ? to_acc(z.v[k]) : A(0));
+                if (!(to_acc(from_acc<T>(v)) > A(0))) gi.v[k] = zero;
+            }
+            out.v[k] = from_acc<T>(coef[channels + c] * to_acc(gi.v[k]) +
+                                   coef[2 * channels + c] * (xk - coef[c]) +
+                                   coef[3 * channels + c]);
         }
         dxv[j] = out;
+        if (g_out) gov[j] = gi;
     }
 }
 
-// Gradient through a fused ReLU: g = dy where the forward output (recomputed from x, the
-// forward's coefficients and the residual, rounded to T as the forward stored it) is > 0, else 0.
+// Gradient through a fused ReLU alone (SyncBatchNorm's backward): g = dy where the forward output
+// (recomputed from x, the STAT rows `fwd` and the residual) is > 0, else 0.
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) relu_grad(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     T* __restrict__ g, const I total_vecs, const I channels, const I inner_vecs,
-    const typename acc_of<T>::type* __restrict__ center,
-    const typename acc_of<T>::type* __restrict__ scale,
-    const typename acc_of<T>::type* __restrict__ shift) {
+    const typename acc_of<T>::type* __restrict__ fwd) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
     const vec* xv = reinterpret_cast<const vec*>(x);
@@ -122,8 +149,10 @@ __global__ void __launch_bounds__(256) relu_grad(
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
-            const A v = pre_activation(to_acc(xi.v[k]), center[c], scale[c], shift[c],
-                                       residual != 0, residual ? to_acc(z.v[k]) : A(0));
+            const A v = pre_activation(to_acc(xi.v[k]), fwd[STAT_CENTER * channels + c],
+                                       fwd[STAT_SCALE * channels + c],
+                                       fwd[STAT_SHIFT * channels + c], residual != 0,
+                                       residual ? to_acc(z.v[k]) : A(0));
             out.v[k] = to_acc(from_acc<T>(v)) > A(0) ? gi.v[k] : zero;
         }
         outv[j] = out;
@@ -138,39 +167,199 @@ template <typename TT> struct RowGradOp : SumOps<typename acc_of<TT>::type> {
 
     const A* center;
     const A* weight;
-    A* sum_wdy;
-    A* sum_wdy_xmu;
 
     template <typename I> __device__ A context(const A, const I row) const { return center[row]; }
     __device__ A dy_scale(const unsigned long long col) const { return weight ? weight[col] : A(1); }
-    template <typename I> __device__ void finalize(const SumPair<A> s, const I row, const A) const {
-        sum_wdy[row] = s.dy;
-        sum_wdy_xmu[row] = s.dy_xmu;
+};
+
+// LayerNorm's input gradient, one launch over rows (a row per `height` threads, as row_forward):
+//   dx = rstd * w * dy - rstd * mean(w * dy) - (x - mean) * rstd^3 * mean(w * dy * (x - mean)),
+// the mean being center + lo (lo may be null: 0).
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(256) row_backward(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
+    const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
+    const typename acc_of<T>::type* __restrict__ lo,
+    const typename acc_of<T>::type* __restrict__ rstd,
+    const typename acc_of<T>::type* __restrict__ weight) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    const RowGradOp<T> op = {{}, center, weight};
+    I row;
+    bool active;
+    A m;
+    const SumPair<A> s = rows_reduce<RowGradOp<T>, V, I>(op, x, dy, rows, row_vecs, height, row,
+                                                         active, m);
+    if (!active) return;
+    const A n = A((double)row_vecs * V);
+    const A residual = lo ? lo[row] : A(0);
+    const A r = rstd[row];
+    const A q = -r * r * r * (s.dy_xmu - residual * s.dy) / n;
+    const A k0 = -r * s.dy / n;
+    const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
+    const vec* gv = reinterpret_cast<const vec*>(dy) + (size_t)row * row_vecs;
+    vec* dxv = reinterpret_cast<vec*>(dx) + (size_t)row * row_vecs;
+    for (I j = threadIdx.x & (height - 1); j < row_vecs; j += height) {
+        const vec xi = xv[j], gi = gv[j];
+        vec out;
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+            out.v[k] = from_acc<T>(r * op.dy_scale(j * V + k) * to_acc(gi.v[k]) +
+                                   q * ((to_acc(xi.v[k]) - m) - residual) + k0);
+        dxv[j] = out;
+    }
+}
+
+// LayerNorm's parameter gradients, per column over the rows: grads = [sum(dy * xhat), sum(dy)],
+// xhat = ((x - center[row]) - lo[row]) * rstd[row] (a channels-last reduction, C = columns).
+template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
+    typedef TT T;
+    typedef typename acc_of<T>::type A;
+    enum { needs_dy = 1 };
+
+    const A* center;
+    const A* lo;
+    const A* rstd;
+    A* grads;
+    unsigned long long columns;
+
+    template <typename I> __device__ A context(const A, const I) const { return A(0); }
+    template <typename I>
+    __device__ void push(SumPair<A>& s, const A, const A x, const A g, const I row) const {
+        s.dy += g;
+        s.dy_xmu += g * (((x - center[row]) - (lo ? lo[row] : A(0))) * rstd[row]);
+    }
+    template <typename I> __device__ void finalize(const SumPair<A> s, const I c, const A) const {
+        grads[c] = s.dy_xmu;
+        grads[columns + c] = s.dy;
     }
 };
 
-// Grid: ceil(rows / (256 / height)) blocks of 256 threads.
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256) row_grad_sums(
-    const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I row_vecs,
-    const int height, const typename acc_of<T>::type* center,
-    const typename acc_of<T>::type* weight, typename acc_of<T>::type* sum_wdy,
-    typename acc_of<T>::type* sum_wdy_xmu) {
-    const RowGradOp<T> op = {{}, center, weight, sum_wdy, sum_wdy_xmu};
-    reduce_rows<RowGradOp<T>, V, I>(op, x, dy, rows, row_vecs, height);
+__global__ void __launch_bounds__(256) column_grads(
+    const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I cvecs,
+    const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
+    unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
+    const typename acc_of<T>::type* lo, const typename acc_of<T>::type* rstd,
+    typename acc_of<T>::type* grads) {
+    const ColumnGradOp<T> op = {{}, center, lo, rstd, grads, (unsigned long long)cvecs * V};
+    reduce_nhwc<ColumnGradOp<T>, V, I>(op, x, dy, (const T*)0, rows, cvecs, splits, lanes,
+                                       partials, counters);
+}
+
+// Per-cell gradient sums of the normalizations over channel groups: for cell (n, c) of group
+// g = (n, c / group_channels), sum(dy) and sum(dy * (x - mean[g])) in double, the group's mean
+// being center + lo (lo may be null: 0).
+template <typename TT> struct CellGradOp : SumOps<typename acc_of<TT>::type> {
+    typedef TT T;
+    typedef typename acc_of<T>::type A;
+    enum { needs_dy = 1 };
+
+    const A* center;
+    const A* lo;
+    unsigned long long channels;
+    unsigned long long group_channels;
+    double* sums;
+    unsigned long long cells;
+
+    template <typename I> __device__ unsigned long long group(const I cell) const {
+        return (unsigned long long)cell / channels * (channels / group_channels) +
+               (unsigned long long)cell % channels / group_channels;
+    }
+    template <typename I> __device__ A context(const A, const I cell) const {
+        return center[group(cell)];
+    }
+    __device__ A dy_scale(const unsigned long long) const { return A(1); }
+    template <typename I> __device__ void finalize(const SumPair<A> s, const I cell, const A) const {
+        const double residual = lo ? (double)lo[group(cell)] : 0.0;
+        sums[cell] = s.dy;
+        sums[cells + cell] = (double)s.dy_xmu - residual * (double)s.dy;
+    }
+};
+
+// Channel-first cells (n * C contiguous planes): split reduction (rows = 1, channels = cells) or,
+// with height > 0, several short planes per block (reduce_rows).
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(256) cell_grad_planes(
+    const T* __restrict__ dy, const T* __restrict__ x, const I cells, const I plane_vecs,
+    const int splits, const int height, SumPair<typename acc_of<T>::type>* __restrict__ partials,
+    unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
+    const typename acc_of<T>::type* lo, const I channels, const I group_channels,
+    double* sums) {
+    const CellGradOp<T> op = {{}, center, lo, (unsigned long long)channels,
+                              (unsigned long long)group_channels, sums, (unsigned long long)cells};
+    if (height)
+        reduce_rows<CellGradOp<T>, V, I>(op, x, dy, cells, plane_vecs, height);
+    else
+        reduce_nchw<CellGradOp<T>, V, I>(op, x, dy, (const T*)0, (I)1, cells, plane_vecs, splits,
+                                         partials, counters);
+}
+
+// Channels-last cells: `samples` (rows, C) views (reduce_nhwc; cells = samples * C).
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(256) cell_grad_cl(
+    const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I cvecs,
+    const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
+    unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
+    const typename acc_of<T>::type* lo, const I group_channels, double* sums, const I cells) {
+    const CellGradOp<T> op = {{}, center, lo, (unsigned long long)cvecs * V,
+                              (unsigned long long)group_channels, sums, (unsigned long long)cells};
+    reduce_nhwc<CellGradOp<T>, V, I>(op, x, dy, (const T*)0, rows, cvecs, splits, lanes,
+                                     partials, counters);
+}
+
+// From the cell sums: per group the dx coefficients coef = [q, r] of
+//   dx = invstd[g] * w[c] * dy + q[g] * ((x - center[g]) - lo[g]) + r[g],
+// and per channel grads = [sum over samples of invstd * sum(dy * (x - mean)), of sum(dy)], each in
+// a fixed order. Grid: ceil(max(groups, C) / 256) blocks.
+template <typename A>
+__global__ void group_grad_coefficients(const double* __restrict__ sums,
+                                        const A* __restrict__ invstd,
+                                        const unsigned long long groups,
+                                        const unsigned long long channels,
+                                        const int group_channels, const double count,
+                                        const A* __restrict__ weight, A* __restrict__ coef,
+                                        A* __restrict__ grads) {
+    const unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long cells = groups * group_channels;
+    const unsigned long long per_sample = channels / group_channels;
+    if (t < groups) {
+        double s1 = 0.0, s2 = 0.0;
+        const unsigned long long c0 = t % per_sample * group_channels;
+        for (int i = 0; i < group_channels; ++i) {
+            const unsigned long long cell = t * group_channels + i;
+            const double w = weight ? (double)weight[c0 + i] : 1.0;
+            s1 += w * sums[cell];
+            s2 += w * sums[cells + cell];
+        }
+        const double inv = invstd[t];
+        coef[t] = (A)(-inv * inv * inv * s2 / count);
+        coef[groups + t] = (A)(-inv * s1 / count);
+    }
+    if (t < channels) {
+        double dw = 0.0, db = 0.0;
+        const unsigned long long samples = cells / channels;
+        for (unsigned long long n = 0; n < samples; ++n) {
+            const unsigned long long cell = n * channels + t;
+            dw += (double)invstd[n * per_sample + t / group_channels] * sums[cells + cell];
+            db += sums[cell];
+        }
+        grads[t] = (A)dw;
+        grads[channels + t] = (A)db;
+    }
 }
 
 // The input gradient of the normalizations over groups (see group_of for L):
-//   dx = p[g] * w[c] * dy + q[g] * ((x - center[g]) - residual[g]) + r[g].
+//   dx = invstd[g] * w[c] * dy + q[g] * ((x - center[g]) - lo[g]) + r[g].
 template <typename T, int V, typename I, int L>
 __global__ void __launch_bounds__(256) group_backward_apply(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I total_vecs,
     const I channels, const I inner_vecs, const I sample_vecs, const I group_channels,
     const typename acc_of<T>::type* __restrict__ center,
-    const typename acc_of<T>::type* __restrict__ residual,
+    const typename acc_of<T>::type* __restrict__ lo,
+    const typename acc_of<T>::type* __restrict__ invstd, const I groups,
     const typename acc_of<T>::type* __restrict__ weight,
-    const typename acc_of<T>::type* __restrict__ p, const typename acc_of<T>::type* __restrict__ q,
-    const typename acc_of<T>::type* __restrict__ r) {
+    const typename acc_of<T>::type* __restrict__ coef) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
     const vec* xv = reinterpret_cast<const vec*>(x);
@@ -185,8 +374,10 @@ __global__ void __launch_bounds__(256) group_backward_apply(
             I g, c;
             group_of<L>(j, k, channels, inner_vecs, sample_vecs, group_channels, V, g, c);
             const A w = weight ? weight[c] : A(1);
-            out.v[k] = from_acc<T>(p[g] * w * to_acc(gi.v[k]) +
-                                   q[g] * ((to_acc(xi.v[k]) - center[g]) - residual[g]) + r[g]);
+            out.v[k] = from_acc<T>(invstd[g] * w * to_acc(gi.v[k]) +
+                                   coef[g] * ((to_acc(xi.v[k]) - center[g]) -
+                                              (lo ? lo[g] : A(0))) +
+                                   coef[groups + g]);
         }
         dxv[j] = out;
     }

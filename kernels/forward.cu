@@ -4,16 +4,15 @@
 // T: element type (half_t, float, double); A: accumulator (float, or double for double);
 // V: elements per vector load (16 bytes when the innermost extent is a multiple of V and the
 // pointers are aligned, else 1); I: index type (unsigned int below 2^31 elements, else 64-bit).
+// Optional pointers are null (never CuPy's None, which CuPy 13 passes as a garbage address).
 #include "reduce.cuh"
 
 namespace bncupy {
 
 // Training statistics. Values are shifted by a per-channel pilot (the channel's first value)
-// before entering Welford, so a large mean costs no precision. The channel's last block writes
-//   save_mean, save_invstd, mean64 (the mean in double, for the backward pass), the apply
-//   coefficients center/scale/shift (y = (x - center) * scale + shift: center + residual is the
-//   exact mean and shift absorbs the residual, so a constant channel maps to exactly beta), the
-//   running-statistics update, and (when m2_out is given) the sum of squared deviations.
+// before entering Welford, so a large mean costs no precision. The channel's last block writes the
+// STAT_* rows of `stats` (see reduce.cuh): center + lo is the exact mean and shift absorbs lo, so
+// a constant channel maps to exactly beta.
 template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
     typedef TT T;
     typedef typename acc_of<T>::type A;
@@ -21,102 +20,89 @@ template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
 
     const A* weight;
     const A* bias;
-    A* running_mean;
-    A* running_var;
     A eps;
-    double momentum;
     double count;
-    A* save_mean;
-    A* save_invstd;
-    double* mean64;
-    A* center;
-    A* scale;
-    A* shift;
-    A* m2_out;
+    A* stats;
+    unsigned long long channels;
 
     template <typename I>
     __device__ void finalize(const Welford<A> w, const I c, const A pilot) const {
-        const A var = w.m2 / A(count);
-        const A invstd = A(1) / sqrt(var + eps);
-        const A mid = pilot + w.mean;
-        const A residual = w.mean - (mid - pilot);  // exact when |pilot| >= |w.mean| (Fast2Sum)
-        const A g = weight ? weight[c] : A(1);
-        const A b = bias ? bias[c] : A(0);
-        const double m = (double)pilot + (double)w.mean;
-        save_mean[c] = mid;
-        save_invstd[c] = invstd;
-        mean64[c] = m;
-        center[c] = mid;
-        scale[c] = g * invstd;
-        shift[c] = b - residual * (g * invstd);
-        if (m2_out) m2_out[c] = w.m2;
-        if (running_mean) {
-            const double unbiased = (double)var * (count / (count - 1.0));
-            running_mean[c] = (A)((1.0 - momentum) * (double)running_mean[c] + momentum * m);
-            running_var[c] = (A)((1.0 - momentum) * (double)running_var[c] + momentum * unbiased);
-        }
+        const Moments<A> m = moments_of(w, count, pilot, eps);
+        const A scale = (weight ? weight[c] : A(1)) * m.invstd;
+        A* out = stats + c;
+        out[STAT_CENTER * channels] = m.center;
+        out[STAT_INVSTD * channels] = m.invstd;
+        out[STAT_LO * channels] = m.lo;
+        out[STAT_SCALE * channels] = scale;
+        out[STAT_SHIFT * channels] = (bias ? bias[c] : A(0)) - m.lo * scale;
+        out[STAT_UNBIASED * channels] = count > 1.0 ? (A)((double)m.var * (count / (count - 1.0)))
+                                                    : (A)m.var;
+        out[STAT_M2 * channels] = w.m2;
     }
 };
 
 // Grid: channel-first, C * splits blocks; channels-last, ceil(C / V / lanes) * splits blocks.
-// inner_vecs is inner / V (channel-first) or C / V (channels-last).
+// inner_vecs is inner / V (channel-first) or C / V (channels-last). Also the statistics of
+// contiguous groups (GroupNorm, long LayerNorm rows): rows = 1, channels = groups.
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) forward_stats(
     const T* __restrict__ x, const I rows, const I channels, const I inner_vecs, const int splits,
     const int lanes, Welford<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* weight,
-    const typename acc_of<T>::type* bias, typename acc_of<T>::type* running_mean,
-    typename acc_of<T>::type* running_var, const typename acc_of<T>::type eps,
-    const double momentum, const double count, typename acc_of<T>::type* save_mean,
-    typename acc_of<T>::type* save_invstd, double* mean64, typename acc_of<T>::type* center,
-    typename acc_of<T>::type* scale, typename acc_of<T>::type* shift,
-    typename acc_of<T>::type* m2_out) {
-    const StatsOp<T> op = {{},          weight,      bias,   running_mean, running_var,
-                           eps,         momentum,    count,  save_mean,    save_invstd,
-                           mean64,      center,      scale,  shift,        m2_out};
+    const typename acc_of<T>::type* bias, const typename acc_of<T>::type eps,
+    const double count, typename acc_of<T>::type* stats) {
+    const StatsOp<T> op = {{}, weight, bias, eps, count, stats, (unsigned long long)channels};
     if (CL)
-        reduce_nhwc<StatsOp<T>, V, I>(op, x, (const T*)0, rows, inner_vecs, splits, lanes,
-                                      partials, counters);
+        reduce_nhwc<StatsOp<T>, V, I>(op, x, (const T*)0, (const T*)0, rows, inner_vecs, splits,
+                                      lanes, partials, counters);
     else
-        reduce_nchw<StatsOp<T>, V, I>(op, x, (const T*)0, rows, channels, inner_vecs, splits,
-                                      partials, counters);
-}
-
-// Evaluation coefficients from the running statistics (one thread per channel).
-template <typename A>
-__global__ void eval_coefficients(const int channels, const A* __restrict__ running_mean,
-                                  const A* __restrict__ running_var, const A* __restrict__ weight,
-                                  const A* __restrict__ bias, const A eps,
-                                  A* __restrict__ save_invstd, A* __restrict__ center,
-                                  A* __restrict__ scale, A* __restrict__ shift) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= channels) return;
-    const A invstd = A(1) / sqrt(running_var[c] + eps);
-    save_invstd[c] = invstd;
-    center[c] = running_mean[c];
-    scale[c] = (weight ? weight[c] : A(1)) * invstd;
-    shift[c] = bias ? bias[c] : A(0);
+        reduce_nchw<StatsOp<T>, V, I>(op, x, (const T*)0, (const T*)0, rows, channels,
+                                      inner_vecs, splits, partials, counters);
 }
 
 // ReLU that keeps NaN (max() would turn it into 0).
 template <typename A> __device__ __forceinline__ A relu(const A v) { return v < A(0) ? A(0) : v; }
 
-// y = act((x - center[c]) * scale[c] + shift[c] + residual), act = ReLU when relu != 0;
-// residual may be null. Flat grid-stride loop over vectors.
+// y = act((x - center[c]) * scale[c] + shift[c] + residual), act = ReLU when relu != 0; residual
+// may be null. Flat grid-stride loop over vectors.
+//   Training (eval = 0): the coefficients are the STAT rows of `stats`, and the first C threads
+//   move the running statistics (when given) towards the batch's: the last launch of the step
+//   makes the only change to the caller's state, so a step that fails earlier changes nothing.
+//   Evaluation (eval = 1): coefficients from the running statistics; the first C threads write
+//   them into `stats` (center, invstd, lo = 0, scale, shift) for a later backward pass.
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) apply(
-    const T* __restrict__ x, T* __restrict__ y, const I total_vecs, const I channels,
-    const I inner_vecs, const typename acc_of<T>::type* __restrict__ center,
-    const typename acc_of<T>::type* __restrict__ scale,
-    const typename acc_of<T>::type* __restrict__ shift, const T* __restrict__ residual,
-    const int relu_flag) {
+    const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, const I total_vecs,
+    const I channels, const I inner_vecs, typename acc_of<T>::type* __restrict__ stats,
+    typename acc_of<T>::type* running_mean, typename acc_of<T>::type* running_var,
+    const typename acc_of<T>::type* __restrict__ weight,
+    const typename acc_of<T>::type* __restrict__ bias, const typename acc_of<T>::type eps,
+    const double momentum, const int eval, const int relu_flag) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
+    const I first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    const I stride = (I)gridDim.x * blockDim.x;
+    for (I c = first; c < channels; c += stride) {
+        if (eval) {
+            const A invstd = A(1) / sqrt(running_var[c] + eps);
+            const A scale = (weight ? weight[c] : A(1)) * invstd;
+            stats[STAT_CENTER * channels + c] = running_mean[c];
+            stats[STAT_INVSTD * channels + c] = invstd;
+            stats[STAT_LO * channels + c] = A(0);
+            stats[STAT_SCALE * channels + c] = scale;
+            stats[STAT_SHIFT * channels + c] = bias ? bias[c] : A(0);
+        } else if (running_mean) {
+            const double m = (double)stats[STAT_CENTER * channels + c] +
+                             (double)stats[STAT_LO * channels + c];
+            const double v = (double)stats[STAT_UNBIASED * channels + c];
+            running_mean[c] = (A)((1.0 - momentum) * (double)running_mean[c] + momentum * m);
+            running_var[c] = (A)((1.0 - momentum) * (double)running_var[c] + momentum * v);
+        }
+    }
     const vec* xv = reinterpret_cast<const vec*>(x);
     const vec* zv = reinterpret_cast<const vec*>(residual);
     vec* yv = reinterpret_cast<vec*>(y);
-    const I stride = (I)gridDim.x * blockDim.x;
-    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
+    for (I j = first; j < total_vecs; j += stride) {
         const vec in = xv[j];
         vec z;
         if (residual) z = zv[j];
@@ -124,60 +110,166 @@ __global__ void __launch_bounds__(256) apply(
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
-            const A v = pre_activation(to_acc(in.v[k]), center[c], scale[c], shift[c],
-                                       residual != 0, residual ? to_acc(z.v[k]) : A(0));
+            A center, scale, shift;
+            if (eval) {  // as the first C threads store them, so a backward recomputes the bits
+                center = running_mean[c];
+                scale = (weight ? weight[c] : A(1)) * (A(1) / sqrt(running_var[c] + eps));
+                shift = bias ? bias[c] : A(0);
+            } else {
+                center = stats[STAT_CENTER * channels + c];
+                scale = stats[STAT_SCALE * channels + c];
+                shift = stats[STAT_SHIFT * channels + c];
+            }
+            const A v = pre_activation(to_acc(in.v[k]), center, scale, shift, residual != 0,
+                                       residual ? to_acc(z.v[k]) : A(0));
             out.v[k] = from_acc<T>(relu_flag ? relu(v) : v);
         }
         yv[j] = out;
     }
 }
 
-// Statistics of contiguous rows (LayerNorm rows, channel-first GroupNorm/InstanceNorm groups):
-// each row's mean (double) and sum of squared deviations.
-template <typename TT> struct RowStatsOp : WelfordOps<typename acc_of<TT>::type> {
+// Per-cell Welford moments of channels-last groups (GroupNorm, InstanceNorm over (n, S, C)): the
+// cell's mean and sum of squared deviations in double, merged per group by group_merge.
+template <typename TT> struct CellStatsOp : WelfordOps<typename acc_of<TT>::type> {
     typedef TT T;
     typedef typename acc_of<T>::type A;
     enum { needs_dy = 0 };
 
-    double* mean64;
-    A* m2;
+    double* mean;
+    double* m2;
 
     template <typename I>
-    __device__ void finalize(const Welford<A> w, const I row, const A pilot) const {
-        mean64[row] = (double)pilot + (double)w.mean;
-        m2[row] = w.m2;
+    __device__ void finalize(const Welford<A> w, const I cell, const A pilot) const {
+        mean[cell] = (double)pilot + (double)w.mean;
+        m2[cell] = (double)w.m2;
     }
 };
 
-// Several rows per block (see reduce_rows). At least 4 blocks per SM: without the bound, ptxas
-// spills a few bytes for double rows with 64-bit indices.
+// Grid: samples * ceil(C / V / lanes) * splits blocks over (samples, rows, C) data.
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, 4) row_stats(const T* __restrict__ x, const I rows,
-                                                 const I row_vecs, const int height,
-                                                 double* mean64,
-                                                 typename acc_of<T>::type* m2) {
-    const RowStatsOp<T> op = {{}, mean64, m2};
-    reduce_rows<RowStatsOp<T>, V, I>(op, x, (const T*)0, rows, row_vecs, height);
+__global__ void __launch_bounds__(256) cell_stats(
+    const T* __restrict__ x, const I rows, const I cvecs, const int splits, const int lanes,
+    Welford<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
+    double* mean, double* m2) {
+    const CellStatsOp<T> op = {{}, mean, m2};
+    reduce_nhwc<CellStatsOp<T>, V, I>(op, x, (const T*)0, (const T*)0, rows, cvecs, splits,
+                                      lanes, partials, counters);
 }
 
-// The normalizations over groups (see group_of for L):
-//   y = ((x - center[g]) - residual[g]) * (invstd[g] * w[c]) + b[c],
-// center[g] + residual[g] being the group's mean (a constant group maps to exactly b[c]).
+// Group statistics from cell moments: group g of sample n merges its `group_channels` cells of
+// `count` values each, in channel order, and writes the STAT_CENTER/INVSTD/LO/M2 rows of `stats`
+// (one thread per group).
+template <typename A>
+__global__ void group_merge(const double* __restrict__ mean, const double* __restrict__ m2,
+                            const unsigned long long groups, const int group_channels,
+                            const double count, const A eps, A* __restrict__ stats) {
+    const unsigned long long g = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= groups) return;
+    double n = 0.0, mu = 0.0, q = 0.0;
+    for (int i = 0; i < group_channels; ++i) {
+        const unsigned long long cell = g * group_channels + i;
+        const double nb = count, total = n + nb, delta = mean[cell] - mu, wb = nb / total;
+        q += m2[cell] + delta * delta * n * wb;
+        mu += delta * wb;
+        n = total;
+    }
+    const A center = (A)mu;
+    const A var = (A)(q / n);
+    stats[STAT_CENTER * groups + g] = center;
+    stats[STAT_INVSTD * groups + g] = A(1) / sqrt(var + eps);
+    stats[STAT_LO * groups + g] = (A)(mu - (double)center);
+    stats[STAT_M2 * groups + g] = (A)q;
+}
+
+// The statistics of one row (rows_reduce's Op for row_forward).
+template <typename TT> struct RowStatsOp : WelfordOps<typename acc_of<TT>::type> {
+    typedef TT T;
+    typedef typename acc_of<T>::type A;
+    enum { needs_dy = 0 };
+};
+
+// Normalization of contiguous rows in one pass over them: LayerNorm (plane_vecs = 0: the affine
+// map is per column) and channel-first GroupNorm/InstanceNorm groups (a row is one sample's group
+// of group_channels channel planes of plane_vecs vectors; groups per sample = `groups`). Writes y
+// and the STAT_CENTER/INVSTD/LO/M2 rows of `stats` (`rows` long). Grid: ceil(rows / (256 /
+// height)) blocks of 256 threads.
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(256) row_forward(
+    const T* __restrict__ x, T* __restrict__ y, const I rows, const I row_vecs, const int height,
+    const I plane_vecs, const I groups, const I group_channels,
+    const typename acc_of<T>::type* __restrict__ weight,
+    const typename acc_of<T>::type* __restrict__ bias, const typename acc_of<T>::type eps,
+    typename acc_of<T>::type* __restrict__ stats) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    I row;
+    bool active;
+    A pilot;
+    const Welford<A> w = rows_reduce<RowStatsOp<T>, V, I>(RowStatsOp<T>{}, x, (const T*)0, rows,
+                                                          row_vecs, height, row, active, pilot);
+    if (!active) return;
+    const Moments<A> m = moments_of(w, (double)row_vecs * V, pilot, eps);
+    const int ty = threadIdx.x & (height - 1);
+    if (ty == 0) {
+        stats[STAT_CENTER * rows + row] = m.center;
+        stats[STAT_INVSTD * rows + row] = m.invstd;
+        stats[STAT_LO * rows + row] = m.lo;
+        stats[STAT_M2 * rows + row] = w.m2;
+    }
+    const I channel0 = plane_vecs ? (row % groups) * group_channels : I(0);
+    const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
+    vec* yv = reinterpret_cast<vec*>(y) + (size_t)row * row_vecs;
+    for (I j = ty; j < row_vecs; j += height) {
+        const vec in = xv[j];
+        vec out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const I c = plane_vecs ? channel0 + j / plane_vecs : j * V + k;
+            const A s = m.invstd * (weight ? weight[c] : A(1));
+            out.v[k] = from_acc<T>(((to_acc(in.v[k]) - m.center) - m.lo) * s +
+                                   (bias ? bias[c] : A(0)));
+        }
+        yv[j] = out;
+    }
+}
+
+// The normalizations over groups (see group_of for L), each group's mean being center + lo (lo
+// may be null: 0):
+//   y = ((x - center[g]) - lo[g]) * (invstd[g] * w[c]) + b[c].
+// InstanceNorm's running statistics (when given; one group per (sample, channel)) move towards
+// the batch average of the instance means and of m2 * unbias (the unbiased variances), in the
+// first C threads: the last launch of the step makes the only change to the caller's state.
 template <typename T, int V, typename I, int L>
 __global__ void __launch_bounds__(256) group_apply(
     const T* __restrict__ x, T* __restrict__ y, const I total_vecs, const I channels,
     const I inner_vecs, const I sample_vecs, const I group_channels,
     const typename acc_of<T>::type* __restrict__ center,
-    const typename acc_of<T>::type* __restrict__ residual,
+    const typename acc_of<T>::type* __restrict__ lo,
     const typename acc_of<T>::type* __restrict__ invstd,
     const typename acc_of<T>::type* __restrict__ weight,
-    const typename acc_of<T>::type* __restrict__ bias) {
+    const typename acc_of<T>::type* __restrict__ bias, const I groups,
+    const typename acc_of<T>::type* __restrict__ m2, typename acc_of<T>::type* running_mean,
+    typename acc_of<T>::type* running_var, const double momentum, const double unbias) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
+    const I first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    const I stride = (I)gridDim.x * blockDim.x;
+    if (running_mean) {
+        const I samples = groups / channels;
+        for (I c = first; c < channels; c += stride) {
+            double m = 0.0, v = 0.0;
+            for (I n = 0; n < samples; ++n) {
+                const I g = n * channels + c;
+                m += (double)center[g] + (lo ? (double)lo[g] : 0.0);
+                v += (double)m2[g] * unbias;
+            }
+            running_mean[c] = (A)((1.0 - momentum) * (double)running_mean[c] + momentum * m / samples);
+            running_var[c] = (A)((1.0 - momentum) * (double)running_var[c] + momentum * v / samples);
+        }
+    }
     const vec* xv = reinterpret_cast<const vec*>(x);
     vec* yv = reinterpret_cast<vec*>(y);
-    const I stride = (I)gridDim.x * blockDim.x;
-    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
+    for (I j = first; j < total_vecs; j += stride) {
         const vec in = xv[j];
         vec out;
 #pragma unroll
@@ -185,7 +277,7 @@ __global__ void __launch_bounds__(256) group_apply(
             I g, c;
             group_of<L>(j, k, channels, inner_vecs, sample_vecs, group_channels, V, g, c);
             const A s = invstd[g] * (weight ? weight[c] : A(1));
-            out.v[k] = from_acc<T>(((to_acc(in.v[k]) - center[g]) - residual[g]) * s +
+            out.v[k] = from_acc<T>(((to_acc(in.v[k]) - center[g]) - (lo ? lo[g] : A(0))) * s +
                                    (bias ? bias[c] : A(0)));
         }
         yv[j] = out;

@@ -1,15 +1,17 @@
-// bncupy: the per-channel reduction skeletons shared by the forward statistics and the backward
-// sums, for both layouts. An Op supplies the state (Welford or SumPair), how one element enters it,
-// and what the channel's last block writes from the merged total:
+// bncupy: the reduction skeletons shared by every statistics and gradient-sum kernel, for both
+// layouts and for rows. An Op supplies the state (Welford or SumPair), how one element enters it,
+// and what the last block of a channel (cell, row) writes from the merged total:
 //
-//   typedef T (element), A (accumulator), State;   enum { needs_dy };
+//   typedef T (element), A (accumulator), State;   enum { needs_dy, gated };
 //   A context(A first_value, I channel)            per-channel constant (pilot or centre)
 //   static State empty();
-//   static void push(State&, A context, A x, A dy)
+//   void push(State&, A context, A x, A dy, I row) one element; `row` is its row (sample)
 //   void finalize(State total, I channel, A context)
+//   Gate gate_of(I channel); A gate(Gate, A x, A dy, A z)   only when gated (a fused ReLU's
+//                                                   mask on dy; z is the residual, if any)
 //
-// Grids are one-dimensional (block = group * splits + split), blocks have 256 threads, and every
-// merge happens in a fixed order, so results are bitwise reproducible.
+// Grids are one-dimensional, blocks have 256 threads, and every merge happens in a fixed order,
+// so results are bitwise reproducible.
 #pragma once
 #include "welford.cuh"
 
@@ -20,11 +22,29 @@ template <int V> struct unroll_of {
     enum { value = V >= 8 ? 2 : 4 };
 };
 
+// Ops without a fused activation in their gradient.
+struct Ungated {
+    enum { gated = 0 };
+    struct Gate {};
+    template <typename I> __device__ Gate gate_of(const I) const { return Gate(); }
+};
+
+// dy as an Op's push sees it: masked by a fused activation when the Op has one.
+template <class Op, typename A>
+__device__ __forceinline__ A gated_dy(const Op& op, const typename Op::Gate& gate, const A x,
+                                      const A dy, const A z) {
+    if constexpr (Op::gated)
+        return op.gate(gate, x, dy, z);
+    else
+        return dy;
+}
+
 // Channel-first data, a contiguous (rows, C, inner) view; inner_vecs = inner / V. Block b reduces
-// the (b % splits)-th slice of channel b / splits.
+// the (b % splits)-th slice of channel b / splits. `z` (gated Ops only) may be null.
 template <class Op, int V, typename I>
 __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* __restrict__ x,
-                                            const typename Op::T* __restrict__ dy, const I rows,
+                                            const typename Op::T* __restrict__ dy,
+                                            const typename Op::T* __restrict__ z, const I rows,
                                             const I channels, const I inner_vecs, const int splits,
                                             typename Op::State* __restrict__ partials,
                                             unsigned int* __restrict__ counters) {
@@ -42,7 +62,9 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
     const I end = (I)(per_channel * (split + 1) / splits);
     const vec* xv = reinterpret_cast<const vec*>(x);
     const vec* gv = reinterpret_cast<const vec*>(dy);
+    const vec* zv = reinterpret_cast<const vec*>(z);
     const A ctx = op.context(to_acc(x[(size_t)c * inner_vecs * V]), c);
+    const typename Op::Gate gate = op.gate_of(c);
 
     S st[U][V];
 #pragma unroll
@@ -50,24 +72,32 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
 #pragma unroll
         for (int k = 0; k < V; ++k) st[u][k] = Op::empty();
     for (I j0 = begin + threadIdx.x; j0 < end; j0 += U * blockDim.x) {
-        vec xb[U], gb[U];
+        vec xb[U], gb[U], zb[U];
+        I row[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const I j = j0 + u * blockDim.x;
             if (j < end) {
                 const I a = j / inner_vecs;
                 const I offset = (a * channels + c) * inner_vecs + (j - a * inner_vecs);
+                row[u] = a;
                 xb[u] = xv[offset];
                 if (Op::needs_dy) gb[u] = gv[offset];
+                if (Op::gated && z) zb[u] = zv[offset];
             }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (j0 + u * blockDim.x < end) {
 #pragma unroll
-                for (int k = 0; k < V; ++k)
-                    Op::push(st[u][k], ctx, to_acc(xb[u].v[k]),
-                             Op::needs_dy ? to_acc(gb[u].v[k]) : A(0));
+                for (int k = 0; k < V; ++k) {
+                    const A xk = to_acc(xb[u].v[k]);
+                    const A g = Op::needs_dy
+                                    ? gated_dy(op, gate, xk, to_acc(gb[u].v[k]),
+                                               (Op::gated && z) ? to_acc(zb[u].v[k]) : A(0))
+                                    : A(0);
+                    op.push(st[u][k], ctx, xk, g, row[u]);
+                }
             }
         }
     }
@@ -97,13 +127,16 @@ __device__ __forceinline__ void merge_tree(S* sh, const int height, const int st
     }
 }
 
-// Channels-last data, a contiguous (rows, C) view; cvecs = C / V. The block is lanes x (256 /
-// lanes): lane tx reads V adjacent channels of a row (coalesced across the warp), rows are strided
-// over ty. Block b covers channel group b / splits (lanes * V channels) and the (b % splits)-th
-// slice of the rows.
+// Channels-last data: `samples` contiguous (rows, C) views one after another; cvecs = C / V. The
+// block is lanes x (256 / lanes): lane tx reads V adjacent channels of a row (coalesced across the
+// warp), rows are strided over ty. Block b = (sample * groups + group) * splits + split covers
+// channel group `group` (lanes * V channels) of one sample and the split-th slice of its rows.
+// Channel c of sample s is cell s * C + c: partials, finalize and context are per cell, counters
+// per (sample, group).
 template <class Op, int V, typename I>
 __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* __restrict__ x,
-                                            const typename Op::T* __restrict__ dy, const I rows,
+                                            const typename Op::T* __restrict__ dy,
+                                            const typename Op::T* __restrict__ z, const I rows,
                                             const I cvecs, const int splits, const int lanes,
                                             typename Op::State* __restrict__ partials,
                                             unsigned int* __restrict__ counters) {
@@ -117,19 +150,27 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
     const int tx = threadIdx.x % lanes;
     const int ty = threadIdx.x / lanes;
     const int height = blockDim.x / lanes;
-    const I group = blockIdx.x / splits;
+    const I groups = (cvecs + lanes - 1) / lanes;
+    const I chunk = blockIdx.x / splits;  // sample * groups + group
     const I split = blockIdx.x % splits;
-    const I cv = group * lanes + tx;
+    const I sample = chunk / groups;
+    const I cv = (chunk - sample * groups) * lanes + tx;
     const bool active = cv < cvecs;
     const I r0 = (I)((unsigned long long)rows * split / splits);
     const I r1 = (I)((unsigned long long)rows * (split + 1) / splits);
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* gv = reinterpret_cast<const vec*>(dy);
+    const size_t base = (size_t)sample * rows * cvecs;
+    const vec* xv = reinterpret_cast<const vec*>(x) + base;
+    const vec* gv = reinterpret_cast<const vec*>(dy) + base;
+    const vec* zv = reinterpret_cast<const vec*>(z) + base;
+    const I cell0 = sample * cvecs * V + cv * V;
 
     A ctx[V];
+    typename Op::Gate gate[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k)
-        ctx[k] = active ? op.context(to_acc(x[(size_t)cv * V + k]), cv * V + k) : A(0);
+    for (int k = 0; k < V; ++k) {
+        ctx[k] = active ? op.context(to_acc(x[(base + cv) * V + k]), cell0 + k) : A(0);
+        gate[k] = op.gate_of(active ? cell0 + k : I(0));
+    }
     S st[U][V];
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -137,22 +178,29 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
         for (int k = 0; k < V; ++k) st[u][k] = Op::empty();
     if (active) {
         for (I r = r0 + ty; r < r1; r += U * height) {
-            vec xb[U], gb[U];
+            vec xb[U], gb[U], zb[U];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const I row = r + u * height;
                 if (row < r1) {
                     xb[u] = xv[row * cvecs + cv];
                     if (Op::needs_dy) gb[u] = gv[row * cvecs + cv];
+                    if (Op::gated && z) zb[u] = zv[row * cvecs + cv];
                 }
             }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                if (r + u * height < r1) {
+                const I row = r + u * height;
+                if (row < r1) {
 #pragma unroll
-                    for (int k = 0; k < V; ++k)
-                        Op::push(st[u][k], ctx[k], to_acc(xb[u].v[k]),
-                                 Op::needs_dy ? to_acc(gb[u].v[k]) : A(0));
+                    for (int k = 0; k < V; ++k) {
+                        const A xk = to_acc(xb[u].v[k]);
+                        const A g = Op::needs_dy
+                                        ? gated_dy(op, gate[k], xk, to_acc(gb[u].v[k]),
+                                                   (Op::gated && z) ? to_acc(zb[u].v[k]) : A(0))
+                                        : A(0);
+                        op.push(st[u][k], ctx[k], xk, g, row);
+                    }
                 }
             }
         }
@@ -164,47 +212,48 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
         for (int u = 1; u < U; ++u) s = merge(s, st[u][k]);
         sh[threadIdx.x] = s;
         __syncthreads();
-        merge_tree(sh, (int)(blockDim.x / lanes), lanes, ty);
-        if (ty == 0 && active) partials[(size_t)(cv * V + k) * splits + split] = sh[tx];
+        merge_tree(sh, height, lanes, ty);
+        if (ty == 0 && active) partials[(size_t)(cell0 + k) * splits + split] = sh[tx];
         __syncthreads();
     }
-    if (!last_block_done(&counters[group], (unsigned int)splits)) return;
+    if (!last_block_done(&counters[chunk], (unsigned int)splits)) return;
 
 #pragma unroll
     for (int k = 0; k < V; ++k) {
         S s = Op::empty();
         if (active)
             for (int p = ty; p < splits; p += height)
-                s = merge(s, load_cg(&partials[(size_t)(cv * V + k) * splits + p]));
+                s = merge(s, load_cg(&partials[(size_t)(cell0 + k) * splits + p]));
         sh[threadIdx.x] = s;
         __syncthreads();
-        merge_tree(sh, (int)(blockDim.x / lanes), lanes, ty);
-        if (ty == 0 && active) op.finalize(sh[tx], cv * V + k, ctx[k]);
+        merge_tree(sh, height, lanes, ty);
+        if (ty == 0 && active) op.finalize(sh[tx], cell0 + k, ctx[k]);
         __syncthreads();
     }
 }
 
-// Contiguous rows (LayerNorm rows; GroupNorm and InstanceNorm groups of channel-first data), several
-// per block: `height` consecutive threads (a power of two) serve one row, so height = 32 is a warp
-// per row and height = blockDim.x a block per row; row_vecs = row length / V. An Op whose push
-// takes dy scales it by op.dy_scale(column) (LayerNorm's per-column weight).
+// Contiguous rows (LayerNorm rows; GroupNorm and InstanceNorm groups of channel-first data),
+// several per block: `height` consecutive threads (a power of two) serve one row, so height = 32
+// is a warp per row and height = blockDim.x a block per row; row_vecs = row length / V. Returns
+// the row's merged total to every thread of the row; `active` is false for threads past the
+// last row. An Op whose push takes dy scales it by op.dy_scale(column) (LayerNorm's weight).
 template <class Op, int V, typename I>
-__device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* __restrict__ x,
-                                            const typename Op::T* __restrict__ dy, const I rows,
-                                            const I row_vecs, const int height) {
-    typedef typename Op::A A;
+__device__ __forceinline__ typename Op::State rows_reduce(
+    const Op& op, const typename Op::T* __restrict__ x, const typename Op::T* __restrict__ dy,
+    const I rows, const I row_vecs, const int height, I& row, bool& active,
+    typename Op::A& ctx) {
     typedef typename Op::State S;
     typedef vec_t<typename Op::T, V> vec;
     __shared__ S sh[256];
 
     const int ty = threadIdx.x & (height - 1);
     const int shift = __ffs(height) - 1;  // height is a power of two; no integer division
-    const I row = (I)blockIdx.x * (blockDim.x >> shift) + (threadIdx.x >> shift);
-    const bool active = row < rows;
+    row = (I)blockIdx.x * (blockDim.x >> shift) + (threadIdx.x >> shift);
+    active = row < rows;
     const size_t base = active ? (size_t)row * row_vecs : 0;
     const vec* xv = reinterpret_cast<const vec*>(x) + base;
     const vec* gv = reinterpret_cast<const vec*>(dy) + base;
-    const A ctx = active ? op.context(to_acc(x[base * V]), row) : A(0);
+    ctx = active ? op.context(to_acc(x[base * V]), row) : typename Op::A(0);
     S st[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) st[k] = Op::empty();
@@ -215,10 +264,12 @@ __device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* 
                 const vec gb = gv[j];
 #pragma unroll
                 for (int k = 0; k < V; ++k)
-                    Op::push(st[k], ctx, to_acc(xb.v[k]), op.dy_scale(j * V + k) * to_acc(gb.v[k]));
+                    op.push(st[k], ctx, to_acc(xb.v[k]),
+                            op.dy_scale(j * V + k) * to_acc(gb.v[k]), row);
             } else {
 #pragma unroll
-                for (int k = 0; k < V; ++k) Op::push(st[k], ctx, to_acc(xb.v[k]), A(0));
+                for (int k = 0; k < V; ++k)
+                    op.push(st[k], ctx, to_acc(xb.v[k]), typename Op::A(0), row);
             }
         }
     }
@@ -228,7 +279,22 @@ __device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* 
     sh[threadIdx.x] = s;
     __syncthreads();
     merge_tree(sh, height, 1, ty);
-    if (ty == 0 && active) op.finalize(sh[threadIdx.x], row, ctx);
+    s = sh[threadIdx.x - ty];
+    __syncthreads();  // the block may reuse sh after this returns
+    return s;
+}
+
+// rows_reduce whose first thread of each row hands the total to op.finalize.
+template <class Op, int V, typename I>
+__device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* __restrict__ x,
+                                            const typename Op::T* __restrict__ dy, const I rows,
+                                            const I row_vecs, const int height) {
+    I row;
+    bool active;
+    typename Op::A ctx;
+    const typename Op::State s = rows_reduce<Op, V, I>(op, x, dy, rows, row_vecs, height, row,
+                                                      active, ctx);
+    if ((threadIdx.x & (height - 1)) == 0 && active) op.finalize(s, row, ctx);
 }
 
 // Group and channel of element k of vector j for the normalizations over channel groups:
@@ -262,11 +328,12 @@ __device__ __forceinline__ I channel_of(const I j, const int k, const I channels
 
 // How one element enters the statistics: Welford on values shifted by a pilot (the group's first
 // value), so a large mean costs no precision.
-template <typename A> struct WelfordOps {
+template <typename A> struct WelfordOps : Ungated {
     typedef Welford<A> State;
     template <typename I> __device__ A context(const A first, const I) const { return first; }
     __device__ static State empty() { return welford_empty<A>(); }
-    __device__ static void push(State& s, const A pilot, const A x, const A) {
+    template <typename I>
+    __device__ void push(State& s, const A pilot, const A x, const A, const I) const {
         const A y = x - pilot;
         s.n += A(1);
         const A d = y - s.mean;
@@ -275,22 +342,45 @@ template <typename A> struct WelfordOps {
     }
 };
 
-// How one element enters per-channel (or per-row) backward sums: sum(g) and sum(g * (x - m)).
-template <typename A> struct SumOps {
+// How one element enters per-channel (or per-row) gradient sums: sum(g) and sum(g * (x - m)).
+template <typename A> struct SumOps : Ungated {
     typedef SumPair<A> State;
     __device__ static State empty() {
         State s;
         s.dy = s.dy_xmu = A(0);
         return s;
     }
-    __device__ static void push(State& s, const A m, const A x, const A g) {
+    template <typename I>
+    __device__ void push(State& s, const A m, const A x, const A g, const I) const {
         s.dy += g;
         s.dy_xmu += g * (x - m);
     }
 };
 
-// The forward's pre-activation value. apply and relu_grad both use it, so the ReLU mask in the
-// backward pass recomputes bit for bit what the forward computed.
+// Rows of the per-channel (per-group) statistics buffer a forward pass writes, each `channels`
+// long, in the accumulator type: the mean split as center + lo (center = the mean rounded to A, lo
+// the rounding residual), 1/sqrt(var + eps), the apply coefficients y = (x - center) * scale +
+// shift, the unbiased variance (for the running statistics) and the sum of squared deviations.
+enum { STAT_CENTER = 0, STAT_INVSTD = 1, STAT_LO = 2, STAT_SCALE = 3, STAT_SHIFT = 4,
+       STAT_UNBIASED = 5, STAT_M2 = 6, STAT_ROWS = 7 };
+
+// From a merged Welford state of `count` values around `pilot`: center, lo, variance, invstd.
+template <typename A> struct Moments {
+    A center, lo, var, invstd;
+};
+template <typename A>
+__device__ __forceinline__ Moments<A> moments_of(const Welford<A> w, const double count,
+                                                 const A pilot, const A eps) {
+    Moments<A> m;
+    m.var = w.m2 / A(count);
+    m.invstd = A(1) / sqrt(m.var + eps);
+    m.center = pilot + w.mean;
+    m.lo = w.mean - (m.center - pilot);  // exact when |pilot| >= |w.mean| (Fast2Sum)
+    return m;
+}
+
+// The forward's pre-activation value. apply and the gated backward both use it, so the ReLU mask
+// in the backward pass recomputes bit for bit what the forward computed.
 template <typename A>
 __device__ __forceinline__ A pre_activation(const A x, const A center, const A scale,
                                             const A shift, const bool has_residual, const A z) {

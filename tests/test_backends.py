@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import bncupy as bn
+from bncupy.backends import _cuda, dispatch
 from bncupy.backends import cupy as cupy_backend
-from bncupy.backends import dispatch
 from tests.conftest import REAL_GPU_REASON, needs, requires_gpu
 
 
@@ -99,7 +99,7 @@ def test_use_backend_is_local_to_threads_and_tasks():
 
 def test_cupy_unavailable_error_says_what_is_missing_and_chains(monkeypatch, cuda_runtime):
     cause = ImportError("No module named 'cupy'")
-    monkeypatch.setattr(cupy_backend, "_probe", lambda: ("CuPy is not installed (hint)", cause))
+    monkeypatch.setattr(_cuda, "_probe", lambda: ("CuPy is not installed (hint)", cause))
     with pytest.raises(bn.BackendUnavailableError, match="CuPy is not installed") as info:
         bn.set_backend("cupy")
     assert info.value.__cause__ is cause
@@ -111,7 +111,7 @@ def test_cupy_unavailable_error_says_what_is_missing_and_chains(monkeypatch, cud
 
 
 def test_explicit_cupy_with_numpy_input_never_falls_back(monkeypatch, cuda_runtime):
-    monkeypatch.setattr(cupy_backend, "_probe", lambda: ("no CUDA device is available", None))
+    monkeypatch.setattr(_cuda, "_probe", lambda: ("no CUDA device is available", None))
     dispatch._default = "cupy"  # as if set while a device was present
     x = np.ones((4, 3))
     rm = np.zeros(3)
@@ -136,11 +136,11 @@ def test_probe_distinguishes_driver_and_device(monkeypatch, driver, runtime, cou
     monkeypatch.setattr(rt, "getDeviceCount", fail)
     monkeypatch.setattr(rt, "driverGetVersion", lambda: driver)
     monkeypatch.setattr(rt, "runtimeGetVersion", lambda: runtime)
-    cupy_backend._probe.cache_clear()
+    _cuda._probe.cache_clear()
     try:
-        reason, cause = cupy_backend._probe()
+        reason, cause = _cuda._probe()
     finally:
-        cupy_backend._probe.cache_clear()
+        _cuda._probe.cache_clear()
     assert expected in reason and cause is count_error
 
 

@@ -215,17 +215,15 @@ MUTANTS = [
     ("unwritten shared memory", "welford.cuh",
      "s = (lane < (int)(blockDim.x >> 5)) ? scratch[lane] : identity;", "s = scratch[lane];"),
     ("wrong grid stride", "forward.cu",
-     "vec* yv = reinterpret_cast<vec*>(y);\n    const I stride = (I)gridDim.x * blockDim.x;\n"
-     "    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {\n"
-     "        const vec in = xv[j];\n        vec z;",
-     "vec* yv = reinterpret_cast<vec*>(y);\n    const I stride = (I)gridDim.x * blockDim.x * 2;\n"
-     "    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {\n"
-     "        const vec in = xv[j];\n        vec z;"),
+     "for (I j = first; j < total_vecs; j += stride) {\n        const vec in = xv[j];\n"
+     "        vec z;",
+     "for (I j = first; j < total_vecs; j += 2 * stride) {\n        const vec in = xv[j];\n"
+     "        vec z;"),
     ("write past the end", "forward.cu",
-     "for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {\n"
-     "        const vec in = xv[j];\n        vec z;",
-     "for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j <= total_vecs; j += stride) {\n"
-     "        const vec in = xv[j];\n        vec z;"),
+     "for (I j = first; j < total_vecs; j += stride) {\n        const vec in = xv[j];\n"
+     "        vec z;",
+     "for (I j = first; j <= total_vecs; j += stride) {\n        const vec in = xv[j];\n"
+     "        vec z;"),
 ]
 
 

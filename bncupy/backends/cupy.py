@@ -1,185 +1,61 @@
-"""CuPy backend: availability probing and the CUDA kernels' launch side.
+"""CuPy backend: the CUDA kernels' launch plan.
 
-``import cupy`` succeeds on machines without a GPU, so availability is probed separately and the
-reason it fails is kept so that :class:`~bncupy.BackendUnavailableError` can say exactly what is
-missing (CuPy, a device, or a new enough driver).
+Each op allocates its outputs, takes its scratch memory from the per-stream workspace
+(:mod:`._cuda`), and launches its kernels on the current stream: no CuPy elementwise ops, no
+memsets and no host synchronisation on the hot path. Geometry (vector width, index type, grids,
+scratch layout) is computed once per (shape, dtype, layout, alignment, SM count) and cached.
+Every allocation happens before the first launch, and the caller's state (running statistics)
+changes only in an op's last launch, so an op that fails part-way changes nothing.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
-import weakref
+import math
 from typing import Any
 
 import numpy as np
 
-from .._errors import BackendUnavailableError
-from ._common import forward_coefficients, merge_equal
+from . import _cuda
+from ._common import forward_coefficients
+from ._cuda import (  # noqa: F401 - the backend's public runtime API
+    NULL,
+    SOURCES,
+    CupyRuntime,
+    _probe,
+    compile_options,
+    name_expressions,
+    program_source,
+    runtime,
+    set_runtime,
+    vector_width,
+)
 from ._groups import GroupLayout
 
 name = "cupy"
-_INSTALL_HINT = "pip install 'bncupy[cuda12]' or 'bncupy[cuda13]'"
 
-
-def _version(v: int) -> str:
-    return f"{v // 1000}.{v % 1000 // 10}"
-
-
-@functools.lru_cache(maxsize=1)
-def _probe() -> tuple[str | None, BaseException | None]:
-    try:
-        import cupy
-    except ImportError as exc:
-        return f"CuPy is not installed ({_INSTALL_HINT})", exc
-    runtime = cupy.cuda.runtime
-    try:
-        count = runtime.getDeviceCount()
-    except Exception as exc:  # CUDARuntimeError, or a missing libcuda/libcudart
-        try:
-            driver, built = runtime.driverGetVersion(), runtime.runtimeGetVersion()
-        except Exception:
-            return f"no usable NVIDIA driver or CUDA runtime was found ({exc})", exc
-        if driver == 0:
-            return "no NVIDIA driver is installed (libcuda not found)", exc
-        if driver < built:
-            return (f"the NVIDIA driver is too old: it supports CUDA {_version(driver)}, but "
-                    f"CuPy {cupy.__version__} needs CUDA {_version(built)}"), exc
-        return f"no CUDA device is available ({exc})", exc
-    if count == 0:
-        return "no CUDA device is available (the driver reports 0 devices)", None
-    return None, None
-
-
-class CupyRuntime:
-    """Where the backend's arrays live and its kernels run: CuPy on a CUDA device.
-
-    The launch plan below (geometry, argument packing, allocation) talks to the device only
-    through this object, so another runtime with the same methods (the tests' CPU execution of
-    the same kernels) drives exactly the same code.
-    """
-
-    def unavailable_reason(self) -> str | None:
-        return _probe()[0]
-
-    def require(self) -> Any:
-        reason, cause = _probe()
-        if reason is not None:
-            raise BackendUnavailableError(f"the cupy backend cannot run: {reason}") from cause
-        import cupy
-
-        return cupy
-
-    @staticmethod
-    def is_array(value: Any) -> bool:
-        """A ``cupy.ndarray``, recognised by type so that no CuPy import (or GPU) is needed."""
-        cls = type(value)
-        return cls.__name__ == "ndarray" and cls.__module__.split(".")[0] == "cupy"
-
-    def kernel(self, dtype: str, name: str) -> Any:
-        return _module(self.require().cuda.Device().id, dtype).get_function(name)
-
-    def sm_count(self) -> int:
-        return _sm_count(self.require().cuda.Device().id)
-
-    def device_id(self) -> int:
-        return int(self.require().cuda.Device().id)
-
-    def current_stream(self) -> Any:
-        return self.require().cuda.get_current_stream()
-
-    def describe(self) -> str:
-        cupy = self.require()
-        device = cupy.cuda.Device()
-        props = cupy.cuda.runtime.getDeviceProperties(device.id)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return (f"{name} (device {device.id}, sm_{device.compute_capability}, "
-                f"{props['totalGlobalMem'] / 2**30:.1f} GiB)")
-
-
-_runtime: Any = CupyRuntime()
-
-
-def runtime() -> Any:
-    """The runtime the backend launches on (CuPy on a device unless replaced)."""
-    return _runtime
-
-
-def set_runtime(new: Any) -> Any:
-    """Replace the runtime (tests run the kernels on the CPU this way); returns the previous."""
-    global _runtime
-    previous, _runtime = _runtime, new
-    return previous
+_ACC = {np.dtype(k): np.dtype(v) for k, v in (("float16", "float32"), ("float32", "float32"),
+                                              ("float64", "float64"))}
+_INDEX64_FROM = 2**31  # elements from which kernels index with 64 bits
+_THREADS = 256
+_ROWS_MAX_VECS = 8192  # longer channel-first groups are split over several blocks
+STAT_ROWS = 7  # rows of a statistics buffer (kernels/reduce.cuh, STAT_*)
+_CENTER, _INVSTD, _LO, _M2 = 0, 1, 2, 6
 
 
 def unavailable_reason() -> str | None:
     """Why the CuPy backend cannot run here, or ``None`` when it can."""
-    return _runtime.unavailable_reason()
+    return _cuda.runtime().unavailable_reason()
 
 
 def require() -> Any:
     """Return the array module, or raise :class:`BackendUnavailableError` saying what is missing."""
-    return _runtime.require()
+    return _cuda.runtime().require()
 
 
 def is_array(value: Any) -> bool:
     """True for an array of this backend's kind."""
-    return bool(_runtime.is_array(value))
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels: names, compile options, per-device module cache, launch geometry, launches.
-
-_CTYPES = {"float16": "bncupy::half_t", "float32": "float", "float64": "double"}
-_ACC = {"float16": "float32", "float32": "float32", "float64": "float64"}
-_INDEX = {"unsigned int": np.uint32, "unsigned long long": np.uint64}
-_INDEX64_FROM = 2**31  # elements from which kernels index with 64 bits
-_THREADS = 256
-SOURCES = ("forward.cu", "backward.cu")
-_LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply", "relu_grad")
-_ROW_KERNELS = ("row_stats", "row_grad_sums")
-_GROUP_KERNELS = ("group_apply", "group_backward_apply")
-_GROUP_LAYOUTS = {"rows": 0, "cf": 1, "cl": 2}
-_ROWS_MAX_VECS = 8192  # longer groups are split over several blocks (forward_stats' geometry)
-
-
-def vector_width(dtype_name: str) -> int:
-    """Elements per 16-byte vector load for ``dtype_name``."""
-    return 16 // np.dtype(dtype_name).itemsize
-
-
-def name_expressions(dtypes: tuple[str, ...] = tuple(_CTYPES)) -> list[str]:
-    """Every kernel specialisation the backend launches for ``dtypes`` (the NVRTC check compiles
-    all of them)."""
-    names = []
-    for dtype in dtypes:
-        ctype = _CTYPES[dtype]
-        for width in (1, vector_width(dtype)):
-            for index in _INDEX:
-                for layout in ("false", "true"):
-                    names += [f"bncupy::{kernel}<{ctype}, {width}, {index}, {layout}>"
-                              for kernel in _LAYOUT_KERNELS]
-                names += [f"bncupy::{kernel}<{ctype}, {width}, {index}>"
-                          for kernel in _ROW_KERNELS]
-                names += [f"bncupy::{kernel}<{ctype}, {width}, {index}, {layout}>"
-                          for kernel in _GROUP_KERNELS for layout in _GROUP_LAYOUTS.values()]
-        names.append(f"bncupy::eval_coefficients<{'double' if dtype == 'float64' else 'float'}>")
-    return sorted(set(names))
-
-
-def compile_options() -> tuple[str, ...]:
-    from .._kernels import kernel_dir
-
-    return ("-std=c++17", f"-I{kernel_dir()}")
-
-
-def program_source() -> str:
-    """One translation unit including every kernel source. CuPy's compile cache is keyed by
-    this text, so it names the sources' digest: changed kernels are never served stale."""
-    from .._kernels import kernels_digest
-
-    includes = "".join(f'#include "{name}"\n' for name in SOURCES)
-    return f"// bncupy kernels {kernels_digest()}\n{includes}"
+    return bool(_cuda.runtime().is_array(value))
 
 
 def __getattr__(attr: str) -> Any:
@@ -188,86 +64,55 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(attr)
 
 
-@functools.cache
-def _module(device_id: int, dtype: str) -> Any:
-    """The compiled kernels for one element dtype on one device (CuPy also caches on disk)."""
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=program_source(), options=compile_options(),
-                              name_expressions=name_expressions((dtype,)))
-
-
-@functools.cache
-def _sm_count(device_id: int) -> int:
-    import cupy
-
-    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
-
-
-_PER_THREAD_STREAM = 2  # cudaStreamPerThread: one handle, a separate stream in each host thread
-_counters: dict[tuple, Any] = {}
-_thread_counters = threading.local()
-
-
-def _counter_buffer(size: int) -> Any:
-    """Zeroed arrival counters private to the current device and stream.
-
-    The last block of each channel (group) resets its counter, so one buffer serves every launch
-    on a stream, whose kernels run one after another. Kernels on different streams may overlap,
-    so each stream has its own buffer, and so has each host thread on CuPy's per-thread default
-    stream (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``), whose one handle stands for a separate
-    stream in every thread. A buffer is freed with its stream object, or with its thread.
-    """
-    stream = _runtime.current_stream()
-    key = (_runtime, _runtime.device_id(), stream.ptr)
-    if stream.ptr == _PER_THREAD_STREAM:
-        if not hasattr(_thread_counters, "table"):
-            _thread_counters.table = {}
-        table: dict[tuple, Any] = _thread_counters.table
-    else:
-        table = _counters
-        if key not in table:
-            try:
-                weakref.finalize(stream, _forget_counters, key)
-            except TypeError:  # a stream type without weak references: kept for the process
-                pass
-    buf = table.get(key)
-    if buf is None or buf.size < size:
-        buf = require().zeros(max(size, 1024), dtype=np.uint32)
-        table[key] = buf
-    return buf
-
-
-def _forget_counters(key: tuple) -> None:
-    _counters.pop(key, None)
-
-
 def asarray(a: Any) -> Any:
     """A CuPy array for ``a`` (NumPy arrays are copied to the current device)."""
     return require().asarray(a)
 
 
-class _Geometry:
-    """How one contiguous array is walked: layout, vector width, index type, grids."""
+def device_summary() -> str:
+    """What the backend runs on: name, compute capability and memory of the current device."""
+    return str(_cuda.runtime().describe())
 
-    def __init__(self, x: Any, axis: int, *others: Any) -> None:
-        self.rows = int(np.prod(x.shape[:axis], dtype=np.int64))
-        self.channels = int(x.shape[axis])
-        inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+
+def _aligned(*arrays: Any) -> bool:
+    return all(a is None or a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _index(size: int) -> tuple[str, Any]:
+    return ("unsigned int", np.uint32) if size < _INDEX64_FROM else \
+        ("unsigned long long", np.uint64)
+
+
+def _ptr(a: Any) -> Any:
+    return NULL if a is None else a
+
+
+def _launch(dtype: str, name: str, grid: int, args: tuple) -> None:
+    _cuda.runtime().kernel(dtype, name)((grid,), (_THREADS,), args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch norm: per-channel statistics over a contiguous (rows, C, inner) or (rows, C) view.
+
+class _Geometry:
+    """How one contiguous array is walked: layout, vector width, index type, grids, scratch."""
+
+    def __init__(self, shape: tuple[int, ...], axis: int, dtype: np.dtype, aligned: bool,
+                 sms: int, samples: int = 1) -> None:
+        self.rows = math.prod(shape[:axis])
+        self.channels = shape[axis]
+        inner = math.prod(shape[axis + 1:])
+        size = self.rows * self.channels * inner
         # Channels-last kernels whenever channels are innermost: (N, C) too.
         self.cl = inner == 1
         extent = self.channels if self.cl else inner
-        width = vector_width(x.dtype.name)
-        aligned = all(a is None or a.data.ptr % 16 == 0 for a in (x, *others))
+        width = 16 // dtype.itemsize
         self.width = width if extent % width == 0 and aligned else 1
         self.inner_vecs = extent // self.width
-        self.index = "unsigned int" if x.size < _INDEX64_FROM else "unsigned long long"
-        self.itype = _INDEX[self.index]
-        self.total_vecs = x.size // self.width
-        self.dtype = x.dtype.name
-        self.acc = _ACC[self.dtype]
-        sms = _runtime.sm_count()
+        self.index, self.itype = _index(size)
+        self.total_vecs = size // self.width
+        self.dtype, self.acc = dtype.name, _ACC[dtype]
+        self.acc_type = self.acc.type
         unroll = 2 if self.width >= 8 else 4
         if self.cl:
             self.lanes = min(32, 1 << max(0, (self.inner_vecs - 1).bit_length()))
@@ -278,345 +123,453 @@ class _Geometry:
             self.groups = self.channels
             trips = self.rows * self.inner_vecs // (_THREADS * unroll * 2)
         # Blocks per channel (group): C * splits fills the GPU ~8 blocks per SM deep, but every
-        # thread keeps at least two unrolled trips of work.
-        self.splits = max(1, min(-(-sms * 8 // self.groups), trips or 1, 1024))
-        self.apply_blocks = max(1, min(-(-self.total_vecs // _THREADS), sms * 32))
+        # thread keeps at least two unrolled trips of work. Channels-last data may stack
+        # `samples` such (rows, C) views (per-sample statistics: GroupNorm, InstanceNorm).
+        self.splits = max(1, min(-(-sms * 8 // (self.groups * samples)), trips or 1, 1024))
+        self.reduce_blocks = samples * self.groups * self.splits
+        self.apply_blocks = max(1, min(-(-max(self.total_vecs, self.channels) // _THREADS),
+                                       sms * 32))
+        it = self.itype
+        self.reduce_shape = (it(self.rows), it(self.channels), it(self.inner_vecs),
+                             np.int32(self.splits), np.int32(self.lanes))
+        self.apply_shape = (it(self.total_vecs), it(self.channels), it(self.inner_vecs))
+        layout = "true" if self.cl else "false"
+        ctype = _cuda.CTYPES[self.dtype]
+        self.names = {k: f"bncupy::{k}<{ctype}, {self.width}, {self.index}, {layout}>"
+                      for k in ("forward_stats", "apply", "backward_reduce", "backward_apply",
+                                "relu_grad")}
+        self.count = np.float64(self.rows * inner)
+        c = self.channels
+        self.stats_scratch = ((self.acc, 3 * c * self.splits),)
+        self.grad_scratch = ((self.acc, 2 * c * self.splits), (self.acc, 4 * c))
 
-    def name(self, kernel: str) -> str:
-        return (f"bncupy::{kernel}<{_CTYPES[self.dtype]}, {self.width}, {self.index}, "
-                f"{'true' if self.cl else 'false'}>")
+    def launch_reduce(self, kernel: str, grid: int, args: tuple) -> None:
+        _launch(self.dtype, self.names[kernel], grid, args)
 
-    def launch_reduce(self, kernel: str, arrays: tuple, rest: tuple) -> None:
-        _runtime.kernel(self.dtype, self.name(kernel))(
-            (self.groups * self.splits,), (_THREADS,),
-            (*arrays, self.itype(self.rows), self.itype(self.channels),
-             self.itype(self.inner_vecs), np.int32(self.splits), np.int32(self.lanes), *rest))
 
-    def launch_elementwise(self, kernel: str, arrays: tuple, coefficients: tuple,
-                           extra: tuple = ()) -> None:
-        _runtime.kernel(self.dtype, self.name(kernel))(
-            (self.apply_blocks,), (_THREADS,),
-            (*arrays, self.itype(self.total_vecs), self.itype(self.channels),
-             self.itype(self.inner_vecs), *coefficients, *extra))
+@functools.lru_cache(maxsize=1024)
+def _geometry_cached(shape: tuple[int, ...], axis: int, dtype: np.dtype, aligned: bool,
+                     sms: int, index64_from: int) -> _Geometry:
+    return _Geometry(shape, axis, dtype, aligned, sms)
+
+
+def _geometry(x: Any, axis: int, *others: Any) -> _Geometry:
+    """The cached geometry of ``x`` (with ``others`` of its shape walked alongside)."""
+    return _geometry_cached(x.shape, axis, x.dtype, _aligned(x, *others),
+                            _cuda.runtime().sm_count(), _INDEX64_FROM)
+
+
+def _contiguous(a: Any) -> Any:
+    return a if a is None or a.flags.c_contiguous else require().ascontiguousarray(a)
 
 
 def _like(a: Any, x: Any) -> Any:
     """``a`` (grad_output, residual) as a contiguous array of ``x``'s dtype, or None."""
-    return None if a is None else require().ascontiguousarray(a, dtype=x.dtype)
+    if a is None or (a.dtype == x.dtype and a.flags.c_contiguous):
+        return a
+    return require().ascontiguousarray(a, dtype=x.dtype)
 
 
-def _per_channel(value: Any, acc: str) -> Any:
-    """A contiguous accumulator-typed copy of a per-channel vector (no copy when it is one)."""
-    return None if value is None else require().ascontiguousarray(value, dtype=acc)
+def _per_channel(value: Any, acc: np.dtype) -> Any:
+    """A contiguous accumulator-typed per-channel vector (the argument itself when it is one)."""
+    if value is None or (value.dtype == acc and value.flags.c_contiguous):
+        return value
+    return require().ascontiguousarray(value, dtype=acc)
 
 
-def _apply(x: Any, geo: _Geometry, coef: tuple, residual: Any, relu: bool) -> Any:
-    y = require().empty_like(x)
-    if x.size:
-        geo.launch_elementwise("apply", (x, y), coef, (residual, np.int32(relu)))
+def _workspace(counters: int, layout: tuple) -> tuple[Any, ...]:
+    """The stream's arrival counters and scratch views of ``layout``: ``(dtype, count)`` pairs."""
+    return _cuda.bind(_cuda.runtime().current_stream(), counters, layout)
+
+
+def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
+           running_var: Any, weight: Any, bias: Any, eps: float, momentum: float,
+           evaluate: bool, relu: bool) -> Any:
+    y = _cuda.runtime().xp.empty_like(x)
+    geo.launch_reduce("apply", geo.apply_blocks, (
+        x, y, _ptr(residual), *geo.apply_shape, stats, _ptr(running_mean), _ptr(running_var),
+        _ptr(weight), _ptr(bias), geo.acc_type(eps), np.float64(momentum),
+        np.int32(evaluate), np.int32(relu)))
     return y
 
 
-def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, running_mean: Any, running_var: Any,
-           eps: float, momentum: float, want_m2: bool = False) -> dict[str, Any]:
-    """Launch ``forward_stats``; returns its per-channel outputs by name."""
-    cupy = require()
-    c, acc = geo.channels, geo.acc
-    out = {name: cupy.empty(c, acc)
-           for name in ("save_mean", "save_invstd", "center", "scale", "shift")}
-    out["mean64"] = cupy.empty(c, cupy.float64)
-    out["m2"] = cupy.empty(c, acc) if want_m2 else None
-    partials = cupy.empty((c * geo.splits, 3), acc)
-    geo.launch_reduce("forward_stats", (x,), (
-        partials, _counter_buffer(geo.groups), _per_channel(weight, acc), _per_channel(bias, acc),
-        running_mean, running_var, getattr(np, acc)(eps), np.float64(momentum),
-        np.float64(x.size // c), out["save_mean"], out["save_invstd"], out["mean64"],
-        out["center"], out["scale"], out["shift"], out["m2"]))
-    return out
+def _with_stats(counters: int, layout: tuple, width: int, acc: np.dtype,
+                keep: bool) -> tuple[Any, ...]:
+    """The workspace's counters and views of ``layout``, and a (STAT_ROWS, width) statistics
+    buffer: a fresh array when the caller keeps it, else the workspace's (a temporary must not
+    be an allocation freed after the call: a CUDA graph capturing the call would keep writing
+    it)."""
+    if keep:
+        return (*_workspace(counters, layout),
+                _cuda.runtime().xp.empty((STAT_ROWS, width), acc))
+    *views, stats = _workspace(counters, (*layout, (acc, STAT_ROWS * width)))
+    return (*views, stats.reshape(STAT_ROWS, width))
 
 
-def stats(x: Any, axis: int) -> tuple[int, Any, Any]:
-    """Per-channel ``(count, mean, m2)``; mean float64, m2 in the accumulator dtype."""
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
-    c = x.shape[axis]
-    count = x.size // c if c else 0
-    if count == 0:
-        return 0, cupy.zeros(c), cupy.zeros(c, _ACC[x.dtype.name])
-    out = _stats(x, _Geometry(x, axis), None, None, None, None, 1.0, 0.0, want_m2=True)
-    return count, out["mean64"], out["m2"]
+def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float,
+           keep: bool = True) -> Any:
+    """Launch ``forward_stats``; returns its STAT-row buffer (STAT_ROWS, C)."""
+    counters, partials, stats = _with_stats(geo.groups, geo.stats_scratch, geo.channels,
+                                            geo.acc, keep)
+    geo.launch_reduce("forward_stats", geo.reduce_blocks, (
+        x, *geo.reduce_shape, partials, counters, _ptr(weight), _ptr(bias), geo.acc_type(eps),
+        geo.count, stats))
+    return stats
+
+
+def stat_rows(stats: Any) -> tuple[Any, Any]:
+    """save_mean and save_invstd: rows of a forward's statistics buffer."""
+    return stats[_CENTER], stats[_INVSTD]
 
 
 def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, running_mean: Any,
                     running_var: Any, momentum: float, residual: Any = None,
-                    relu: bool = False) -> tuple[Any, Any, Any, Any, tuple]:
-    """Two launches: statistics (whose last blocks also update the running statistics and fold
-    the apply coefficients) and apply. Returns ``y``, float64 mean, save_mean, save_invstd and
-    the apply coefficients (for a fused activation's backward)."""
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
+                    relu: bool = False, keep: bool = True) -> tuple[Any, Any, None, None, Any]:
+    """Two launches: statistics, then apply (whose first threads also move the running
+    statistics). Returns ``y``, the statistics buffer (the precise mean for a backward pass,
+    save_mean and save_invstd in :func:`stat_rows`), None twice, and the buffer again (the
+    apply coefficients); unless ``keep``, the buffer is the stream's workspace."""
+    x = _contiguous(x)
     residual = _like(residual, x)
-    geo = _Geometry(x, axis, residual)
-    targets = [running_mean, running_var]
-    running = [_per_channel(r, geo.acc) for r in targets]
-    out = _stats(x, geo, weight, bias, running[0], running[1], eps, momentum)
-    coef = (out["center"], out["scale"], out["shift"])
-    y = _apply(x, geo, coef, residual, relu)
-    for target, value in zip(targets, running, strict=True):
-        if target is not None and value is not target:
-            target[...] = value  # a non-contiguous or differently typed running-stat array
-    return y, out["mean64"], out["save_mean"], out["save_invstd"], coef
+    geo = _geometry(x, axis, residual)
+    acc = geo.acc
+    rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
+    weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
+    if x.size == 0:
+        raise ValueError("normalize_train needs values (the caller handles empty batches)")
+    stats = _stats(x, geo, weight, bias, eps, keep)
+    y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, momentum, False, relu)
+    if rm is not running_mean:  # a non-contiguous or differently typed running-stat array
+        running_mean[...] = rm
+        running_var[...] = rv
+    return y, stats, None, None, stats
 
 
 def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weight: Any,
                    bias: Any, eps: float, residual: Any = None, relu: bool = False,
-                   ) -> tuple[Any, Any, Any, Any, tuple]:
-    """Coefficients from the running statistics (one tiny launch), then apply."""
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
+                   keep: bool = True) -> tuple[Any, Any, None, None, Any]:
+    """One launch: apply with coefficients from the running statistics (its first threads also
+    write them into the statistics buffer for a backward pass). Returns as
+    :func:`normalize_train`."""
+    x = _contiguous(x)
     residual = _like(residual, x)
-    geo = _Geometry(x, axis, residual)
-    acc, c = geo.acc, geo.channels
-    invstd, center, scale, shift = (cupy.empty(c, acc) for _ in range(4))
-    if c:
-        ctype = "double" if acc == "float64" else "float"
-        _runtime.kernel(geo.dtype, f"bncupy::eval_coefficients<{ctype}>")(
-            (-(-c // _THREADS),), (_THREADS,),
-            (np.int32(c), _per_channel(running_mean, acc), _per_channel(running_var, acc),
-             _per_channel(weight, acc), _per_channel(bias, acc), getattr(np, acc)(eps), invstd,
-             center, scale, shift))
-    y = _apply(x, geo, (center, scale, shift), residual, relu)
-    return y, center, center, invstd, (center, scale, shift)
+    geo = _geometry(x, axis, residual)
+    acc = geo.acc
+    rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
+    weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
+    stats = _with_stats(0, (), geo.channels, acc, keep)[-1]
+    y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, 0.0, True, relu)
+    return y, stats, None, None, stats
 
 
-def relu_grad(dy: Any, x: Any, axis: int, coef: tuple, residual: Any) -> Any:
-    """``dy`` where the fused forward's output was positive, else 0 (one elementwise launch)."""
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
-    dy, residual = _like(dy, x), _like(residual, x)
-    g = cupy.empty_like(x)
-    if x.size:
-        geo = _Geometry(x, axis, dy, g, residual)
-        geo.launch_elementwise("relu_grad", (dy, x, residual, g), coef)
-    return g
+def _mean_parts(mean: Any, acc: np.dtype) -> tuple[Any, Any]:
+    """(center, lo) of a mean: a statistics buffer's rows, or a given vector (lo null)."""
+    if mean.ndim == 2:
+        return mean[_CENTER], mean[_LO]
+    if mean.dtype.itemsize > acc.itemsize:  # a float64 mean of float32 data: split
+        center = mean.astype(acc)
+        return center, (mean - center).astype(acc)
+    return _per_channel(mean, acc), None
 
 
-def _reduce_grad(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any,
-                 training: bool) -> tuple[Any, Any, Any, tuple, _Geometry]:
-    """The deterministic reduction; its last blocks fold the dx coefficients and write
-    grad_weight/grad_bias. Returns those, dx's buffer, the coefficients and the geometry."""
-    cupy = require()
-    dy = _like(dy, x)
-    dx = cupy.empty_like(x)
-    geo = _Geometry(x, axis, dy, dx)
-    acc, c = geo.acc, geo.channels
-    grads = (cupy.zeros(c, acc), cupy.zeros(c, acc))
-    coef = tuple(cupy.empty(c, acc) for _ in range(4))
-    if x.size:
-        mean64 = mean if mean.dtype == cupy.float64 else None
-        partials = cupy.empty((c * geo.splits, 2), acc)
-        geo.launch_reduce("backward_reduce", (dy, x), (
-            partials, _counter_buffer(geo.groups), mean64,
-            None if mean64 is not None else _per_channel(mean, acc), _per_channel(invstd, acc),
-            _per_channel(weight, acc), np.float64(x.size // c), np.int32(bool(training)),
-            *grads, *coef))
-    return (*grads, dx, coef, geo)
+def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd: Any,
+                 training: bool, fwd: Any, residual: Any) -> tuple[Any, Any]:
+    """The deterministic reduction; its last blocks write grad_weight/grad_bias and the dx
+    coefficients. Returns the (2, C) gradient buffer and the coefficients. ``invstd`` None:
+    the statistics buffer ``mean``'s."""
+    acc = geo.acc
+    center, lo = _mean_parts(mean, acc)
+    if invstd is None:
+        invstd = mean[_INVSTD]
+    counters, partials, coef = _workspace(geo.groups, geo.grad_scratch)
+    grads = _cuda.runtime().xp.empty((2, geo.channels), acc)
+    geo.launch_reduce("backward_reduce", geo.reduce_blocks, (
+        dy, x, _ptr(residual), *geo.reduce_shape, partials, counters, center, _ptr(lo),
+        _per_channel(invstd, acc), _ptr(_per_channel(weight, acc)), _ptr(fwd), geo.count,
+        np.int32(training), grads, coef))
+    return grads, coef
 
 
 def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, training: bool,
-             ) -> tuple[Any, Any, Any]:
-    """Two launches: the deterministic reduction and the elementwise dx."""
-    x = require().ascontiguousarray(x)
-    grad_weight, grad_bias, dx, coef, geo = _reduce_grad(dy, x, axis, weight, mean, invstd,
-                                                         training)
-    if x.size:
-        geo.launch_elementwise("backward_apply", (_like(dy, x), x, dx), coef)
-    return dx, grad_weight, grad_bias
+             fused: tuple | None = None) -> tuple[Any, Any, Any, Any]:
+    """Two launches: the deterministic reduction and the elementwise dx.
+
+    ``mean`` is a statistics buffer (a forward's, precise) or a vector; ``fused`` is a fused
+    forward's ``(coefficients, residual)``: the ReLU mask is applied to ``dy`` inline. Returns
+    dx, grad_weight, grad_bias and, with a fused residual, its gradient (else None).
+    """
+    x = _contiguous(x)
+    fwd, residual = fused if fused is not None else (None, None)
+    dy, residual = _like(dy, x), _like(residual, x)
+    geo = _geometry(x, axis, dy, residual)
+    grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, training, fwd, residual)
+    xp = _cuda.runtime().xp
+    dx = xp.empty_like(x)
+    g = xp.empty_like(x) if fwd is not None and residual is not None else None
+    geo.launch_reduce("backward_apply", geo.apply_blocks, (
+        dy, x, _ptr(residual), dx, _ptr(g), *geo.apply_shape, coef, _ptr(fwd)))
+    return dx, grads[0], grads[1], g
+
+
+def stats(x: Any, axis: int) -> tuple[int, Any, Any]:
+    """Per-channel ``(count, mean, m2)``: the mean in float64, m2 in the accumulator dtype."""
+    x = _contiguous(x)
+    c = x.shape[axis]
+    count = x.size // c if c else 0
+    if count == 0:
+        xp = require()
+        return 0, xp.zeros(c, _ACC[x.dtype]), xp.zeros(c, _ACC[x.dtype])
+    out = _stats(x, _geometry(x, axis), None, None, 1.0)
+    return count, out[_CENTER].astype(np.float64) + out[_LO], out[_M2]
+
+
+def relu_grad(dy: Any, x: Any, axis: int, coef: Any, residual: Any) -> Any:
+    """``dy`` where the fused forward's output was positive, else 0 (one elementwise launch)."""
+    x = _contiguous(x)
+    dy, residual = _like(dy, x), _like(residual, x)
+    g = require().empty_like(x)
+    geo = _geometry(x, axis, dy, g, residual)
+    geo.launch_reduce("relu_grad", geo.apply_blocks, (dy, x, _ptr(residual), g,
+                                                      *geo.apply_shape, coef))
+    return g
 
 
 def backward_sums(dy: Any, x: Any, axis: int, mean: Any, invstd: Any) -> tuple[Any, Any]:
     """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))`` (one reduction launch)."""
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
-    ones = cupy.ones(x.shape[axis], _ACC[x.dtype.name])
-    sum_dy_xmu, sum_dy, *_ = _reduce_grad(dy, x, axis, None, mean.astype(cupy.float64), ones,
-                                          False)
-    return sum_dy.astype(cupy.float64), sum_dy_xmu.astype(cupy.float64)
+    xp = require()
+    x = _contiguous(x)
+    dy = _like(dy, x)
+    geo = _geometry(x, axis, dy)
+    ones = xp.ones(x.shape[axis], geo.acc)
+    grads, _ = _reduce_grad(dy, x, geo, None, mean.astype(xp.float64), ones, False, None, None)
+    return grads[1].astype(xp.float64), grads[0].astype(xp.float64)
 
 
 def backward_apply(dy: Any, x: Any, axis: int, center: Any, a: Any, b: Any, c: Any) -> Any:
     """``a * dy + b * (x - center) + c`` per channel (one elementwise launch)."""
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
+    xp = require()
+    x = _contiguous(x)
     dy = _like(dy, x)
-    dx = cupy.empty_like(x)
-    if x.size:
-        geo = _Geometry(x, axis, dy, dx)
-        geo.launch_elementwise("backward_apply", (dy, x, dx),
-                               tuple(_per_channel(v, geo.acc) for v in (center, a, b, c)))
+    geo = _geometry(x, axis, dy)
+    coef = xp.stack([v.astype(geo.acc) for v in (center, a, b, c)])
+    dx = xp.empty_like(x)
+    geo.launch_reduce("backward_apply", geo.apply_blocks, (
+        dy, x, NULL, dx, NULL, *geo.apply_shape, coef, NULL))
     return dx
 
 
 def normalize_with(x: Any, axis: int, mean: Any, invstd: Any, weight: Any, bias: Any,
-                   residual: Any = None, relu: bool = False) -> tuple[Any, tuple]:
+                   residual: Any = None, relu: bool = False) -> tuple[Any, Any]:
     """Apply given (e.g. globally merged) statistics; returns ``y`` and the coefficients."""
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
+    xp = require()
+    x = _contiguous(x)
     residual = _like(residual, x)
-    geo = _Geometry(x, axis, residual)
-    coef = tuple(_per_channel(v, geo.acc)
-                 for v in forward_coefficients(mean, invstd, weight, bias, x.dtype))
-    return _apply(x, geo, coef, residual, relu), coef
-
-
-def device_summary() -> str:
-    """What the backend runs on: name, compute capability and memory of the current device."""
-    return str(_runtime.describe())
+    geo = _geometry(x, axis, residual)
+    center, scale, shift = forward_coefficients(mean, invstd, weight, bias, x.dtype)
+    stats = xp.zeros((STAT_ROWS, geo.channels), geo.acc)
+    for row, value in ((0, center), (1, invstd), (3, scale), (4, shift)):
+        stats[row] = value
+    y = _apply(x, geo, stats, residual, None, None, None, None, 1.0, 0.0, False, relu)
+    return y, stats
 
 
 # ---------------------------------------------------------------------------------------------
 # Normalizations over groups (LayerNorm, GroupNorm, InstanceNorm; see _groups.GroupLayout).
 
 class _GroupGeometry:
-    """Vector width, index type and grid of the elementwise kernels over a group layout."""
+    """The launches of one group layout: statistics, apply and backward."""
 
-    def __init__(self, x: Any, lay: GroupLayout, *others: Any) -> None:
+    def __init__(self, lay: GroupLayout, dtype: np.dtype, aligned: bool, sms: int) -> None:
+        self.lay, self.dtype, self.acc = lay, dtype.name, _ACC[dtype]
+        self.acc_type = self.acc.type
+        ctype = _cuda.CTYPES[self.dtype]
         innermost = lay.s if lay.kind == "cf" else lay.c
-        width = vector_width(x.dtype.name)
-        aligned = all(a is None or a.data.ptr % 16 == 0 for a in (x, *others))
+        width = 16 // dtype.itemsize
         self.width = width if innermost % width == 0 and aligned else 1
-        self.dtype, self.acc = x.dtype.name, _ACC[x.dtype.name]
-        self.index = "unsigned int" if x.size < _INDEX64_FROM else "unsigned long long"
-        itype = _INDEX[self.index]
-        total = x.size // self.width
-        self.blocks = max(1, min(-(-total // _THREADS), _runtime.sm_count() * 32))
+        size = lay.n * lay.c * lay.s
+        self.index, itype = _index(size)
+        head = f"{ctype}, {self.width}, {self.index}"
+        total = size // self.width
+        self.blocks = max(1, min(-(-max(total, lay.c) // _THREADS), sms * 32))
         self.shape_args = (itype(total), itype(lay.c), itype(innermost // self.width),
                            itype(max(1, lay.s * lay.c // self.width)), itype(lay.k))
-        self.layout = _GROUP_LAYOUTS[lay.kind]
-
-    def launch(self, kernel: str, arrays: tuple, vectors: tuple) -> None:
-        name = (f"bncupy::{kernel}<{_CTYPES[self.dtype]}, {self.width}, {self.index}, "
-                f"{self.layout}>")
-        _runtime.kernel(self.dtype, name)((self.blocks,), (_THREADS,),
-                                          (*arrays, *self.shape_args, *vectors))
-
-
-def _row_launch(kernel: str, x: Any, rows: int, length: int, arrays: tuple, rest: tuple,
-                *others: Any) -> None:
-    """A reduce_rows kernel over ``rows`` contiguous rows of ``length`` values: a warp per short
-    row up to a block per long one."""
-    width = vector_width(x.dtype.name)
-    aligned = all(a is None or a.data.ptr % 16 == 0 for a in (x, *others))
-    width = width if length % width == 0 and aligned else 1
-    vecs = length // width
-    height = min(_THREADS, max(32, 1 << max(0, (vecs // 4 - 1).bit_length())))
-    index = "unsigned int" if x.size < _INDEX64_FROM else "unsigned long long"
-    itype = _INDEX[index]
-    _runtime.kernel(x.dtype.name, f"bncupy::{kernel}<{_CTYPES[x.dtype.name]}, {width}, {index}>")(
-        (-(-rows // (_THREADS // height)),), (_THREADS,),
-        (*arrays, itype(rows), itype(vecs), np.int32(height), *rest))
-
-
-def _contiguous_group_moments(x: Any, groups: int, size: int) -> tuple[Any, Any]:
-    """float64 mean and accumulator-typed M2 of ``groups`` contiguous groups of ``size`` values:
-    reduce_rows for groups up to _ROWS_MAX_VECS vectors, else forward_stats' split geometry."""
-    cupy = require()
-    if size // vector_width(x.dtype.name) > _ROWS_MAX_VECS:
-        _, mean64, m2 = stats(x.reshape(1, groups, size), 1)
-        return mean64, m2
-    mean64, m2 = cupy.empty(groups, cupy.float64), cupy.empty(groups, _ACC[x.dtype.name])
-    _row_launch("row_stats", x, groups, size, (x,), (mean64, m2))
-    return mean64, m2
+        layout = _cuda.GROUP_LAYOUTS[lay.kind]
+        self.names = {k: f"bncupy::{k}<{head}, {layout}>"
+                      for k in ("group_apply", "group_backward_apply")}
+        self.names.update({k: f"bncupy::{k}<{head}>" for k in (
+            "cell_stats", "row_forward", "row_backward", "column_grads", "cell_grad_planes",
+            "cell_grad_cl")})
+        acc = "double" if self.dtype == "float64" else "float"
+        self.names.update({k: f"bncupy::{k}<{acc}>" for k in ("group_merge",
+                                                                "group_grad_coefficients")})
+        self.groups = lay.groups
+        self.itype = itype
+        # Statistics: rows (one block row per group, row_forward), a split reduction per group
+        # (forward_stats), or cells merged per group (channels-last).
+        group_vecs = lay.size // self.width
+        if lay.kind == "cl":
+            self.cells = _Geometry((lay.s, lay.c), 1, dtype, aligned, sms, samples=lay.n)
+            self.stats_mode = "cells"
+        elif lay.kind == "rows" or group_vecs <= _ROWS_MAX_VECS:
+            self.stats_mode = "rows"
+            self.row_height = _row_height(group_vecs)
+            self.row_blocks = -(-self.groups // (_THREADS // self.row_height))
+        else:
+            self.stats_mode = "split"
+            self.split = _Geometry((1, self.groups, lay.size), 1, dtype, aligned, sms)
+        # Backward: LayerNorm rows (row_backward + column_grads); groups of channels: cell sums.
+        if lay.kind == "rows":
+            self.columns = _Geometry((lay.n, lay.c), 1, dtype, aligned, sms)
+        elif lay.kind == "cf":
+            cell_vecs = lay.s // self.width
+            self.cell_height = _row_height(cell_vecs) if cell_vecs <= _ROWS_MAX_VECS else 0
+            self.cell_split = _Geometry((1, lay.n * lay.c, lay.s), 1, dtype, aligned, sms)
+        self.coef_blocks = -(-max(self.groups, lay.c) // _THREADS)
 
 
-def _group_moments(x: Any, lay: GroupLayout) -> tuple[Any, Any]:
-    """Per-group float64 mean and M2 of a contiguous array."""
-    cupy = require()
-    if lay.kind != "cl":
-        mean64, m2 = _contiguous_group_moments(x, lay.groups, lay.size)
-        return mean64, m2.astype(cupy.float64)
-    per_group = lay.c // lay.k
-    means, m2s = [], []
-    for sample in x.reshape(lay.n, lay.s, lay.c):  # channels-last statistics of each sample
-        _, mean, m2 = stats(sample, 1)
-        _, gmean, gm2 = merge_equal(mean.reshape(per_group, lay.k).T,
-                                    m2.astype(cupy.float64).reshape(per_group, lay.k).T, lay.s)
-        means.append(gmean)
-        m2s.append(gm2)
-    return cupy.concatenate(means), cupy.concatenate(m2s)
+def _row_height(vecs: int) -> int:
+    """Threads per row: a warp for short rows up to the whole block for long ones."""
+    return min(_THREADS, max(32, 1 << max(0, (vecs // 4 - 1).bit_length())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_geometry_cached(lay: GroupLayout, dtype: np.dtype, aligned: bool, sms: int,
+                           index64_from: int) -> _GroupGeometry:
+    return _GroupGeometry(lay, dtype, aligned, sms)
+
+
+def _group_geometry(x: Any, lay: GroupLayout, *others: Any) -> _GroupGeometry:
+    return _group_geometry_cached(lay, x.dtype, _aligned(x, *others),
+                                  _cuda.runtime().sm_count(), _INDEX64_FROM)
+
+
+def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float, y: Any,
+                 keep: bool) -> tuple[Any, bool]:
+    """The group statistics (STAT rows, ``groups`` long; the workspace's unless ``keep``); for
+    rows (LayerNorm, short channel-first groups) the same launch also writes ``y``: returns
+    whether it did."""
+    lay, acc = geo.lay, geo.acc
+    it = geo.itype
+    eps_ = geo.acc_type(eps)
+    if geo.stats_mode == "cells":
+        cells = geo.cells
+        counters, partials, mean, m2, stats = _with_stats(
+            lay.n * cells.groups, ((acc, 3 * lay.n * lay.c * cells.splits),
+                                   ("float64", lay.n * lay.c), ("float64", lay.n * lay.c)),
+            geo.groups, acc, keep)
+        _launch(geo.dtype, geo.names["cell_stats"], cells.reduce_blocks, (
+            x, it(lay.s), it(cells.inner_vecs), np.int32(cells.splits), np.int32(cells.lanes),
+            partials, counters, mean, m2))
+        _launch(geo.dtype, geo.names["group_merge"], -(-geo.groups // _THREADS), (
+            mean, m2, np.uint64(geo.groups), np.int32(lay.k), np.float64(lay.s), eps_, stats))
+        return stats, False
+    if geo.stats_mode == "rows":
+        stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
+        per_channel = lay.kind != "rows"
+        _launch(geo.dtype, geo.names["row_forward"], geo.row_blocks, (
+            x, y, it(geo.groups), it(lay.size // geo.width), np.int32(geo.row_height),
+            it(lay.s // geo.width if per_channel else 0), it(lay.c // lay.k), it(lay.k),
+            _ptr(weight), _ptr(bias), eps_, stats))
+        return stats, True
+    split = geo.split
+    counters, partials, stats = _with_stats(split.groups, split.stats_scratch, geo.groups, acc,
+                                            keep)
+    split.launch_reduce("forward_stats", split.reduce_blocks, (
+        x, *split.reduce_shape, partials, counters, NULL, NULL, eps_, split.count, stats))
+    return stats, False
 
 
 def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
+                  running: tuple | None = None, keep: bool = True,
                   ) -> tuple[Any, Any, Any, Any]:
-    """Statistics (one reduction launch, per sample for channels-last) and one apply launch;
-    returns ``y`` and the per-group float64 mean, invstd and biased variance."""
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
-    y = cupy.empty_like(x)
+    """LayerNorm rows and short channel-first groups: one launch; other groups: statistics,
+    then one apply launch (channels-last: cell moments, group merge, apply).
+
+    ``running`` is InstanceNorm's ``(running_mean, running_var, momentum)``, moved in the last
+    launch. Returns ``y``, the per-group mean and invstd (accumulator dtype) and the statistics
+    buffer (the precise mean for a backward pass; the stream's workspace unless ``keep``).
+    """
+    xp = _cuda.runtime().xp
+    x = _contiguous(x)
+    y = xp.empty_like(x)
     if x.size == 0:
-        empty = cupy.full(lay.groups, np.nan)
-        return y, empty, empty, empty
-    mean64, m2 = _group_moments(x, lay)
-    var = m2 / lay.size
-    invstd = 1.0 / cupy.sqrt(var + eps)
-    geo = _GroupGeometry(x, lay, y)
-    center = mean64.astype(geo.acc)
-    geo.launch("group_apply", (x, y), (
-        center, (mean64 - center).astype(geo.acc), invstd.astype(geo.acc),
-        _per_channel(weight, geo.acc), _per_channel(bias, geo.acc)))
-    return y, mean64, invstd, var
+        nan = xp.full(lay.groups, np.nan, _ACC[x.dtype])
+        return y, nan, nan, None
+    geo = _group_geometry(x, lay, y)
+    acc = geo.acc
+    weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
+    targets = (None, None) if running is None else running[:2]
+    rm, rv = (_per_channel(r, acc) for r in targets)
+    stats, done = _group_stats(x, geo, weight, bias, eps, y, keep)
+    if not done or rm is not None:
+        # rows already written: an empty elementwise range, the launch only moves running stats
+        shape = geo.shape_args if not done else (geo.itype(0), *geo.shape_args[1:])
+        _launch(geo.dtype, geo.names["group_apply"], geo.blocks, (
+            x, y, *shape, stats[_CENTER], stats[_LO], stats[_INVSTD],
+            _ptr(weight), _ptr(bias), geo.itype(geo.groups), stats[_M2], _ptr(rm), _ptr(rv),
+            np.float64(0.0 if running is None else running[2]),
+            np.float64(1.0 / max(lay.s - 1, 1))))
+    for target, value in zip(targets, (rm, rv), strict=True):
+        if target is not None and value is not target:
+            target[...] = value
+    return y, stats[_CENTER], stats[_INVSTD], stats
 
 
 def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, invstd: Any,
                    ) -> tuple[Any, Any, Any]:
-    """``dx`` and float64 per-channel ``dweight``, ``dbias`` (per column for rows).
+    """``dx`` and per-channel (per-column for rows) ``dweight``, ``dbias``.
 
-    Sums per group of ``w * dy`` and ``w * dy * (x - mean)``: LayerNorm rows in one reduce_rows
-    launch; groups of channels from per-(sample, channel) sums (the batch-norm backward
-    reduction over cells), folded per group on the host (O(n c)). Then one dx launch.
+    LayerNorm: one launch over rows for dx, one channels-last reduction for the parameter
+    gradients. Groups of channels: per-(sample, channel) sums, then per-group coefficients and
+    the parameter gradients (one small launch), then dx. ``mean`` is a statistics buffer (a
+    forward's, precise) or a vector.
     """
-    cupy = require()
-    x = cupy.ascontiguousarray(x)
+    xp = require()
+    x = _contiguous(x)
     dy = _like(dy, x)
-    dx = cupy.empty_like(x)
+    dx = xp.empty_like(x)
     if x.size == 0:
-        return dx, cupy.zeros(lay.c), cupy.zeros(lay.c)
-    geo = _GroupGeometry(x, lay, dy, dx)
-    acc = geo.acc
-    mean, invstd = mean.astype(cupy.float64), invstd.astype(cupy.float64)
-    center = mean.astype(acc)
-    residual = mean - center
-    w = None if weight is None else weight.astype(cupy.float64)
+        return dx, xp.zeros(lay.c, _ACC[x.dtype]), xp.zeros(lay.c, _ACC[x.dtype])
+    geo = _group_geometry(x, lay, dy, dx)
+    acc, it = geo.acc, geo.itype
+    center, lo = _mean_parts(mean, acc)
+    invstd = _per_channel(invstd, acc)
+    weight = _per_channel(weight, acc)
     if lay.kind == "rows":
-        sum_wdy, sum_wdy_xc = cupy.empty(lay.n, acc), cupy.empty(lay.n, acc)
-        _row_launch("row_grad_sums", x, lay.n, lay.c, (dy, x),
-                    (center, _per_channel(weight, acc), sum_wdy, sum_wdy_xc), dy)
-        s1 = sum_wdy.astype(cupy.float64)
-        s2 = sum_wdy_xc - residual * s1
-        xhat = cupy.empty_like(x)
-        geo.launch("group_apply", (x, xhat), (center, residual.astype(acc), invstd.astype(acc),
-                                               None, None))
-        dbias, dweight = backward_sums(dy, xhat, 1, cupy.zeros(lay.c), None)
+        cols = geo.columns
+        counters, partials = _workspace(cols.groups,
+                                        ((acc, 2 * lay.c * cols.splits),))
+        grads = xp.empty((2, lay.c), acc)
+        height = _row_height(lay.c // geo.width)
+        _launch(geo.dtype, geo.names["row_backward"], -(-lay.n // (_THREADS // height)), (
+            dy, x, dx, it(lay.n), it(lay.c // geo.width), np.int32(height), center, _ptr(lo),
+            invstd, _ptr(weight)))
+        _launch(geo.dtype, geo.names["column_grads"], cols.reduce_blocks, (
+            dy, x, it(lay.n), it(cols.inner_vecs), np.int32(cols.splits), np.int32(cols.lanes),
+            partials, counters, center, _ptr(lo), invstd, grads))
+        return dx, grads[0], grads[1]
+    cells = lay.n * lay.c
+    if lay.kind == "cf":
+        split = geo.cell_split
+        counters, partials, sums, coef = _workspace(split.groups,
+            ((acc, 2 * cells * split.splits), ("float64", 2 * cells), (acc, 2 * geo.groups)))
+        height = geo.cell_height
+        blocks = -(-cells // (_THREADS // height)) if height else split.reduce_blocks
+        _launch(geo.dtype, geo.names["cell_grad_planes"], blocks, (
+            dy, x, it(cells), it(lay.s // geo.width), np.int32(split.splits), np.int32(height),
+            partials, counters, center, _ptr(lo), it(lay.c), it(lay.k), sums))
     else:
-        cells = lay.n * lay.c
-        cell_mean = cupy.repeat(mean.reshape(lay.n, -1), lay.k, axis=1)
-        if lay.kind == "cf":
-            sum_dy, sum_dy_xmu = backward_sums(dy.reshape(1, cells, lay.s),
-                                               x.reshape(1, cells, lay.s), 1, cell_mean.ravel(),
-                                               None)
-        else:
-            pairs = [backward_sums(d, v, 1, m, None) for d, v, m in zip(
-                dy.reshape(lay.n, lay.s, lay.c), x.reshape(lay.n, lay.s, lay.c), cell_mean,
-                strict=True)]
-            sum_dy = cupy.concatenate([p[0] for p in pairs])
-            sum_dy_xmu = cupy.concatenate([p[1] for p in pairs])
-        sum_dy, sum_dy_xmu = sum_dy.reshape(lay.n, lay.c), sum_dy_xmu.reshape(lay.n, lay.c)
-        scaled = (sum_dy, sum_dy_xmu) if w is None else (sum_dy * w, sum_dy_xmu * w)
-        s1, s2 = (v.reshape(lay.n, -1, lay.k).sum(axis=2).ravel() for v in scaled)
-        dbias = sum_dy.sum(axis=0)
-        dweight = (sum_dy_xmu * cupy.repeat(invstd.reshape(lay.n, -1), lay.k, axis=1)).sum(axis=0)
-    count = lay.size
-    geo.launch("group_backward_apply", (dy, x, dx), (
-        center, residual.astype(acc), _per_channel(weight, acc), invstd.astype(acc),
-        (-invstd ** 3 * s2 / count).astype(acc), (-invstd * s1 / count).astype(acc)))
-    return dx, dweight, dbias
+        cl = geo.cells
+        counters, partials, sums, coef = _workspace(lay.n * cl.groups,
+            ((acc, 2 * cells * cl.splits), ("float64", 2 * cells), (acc, 2 * geo.groups)))
+        _launch(geo.dtype, geo.names["cell_grad_cl"], cl.reduce_blocks, (
+            dy, x, it(lay.s), it(cl.inner_vecs), np.int32(cl.splits), np.int32(cl.lanes),
+            partials, counters, center, _ptr(lo), it(lay.k), sums, it(cells)))
+    grads = xp.empty((2, lay.c), acc)
+    _launch(geo.dtype, geo.names["group_grad_coefficients"], geo.coef_blocks, (
+        sums, invstd, np.uint64(geo.groups), np.uint64(lay.c), np.int32(lay.k),
+        np.float64(lay.size), _ptr(weight), coef, grads))
+    _launch(geo.dtype, geo.names["group_backward_apply"], geo.blocks, (
+        dy, x, dx, *geo.shape_args, center, _ptr(lo), invstd, it(geo.groups), _ptr(weight),
+        coef))
+    return dx, grads[0], grads[1]

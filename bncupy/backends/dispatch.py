@@ -87,17 +87,28 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+_kinds: dict[tuple[type, int], str | None] = {}
+
+
 def array_kind(value: Any) -> str | None:
     """``"numpy"`` or ``"cupy"`` for an ndarray of that library, else ``None``.
 
     Device arrays are recognised by the CuPy backend's runtime (CuPy's by type, so no CuPy
-    import or GPU is needed to classify arrays).
+    import or GPU is needed to classify arrays); the answer is cached per type and runtime.
     """
-    if isinstance(value, numpy_backend.np.ndarray):
-        return "numpy"
-    if cupy_backend.is_array(value):
-        return "cupy"
-    return None
+    key = (type(value), id(cupy_backend.runtime()))
+    kind = _kinds.get(key, "?")
+    if kind == "?":
+        if isinstance(value, numpy_backend.np.ndarray):
+            kind = "numpy"
+        elif cupy_backend.is_array(value):
+            kind = "cupy"
+        else:
+            kind = None
+        if len(_kinds) > 256:
+            _kinds.clear()
+        _kinds[key] = kind
+    return kind
 
 
 def backend_for(kind: str) -> ModuleType:

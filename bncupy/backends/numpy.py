@@ -410,9 +410,10 @@ def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndar
 
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float,
-                    residual: np.ndarray | None = None, relu: bool = False,
+                    residual: np.ndarray | None = None, relu: bool = False, keep: bool = True,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with batch statistics; update the running ones in place (after everything else).
+    (``keep``: whether the caller keeps the statistics; they are always fresh arrays here.)
 
     Returns ``y``, the float64 batch mean, ``save_mean``/``save_invstd`` in the stat dtype, and
     the apply coefficients (for a fused activation's backward).
@@ -433,7 +434,8 @@ def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float
 
 def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_var: np.ndarray,
                    weight: Any, bias: Any, eps: float, residual: np.ndarray | None = None,
-                   relu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
+                   relu: bool = False, keep: bool = True,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with the running statistics; same returns as :func:`normalize_train`."""
     mean = running_mean.astype(np.float64)
     invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
@@ -495,13 +497,18 @@ def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
 
 
 def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
-             invstd: np.ndarray, training: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``."""
+             invstd: np.ndarray, training: bool, fused: tuple | None = None,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``, and the gradient
+    of a fused residual. ``fused`` is a fused ReLU forward's ``(coefficients, residual)``: dy is
+    masked where its output was not positive."""
+    g = dy if fused is None else relu_grad(dy, x, axis, *fused)
     count = x.size // x.shape[axis] if x.shape[axis] else 0
-    sum_dy, sum_dy_xmu = backward_sums(dy, x, axis, mean, invstd)
+    sum_dy, sum_dy_xmu = backward_sums(g, x, axis, mean, invstd)
     center, a, b, c, grad_weight, grad_bias = backward_coefficients(
         mean, invstd, weight, sum_dy, sum_dy_xmu, count, training, x.dtype)
-    return backward_apply(dy, x, axis, center, a, b, c), grad_weight, grad_bias
+    residual_grad = g if fused is not None and fused[1] is not None else None
+    return backward_apply(g, x, axis, center, a, b, c), grad_weight, grad_bias, residual_grad
 
 
 def normalize_with(x: np.ndarray, axis: int, mean: np.ndarray, invstd: np.ndarray, weight: Any,

@@ -35,9 +35,14 @@ def _affine4(v: Any, lay: GroupLayout) -> Any:
 
 
 def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: float,
+                  running: tuple | None = None, keep: bool = True,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Normalize every group; returns ``y`` and the float64 per-group mean, invstd and (biased)
-    variance, flattened in group order."""
+    """Normalize every group; returns ``y``, the float64 per-group mean and invstd (flattened
+    in group order) and the mean again (what :func:`group_backward` takes).
+
+    ``running`` is InstanceNorm's ``(running_mean, running_var, momentum)``: they move towards
+    the batch average of the instance means and unbiased variances, in place, last.
+    """
     x4 = _view4(x, lay)
     shifted = x4 - x4[:, :, :1, :1].astype(np.float64)
     offset = shifted.mean(axis=(2, 3), keepdims=True)
@@ -49,8 +54,14 @@ def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: 
     y = np.empty_like(x)
     out = centred * scale
     _view4(y, lay)[...] = out if b is None else out + b
-    mean = x4[:, :, :1, :1].astype(np.float64) + offset
-    return y, mean.ravel(), invstd.ravel(), var.ravel()
+    mean = (x4[:, :, :1, :1].astype(np.float64) + offset).ravel()
+    if running is not None:
+        running_mean, running_var, momentum = running
+        unbiased = var.ravel() * (lay.s / (lay.s - 1))
+        for target, value in ((running_mean, mean), (running_var, unbiased)):
+            batch = value.reshape(lay.n, lay.c).mean(axis=0)
+            target[...] = (1 - momentum) * target.astype(np.float64) + momentum * batch
+    return y, mean, invstd.ravel(), mean
 
 
 def group_backward(dy: np.ndarray, x: np.ndarray, lay: GroupLayout, weight: Any, mean: Any,

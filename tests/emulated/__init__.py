@@ -12,6 +12,7 @@ import ctypes
 import itertools
 import os
 import subprocess
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,24 +71,41 @@ class Kernel:
             keep.append(holder)
             argv[i] = ctypes.addressof(holder)
         rt = self.runtime
-        error = ctypes.create_string_buffer(1024)
-        seed = rt.seed * 1_000_003 + next(rt.launches)
-        failed = rt.lib.bncupy_emu_launch(
-            self.index, (ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
-            1 if rt.order == "random" else 0, ctypes.c_ulonglong(seed),
-            ctypes.c_double(rt.timeout), error, len(error))
-        if failed:
-            raise KernelFault(f"{self.name} grid={g} block={b}: {error.value.decode()}")
-        for i, alloc in allocations:
-            if not alloc.intact():
-                raise KernelFault(f"{self.name} grid={g} block={b} wrote past the end of the "
-                                  f"allocation behind argument {i}")
+        device.FAULTS.tick("launch")
+        stream = rt.current_stream()
+        device.SEAM.launches += 1
+        device.SEAM.streams.append(stream.ptr)
+
+        def run(allocations: list, holders: list = keep) -> None:  # argv points into holders
+            if rt.null:
+                return
+            error = ctypes.create_string_buffer(1024)
+            seed = rt.seed * 1_000_003 + next(rt.launches)
+            failed = rt.lib.bncupy_emu_launch(
+                self.index, (ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
+                1 if rt.order == "random" else 0, ctypes.c_ulonglong(seed),
+                ctypes.c_double(rt.timeout), error, len(error))
+            if failed:
+                raise KernelFault(f"{self.name} grid={g} block={b}: {error.value.decode()}")
+            for i, alloc in allocations:
+                if not alloc.intact():
+                    raise KernelFault(f"{self.name} grid={g} block={b} wrote past the end of the "
+                                      f"allocation behind argument {i}")
+
+        if stream.capture is not None:  # recorded (weakly: a graph keeps no memory alive)
+            refs = [(i, weakref.ref(alloc)) for i, alloc in allocations]
+            stream.capture.append((run, refs, self.name))
+            return
+        run(allocations)
 
     def _pack(self, i: int, arg: Any, kind: str) -> Any:
         where = f"{self.name}: argument {i}"
         if kind.startswith("p:"):
             _, element, size = kind.split(":")
             if arg is None:
+                raise KernelFault(f"{where} is a pointer ({element}) but got None: CuPy 13 "
+                                  "passes None as a garbage address; pass the backend's NULL")
+            if isinstance(arg, np.uint64) and arg == 0:  # the backend's NULL
                 return ctypes.c_void_p(0)
             if isinstance(arg, np.ndarray):
                 raise TypeError(f"{where}: Unsupported type {type(arg)} (a host array passed to "
@@ -165,13 +183,18 @@ class EmulatedRuntime:
         Seeds the block order and the threads' turns (each launch draws its own from it).
     library : path, optional
         A library from :func:`tests.emulated.build.build` (default: every kernel of kernels/).
+    null : bool
+        Launches check their arguments but run nothing (with :data:`device.POISON` off,
+        allocations are O(1) too): what the launch plan does, counted through the seam.
     """
 
     def __init__(self, sms: int = 132, order: str = "random", seed: int = 0,
-                 library: Path | None = None, timeout: float = 120.0) -> None:
+                 library: Path | None = None, timeout: float = 120.0, null: bool = False,
+                 ) -> None:
         if order not in ("random", "index"):
             raise ValueError(f"order must be 'random' or 'index', got {order!r}")
         self.sms, self.order, self.seed, self.timeout = sms, order, seed, timeout
+        self.null = null
         library = Path(library or build())
         self.lib = ctypes.CDLL(str(library))
         self.lib.bncupy_emu_name.restype = ctypes.c_char_p
@@ -206,9 +229,44 @@ class EmulatedRuntime:
     def current_stream(self) -> Any:
         return device.get_current_stream()
 
+    def external_stream(self, ptr: int, device_id: int) -> Any:
+        return device.ExternalStream(ptr, device_id)
+
+    def is_capturing(self) -> bool:
+        return device.get_current_stream().is_capturing()
+
     def describe(self) -> str:
         return (f"CPU execution target (kernels built with g++; {self.sms} SMs modelled, blocks "
                 f"in {self.order} order, seed {self.seed})")
+
+
+class _NullKernel:
+    """A launch that only counts (the host-overhead benchmark's: no argument checks either)."""
+
+    __slots__ = ()
+
+    def __call__(self, grid: Any, block: Any, args: Any, shared_mem: int = 0,
+                 stream: Any = None) -> None:
+        device.SEAM.launches += 1
+
+
+class NullRuntime(EmulatedRuntime):
+    """The launch plan with nothing behind it: no kernels built or run, no argument checks,
+    allocations O(1) (memory is never touched). bncupy's own host time per call is what remains;
+    :data:`device.SEAM` still counts launches, allocations and operations."""
+
+    def __init__(self, sms: int = 132) -> None:
+        self.sms, self.null, self.xp = sms, True, device
+        self.order, self.seed = "index", 0
+
+    def kernel(self, dtype: str, name: str) -> Any:
+        return _NULL_KERNEL
+
+    def describe(self) -> str:
+        return f"null runtime ({self.sms} SMs modelled; kernels not run)"
+
+
+_NULL_KERNEL = _NullKernel()
 
 
 def from_environment() -> EmulatedRuntime:

@@ -1,0 +1,461 @@
+"""The CuPy backend's hot path, counted through the runtime seam of the CPU execution target.
+
+* the launch and allocation budget of every op covered by it (both layouts, every dtype): no
+  array operations, memsets or host synchronisations;
+* the caller's stream: CuPy's current stream, and torch's for torch CUDA tensors;
+* CUDA-graph capture and replay of a layer's forward and backward;
+* a failure at every allocation and every launch loses nothing;
+* optional pointers reach the kernels as explicit null pointers, never None;
+* the CPU target's module functions keep views as views.
+
+These need tests/emulated's seam (tox env ``emulated``); elsewhere they are skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import bncupy as bn
+from bncupy.backends import cupy as cupy_backend
+from tests.arrays import to_numpy
+from tests.conftest import EMULATED
+
+pytestmark = pytest.mark.skipif(not EMULATED, reason="counts through the CPU execution "
+                                                     "target's seam (tox -e emulated)")
+
+DTYPES = ["float16", "float32", "float64"]
+
+
+@pytest.fixture
+def dev():
+    """The emulated device module, its seam reset and faults disarmed around each test."""
+    from tests.emulated import device
+
+    device.SEAM.reset()
+    device.FAULTS.disarm()
+    yield device
+    device.FAULTS.disarm()
+
+
+def _acc(dtype: str) -> str:
+    return "float64" if dtype == "float64" else "float32"
+
+
+def _data(xp: Any, shape: tuple[int, ...], dtype: str, seed: int = 0, offset: float = 2.0) -> Any:
+    rng = np.random.default_rng(seed)
+    return xp.asarray((rng.standard_normal(shape) + offset).astype(dtype))
+
+
+class Case:
+    """One op under the budget: ``run(xp)`` calls it (arrays made once, outside the count)."""
+
+    def __init__(self, name: str, launches: int, allocations: int,
+                 make: Callable[[Any], Callable[[], Any]]) -> None:
+        self.name, self.launches, self.allocations, self.make = name, launches, allocations, make
+
+
+def _batch_cases(dtype: str, layout: str) -> list[Case]:
+    shape, axis = ((4, 6, 5, 8), 1) if layout == "NCHW" else ((4, 5, 8, 6), -1)
+    acc = _acc(dtype)
+
+    def arrays(xp: Any) -> dict[str, Any]:
+        a = {k: _data(xp, shape, dtype, i) for i, k in enumerate(("x", "dy", "z"))}
+        a.update(rm=xp.zeros(6, acc), rv=xp.ones(6, acc), w=_data(xp, (6,), acc, 5),
+                 b=_data(xp, (6,), acc, 6))
+        _, a["m"], a["s"] = bn.batch_norm_forward(a["x"], None, None, a["w"], a["b"], True,
+                                                  axis=axis)
+        return a
+
+    def train(xp: Any, **fused: Any) -> Callable[[], Any]:
+        a = arrays(xp)
+        extra = {k: a["z"] if v == "z" else v for k, v in fused.items()}
+        return lambda: bn.batch_norm(a["x"], a["rm"], a["rv"], a["w"], a["b"], True, axis=axis,
+                                     **extra)
+
+    def evaluate(xp: Any, **fused: Any) -> Callable[[], Any]:
+        a = arrays(xp)
+        extra = {k: a["z"] if v == "z" else v for k, v in fused.items()}
+        return lambda: bn.batch_norm(a["x"], a["rm"], a["rv"], a["w"], a["b"], False,
+                                     axis=axis, **extra)
+
+    def backward(xp: Any) -> Callable[[], Any]:
+        a = arrays(xp)
+        return lambda: bn.batch_norm_backward(a["dy"], a["x"], a["w"], a["m"], a["s"],
+                                              axis=axis)
+
+    def layer(xp: Any, fused: bool = False) -> Callable[[], Any]:
+        a = arrays(xp)
+        m = bn.BatchNorm2d(6, channels_last=axis == -1, activation="relu" if fused else None,
+                           dtype=acc)
+        z = a["z"] if fused else None
+        return lambda: (m(a["x"], residual=z), m.backward(a["dy"]))
+
+    return [
+        Case(f"batch_norm train {layout} {dtype}", 2, 2, train),
+        Case(f"batch_norm train relu+residual {layout} {dtype}", 2, 2,
+             lambda xp: train(xp, activation="relu", residual="z")),
+        Case(f"batch_norm eval {layout} {dtype}", 1, 2, evaluate),
+        Case(f"batch_norm eval relu+residual {layout} {dtype}", 1, 2,
+             lambda xp: evaluate(xp, activation="relu", residual="z")),
+        Case(f"batch_norm_backward {layout} {dtype}", 2, 2, backward),
+        Case(f"BatchNorm2d step {layout} {dtype}", 4, 4, layer),
+        # the fused residual's gradient is one more output
+        Case(f"BatchNorm2d relu+residual step {layout} {dtype}", 4, 5,
+             lambda xp: layer(xp, fused=True)),
+    ]
+
+
+def _family_cases(dtype: str, layout: str, n: int) -> list[Case]:
+    axis = 1 if layout == "NCHW" else -1
+    acc = _acc(dtype)
+    cf = layout == "NCHW"
+    group_launches = (1, 3) if cf else (3, 3)  # (forward, backward)
+
+    def group(xp: Any, shape: tuple[int, ...], groups: int, backward: bool,
+              instance: bool = False) -> Callable[[], Any]:
+        dims = shape if cf else (shape[0], *shape[2:], shape[1])
+        x, dy = _data(xp, dims, dtype, 1), _data(xp, dims, dtype, 2)
+        c = shape[1]
+        w, b = _data(xp, (c,), acc, 3), _data(xp, (c,), acc, 4)
+        if instance:
+            _, m, s = bn.instance_norm_forward(x, None, None, w, b, axis=axis)
+            if backward:
+                return lambda: bn.instance_norm_backward(dy, x, m, s, w, axis=axis)
+            return lambda: bn.instance_norm(x, None, None, w, b, axis=axis)
+        _, m, s = bn.group_norm_forward(x, groups, w, b, axis=axis)
+        if backward:
+            return lambda: bn.group_norm_backward(dy, x, groups, m, s, w, axis=axis)
+        return lambda: bn.group_norm(x, groups, w, b, axis=axis)
+
+    def layer_norm(xp: Any, backward: bool) -> Callable[[], Any]:
+        x, dy = _data(xp, (n, 7, 40), dtype, 1), _data(xp, (n, 7, 40), dtype, 2)
+        w, b = _data(xp, (40,), acc, 3), _data(xp, (40,), acc, 4)
+        _, m, s = bn.layer_norm_forward(x, 40, w, b)
+        if backward:
+            return lambda: bn.layer_norm_backward(dy, x, 40, m, s, w)
+        return lambda: bn.layer_norm(x, 40, w, b)
+
+    def layers(xp: Any) -> Callable[[], Any]:
+        x = _data(xp, (n, 8, 6, 5) if cf else (n, 6, 5, 8), dtype, 1)
+        gn = bn.GroupNorm(4, 8, dtype=acc, channels_last=not cf)
+        return lambda: (gn(x), gn.backward(x))
+
+    tag = f"{layout} {dtype} N={n}"
+    cases = [
+        Case(f"group_norm {tag}", group_launches[0], 2,
+             lambda xp: group(xp, (n, 8, 6, 5), 4, False)),
+        Case(f"group_norm_backward {tag}", group_launches[1], 2,
+             lambda xp: group(xp, (n, 8, 6, 5), 4, True)),
+        Case(f"instance_norm {tag}", group_launches[0], 2,
+             lambda xp: group(xp, (n, 8, 6, 5), 8, False, instance=True)),
+        Case(f"instance_norm_backward {tag}", group_launches[1], 2,
+             lambda xp: group(xp, (n, 8, 6, 5), 8, True, instance=True)),
+        Case(f"GroupNorm step {tag}", sum(group_launches), 4, layers),
+    ]
+    if cf:  # groups longer than one block's share: split statistics, then apply
+        cases.append(Case(f"group_norm long groups {tag}", 2, 2,
+                          lambda xp: group(xp, (n, 4, 40000), 2, False)))
+        cases += [Case(f"layer_norm {tag}", 1, 2, lambda xp: layer_norm(xp, False)),
+                  Case(f"layer_norm_backward {tag}", 2, 2, lambda xp: layer_norm(xp, True))]
+    return cases
+
+
+CASES = [c for dtype in DTYPES for layout in ("NCHW", "NHWC")
+         for c in _batch_cases(dtype, layout)
+         + [f for n in (1, 8) for f in _family_cases(dtype, layout, n)]]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_launch_and_allocation_budget(dev, case):
+    """After a first call (which compiles and sizes the stream's workspace), a call makes its
+    budgeted launches, allocates at most its outputs, and runs no array operation, memset or
+    host synchronisation."""
+    with bn.use_backend("cupy"):
+        run = case.make(dev)
+        run()
+        dev.SEAM.reset()
+        run()
+    seam = dev.SEAM
+    assert (seam.launches, seam.ops, seam.memsets, seam.syncs) == (case.launches, 0, 0, 0), \
+        seam.op_names
+    assert seam.allocations <= case.allocations
+
+
+# ------------------------------------------------------------------------------ streams
+
+def test_kernels_launch_on_cupys_current_stream(dev):
+    x = _data(dev, (4, 6, 5, 5), "float32")
+    layer = bn.BatchNorm2d(6)
+    layer(x)  # the default stream's workspace
+    stream = dev.cuda.Stream(non_blocking=True)
+    dev.SEAM.reset()
+    with stream:
+        layer.backward(layer(x))
+        bn.layer_norm(x, 5)
+        bn.group_norm(x, 3, axis=1)
+    assert dev.SEAM.streams and set(dev.SEAM.streams) == {stream.ptr}
+
+
+class _FakeTorch:
+    """A stand-in for torch's CUDA tensors: device memory exported through the CUDA array
+    interface and DLPack's device query, of a module named ``torch`` whose
+    ``cuda.current_stream()`` is not CuPy's."""
+
+    STREAM = 0xABC0
+
+    def __init__(self) -> None:
+        module = types.ModuleType("torch")
+        tensor = type("Tensor", (), {
+            "__module__": "torch",
+            "__init__": lambda self, a: setattr(self, "array", a),
+            "__dlpack_device__": lambda self: (2, 0),  # kDLCUDA, device 0
+            "__cuda_array_interface__": property(
+                lambda self: self.array.__cuda_array_interface__),
+        })
+        stream = types.SimpleNamespace(cuda_stream=self.STREAM)
+        module.Tensor = tensor
+        module.cuda = types.SimpleNamespace(current_stream=lambda device=None: stream)
+        module.from_dlpack = tensor
+        self.module, self.Tensor = module, tensor
+
+
+def test_torch_cuda_tensors_run_on_torchs_current_stream(dev, monkeypatch):
+    torch = _FakeTorch()
+    monkeypatch.setitem(sys.modules, "torch", torch.module)
+    x = _data(dev, (4, 6, 5, 5), "float32")
+    rm, rv = dev.zeros(6, "float32"), dev.ones(6, "float32")
+    t = torch.Tensor(x)
+    dev.SEAM.reset()
+    y = bn.batch_norm(t, torch.Tensor(rm), torch.Tensor(rv), training=True)
+    layer = bn.BatchNorm2d(6)
+    out = layer(t)
+    dx = layer.backward(torch.Tensor(_data(dev, (4, 6, 5, 5), "float32", 3)))
+    assert isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor)
+    assert isinstance(dx, torch.Tensor)
+    assert dev.SEAM.streams and set(dev.SEAM.streams) == {_FakeTorch.STREAM}
+    ref = bn.batch_norm(to_numpy(x), None, None, training=True)
+    np.testing.assert_allclose(to_numpy(y.array), ref, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(rm), 0.1 * to_numpy(x).mean(axis=(0, 2, 3)),
+                               rtol=1e-5)  # running statistics updated in the caller's memory
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+
+def _graph_layer(channels_last: bool, fused: bool) -> tuple[Any, Any]:
+    kwargs = {"channels_last": channels_last, "activation": "relu" if fused else None}
+    return bn.BatchNorm2d(6, momentum=0.3, **kwargs), bn.BatchNorm2d(6, momentum=0.3, **kwargs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_layer_step_captured_in_a_graph_replays_like_eager_calls(dev, channels_last, fused):
+    """Forward + backward captured once and replayed with new data copied into the captured
+    inputs: outputs, gradients and running statistics equal those of eager calls."""
+    shape = (4, 5, 7, 6) if channels_last else (4, 6, 5, 7)
+    batches = [_data(dev, shape, "float32", seed) for seed in range(4)]
+    grads = [_data(dev, shape, "float32", 10 + seed) for seed in range(4)]
+    residual = _data(dev, shape, "float32", 99) if fused else None
+    captured, eager = _graph_layer(channels_last, fused)
+    x, dy = dev.empty(shape, "float32"), dev.empty(shape, "float32")
+    x[...], dy[...] = batches[0], grads[0]
+    stream = dev.cuda.Stream(non_blocking=True)
+    with stream:
+        captured.backward(captured(x, residual=residual))  # warm-up: workspace, kernels
+        eager.backward(eager(batches[0], residual=residual))
+        stream.begin_capture()
+        y = captured(x, residual=residual)
+        dx = captured.backward(dy)
+        graph = stream.end_capture()
+    for step in range(1, 4):
+        x[...], dy[...] = batches[step], grads[step]
+        graph.launch()
+        ey = eager(batches[step], residual=residual)
+        edx = eager.backward(grads[step])
+        for got, want in ((y, ey), (dx, edx), (captured.grad_weight, eager.grad_weight),
+                          (captured.grad_bias, eager.grad_bias),
+                          (captured.running_mean, eager.running_mean),
+                          (captured.running_var, eager.running_var)):
+            np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+
+def test_family_ops_capture_and_replay(dev):
+    x = _data(dev, (4, 8, 5, 6), "float32")
+    xl = _data(dev, (6, 40), "float32")
+    ref = {"gn": bn.group_norm(x, 4), "ln": bn.layer_norm(xl, 40),
+           "gn_cl": bn.group_norm(x, 2, axis=-1)}
+    stream = dev.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(2):  # warm-up, then capture
+            if _:
+                stream.begin_capture()
+            out = {"gn": bn.group_norm(x, 4), "ln": bn.layer_norm(xl, 40),
+                   "gn_cl": bn.group_norm(x, 2, axis=-1)}
+        graph = stream.end_capture()
+    graph.launch()
+    for key, value in out.items():
+        np.testing.assert_array_equal(to_numpy(value), to_numpy(ref[key]))
+
+
+def test_capture_refuses_host_state_that_a_replay_would_repeat(dev):
+    layer = bn.BatchNorm2d(6, momentum=None)
+    x = _data(dev, (4, 6, 5, 5), "float32")
+    stream = dev.cuda.Stream(non_blocking=True)
+    with stream:
+        layer(x)
+        stream.begin_capture()
+        with pytest.raises(RuntimeError, match="momentum=None.*CUDA graph"):
+            layer(x)
+        stream.end_capture()
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_the_cpu_target_refuses_what_a_capture_cannot_hold(dev):
+    """The model's capture rules: no host synchronisation while capturing, and no replay over
+    memory freed since the capture."""
+    x = _data(dev, (4, 6, 5, 5), "float32")
+    stream = dev.cuda.Stream(non_blocking=True)
+    with stream:
+        bn.batch_norm(x, None, None, training=True)
+        stream.begin_capture()
+        with pytest.raises(dev.CaptureError, match="synchronisation"):
+            x.get()
+        y = bn.batch_norm(x, None, None, training=True)
+        graph = stream.end_capture()
+    del y  # the captured output is freed: a replay would write memory given to others
+    with pytest.raises(dev.CaptureError, match="freed after the capture"):
+        graph.launch()
+
+
+# ------------------------------------------------------------------------------ faults
+
+def _state(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: to_numpy(v).copy() for k, v in arrays.items() if v is not None}
+
+
+def _fault_cases(dev: Any) -> list[tuple[str, Callable[[], Any], Callable[[], dict]]]:
+    """(name, call, state): every op, and the state a failed call must leave as it was."""
+    cases = []
+    for layout, shape, axis in (("NCHW", (4, 6, 5, 8), 1), ("NHWC", (4, 5, 8, 6), -1)):
+        x, dy, z = (_data(dev, shape, "float32", s) for s in range(3))
+        rm, rv = dev.zeros(6, "float32"), dev.ones(6, "float32")
+        w, b = _data(dev, (6,), "float32", 4), _data(dev, (6,), "float32", 5)
+        _, m, s = bn.batch_norm_forward(x, None, None, w, b, True, axis=axis)
+        layer = bn.BatchNorm2d(6, channels_last=axis == -1, activation="relu")
+        layer(x, residual=z)
+
+        def layer_state(layer: Any = layer) -> dict:
+            return {**_state(layer.state_dict()), **_state(
+                {"gw": layer.grad_weight, "gb": layer.grad_bias, "gr": layer.grad_residual})}
+
+        ax = axis
+        cases += [
+            (f"batch_norm train {layout}",
+             lambda x=x, rm=rm, rv=rv, w=w, b=b, ax=ax: bn.batch_norm(x, rm, rv, w, b, True,
+                                                                      axis=ax),
+             lambda rm=rm, rv=rv: _state({"rm": rm, "rv": rv})),
+            (f"batch_norm eval {layout}",
+             lambda x=x, rm=rm, rv=rv, ax=ax: bn.batch_norm(x, rm, rv, None, None, False,
+                                                            axis=ax),
+             lambda rm=rm, rv=rv: _state({"rm": rm, "rv": rv})),
+            (f"batch_norm_backward {layout}",
+             lambda dy=dy, x=x, w=w, m=m, s=s, ax=ax: bn.batch_norm_backward(dy, x, w, m, s,
+                                                                             axis=ax),
+             dict),
+            (f"BatchNorm2d relu+residual forward {layout}",
+             lambda layer=layer, x=x, z=z: layer(x, residual=z), layer_state),
+            (f"BatchNorm2d relu+residual backward {layout}",
+             lambda layer=layer, dy=dy: layer.backward(dy), layer_state),
+            (f"group_norm {layout}", lambda x=x, ax=ax: bn.group_norm(x, 3, axis=ax), dict),
+            (f"instance_norm with running statistics {layout}",
+             lambda x=x, rm=rm, rv=rv, ax=ax: bn.instance_norm(x, rm, rv, axis=ax),
+             lambda rm=rm, rv=rv: _state({"rm": rm, "rv": rv})),
+            (f"group_norm_backward {layout}",
+             lambda x=x, dy=dy, ax=ax: bn.group_norm_backward(
+                 dy, x, 3, *bn.group_norm_forward(x, 3, axis=ax)[1:], axis=ax), dict),
+        ]
+    xl, dyl = _data(dev, (6, 40), "float32"), _data(dev, (6, 40), "float32", 1)
+    _, lm, ls = bn.layer_norm_forward(xl, 40)
+    cases += [("layer_norm", lambda: bn.layer_norm(xl, 40), dict),
+              ("layer_norm_backward", lambda: bn.layer_norm_backward(dyl, xl, 40, lm, ls), dict)]
+    return cases
+
+
+def _arrays(result: Any) -> list[Any]:
+    """The arrays in a result (an array or nested tuples of them and None)."""
+    if isinstance(result, tuple):
+        return [a for item in result for a in _arrays(item)]
+    return [] if result is None else [result]
+
+
+def test_a_failure_at_any_allocation_or_launch_loses_nothing(dev):
+    """Every op fails at its k-th allocation and at its k-th launch, for every k: the error
+    reaches the caller, the caller's state is as it was, and the next call on the stream (whose
+    arrival counters the failed call used) gives what an undisturbed call gives."""
+    checked = 0
+    for name, call, state in _fault_cases(dev):
+        call()  # the stream's workspace exists: faults hit the op's own allocations
+        dev.SEAM.reset()
+        expected = call()
+        counts = {"allocation": dev.SEAM.allocations, "launch": dev.SEAM.launches}
+        for kind, total in counts.items():
+            for k in range(1, total + 1):
+                restore = state()
+                dev.FAULTS.arm(kind, k)
+                with pytest.raises((dev.OutOfMemoryError, dev.CUDADriverError)):
+                    call()
+                dev.FAULTS.disarm()
+                after = state()
+                assert after.keys() == restore.keys()
+                for key in after:
+                    np.testing.assert_array_equal(after[key], restore[key],
+                                                  err_msg=f"{name}: {kind} {k}: {key}")
+                checked += 1
+        again = call()
+        for got, want in zip(_arrays(again), _arrays(expected), strict=True):
+            np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-5, atol=1e-5,
+                                       err_msg=name)
+    assert checked > 40
+
+
+# ------------------------------------------------------------------------------ null pointers
+
+def test_optional_arguments_reach_the_kernels_as_null_pointers(dev):
+    """The CPU target refuses None as a kernel argument (CuPy 13 passes it as a garbage
+    address); every op with every optional argument left out runs."""
+    from tests.emulated import KernelFault
+
+    kernel = cupy_backend.runtime().kernel("float32", cupy_backend.name_expressions(
+        ("float32",))[0])
+    with pytest.raises(KernelFault, match="None"):
+        kernel((1,), (256,), tuple([None] * len(kernel.signature)))
+    x = _data(dev, (4, 6, 5, 5), "float32")
+    y, m, s = bn.batch_norm_forward(x, None, None, None, None, True)
+    bn.batch_norm_backward(x, x, None, m, s)
+    y, m, s = bn.group_norm_forward(x, 3)
+    bn.group_norm_backward(x, x, 3, m, s)
+    y, m, s = bn.layer_norm_forward(x, (5, 5))
+    bn.layer_norm_backward(x, x, (5, 5), m, s)
+    np.testing.assert_allclose(to_numpy(y), bn.layer_norm(to_numpy(x), (5, 5)), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ views
+
+@pytest.mark.parametrize("fn", [
+    lambda xp, a: xp.moveaxis(a, 1, -1), lambda xp, a: xp.transpose(a, (0, 2, 3, 1)),
+    lambda xp, a: xp.broadcast_to(a[:1], a.shape), lambda xp, a: xp.expand_dims(a, 0),
+    lambda xp, a: xp.reshape(a, (-1,)), lambda xp, a: a.reshape(2, -1), lambda xp, a: a[:, ::2],
+], ids=["moveaxis", "transpose", "broadcast_to", "expand_dims", "reshape", "ndarray.reshape",
+        "slice"])
+def test_module_functions_keep_views_as_views(dev, fn):
+    a = dev.zeros((2, 3, 4, 5), "float32")
+    dev.SEAM.reset()
+    view = fn(dev, a)
+    assert (dev.SEAM.allocations, dev.SEAM.ops) == (0, 0)
+    a[...] = 7.0
+    assert (to_numpy(view) == 7.0).all()
