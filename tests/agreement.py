@@ -67,13 +67,12 @@ def arrange(xp: Any, a: np.ndarray, layout: str, axis: int) -> Any:
     if layout == "reversed":
         return xp.asarray(np.ascontiguousarray(a[::-1]))[::-1]
     channel = axis % a.ndim
-    if layout == "channels moved":
+    if layout == "channels moved":  # NCHW <-> NHWC memory, as torch's channels_last
         other = a.ndim - 1 if channel == 1 else 1
-    else:  # transposed
-        other = max((i for i in range(a.ndim) if i != channel), default=0)
-        channel = 0
-    return xp.swapaxes(xp.asarray(np.ascontiguousarray(np.swapaxes(a, channel, other))),
-                       channel, other)
+        return xp.moveaxis(xp.asarray(np.ascontiguousarray(np.moveaxis(a, channel, other))),
+                           other, channel)
+    other = max((i for i in range(a.ndim) if i != channel), default=0)  # transposed
+    return xp.swapaxes(xp.asarray(np.ascontiguousarray(np.swapaxes(a, 0, other))), 0, other)
 
 
 def parameters(c: int, dtype: Any, rng: np.random.Generator,

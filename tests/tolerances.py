@@ -97,7 +97,7 @@ def overflowing(expected: Any, dtype: Any) -> np.ndarray:
 
 
 def _group_max(a: np.ndarray) -> np.ndarray:
-    """Largest value of each group ``[i, g]`` of an ``(n, G, K, S)`` array, kept as a view."""
+    """Largest value of each group ``[i, g]`` of an ``(n, G, K, S)`` array, shape (n, G, 1, 1)."""
     return a.max(axis=(2, 3), keepdims=True) if a.size else np.zeros(a.shape[:2] + (1, 1))
 
 
@@ -128,7 +128,7 @@ class Bounds:
     def __init__(self, x4: Any, dtype: Any, weight: Any = None, bias: Any = None,
                  residual: Any = None, eps: float = 1e-5, stats: Any = None) -> None:
         x4 = np.asarray(x4, np.float64)
-        self.x4, self.dtype = x4, np.dtype(dtype)
+        self.dtype = np.dtype(dtype)
         self.ud, self.uc, u64 = unit(dtype), unit(compute_dtype(dtype)), unit(np.float64)
         n, g, k, s = x4.shape
         self.m = k * s
@@ -167,7 +167,6 @@ class Bounds:
         #: bounds of the statistics as saved in the compute dtype, shape (n, G, 1, 1)
         self.saved_mean = self.d_mean + self.uc * np.abs(mean)
         self.saved_invstd = (self.rel_inv + self.uc) * self.inv
-        self.pre = pre
 
     def running(self, running_mean: Any, running_var: Any, momentum: float,
                 mean_dtype: Any = None, var_dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
