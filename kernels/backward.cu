@@ -66,49 +66,50 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) backward_reduce(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
-    const I rows, const I channels, const I inner_vecs, const int splits, const int lanes,
-    SumPair<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
-    const typename acc_of<T>::type* mean, const typename acc_of<T>::type* lo,
-    const typename acc_of<T>::type* invstd, const typename acc_of<T>::type* weight,
-    const typename acc_of<T>::type* fwd, const double count, const int training,
-    typename acc_of<T>::type* grads, typename acc_of<T>::type* coef) {
+    const I rows, const I channels, const I inner, const I head, const int splits,
+    const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
+    unsigned int* __restrict__ counters, const typename acc_of<T>::type* mean,
+    const typename acc_of<T>::type* lo, const typename acc_of<T>::type* invstd,
+    const typename acc_of<T>::type* weight, const typename acc_of<T>::type* fwd,
+    const double count, const int training, typename acc_of<T>::type* grads,
+    typename acc_of<T>::type* coef) {
     const GradOp<T> op = {{},   mean,     lo,    invstd, weight, fwd, count, training,
                           grads, coef, (unsigned long long)channels};
     if (CL)
-        reduce_nhwc<GradOp<T>, V, I>(op, x, dy, residual, rows, inner_vecs, splits, lanes,
-                                     partials, counters);
+        reduce_nhwc<GradOp<T>, V, I>(op, x, dy, residual, rows, inner, splits, lanes, partials,
+                                     counters);
     else
-        reduce_nchw<GradOp<T>, V, I>(op, x, dy, residual, rows, channels, inner_vecs, splits,
+        reduce_nchw<GradOp<T>, V, I>(op, x, dy, residual, rows, channels, inner, head, splits,
                                      partials, counters);
 }
 
 // dx = a[c] * g + b[c] * (x - center[c]) + c[c] with the coefficients backward_reduce wrote; g is
 // dy, or with a fused ReLU (fwd not null) dy masked where the forward's output was not positive.
-// g_out (may be null) receives g: the gradient of the fused residual. Flat grid-stride loop.
-template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256) backward_apply(
-    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
-    T* __restrict__ dx, T* __restrict__ g_out, const I total_vecs, const I channels,
-    const I inner_vecs, const typename acc_of<T>::type* __restrict__ coef,
-    const typename acc_of<T>::type* __restrict__ fwd) {
+// g_out (may be null) receives g: the gradient of the fused residual. With dx null, g alone
+// (SyncBatchNorm's step through the ReLU; coef unused).
+template <typename T, bool CL, typename I> struct BackwardApplyOp {
     typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* gv = reinterpret_cast<const vec*>(dy);
-    const vec* zv = reinterpret_cast<const vec*>(residual);
-    vec* dxv = reinterpret_cast<vec*>(dx);
-    vec* gov = reinterpret_cast<vec*>(g_out);
-    const T zero = from_acc<T>(A(0));
-    const I stride = (I)gridDim.x * blockDim.x;
-    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
-        const vec xi = xv[j];
-        vec gi = gv[j];
+    const T* __restrict__ dy;
+    const T* __restrict__ x;
+    const T* __restrict__ residual;
+    T* __restrict__ dx;
+    T* __restrict__ g_out;
+    const A* __restrict__ coef;
+    const A* __restrict__ fwd;
+    I channels, inner;
+
+    template <int W> __device__ __forceinline__ void run(const I i) const {
+        typedef vec_t<T, W> vec;
+        const vec xi = ld(reinterpret_cast<const vec*>(x + i));
+        vec gi = ld(reinterpret_cast<const vec*>(dy + i));
         vec z;
-        if (residual) z = zv[j];
+        if (residual) z = ld(reinterpret_cast<const vec*>(residual + i));
+        const T zero = from_acc<T>(A(0));
+        ChannelWalk<CL, I> ch(i, channels, inner);
         vec out;
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
+        for (int k = 0; k < W; ++k) {
+            const I c = ch.c;
             const A xk = to_acc(xi.v[k]);
             if (fwd) {
                 const A v = pre_activation(xk, fwd[STAT_CENTER * channels + c],
@@ -117,46 +118,26 @@ __global__ void __launch_bounds__(256) backward_apply(
                                            residual ? to_acc(z.v[k]) : A(0));
                 if (!(to_acc(from_acc<T>(v)) > A(0))) gi.v[k] = zero;
             }
-            out.v[k] = from_acc<T>(coef[channels + c] * to_acc(gi.v[k]) +
-                                   coef[2 * channels + c] * (xk - coef[c]) +
-                                   coef[3 * channels + c]);
+            if (dx)
+                out.v[k] = from_acc<T>(coef[channels + c] * to_acc(gi.v[k]) +
+                                       coef[2 * channels + c] * (xk - coef[c]) +
+                                       coef[3 * channels + c]);
+            ch.next();
         }
-        dxv[j] = out;
-        if (g_out) gov[j] = gi;
+        if (dx) st(reinterpret_cast<vec*>(dx + i), out);
+        if (g_out) st(reinterpret_cast<vec*>(g_out + i), gi);
     }
-}
+};
 
-// Gradient through a fused ReLU alone (SyncBatchNorm's backward): g = dy where the forward output
-// (recomputed from x, the STAT rows `fwd` and the residual) is > 0, else 0.
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256) relu_grad(
+__global__ void __launch_bounds__(256) backward_apply(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
-    T* __restrict__ g, const I total_vecs, const I channels, const I inner_vecs,
+    T* __restrict__ dx, T* __restrict__ g_out, const I total, const I head, const I channels,
+    const I inner, const typename acc_of<T>::type* __restrict__ coef,
     const typename acc_of<T>::type* __restrict__ fwd) {
-    typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* zv = reinterpret_cast<const vec*>(residual);
-    const vec* gv = reinterpret_cast<const vec*>(dy);
-    vec* outv = reinterpret_cast<vec*>(g);
-    const T zero = from_acc<T>(A(0));
-    const I stride = (I)gridDim.x * blockDim.x;
-    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
-        const vec xi = xv[j], gi = gv[j];
-        vec z;
-        if (residual) z = zv[j];
-        vec out;
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
-            const A v = pre_activation(to_acc(xi.v[k]), fwd[STAT_CENTER * channels + c],
-                                       fwd[STAT_SCALE * channels + c],
-                                       fwd[STAT_SHIFT * channels + c], residual != 0,
-                                       residual ? to_acc(z.v[k]) : A(0));
-            out.v[k] = to_acc(from_acc<T>(v)) > A(0) ? gi.v[k] : zero;
-        }
-        outv[j] = out;
-    }
+    const BackwardApplyOp<T, CL, I> op = {dy, x, residual, dx, g_out, coef, fwd, channels,
+                                          inner};
+    elementwise<BackwardApplyOp<T, CL, I>, V, I>(op, total, head);
 }
 
 // LayerNorm's per-row sums: sum(w[col] * dy) and sum(w[col] * dy * (x - center[row])).
@@ -224,10 +205,16 @@ template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
     unsigned long long columns;
 
     template <typename I> __device__ A context(const A, const I) const { return A(0); }
-    template <typename I>
-    __device__ void push(SumPair<A>& s, const A, const A x, const A g, const I row) const {
-        s.dy += g;
-        s.dy_xmu += g * (((x - center[row]) - (lo ? lo[row] : A(0))) * rstd[row]);
+    template <int N, typename I>
+    __device__ void push(SumPair<A>& s, const A, const A (&x)[N], const A (&g)[N],
+                         const I (&row)[N], const int n) const {
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if (i < n) {
+                const I r = row[i];
+                s.dy += g[i];
+                s.dy_xmu += g[i] * (((x[i] - center[r]) - (lo ? lo[r] : A(0))) * rstd[r]);
+            }
     }
     template <typename I> __device__ void finalize(const SumPair<A> s, const I c, const A) const {
         grads[c] = s.dy_xmu;
@@ -277,21 +264,22 @@ template <typename TT> struct CellGradOp : SumOps<typename acc_of<TT>::type> {
     }
 };
 
-// Channel-first cells (n * C contiguous planes): split reduction (rows = 1, channels = cells) or,
-// with height > 0, several short planes per block (reduce_rows).
+// Channel-first cells (n * C contiguous planes of `plane` values, x's first 16-byte boundary
+// `head` values in): split reduction (rows = 1, channels = cells) or, with height > 0, several
+// planes per block (reduce_rows; then plane is a multiple of V and head 0).
 template <typename T, int V, typename I>
 __global__ void __launch_bounds__(256) cell_grad_planes(
-    const T* __restrict__ dy, const T* __restrict__ x, const I cells, const I plane_vecs,
-    const int splits, const int height, SumPair<typename acc_of<T>::type>* __restrict__ partials,
-    unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
-    const typename acc_of<T>::type* lo, const I channels, const I group_channels,
-    double* sums) {
+    const T* __restrict__ dy, const T* __restrict__ x, const I cells, const I plane,
+    const I head, const int splits, const int height,
+    SumPair<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
+    const typename acc_of<T>::type* center, const typename acc_of<T>::type* lo, const I channels,
+    const I group_channels, double* sums) {
     const CellGradOp<T> op = {{}, center, lo, (unsigned long long)channels,
                               (unsigned long long)group_channels, sums, (unsigned long long)cells};
     if (height)
-        reduce_rows<CellGradOp<T>, V, I>(op, x, dy, cells, plane_vecs, height);
+        reduce_rows<CellGradOp<T>, V, I>(op, x, dy, cells, plane / V, height);
     else
-        reduce_nchw<CellGradOp<T>, V, I>(op, x, dy, (const T*)0, (I)1, cells, plane_vecs, splits,
+        reduce_nchw<CellGradOp<T>, V, I>(op, x, dy, (const T*)0, (I)1, cells, plane, head, splits,
                                          partials, counters);
 }
 
@@ -349,38 +337,53 @@ __global__ void group_grad_coefficients(const double* __restrict__ sums,
     }
 }
 
-// The input gradient of the normalizations over groups (see group_of for L):
+// The input gradient of the normalizations over groups (see GroupWalk for L):
 //   dx = invstd[g] * w[c] * dy + q[g] * ((x - center[g]) - lo[g]) + r[g].
+template <typename T, int L, typename I> struct GroupBackwardOp {
+    typedef typename acc_of<T>::type A;
+    const T* __restrict__ dy;
+    const T* __restrict__ x;
+    T* __restrict__ dx;
+    const A* __restrict__ center;
+    const A* __restrict__ lo;
+    const A* __restrict__ invstd;
+    const A* __restrict__ weight;
+    const A* __restrict__ coef;
+    I channels, inner, group_channels, groups;
+
+    template <int W> __device__ __forceinline__ void run(const I i) const {
+        typedef vec_t<T, W> vec;
+        const vec xi = ld(reinterpret_cast<const vec*>(x + i));
+        const vec gi = ld(reinterpret_cast<const vec*>(dy + i));
+        GroupWalk<L, I> at(i, channels, inner, group_channels);
+        vec out;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            const I g = at.g;
+            const A w = weight ? weight[at.c] : A(1);
+            out.v[k] = from_acc<T>(invstd[g] * w * to_acc(gi.v[k]) +
+                                   coef[g] * ((to_acc(xi.v[k]) - center[g]) -
+                                              (lo ? lo[g] : A(0))) +
+                                   coef[groups + g]);
+            at.next();
+        }
+        st(reinterpret_cast<vec*>(dx + i), out);
+    }
+};
+
 template <typename T, int V, typename I, int L>
 __global__ void __launch_bounds__(256) group_backward_apply(
-    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I total_vecs,
-    const I channels, const I inner_vecs, const I sample_vecs, const I group_channels,
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I total,
+    const I head, const I channels, const I inner, const I group_channels,
     const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
     const typename acc_of<T>::type* __restrict__ invstd, const I groups,
     const typename acc_of<T>::type* __restrict__ weight,
     const typename acc_of<T>::type* __restrict__ coef) {
-    typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* gv = reinterpret_cast<const vec*>(dy);
-    vec* dxv = reinterpret_cast<vec*>(dx);
-    const I stride = (I)gridDim.x * blockDim.x;
-    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
-        const vec xi = xv[j], gi = gv[j];
-        vec out;
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            I g, c;
-            group_of<L>(j, k, channels, inner_vecs, sample_vecs, group_channels, V, g, c);
-            const A w = weight ? weight[c] : A(1);
-            out.v[k] = from_acc<T>(invstd[g] * w * to_acc(gi.v[k]) +
-                                   coef[g] * ((to_acc(xi.v[k]) - center[g]) -
-                                              (lo ? lo[g] : A(0))) +
-                                   coef[groups + g]);
-        }
-        dxv[j] = out;
-    }
+    const GroupBackwardOp<T, L, I> op = {dy,     x,      dx,    center,   lo,      invstd,
+                                         weight, coef,   channels, inner, group_channels,
+                                         groups};
+    elementwise<GroupBackwardOp<T, L, I>, V, I>(op, total, head);
 }
 
 }  // namespace bncupy

@@ -86,7 +86,7 @@ def test_launch_geometries_give_the_same_bits(xp, monkeypatch, sms, index64, ali
     shape = (16, 4, 48, 48)
     x = _data(shape, np.float32, seed=3)
     flat = np.empty(x.size + 1, np.float32)
-    if not aligned:  # a view one element into its allocation: width-1 loads
+    if not aligned:  # a view one element into its allocation: 3 single values, then vectors
         flat[1:] = x.ravel()
     reference = _run_all(xp, x)
     monkeypatch.setattr(cupy_backend.runtime(), "sms", sms, raising=False)
@@ -95,7 +95,8 @@ def test_launch_geometries_give_the_same_bits(xp, monkeypatch, sms, index64, ali
     xd = xp.asarray(flat)[1:].reshape(shape) if not aligned else xp.asarray(x)
     geometry = cupy_backend._geometry(xd, 1)
     assert geometry.index == ("unsigned long long" if index64 else "unsigned int")
-    assert geometry.width == (4 if aligned else 1)
+    assert geometry.width == 4  # 16-byte loads after `head` single values, aligned or not
+    assert geometry.head == (0 if aligned else 3)
     if sms == 1000:
         assert geometry.splits > 1
     with bn.use_backend("numpy"):

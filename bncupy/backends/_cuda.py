@@ -136,7 +136,7 @@ def set_runtime(new: Any) -> Any:
 CTYPES = {"float16": "bncupy::half_t", "float32": "float", "float64": "double"}
 SOURCES = ("forward.cu", "backward.cu")
 INDEX_TYPES = ("unsigned int", "unsigned long long")
-_LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply", "relu_grad")
+_LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply")
 _ROW_KERNELS = ("cell_stats", "row_forward", "row_backward", "column_grads", "cell_grad_planes",
                 "cell_grad_cl")
 _GROUP_KERNELS = ("group_apply", "group_backward_apply")
