@@ -343,7 +343,6 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
     dy, residual = _like(dy, x), _like(residual, x)
     geo = _geometry(x, axis, dy, residual)
     grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, training, fwd, residual)
-    xp = _cuda.runtime().xp
     dx = _output_like(x)
     g = _output_like(x) if fwd is not None and residual is not None else None
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
