@@ -181,14 +181,138 @@ __global__ void __launch_bounds__(256) row_backward(
     const vec* gv = reinterpret_cast<const vec*>(dy) + (size_t)row * row_vecs;
     vec* dxv = reinterpret_cast<vec*>(dx) + (size_t)row * row_vecs;
     for (I j = threadIdx.x & (height - 1); j < row_vecs; j += height) {
-        const vec xi = xv[j], gi = gv[j];
+        const vec xi = ld(xv + j), gi = ld(gv + j);
         vec out;
 #pragma unroll
         for (int k = 0; k < V; ++k)
             out.v[k] = from_acc<T>(r * op.dy_scale(j * V + k) * to_acc(gi.v[k]) +
                                    q * ((to_acc(xi.v[k]) - m) - residual) + k0);
-        dxv[j] = out;
+        st(dxv + j, out);
     }
+}
+
+// LayerNorm's backward over rows held in registers (slots of `height` threads per row as in
+// row_norm): x and dy are read once and dx written once,
+//   dx = rstd * w * dy - rstd * mean(w * dy) - (x - mean) * rstd^3 * mean(w * dy * (x - mean)),
+// the mean being center + lo (lo may be null: 0). A thread owns the same columns in every row, so
+// it sums dy * xhat and dy of its columns over its rows in registers; several slots per block
+// are merged in slot order through shared memory (2 * columns values, at most 32 KB) and written
+// as the block's partials: partials[block][0 | 1][column], summed over blocks by column_sums.
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(1024) row_norm_backward(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
+    const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
+    const typename acc_of<T>::type* __restrict__ lo,
+    const typename acc_of<T>::type* __restrict__ rstd,
+    const typename acc_of<T>::type* __restrict__ weight,
+    typename acc_of<T>::type* __restrict__ partials) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    const int R = row_regs<V>::value;
+    __shared__ SumPair<A> scratch[32];
+    const A n = A((double)row_vecs * V);
+    const I columns = row_vecs * V;
+    const int slots = blockDim.x / height;
+    const int slot = threadIdx.x / height, ty = threadIdx.x % height;
+    A dw[R][V], db[R][V];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int k = 0; k < V; ++k) dw[r][k] = db[r][k] = A(0);
+    for (I first = (I)blockIdx.x * slots; first < rows; first += (I)gridDim.x * slots) {
+        const I row = first + slot;
+        const bool active = row < rows;
+        const size_t base = (size_t)row * row_vecs;
+        const A m = active ? center[row] : A(0), l = active && lo ? lo[row] : A(0);
+        const A inv = active ? rstd[row] : A(0);
+        vec xr[R], gr[R];
+        SumPair<A> s = {A(0), A(0)};
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (active && j < row_vecs) {
+                xr[r] = ld(reinterpret_cast<const vec*>(x) + base + j);
+                gr[r] = ld(reinterpret_cast<const vec*>(dy) + base + j);
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A wg = (weight ? weight[j * V + k] : A(1)) * to_acc(gr[r].v[k]);
+                    s.dy += wg;
+                    s.dy_xmu += wg * ((to_acc(xr[r].v[k]) - m) - l);
+                }
+            }
+        }
+        s = slot_sum(s, height, scratch);
+        if (!active) continue;
+        const A q = -inv * inv * inv * s.dy_xmu / n;
+        const A k0 = -inv * s.dy / n;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (j < row_vecs) {
+                vec out;
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A g = to_acc(gr[r].v[k]);
+                    const A centred = (to_acc(xr[r].v[k]) - m) - l;
+                    out.v[k] = from_acc<T>(inv * (weight ? weight[j * V + k] : A(1)) * g +
+                                           q * centred + k0);
+                    dw[r][k] += g * (centred * inv);
+                    db[r][k] += g;
+                }
+                st(reinterpret_cast<vec*>(dx) + base + j, out);
+            }
+        }
+    }
+    A* mine = partials + (size_t)blockIdx.x * 2 * columns;
+    if (slots == 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (j < row_vecs)
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    mine[j * V + k] = dw[r][k];
+                    mine[columns + j * V + k] = db[r][k];
+                }
+        }
+        return;
+    }
+    // Slot by slot, each adding its sums to what the slots before it left in `merged`.
+    __shared__ A merged[32768 / sizeof(A)];
+    for (int turn = 0; turn < slots; ++turn) {
+        __syncthreads();
+        if (slot == turn)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const I j = ty + (I)r * height;
+                if (j < row_vecs)
+#pragma unroll
+                    for (int k = 0; k < V; ++k) {
+                        const I col = j * V + k;
+                        merged[col] = turn ? merged[col] + dw[r][k] : dw[r][k];
+                        merged[columns + col] = turn ? merged[columns + col] + db[r][k]
+                                                     : db[r][k];
+                    }
+            }
+    }
+    __syncthreads();
+    for (I col = threadIdx.x; col < 2 * columns; col += blockDim.x) mine[col] = merged[col];
+}
+
+// The per-column sums of row_norm_backward's partials over its blocks, in block order:
+// grads = [sum(dy * xhat), sum(dy)] (one thread per column).
+template <typename A>
+__global__ void column_sums(const A* __restrict__ partials, const int blocks,
+                            const unsigned long long columns, A* __restrict__ grads) {
+    const unsigned long long col = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= columns) return;
+    A dw = A(0), db = A(0);
+    for (int b = 0; b < blocks; ++b) {
+        dw += partials[(size_t)b * 2 * columns + col];
+        db += partials[(size_t)b * 2 * columns + columns + col];
+    }
+    grads[col] = dw;
+    grads[columns + col] = db;
 }
 
 // LayerNorm's parameter gradients, per column over the rows: grads = [sum(dy * xhat), sum(dy)],

@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(256) row_forward(
     const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
     vec* yv = reinterpret_cast<vec*>(y) + (size_t)row * row_vecs;
     for (I j = ty; j < row_vecs; j += height) {
-        const vec in = xv[j];
+        const vec in = ld(xv + j);
         vec out;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
@@ -263,7 +263,86 @@ __global__ void __launch_bounds__(256) row_forward(
             out.v[k] = from_acc<T>(((to_acc(in.v[k]) - m.center) - m.lo) * s +
                                    (bias ? bias[c] : A(0)));
         }
-        yv[j] = out;
+        st(yv + j, out);
+    }
+}
+
+// Normalization of rows held in registers: `height` threads (a slot; a power of two, 32 or more)
+// per row, several slots per block, grid-stride over the rows; each thread keeps up to R vectors
+// of its row, so x is read once. LayerNorm (plane_vecs = 0: the affine map is per column) and
+// short channel-first groups (a row is one sample's group of group_channels planes of plane_vecs
+// vectors; groups per sample = `groups`). Mean and variance by two passes over the registers
+// around the row's first value; writes y and the STAT_CENTER/INVSTD/LO/M2 rows of `stats`
+// (`rows` long).
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(1024) row_norm(
+    const T* __restrict__ x, T* __restrict__ y, const I rows, const I row_vecs, const int height,
+    const I plane_vecs, const I groups, const I group_channels,
+    const typename acc_of<T>::type* __restrict__ weight,
+    const typename acc_of<T>::type* __restrict__ bias, const typename acc_of<T>::type eps,
+    typename acc_of<T>::type* __restrict__ stats) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    const int R = row_regs<V>::value;
+    __shared__ SumPair<A> scratch[32];
+    const A n = A((double)row_vecs * V);
+    const int slots = blockDim.x / height;
+    const int slot = threadIdx.x / height, ty = threadIdx.x % height;
+    for (I first = (I)blockIdx.x * slots; first < rows; first += (I)gridDim.x * slots) {
+        const I row = first + slot;
+        const bool active = row < rows;
+        const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
+        // a per-row pilot, not traffic
+        const A pilot = active ? to_acc(x[(size_t)row * row_vecs * V]) : A(0);
+        vec xr[R];
+        SumPair<A> s = {A(0), A(0)};
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (active && j < row_vecs) {
+                xr[r] = ld(xv + j);
+#pragma unroll
+                for (int k = 0; k < V; ++k) s.dy += to_acc(xr[r].v[k]) - pilot;
+            }
+        }
+        const A shifted = slot_sum(s, height, scratch).dy / n;
+        s.dy = A(0);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (active && ty + (I)r * height < row_vecs)
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A d = (to_acc(xr[r].v[k]) - pilot) - shifted;
+                    s.dy += d * d;
+                }
+        const A m2 = slot_sum(s, height, scratch).dy;
+        if (!active) continue;
+        const A invstd = A(1) / sqrt(m2 / n + eps);
+        const A center = pilot + shifted;
+        const A lo = shifted - (center - pilot);
+        if (ty == 0) {
+            stats[STAT_CENTER * rows + row] = center;
+            stats[STAT_INVSTD * rows + row] = invstd;
+            stats[STAT_LO * rows + row] = lo;
+            stats[STAT_M2 * rows + row] = m2;
+        }
+        const I channel0 = plane_vecs ? (row % groups) * group_channels : I(0);
+        vec* yv = reinterpret_cast<vec*>(y) + (size_t)row * row_vecs;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (j < row_vecs) {
+                vec out;
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const I c = plane_vecs ? channel0 + j / plane_vecs : j * V + k;
+                    out.v[k] = from_acc<T>(((to_acc(xr[r].v[k]) - center) - lo) *
+                                               (invstd * (weight ? weight[c] : A(1))) +
+                                           (bias ? bias[c] : A(0)));
+                }
+                st(yv + j, out);
+            }
+        }
     }
 }
 

@@ -84,7 +84,7 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
     const int split = blockIdx.x % splits;
     const I whole = inner >= (I)(V - 1) ? (inner - (I)(V - 1)) / (I)V : I(0);
     const I left = inner - whole * V;
-    const A ctx = op.context(to_acc(ld(x + (size_t)c * inner)), c);
+    const A ctx = op.context(to_acc(x[(size_t)c * inner]), c);  // a per-channel pilot: not traffic
     const typename Op::Gate gate = op.gate_of(c);
     S s = Op::empty();
 
@@ -228,7 +228,7 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
     typename Op::Gate gate[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-        ctx[k] = active ? op.context(to_acc(ld(x + (base + cv) * V + k)), cell0 + k) : A(0);
+        ctx[k] = active ? op.context(to_acc(x[(base + cv) * V + k]), cell0 + k) : A(0);
         gate[k] = op.gate_of(active ? cell0 + k : I(0));
     }
     S st[V];
@@ -318,7 +318,7 @@ __device__ __forceinline__ typename Op::State rows_reduce(
     const size_t base = active ? (size_t)row * row_vecs : 0;
     const vec* xv = reinterpret_cast<const vec*>(x) + base;
     const vec* gv = reinterpret_cast<const vec*>(dy) + base;
-    ctx = active ? op.context(to_acc(ld(x + base * V)), row) : A(0);
+    ctx = active ? op.context(to_acc(x[base * V]), row) : A(0);
     S s = Op::empty();
     if (active) {
         for (I j = ty; j < row_vecs; j += height) {
@@ -358,6 +358,35 @@ __device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* 
     const typename Op::State s = rows_reduce<Op, V, I>(op, x, dy, rows, row_vecs, height, row,
                                                       active, ctx);
     if ((threadIdx.x & (height - 1)) == 0 && active) op.finalize(s, row, ctx);
+}
+
+// Values of a row each thread keeps in registers in the single-read row kernels: rows of up to
+// 16 * 1024 values are read once.
+template <int V> struct row_regs {
+    enum { value = V >= 16 ? 1 : 16 / V };
+};
+
+// The sums of a pair of values over each slot of `height` consecutive threads (a power of two
+// from 32 to blockDim.x), in a fixed order, returned to every thread of the slot; `scratch` holds
+// 32 pairs. Every thread of the block calls it.
+template <typename A>
+__device__ __forceinline__ SumPair<A> slot_sum(SumPair<A> s, const int height,
+                                               SumPair<A>* scratch) {
+    s = warp_reduce(s);
+    if (height == 32) {
+        s.dy = __shfl_sync(0xffffffffu, s.dy, 0);
+        s.dy_xmu = __shfl_sync(0xffffffffu, s.dy_xmu, 0);
+        return s;
+    }
+    const int warp = threadIdx.x >> 5;
+    __syncthreads();  // the previous call's readers are done with scratch
+    if ((threadIdx.x & 31) == 0) scratch[warp] = s;
+    __syncthreads();
+    const int per = height >> 5;
+    const int first = warp / per * per;
+    SumPair<A> total = scratch[first];
+    for (int w = 1; w < per; ++w) total = merge(total, scratch[first + w]);
+    return total;
 }
 
 // The channel of element i of a per-channel layout (channel-first: planes of `inner` values;

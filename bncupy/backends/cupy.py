@@ -83,8 +83,8 @@ def _ptr(a: Any) -> Any:
     return NULL if a is None else a
 
 
-def _launch(dtype: str, name: str, grid: int, args: tuple) -> None:
-    _cuda.runtime().kernel(dtype, name)((grid,), (_THREADS,), args)
+def _launch(dtype: str, name: str, grid: int, args: tuple, block: int = _THREADS) -> None:
+    _cuda.runtime().kernel(dtype, name)((grid,), (block,), args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,27 +445,40 @@ class _GroupGeometry:
         self.names = {k: f"bncupy::{k}<{ctype}, {self.apply_width}, {self.index}, {layout}>"
                       for k in ("group_apply", "group_backward_apply")}
         self.names.update({k: f"bncupy::{k}<{ctype}, {self.row_width}, {self.index}>"
-                           for k in ("row_forward", "row_backward")})
+                           for k in ("row_forward", "row_backward", "row_norm",
+                                     "row_norm_backward")})
         acc = "double" if self.dtype == "float64" else "float"
-        self.names.update({k: f"bncupy::{k}<{acc}>" for k in ("group_merge",
-                                                                "group_grad_coefficients")})
-        # Statistics: rows (a warp to a block per group, row_forward), a split reduction per
-        # group (forward_stats), or cells merged per group (channels-last).
+        self.names.update({k: f"bncupy::{k}<{acc}>" for k in (
+            "group_merge", "group_grad_coefficients", "column_sums")})
+        # Statistics: rows held in registers (row_norm: one read; enough of them, or short
+        # ones, to fill the GPU), a warp to a block per group (row_forward), a split reduction
+        # per group (forward_stats: long groups, few of them), or cells merged per group
+        # (channels-last).
         group_vecs = lay.size // self.row_width
+        held = max(1, 16 // self.row_width)  # vectors of a row per thread (kernels: row_regs)
+        many = self.groups >= sms or group_vecs <= 1024
         if lay.kind == "cl":
             self.cells = _Geometry((lay.s, lay.c), 1, dtype, offset, sms, samples=lay.n)
             self.stats_mode = "cells"
             self._name("cell_stats", self.cells.width)
             self._name("cell_grad_cl", self.cells.width)
-        elif lay.kind == "rows" or group_vecs <= _ROWS_MAX_VECS:
+        elif group_vecs <= held * 1024 and many:
+            self.stats_mode = "regs"
+            self.regs = _RowPlan(self.groups, group_vecs, held, sms, 0)
+        elif lay.kind == "cf" and group_vecs <= _ROWS_MAX_VECS and many:
             self.stats_mode = "rows"
             self.row_height = _row_height(group_vecs)
             self.row_blocks = -(-self.groups // (_THREADS // self.row_height))
         else:
             self.stats_mode = "split"
             self.split = _Geometry((1, self.groups, lay.size), 1, dtype, offset, sms)
-        # Backward: LayerNorm rows (row_backward + column_grads); groups of channels: cell sums.
+        # Backward: LayerNorm rows in registers (row_norm_backward + column_sums) or, longer than
+        # that, row_backward + column_grads; groups of channels: cell sums.
         if lay.kind == "rows":
+            self.back: _RowPlan | None = None
+            if group_vecs <= held * 1024:
+                self.back = _RowPlan(lay.n, group_vecs, held, sms,
+                                     2 * lay.c * self.acc.itemsize)
             self.columns = _Geometry((lay.n, lay.c), 1, dtype, offset, sms)
             self._name("column_grads", self.columns.width)
         elif lay.kind == "cf":
@@ -479,6 +492,22 @@ class _GroupGeometry:
     def _name(self, kernel: str, width: int) -> None:
         self.names[kernel] = (f"bncupy::{kernel}<{_cuda.CTYPES[self.dtype]}, {width}, "
                               f"{self.index}>")
+
+
+class _RowPlan:
+    """A launch of the register-held row kernels: `height` threads per row (a power of two from
+    32 to 1024), slots of rows per block, a grid from the SM count. ``merge_bytes`` (backward: the
+    slots' column sums in shared memory) above 32 KB keeps one row per block."""
+
+    def __init__(self, rows: int, row_vecs: int, held: int, sms: int, merge_bytes: int) -> None:
+        self.height = min(1024, max(32, 1 << max(0, (-(-row_vecs // held) - 1).bit_length())))
+        self.block = max(self.height, _THREADS)
+        if merge_bytes > 32768:
+            self.block = self.height
+        slots = self.block // self.height
+        self.grid = max(1, min(-(-rows // slots), sms * max(1, 2048 // self.block)))
+        if merge_bytes:  # every block writes its column partials: a few rows per block at least
+            self.grid = max(1, min(self.grid, rows // (slots * 8)))
 
 
 def _row_height(vecs: int) -> int:
@@ -516,6 +545,14 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
         _launch(geo.dtype, geo.names["group_merge"], -(-geo.groups // _THREADS), (
             mean, m2, np.uint64(geo.groups), np.int32(lay.k), np.float64(lay.s), eps_, stats))
         return stats, False
+    if geo.stats_mode == "regs":
+        stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
+        plan = geo.regs
+        _launch(geo.dtype, geo.names["row_norm"], plan.grid, (
+            x, y, it(geo.groups), it(lay.size // geo.row_width), np.int32(plan.height),
+            it(lay.s // geo.row_width if lay.kind != "rows" else 0), it(lay.c // lay.k),
+            it(lay.k), _ptr(weight), _ptr(bias), eps_, stats), plan.block)
+        return stats, True
     if geo.stats_mode == "rows":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
         per_channel = lay.kind != "rows"
@@ -588,6 +625,16 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     center, lo = _mean_parts(mean, acc)
     invstd = _per_channel(invstd, acc)
     weight = _per_channel(weight, acc)
+    if lay.kind == "rows" and geo.back is not None:
+        plan = geo.back
+        (partials,) = _workspace(0, ((acc, 2 * lay.c * plan.grid),))[1:]
+        grads = xp.empty((2, lay.c), acc)
+        _launch(geo.dtype, geo.names["row_norm_backward"], plan.grid, (
+            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(plan.height), center,
+            _ptr(lo), invstd, _ptr(weight), partials), plan.block)
+        _launch(geo.dtype, geo.names["column_sums"], -(-lay.c // _THREADS), (
+            partials, np.int32(plan.grid), np.uint64(lay.c), grads))
+        return dx, grads[0], grads[1]
     if lay.kind == "rows":
         cols = geo.columns
         counters, partials = _workspace(cols.counters, ((acc, 2 * cols.partials),))
