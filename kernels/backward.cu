@@ -66,49 +66,50 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) backward_reduce(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
-    const I rows, const I channels, const I inner_vecs, const int splits, const int lanes,
-    SumPair<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
-    const typename acc_of<T>::type* mean, const typename acc_of<T>::type* lo,
-    const typename acc_of<T>::type* invstd, const typename acc_of<T>::type* weight,
-    const typename acc_of<T>::type* fwd, const double count, const int training,
-    typename acc_of<T>::type* grads, typename acc_of<T>::type* coef) {
+    const I rows, const I channels, const I inner, const I head, const int splits,
+    const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
+    unsigned int* __restrict__ counters, const typename acc_of<T>::type* mean,
+    const typename acc_of<T>::type* lo, const typename acc_of<T>::type* invstd,
+    const typename acc_of<T>::type* weight, const typename acc_of<T>::type* fwd,
+    const double count, const int training, typename acc_of<T>::type* grads,
+    typename acc_of<T>::type* coef) {
     const GradOp<T> op = {{},   mean,     lo,    invstd, weight, fwd, count, training,
                           grads, coef, (unsigned long long)channels};
     if (CL)
-        reduce_nhwc<GradOp<T>, V, I>(op, x, dy, residual, rows, inner_vecs, splits, lanes,
-                                     partials, counters);
+        reduce_nhwc<GradOp<T>, V, I>(op, x, dy, residual, rows, inner, splits, lanes, partials,
+                                     counters);
     else
-        reduce_nchw<GradOp<T>, V, I>(op, x, dy, residual, rows, channels, inner_vecs, splits,
+        reduce_nchw<GradOp<T>, V, I>(op, x, dy, residual, rows, channels, inner, head, splits,
                                      partials, counters);
 }
 
 // dx = a[c] * g + b[c] * (x - center[c]) + c[c] with the coefficients backward_reduce wrote; g is
 // dy, or with a fused ReLU (fwd not null) dy masked where the forward's output was not positive.
-// g_out (may be null) receives g: the gradient of the fused residual. Flat grid-stride loop.
-template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256) backward_apply(
-    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
-    T* __restrict__ dx, T* __restrict__ g_out, const I total_vecs, const I channels,
-    const I inner_vecs, const typename acc_of<T>::type* __restrict__ coef,
-    const typename acc_of<T>::type* __restrict__ fwd) {
+// g_out (may be null) receives g: the gradient of the fused residual. With dx null, g alone
+// (SyncBatchNorm's step through the ReLU; coef unused).
+template <typename T, bool CL, typename I> struct BackwardApplyOp {
     typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* gv = reinterpret_cast<const vec*>(dy);
-    const vec* zv = reinterpret_cast<const vec*>(residual);
-    vec* dxv = reinterpret_cast<vec*>(dx);
-    vec* gov = reinterpret_cast<vec*>(g_out);
-    const T zero = from_acc<T>(A(0));
-    const I stride = (I)gridDim.x * blockDim.x;
-    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
-        const vec xi = xv[j];
-        vec gi = gv[j];
+    const T* __restrict__ dy;
+    const T* __restrict__ x;
+    const T* __restrict__ residual;
+    T* __restrict__ dx;
+    T* __restrict__ g_out;
+    const A* __restrict__ coef;
+    const A* __restrict__ fwd;
+    I channels, inner;
+
+    template <int W> __device__ __forceinline__ void run(const I i) const {
+        typedef vec_t<T, W> vec;
+        const vec xi = ld(reinterpret_cast<const vec*>(x + i));
+        vec gi = ld(reinterpret_cast<const vec*>(dy + i));
         vec z;
-        if (residual) z = zv[j];
+        if (residual) z = ld(reinterpret_cast<const vec*>(residual + i));
+        const T zero = from_acc<T>(A(0));
+        ChannelWalk<CL, I> ch(i, channels, inner);
         vec out;
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
+        for (int k = 0; k < W; ++k) {
+            const I c = ch.c;
             const A xk = to_acc(xi.v[k]);
             if (fwd) {
                 const A v = pre_activation(xk, fwd[STAT_CENTER * channels + c],
@@ -117,46 +118,26 @@ __global__ void __launch_bounds__(256) backward_apply(
                                            residual ? to_acc(z.v[k]) : A(0));
                 if (!(to_acc(from_acc<T>(v)) > A(0))) gi.v[k] = zero;
             }
-            out.v[k] = from_acc<T>(coef[channels + c] * to_acc(gi.v[k]) +
-                                   coef[2 * channels + c] * (xk - coef[c]) +
-                                   coef[3 * channels + c]);
+            if (dx)
+                out.v[k] = from_acc<T>(coef[channels + c] * to_acc(gi.v[k]) +
+                                       coef[2 * channels + c] * (xk - coef[c]) +
+                                       coef[3 * channels + c]);
+            ch.next();
         }
-        dxv[j] = out;
-        if (g_out) gov[j] = gi;
+        if (dx) st(reinterpret_cast<vec*>(dx + i), out);
+        if (g_out) st(reinterpret_cast<vec*>(g_out + i), gi);
     }
-}
+};
 
-// Gradient through a fused ReLU alone (SyncBatchNorm's backward): g = dy where the forward output
-// (recomputed from x, the STAT rows `fwd` and the residual) is > 0, else 0.
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256) relu_grad(
+__global__ void __launch_bounds__(256) backward_apply(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
-    T* __restrict__ g, const I total_vecs, const I channels, const I inner_vecs,
+    T* __restrict__ dx, T* __restrict__ g_out, const I total, const I head, const I channels,
+    const I inner, const typename acc_of<T>::type* __restrict__ coef,
     const typename acc_of<T>::type* __restrict__ fwd) {
-    typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* zv = reinterpret_cast<const vec*>(residual);
-    const vec* gv = reinterpret_cast<const vec*>(dy);
-    vec* outv = reinterpret_cast<vec*>(g);
-    const T zero = from_acc<T>(A(0));
-    const I stride = (I)gridDim.x * blockDim.x;
-    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
-        const vec xi = xv[j], gi = gv[j];
-        vec z;
-        if (residual) z = zv[j];
-        vec out;
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
-            const A v = pre_activation(to_acc(xi.v[k]), fwd[STAT_CENTER * channels + c],
-                                       fwd[STAT_SCALE * channels + c],
-                                       fwd[STAT_SHIFT * channels + c], residual != 0,
-                                       residual ? to_acc(z.v[k]) : A(0));
-            out.v[k] = to_acc(from_acc<T>(v)) > A(0) ? gi.v[k] : zero;
-        }
-        outv[j] = out;
-    }
+    const BackwardApplyOp<T, CL, I> op = {dy, x, residual, dx, g_out, coef, fwd, channels,
+                                          inner};
+    elementwise<BackwardApplyOp<T, CL, I>, V, I>(op, total, head);
 }
 
 // LayerNorm's per-row sums: sum(w[col] * dy) and sum(w[col] * dy * (x - center[row])).
@@ -200,14 +181,138 @@ __global__ void __launch_bounds__(256) row_backward(
     const vec* gv = reinterpret_cast<const vec*>(dy) + (size_t)row * row_vecs;
     vec* dxv = reinterpret_cast<vec*>(dx) + (size_t)row * row_vecs;
     for (I j = threadIdx.x & (height - 1); j < row_vecs; j += height) {
-        const vec xi = xv[j], gi = gv[j];
+        const vec xi = ld(xv + j), gi = ld(gv + j);
         vec out;
 #pragma unroll
         for (int k = 0; k < V; ++k)
             out.v[k] = from_acc<T>(r * op.dy_scale(j * V + k) * to_acc(gi.v[k]) +
                                    q * ((to_acc(xi.v[k]) - m) - residual) + k0);
-        dxv[j] = out;
+        st(dxv + j, out);
     }
+}
+
+// LayerNorm's backward over rows held in registers (slots of `height` threads per row as in
+// row_norm): x and dy are read once and dx written once,
+//   dx = rstd * w * dy - rstd * mean(w * dy) - (x - mean) * rstd^3 * mean(w * dy * (x - mean)),
+// the mean being center + lo (lo may be null: 0). A thread owns the same columns in every row, so
+// it sums dy * xhat and dy of its columns over its rows in registers; several slots per block
+// are merged in slot order through shared memory (2 * columns values, at most 32 KB) and written
+// as the block's partials: partials[block][0 | 1][column], summed over blocks by column_sums.
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(1024) row_norm_backward(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
+    const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
+    const typename acc_of<T>::type* __restrict__ lo,
+    const typename acc_of<T>::type* __restrict__ rstd,
+    const typename acc_of<T>::type* __restrict__ weight,
+    typename acc_of<T>::type* __restrict__ partials) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    const int R = row_regs<V>::value;
+    __shared__ SumPair<A> scratch[32];
+    const A n = A((double)row_vecs * V);
+    const I columns = row_vecs * V;
+    const int slots = blockDim.x / height;
+    const int slot = threadIdx.x / height, ty = threadIdx.x % height;
+    A dw[R][V], db[R][V];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int k = 0; k < V; ++k) dw[r][k] = db[r][k] = A(0);
+    for (I first = (I)blockIdx.x * slots; first < rows; first += (I)gridDim.x * slots) {
+        const I row = first + slot;
+        const bool active = row < rows;
+        const size_t base = (size_t)row * row_vecs;
+        const A m = active ? center[row] : A(0), l = active && lo ? lo[row] : A(0);
+        const A inv = active ? rstd[row] : A(0);
+        vec xr[R], gr[R];
+        SumPair<A> s = {A(0), A(0)};
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (active && j < row_vecs) {
+                xr[r] = ld(reinterpret_cast<const vec*>(x) + base + j);
+                gr[r] = ld(reinterpret_cast<const vec*>(dy) + base + j);
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A wg = (weight ? weight[j * V + k] : A(1)) * to_acc(gr[r].v[k]);
+                    s.dy += wg;
+                    s.dy_xmu += wg * ((to_acc(xr[r].v[k]) - m) - l);
+                }
+            }
+        }
+        s = slot_sum(s, height, scratch);
+        if (!active) continue;
+        const A q = -inv * inv * inv * s.dy_xmu / n;
+        const A k0 = -inv * s.dy / n;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (j < row_vecs) {
+                vec out;
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A g = to_acc(gr[r].v[k]);
+                    const A centred = (to_acc(xr[r].v[k]) - m) - l;
+                    out.v[k] = from_acc<T>(inv * (weight ? weight[j * V + k] : A(1)) * g +
+                                           q * centred + k0);
+                    dw[r][k] += g * (centred * inv);
+                    db[r][k] += g;
+                }
+                st(reinterpret_cast<vec*>(dx) + base + j, out);
+            }
+        }
+    }
+    A* mine = partials + (size_t)blockIdx.x * 2 * columns;
+    if (slots == 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (j < row_vecs)
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    mine[j * V + k] = dw[r][k];
+                    mine[columns + j * V + k] = db[r][k];
+                }
+        }
+        return;
+    }
+    // Slot by slot, each adding its sums to what the slots before it left in `merged`.
+    __shared__ A merged[32768 / sizeof(A)];
+    for (int turn = 0; turn < slots; ++turn) {
+        __syncthreads();
+        if (slot == turn)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const I j = ty + (I)r * height;
+                if (j < row_vecs)
+#pragma unroll
+                    for (int k = 0; k < V; ++k) {
+                        const I col = j * V + k;
+                        merged[col] = turn ? merged[col] + dw[r][k] : dw[r][k];
+                        merged[columns + col] = turn ? merged[columns + col] + db[r][k]
+                                                     : db[r][k];
+                    }
+            }
+    }
+    __syncthreads();
+    for (I col = threadIdx.x; col < 2 * columns; col += blockDim.x) mine[col] = merged[col];
+}
+
+// The per-column sums of row_norm_backward's partials over its blocks, in block order:
+// grads = [sum(dy * xhat), sum(dy)] (one thread per column).
+template <typename A>
+__global__ void column_sums(const A* __restrict__ partials, const int blocks,
+                            const unsigned long long columns, A* __restrict__ grads) {
+    const unsigned long long col = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= columns) return;
+    A dw = A(0), db = A(0);
+    for (int b = 0; b < blocks; ++b) {
+        dw += partials[(size_t)b * 2 * columns + col];
+        db += partials[(size_t)b * 2 * columns + columns + col];
+    }
+    grads[col] = dw;
+    grads[columns + col] = db;
 }
 
 // LayerNorm's parameter gradients, per column over the rows: grads = [sum(dy * xhat), sum(dy)],
@@ -224,10 +329,16 @@ template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
     unsigned long long columns;
 
     template <typename I> __device__ A context(const A, const I) const { return A(0); }
-    template <typename I>
-    __device__ void push(SumPair<A>& s, const A, const A x, const A g, const I row) const {
-        s.dy += g;
-        s.dy_xmu += g * (((x - center[row]) - (lo ? lo[row] : A(0))) * rstd[row]);
+    template <int N, typename I>
+    __device__ void push(SumPair<A>& s, const A, const A (&x)[N], const A (&g)[N],
+                         const I (&row)[N], const int n) const {
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if (i < n) {
+                const I r = row[i];
+                s.dy += g[i];
+                s.dy_xmu += g[i] * (((x[i] - center[r]) - (lo ? lo[r] : A(0))) * rstd[r]);
+            }
     }
     template <typename I> __device__ void finalize(const SumPair<A> s, const I c, const A) const {
         grads[c] = s.dy_xmu;
@@ -277,21 +388,22 @@ template <typename TT> struct CellGradOp : SumOps<typename acc_of<TT>::type> {
     }
 };
 
-// Channel-first cells (n * C contiguous planes): split reduction (rows = 1, channels = cells) or,
-// with height > 0, several short planes per block (reduce_rows).
+// Channel-first cells (n * C contiguous planes of `plane` values, x's first 16-byte boundary
+// `head` values in): split reduction (rows = 1, channels = cells) or, with height > 0, several
+// planes per block (reduce_rows; then plane is a multiple of V and head 0).
 template <typename T, int V, typename I>
 __global__ void __launch_bounds__(256) cell_grad_planes(
-    const T* __restrict__ dy, const T* __restrict__ x, const I cells, const I plane_vecs,
-    const int splits, const int height, SumPair<typename acc_of<T>::type>* __restrict__ partials,
-    unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
-    const typename acc_of<T>::type* lo, const I channels, const I group_channels,
-    double* sums) {
+    const T* __restrict__ dy, const T* __restrict__ x, const I cells, const I plane,
+    const I head, const int splits, const int height,
+    SumPair<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
+    const typename acc_of<T>::type* center, const typename acc_of<T>::type* lo, const I channels,
+    const I group_channels, double* sums) {
     const CellGradOp<T> op = {{}, center, lo, (unsigned long long)channels,
                               (unsigned long long)group_channels, sums, (unsigned long long)cells};
     if (height)
-        reduce_rows<CellGradOp<T>, V, I>(op, x, dy, cells, plane_vecs, height);
+        reduce_rows<CellGradOp<T>, V, I>(op, x, dy, cells, plane / V, height);
     else
-        reduce_nchw<CellGradOp<T>, V, I>(op, x, dy, (const T*)0, (I)1, cells, plane_vecs, splits,
+        reduce_nchw<CellGradOp<T>, V, I>(op, x, dy, (const T*)0, (I)1, cells, plane, head, splits,
                                          partials, counters);
 }
 
@@ -349,38 +461,53 @@ __global__ void group_grad_coefficients(const double* __restrict__ sums,
     }
 }
 
-// The input gradient of the normalizations over groups (see group_of for L):
+// The input gradient of the normalizations over groups (see GroupWalk for L):
 //   dx = invstd[g] * w[c] * dy + q[g] * ((x - center[g]) - lo[g]) + r[g].
+template <typename T, int L, typename I> struct GroupBackwardOp {
+    typedef typename acc_of<T>::type A;
+    const T* __restrict__ dy;
+    const T* __restrict__ x;
+    T* __restrict__ dx;
+    const A* __restrict__ center;
+    const A* __restrict__ lo;
+    const A* __restrict__ invstd;
+    const A* __restrict__ weight;
+    const A* __restrict__ coef;
+    I channels, inner, group_channels, groups;
+
+    template <int W> __device__ __forceinline__ void run(const I i) const {
+        typedef vec_t<T, W> vec;
+        const vec xi = ld(reinterpret_cast<const vec*>(x + i));
+        const vec gi = ld(reinterpret_cast<const vec*>(dy + i));
+        GroupWalk<L, I> at(i, channels, inner, group_channels);
+        vec out;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            const I g = at.g;
+            const A w = weight ? weight[at.c] : A(1);
+            out.v[k] = from_acc<T>(invstd[g] * w * to_acc(gi.v[k]) +
+                                   coef[g] * ((to_acc(xi.v[k]) - center[g]) -
+                                              (lo ? lo[g] : A(0))) +
+                                   coef[groups + g]);
+            at.next();
+        }
+        st(reinterpret_cast<vec*>(dx + i), out);
+    }
+};
+
 template <typename T, int V, typename I, int L>
 __global__ void __launch_bounds__(256) group_backward_apply(
-    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I total_vecs,
-    const I channels, const I inner_vecs, const I sample_vecs, const I group_channels,
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I total,
+    const I head, const I channels, const I inner, const I group_channels,
     const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
     const typename acc_of<T>::type* __restrict__ invstd, const I groups,
     const typename acc_of<T>::type* __restrict__ weight,
     const typename acc_of<T>::type* __restrict__ coef) {
-    typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* gv = reinterpret_cast<const vec*>(dy);
-    vec* dxv = reinterpret_cast<vec*>(dx);
-    const I stride = (I)gridDim.x * blockDim.x;
-    for (I j = (I)blockIdx.x * blockDim.x + threadIdx.x; j < total_vecs; j += stride) {
-        const vec xi = xv[j], gi = gv[j];
-        vec out;
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            I g, c;
-            group_of<L>(j, k, channels, inner_vecs, sample_vecs, group_channels, V, g, c);
-            const A w = weight ? weight[c] : A(1);
-            out.v[k] = from_acc<T>(invstd[g] * w * to_acc(gi.v[k]) +
-                                   coef[g] * ((to_acc(xi.v[k]) - center[g]) -
-                                              (lo ? lo[g] : A(0))) +
-                                   coef[groups + g]);
-        }
-        dxv[j] = out;
-    }
+    const GroupBackwardOp<T, L, I> op = {dy,     x,      dx,    center,   lo,      invstd,
+                                         weight, coef,   channels, inner, group_channels,
+                                         groups};
+    elementwise<GroupBackwardOp<T, L, I>, V, I>(op, total, head);
 }
 
 }  // namespace bncupy

@@ -42,55 +42,112 @@ template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
 };
 
 // Grid: channel-first, C * splits blocks; channels-last, ceil(C / V / lanes) * splits blocks.
-// inner_vecs is inner / V (channel-first) or C / V (channels-last). Also the statistics of
-// contiguous groups (GroupNorm, long LayerNorm rows): rows = 1, channels = groups.
+// inner is the values per channel plane (channel-first) or C / V (channels-last); head the
+// elements before x's first 16-byte boundary (channel-first). Also the statistics of contiguous
+// groups (GroupNorm, long LayerNorm rows): rows = 1, channels = groups.
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) forward_stats(
-    const T* __restrict__ x, const I rows, const I channels, const I inner_vecs, const int splits,
-    const int lanes, Welford<typename acc_of<T>::type>* __restrict__ partials,
+    const T* __restrict__ x, const I rows, const I channels, const I inner, const I head,
+    const int splits, const int lanes, Welford<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* weight,
     const typename acc_of<T>::type* bias, const typename acc_of<T>::type eps,
     const double count, typename acc_of<T>::type* stats) {
     const StatsOp<T> op = {{}, weight, bias, eps, count, stats, (unsigned long long)channels};
     if (CL)
-        reduce_nhwc<StatsOp<T>, V, I>(op, x, (const T*)0, (const T*)0, rows, inner_vecs, splits,
+        reduce_nhwc<StatsOp<T>, V, I>(op, x, (const T*)0, (const T*)0, rows, inner, splits,
                                       lanes, partials, counters);
     else
-        reduce_nchw<StatsOp<T>, V, I>(op, x, (const T*)0, (const T*)0, rows, channels,
-                                      inner_vecs, splits, partials, counters);
+        reduce_nchw<StatsOp<T>, V, I>(op, x, (const T*)0, (const T*)0, rows, channels, inner,
+                                      head, splits, partials, counters);
 }
 
 // ReLU that keeps NaN (max() would turn it into 0).
 template <typename A> __device__ __forceinline__ A relu(const A v) { return v < A(0) ? A(0) : v; }
 
+// Evaluation coefficients of channel c from the running statistics (the apply computes them per
+// value, and its first C threads store the same bits for a backward pass).
+template <typename A>
+__device__ __forceinline__ void eval_coefficients(const A* running_mean, const A* running_var,
+                                                  const A* weight, const A* bias, const A eps,
+                                                  const unsigned long long c, A& center,
+                                                  A& invstd, A& scale, A& shift) {
+    center = running_mean[c];
+    invstd = rsqrt_of(running_var[c] + eps);
+    scale = (weight ? weight[c] : A(1)) * invstd;
+    shift = bias ? bias[c] : A(0);
+}
+
 // y = act((x - center[c]) * scale[c] + shift[c] + residual), act = ReLU when relu != 0; residual
-// may be null. Flat grid-stride loop over vectors.
-//   Training (eval = 0): the coefficients are the STAT rows of `stats`, and the first C threads
-//   move the running statistics (when given) towards the batch's: the last launch of the step
-//   makes the only change to the caller's state, so a step that fails earlier changes nothing.
-//   Evaluation (eval = 1): coefficients from the running statistics; the first C threads write
-//   them into `stats` (center, invstd, lo = 0, scale, shift) for a later backward pass.
+// may be null. Training: the coefficients are the STAT rows of `stats`. Evaluation: from the
+// running statistics.
+template <typename T, bool CL, typename I> struct ApplyOp {
+    typedef typename acc_of<T>::type A;
+    const T* __restrict__ x;
+    T* __restrict__ y;
+    const T* __restrict__ residual;
+    const A* __restrict__ stats;
+    const A* running_mean;
+    const A* running_var;
+    const A* __restrict__ weight;
+    const A* __restrict__ bias;
+    A eps;
+    int eval, relu_flag;
+    I channels, inner;
+
+    template <int W> __device__ __forceinline__ void run(const I i) const {
+        typedef vec_t<T, W> vec;
+        const vec in = ld(reinterpret_cast<const vec*>(x + i));
+        vec z;
+        if (residual) z = ld(reinterpret_cast<const vec*>(residual + i));
+        ChannelWalk<CL, I> ch(i, channels, inner);
+        vec out;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            A center, scale, shift;
+            if (eval) {
+                A invstd;
+                eval_coefficients(running_mean, running_var, weight, bias, eps, ch.c, center,
+                                  invstd, scale, shift);
+            } else {
+                center = stats[STAT_CENTER * channels + ch.c];
+                scale = stats[STAT_SCALE * channels + ch.c];
+                shift = stats[STAT_SHIFT * channels + ch.c];
+            }
+            const A v = pre_activation(to_acc(in.v[k]), center, scale, shift, residual != 0,
+                                       residual ? to_acc(z.v[k]) : A(0));
+            out.v[k] = from_acc<T>(relu_flag ? relu(v) : v);
+            ch.next();
+        }
+        st(reinterpret_cast<vec*>(y + i), out);
+    }
+};
+
+// The apply over `total` values (`head` before the tensors' first 16-byte boundary); inner is
+// the values per channel plane (channel-first). Training (eval = 0): the first C threads move the
+// running statistics (when given) towards the batch's: the last launch of the step makes the only
+// change to the caller's state, so a step that fails earlier changes nothing. Evaluation
+// (eval = 1): the first C threads write the coefficients into `stats` (center, invstd, lo = 0,
+// scale, shift) for a later backward pass.
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256) apply(
-    const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, const I total_vecs,
-    const I channels, const I inner_vecs, typename acc_of<T>::type* __restrict__ stats,
+    const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, const I total,
+    const I head, const I channels, const I inner, typename acc_of<T>::type* __restrict__ stats,
     typename acc_of<T>::type* running_mean, typename acc_of<T>::type* running_var,
     const typename acc_of<T>::type* __restrict__ weight,
     const typename acc_of<T>::type* __restrict__ bias, const typename acc_of<T>::type eps,
     const double momentum, const int eval, const int relu_flag) {
     typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
-    const I first = (I)blockIdx.x * blockDim.x + threadIdx.x;
     const I stride = (I)gridDim.x * blockDim.x;
-    for (I c = first; c < channels; c += stride) {
+    for (I c = (I)blockIdx.x * blockDim.x + threadIdx.x; c < channels; c += stride) {
         if (eval) {
-            const A invstd = A(1) / sqrt(running_var[c] + eps);
-            const A scale = (weight ? weight[c] : A(1)) * invstd;
-            stats[STAT_CENTER * channels + c] = running_mean[c];
+            A center, invstd, scale, shift;
+            eval_coefficients(running_mean, running_var, weight, bias, eps, c, center, invstd,
+                              scale, shift);
+            stats[STAT_CENTER * channels + c] = center;
             stats[STAT_INVSTD * channels + c] = invstd;
             stats[STAT_LO * channels + c] = A(0);
             stats[STAT_SCALE * channels + c] = scale;
-            stats[STAT_SHIFT * channels + c] = bias ? bias[c] : A(0);
+            stats[STAT_SHIFT * channels + c] = shift;
         } else if (running_mean) {
             const double m = (double)stats[STAT_CENTER * channels + c] +
                              (double)stats[STAT_LO * channels + c];
@@ -99,33 +156,10 @@ __global__ void __launch_bounds__(256) apply(
             running_var[c] = (A)((1.0 - momentum) * (double)running_var[c] + momentum * v);
         }
     }
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* zv = reinterpret_cast<const vec*>(residual);
-    vec* yv = reinterpret_cast<vec*>(y);
-    for (I j = first; j < total_vecs; j += stride) {
-        const vec in = xv[j];
-        vec z;
-        if (residual) z = zv[j];
-        vec out;
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const I c = channel_of<CL>(j, k, channels, inner_vecs, V);
-            A center, scale, shift;
-            if (eval) {  // as the first C threads store them, so a backward recomputes the bits
-                center = running_mean[c];
-                scale = (weight ? weight[c] : A(1)) * (A(1) / sqrt(running_var[c] + eps));
-                shift = bias ? bias[c] : A(0);
-            } else {
-                center = stats[STAT_CENTER * channels + c];
-                scale = stats[STAT_SCALE * channels + c];
-                shift = stats[STAT_SHIFT * channels + c];
-            }
-            const A v = pre_activation(to_acc(in.v[k]), center, scale, shift, residual != 0,
-                                       residual ? to_acc(z.v[k]) : A(0));
-            out.v[k] = from_acc<T>(relu_flag ? relu(v) : v);
-        }
-        yv[j] = out;
-    }
+    const ApplyOp<T, CL, I> op = {x,    y,    residual, stats,    running_mean, running_var,
+                                  weight, bias, eps,    eval,     relu_flag,    channels,
+                                  inner};
+    elementwise<ApplyOp<T, CL, I>, V, I>(op, total, head);
 }
 
 // Per-cell Welford moments of channels-last groups (GroupNorm, InstanceNorm over (n, S, C)): the
@@ -220,7 +254,7 @@ __global__ void __launch_bounds__(256) row_forward(
     const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
     vec* yv = reinterpret_cast<vec*>(y) + (size_t)row * row_vecs;
     for (I j = ty; j < row_vecs; j += height) {
-        const vec in = xv[j];
+        const vec in = ld(xv + j);
         vec out;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
@@ -229,21 +263,129 @@ __global__ void __launch_bounds__(256) row_forward(
             out.v[k] = from_acc<T>(((to_acc(in.v[k]) - m.center) - m.lo) * s +
                                    (bias ? bias[c] : A(0)));
         }
-        yv[j] = out;
+        st(yv + j, out);
     }
 }
 
-// The normalizations over groups (see group_of for L), each group's mean being center + lo (lo
+// Normalization of rows held in registers: `height` threads (a slot; a power of two, 32 or more)
+// per row, several slots per block, grid-stride over the rows; each thread keeps up to R vectors
+// of its row, so x is read once. LayerNorm (plane_vecs = 0: the affine map is per column) and
+// short channel-first groups (a row is one sample's group of group_channels planes of plane_vecs
+// vectors; groups per sample = `groups`). Mean and variance by two passes over the registers
+// around the row's first value; writes y and the STAT_CENTER/INVSTD/LO/M2 rows of `stats`
+// (`rows` long).
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(1024) row_norm(
+    const T* __restrict__ x, T* __restrict__ y, const I rows, const I row_vecs, const int height,
+    const I plane_vecs, const I groups, const I group_channels,
+    const typename acc_of<T>::type* __restrict__ weight,
+    const typename acc_of<T>::type* __restrict__ bias, const typename acc_of<T>::type eps,
+    typename acc_of<T>::type* __restrict__ stats) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    const int R = row_regs<V>::value;
+    __shared__ SumPair<A> scratch[32];
+    const A n = A((double)row_vecs * V);
+    const int slots = blockDim.x / height;
+    const int slot = threadIdx.x / height, ty = threadIdx.x % height;
+    for (I first = (I)blockIdx.x * slots; first < rows; first += (I)gridDim.x * slots) {
+        const I row = first + slot;
+        const bool active = row < rows;
+        const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
+        // a per-row pilot, not traffic
+        const A pilot = active ? to_acc(x[(size_t)row * row_vecs * V]) : A(0);
+        vec xr[R];
+        SumPair<A> s = {A(0), A(0)};
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (active && j < row_vecs) {
+                xr[r] = ld(xv + j);
+#pragma unroll
+                for (int k = 0; k < V; ++k) s.dy += to_acc(xr[r].v[k]) - pilot;
+            }
+        }
+        const A shifted = slot_sum(s, height, scratch).dy / n;
+        s.dy = A(0);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (active && ty + (I)r * height < row_vecs)
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A d = (to_acc(xr[r].v[k]) - pilot) - shifted;
+                    s.dy += d * d;
+                }
+        const A m2 = slot_sum(s, height, scratch).dy;
+        if (!active) continue;
+        const A invstd = A(1) / sqrt(m2 / n + eps);
+        const A center = pilot + shifted;
+        const A lo = shifted - (center - pilot);
+        if (ty == 0) {
+            stats[STAT_CENTER * rows + row] = center;
+            stats[STAT_INVSTD * rows + row] = invstd;
+            stats[STAT_LO * rows + row] = lo;
+            stats[STAT_M2 * rows + row] = m2;
+        }
+        const I channel0 = plane_vecs ? (row % groups) * group_channels : I(0);
+        vec* yv = reinterpret_cast<vec*>(y) + (size_t)row * row_vecs;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const I j = ty + (I)r * height;
+            if (j < row_vecs) {
+                vec out;
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const I c = plane_vecs ? channel0 + j / plane_vecs : j * V + k;
+                    out.v[k] = from_acc<T>(((to_acc(xr[r].v[k]) - center) - lo) *
+                                               (invstd * (weight ? weight[c] : A(1))) +
+                                           (bias ? bias[c] : A(0)));
+                }
+                st(yv + j, out);
+            }
+        }
+    }
+}
+
+// The normalizations over groups (see GroupWalk for L), each group's mean being center + lo (lo
 // may be null: 0):
 //   y = ((x - center[g]) - lo[g]) * (invstd[g] * w[c]) + b[c].
-// InstanceNorm's running statistics (when given; one group per (sample, channel)) move towards
-// the batch average of the instance means and of m2 * unbias (the unbiased variances), in the
-// first C threads: the last launch of the step makes the only change to the caller's state.
+template <typename T, int L, typename I> struct GroupApplyOp {
+    typedef typename acc_of<T>::type A;
+    const T* __restrict__ x;
+    T* __restrict__ y;
+    const A* __restrict__ center;
+    const A* __restrict__ lo;
+    const A* __restrict__ invstd;
+    const A* __restrict__ weight;
+    const A* __restrict__ bias;
+    I channels, inner, group_channels;
+
+    template <int W> __device__ __forceinline__ void run(const I i) const {
+        typedef vec_t<T, W> vec;
+        const vec in = ld(reinterpret_cast<const vec*>(x + i));
+        GroupWalk<L, I> at(i, channels, inner, group_channels);
+        vec out;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            const A s = invstd[at.g] * (weight ? weight[at.c] : A(1));
+            out.v[k] = from_acc<T>(((to_acc(in.v[k]) - center[at.g]) - (lo ? lo[at.g] : A(0))) *
+                                       s +
+                                   (bias ? bias[at.c] : A(0)));
+            at.next();
+        }
+        st(reinterpret_cast<vec*>(y + i), out);
+    }
+};
+
+// The group apply over `total` values (`head` before the first 16-byte boundary); inner is the
+// columns (L = 0) or the positions S of a sample (L = 1, 2). InstanceNorm's running statistics (when given; one group per (sample,
+// channel)) move towards the batch average of the instance means and of m2 * unbias (the
+// unbiased variances), in the first C threads: the last launch of the step makes the only change
+// to the caller's state.
 template <typename T, int V, typename I, int L>
 __global__ void __launch_bounds__(256) group_apply(
-    const T* __restrict__ x, T* __restrict__ y, const I total_vecs, const I channels,
-    const I inner_vecs, const I sample_vecs, const I group_channels,
-    const typename acc_of<T>::type* __restrict__ center,
+    const T* __restrict__ x, T* __restrict__ y, const I total, const I head, const I channels,
+    const I inner, const I group_channels, const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
     const typename acc_of<T>::type* __restrict__ invstd,
     const typename acc_of<T>::type* __restrict__ weight,
@@ -251,12 +393,10 @@ __global__ void __launch_bounds__(256) group_apply(
     const typename acc_of<T>::type* __restrict__ m2, typename acc_of<T>::type* running_mean,
     typename acc_of<T>::type* running_var, const double momentum, const double unbias) {
     typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
-    const I first = (I)blockIdx.x * blockDim.x + threadIdx.x;
-    const I stride = (I)gridDim.x * blockDim.x;
     if (running_mean) {
         const I samples = groups / channels;
-        for (I c = first; c < channels; c += stride) {
+        const I stride = (I)gridDim.x * blockDim.x;
+        for (I c = (I)blockIdx.x * blockDim.x + threadIdx.x; c < channels; c += stride) {
             double m = 0.0, v = 0.0;
             for (I n = 0; n < samples; ++n) {
                 const I g = n * channels + c;
@@ -267,21 +407,9 @@ __global__ void __launch_bounds__(256) group_apply(
             running_var[c] = (A)((1.0 - momentum) * (double)running_var[c] + momentum * v / samples);
         }
     }
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    vec* yv = reinterpret_cast<vec*>(y);
-    for (I j = first; j < total_vecs; j += stride) {
-        const vec in = xv[j];
-        vec out;
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            I g, c;
-            group_of<L>(j, k, channels, inner_vecs, sample_vecs, group_channels, V, g, c);
-            const A s = invstd[g] * (weight ? weight[c] : A(1));
-            out.v[k] = from_acc<T>(((to_acc(in.v[k]) - center[g]) - (lo ? lo[g] : A(0))) * s +
-                                   (bias ? bias[c] : A(0)));
-        }
-        yv[j] = out;
-    }
+    const GroupApplyOp<T, L, I> op = {x, y, center, lo, invstd, weight, bias, channels, inner,
+                                      group_channels};
+    elementwise<GroupApplyOp<T, L, I>, V, I>(op, total, head);
 }
 
 }  // namespace bncupy

@@ -1,17 +1,21 @@
-// bncupy: the reduction skeletons shared by every statistics and gradient-sum kernel, for both
-// layouts and for rows. An Op supplies the state (Welford or SumPair), how one element enters it,
-// and what the last block of a channel (cell, row) writes from the merged total:
+// bncupy: the skeletons every kernel is built on. Reductions (per channel, channel-first or
+// channels-last, and per row) and one elementwise loop.
+//
+// A reduction's Op supplies the state (Welford or SumPair), how a chunk of values enters it, and
+// what the last block of a channel (cell, row) writes from the merged total:
 //
 //   typedef T (element), A (accumulator), State;   enum { needs_dy, gated };
 //   A context(A first_value, I channel)            per-channel constant (pilot or centre)
 //   static State empty();
-//   void push(State&, A context, A x, A dy, I row) one element; `row` is its row (sample)
+//   void push(State&, A context, const A* x, const A* dy, const I* row, int n)
+//                                                  a chunk of n values (row: each one's row)
 //   void finalize(State total, I channel, A context)
 //   Gate gate_of(I channel); A gate(Gate, A x, A dy, A z)   only when gated (a fused ReLU's
 //                                                   mask on dy; z is the residual, if any)
 //
-// Grids are one-dimensional, blocks have 256 threads, and every merge happens in a fixed order,
-// so results are bitwise reproducible.
+// Grids are one-dimensional and every merge happens in a fixed order, so results are bitwise
+// reproducible. Loads of whole vectors are 16 bytes wide: a tensor's elements before its first
+// 16-byte boundary (`head`) and those after its last whole vector go one at a time.
 #pragma once
 #include "welford.cuh"
 
@@ -39,13 +43,34 @@ __device__ __forceinline__ A gated_dy(const Op& op, const typename Op::Gate& gat
         return dy;
 }
 
-// Channel-first data, a contiguous (rows, C, inner) view; inner_vecs = inner / V. Block b reduces
-// the (b % splits)-th slice of channel b / splits. `z` (gated Ops only) may be null.
+// A chunk of up to N values of one channel on its way into an Op: x, dy (masked by a fused
+// activation) and each value's row.
+template <class Op, int N, typename I> struct Chunk {
+    typedef typename Op::A A;
+    A x[N], g[N];
+    I row[N];
+    int n = 0;
+
+    __device__ __forceinline__ void add(const Op& op, const typename Op::Gate& gate, const A xk,
+                                        const A dy, const A z, const I r) {
+        x[n] = xk;
+        g[n] = Op::needs_dy ? gated_dy(op, gate, xk, dy, z) : A(0);
+        row[n] = r;
+        ++n;
+    }
+};
+
+// Channel-first data: `rows` planes of `inner` values per channel, a contiguous (rows, C, inner)
+// array, the tensors' first 16-byte boundary `head` elements in. Block b reduces the
+// (b % splits)-th slice of channel b / splits. Each plane holds `whole` aligned vectors from its
+// own first 16-byte boundary on, and `left` values outside them, read one at a time; `z` (gated
+// Ops only) may be null.
 template <class Op, int V, typename I>
 __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* __restrict__ x,
                                             const typename Op::T* __restrict__ dy,
                                             const typename Op::T* __restrict__ z, const I rows,
-                                            const I channels, const I inner_vecs, const int splits,
+                                            const I channels, const I inner, const I head,
+                                            const int splits,
                                             typename Op::State* __restrict__ partials,
                                             unsigned int* __restrict__ counters) {
     typedef typename Op::T T;
@@ -56,56 +81,63 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
     __shared__ S scratch[32];
 
     const I c = blockIdx.x / splits;
-    const I split = blockIdx.x % splits;
-    const unsigned long long per_channel = (unsigned long long)rows * inner_vecs;
-    const I begin = (I)(per_channel * split / splits);
-    const I end = (I)(per_channel * (split + 1) / splits);
-    const vec* xv = reinterpret_cast<const vec*>(x);
-    const vec* gv = reinterpret_cast<const vec*>(dy);
-    const vec* zv = reinterpret_cast<const vec*>(z);
-    const A ctx = op.context(to_acc(x[(size_t)c * inner_vecs * V]), c);
+    const int split = blockIdx.x % splits;
+    const I whole = inner >= (I)(V - 1) ? (inner - (I)(V - 1)) / (I)V : I(0);
+    const I left = inner - whole * V;
+    const A ctx = op.context(to_acc(x[(size_t)c * inner]), c);  // a per-channel pilot: not traffic
     const typename Op::Gate gate = op.gate_of(c);
+    S s = Op::empty();
 
-    S st[U][V];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int k = 0; k < V; ++k) st[u][k] = Op::empty();
-    for (I j0 = begin + threadIdx.x; j0 < end; j0 += U * blockDim.x) {
+    // Whole vectors: slot j is vector j % whole of plane j / whole.
+    const unsigned long long slots = (unsigned long long)rows * whole;
+    const I v0 = (I)(slots * split / splits), v1 = (I)(slots * (split + 1) / splits);
+    for (I j0 = v0 + threadIdx.x; j0 < v1; j0 += U * blockDim.x) {
         vec xb[U], gb[U], zb[U];
         I row[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const I j = j0 + u * blockDim.x;
-            if (j < end) {
-                const I a = j / inner_vecs;
-                const I offset = (a * channels + c) * inner_vecs + (j - a * inner_vecs);
+            if (j < v1) {
+                const I a = j / whole;
+                const I plane = (a * channels + c) * inner;
+                const I offset = plane + ((head - plane) & (I)(V - 1)) + (j - a * whole) * V;
                 row[u] = a;
-                xb[u] = xv[offset];
-                if (Op::needs_dy) gb[u] = gv[offset];
-                if (Op::gated && z) zb[u] = zv[offset];
+                xb[u] = ld(reinterpret_cast<const vec*>(x + offset));
+                if (Op::needs_dy) gb[u] = ld(reinterpret_cast<const vec*>(dy + offset));
+                if (Op::gated && z) zb[u] = ld(reinterpret_cast<const vec*>(z + offset));
             }
         }
+        Chunk<Op, U * V, I> chunk;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (j0 + u * blockDim.x < v1) {
+#pragma unroll
+                for (int k = 0; k < V; ++k)
+                    chunk.add(op, gate, to_acc(xb[u].v[k]),
+                              Op::needs_dy ? to_acc(gb[u].v[k]) : A(0),
+                              (Op::gated && z) ? to_acc(zb[u].v[k]) : A(0), row[u]);
+            }
+        op.push(s, ctx, chunk.x, chunk.g, chunk.row, chunk.n);
+    }
+    // The values outside the whole vectors: slot t is value t % left of plane t / left.
+    const unsigned long long singles = (unsigned long long)rows * left;
+    const I t0 = (I)(singles * split / splits), t1 = (I)(singles * (split + 1) / splits);
+    for (I j0 = t0 + threadIdx.x; j0 < t1; j0 += U * blockDim.x) {
+        Chunk<Op, U, I> chunk;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            if (j0 + u * blockDim.x < end) {
-#pragma unroll
-                for (int k = 0; k < V; ++k) {
-                    const A xk = to_acc(xb[u].v[k]);
-                    const A g = Op::needs_dy
-                                    ? gated_dy(op, gate, xk, to_acc(gb[u].v[k]),
-                                               (Op::gated && z) ? to_acc(zb[u].v[k]) : A(0))
-                                    : A(0);
-                    op.push(st[u][k], ctx, xk, g, row[u]);
-                }
+            const I t = j0 + u * blockDim.x;
+            if (t < t1) {
+                const I a = t / left, p = t - a * left;
+                const I plane = (a * channels + c) * inner;
+                const I lead = (head - plane) & (I)(V - 1);  // the plane's values before its vectors
+                const I offset = plane + (p < lead ? p : p + whole * V);
+                chunk.add(op, gate, to_acc(ld(x + offset)), Op::needs_dy ? to_acc(ld(dy + offset)) : A(0),
+                          (Op::gated && z) ? to_acc(ld(z + offset)) : A(0), a);
             }
         }
+        op.push(s, ctx, chunk.x, chunk.g, chunk.row, chunk.n);
     }
-    S s = Op::empty();
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int k = 0; k < V; ++k) s = merge(s, st[u][k]);
     s = block_reduce(s, scratch, Op::empty());
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
     if (!last_block_done(&counters[c], (unsigned int)splits)) return;
@@ -127,12 +159,40 @@ __device__ __forceinline__ void merge_tree(S* sh, const int height, const int st
     }
 }
 
+// Splits merged per cluster by the cluster's last block, then clusters by the last cluster's: no
+// thread walks more than CLUSTER / height partials one after another.
+enum { CLUSTER = 32 };
+
+// The block-wide merge of `count` partials (stride `step` apart) of each of a block's V cells per
+// lane into sh[tx] for ty = 0 (the caller syncs): entries are read by ty, independently.
+template <typename S, int V>
+__device__ __forceinline__ void merge_partials(S* sh, const S* __restrict__ partials,
+                                               const int count, const int stride,
+                                               const size_t first_cell, const bool active,
+                                               const int tx, const int ty, const int height,
+                                               const int lanes, const S identity, S (&out)[V]) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        S s = identity;
+        if (active)
+            for (int p = ty; p < count; p += height)
+                s = merge(s, load_cg(&partials[(first_cell + k) * stride + p]));
+        sh[threadIdx.x] = s;
+        __syncthreads();
+        merge_tree(sh, height, lanes, ty);
+        out[k] = sh[tx];
+        __syncthreads();
+    }
+}
+
 // Channels-last data: `samples` contiguous (rows, C) views one after another; cvecs = C / V. The
 // block is lanes x (256 / lanes): lane tx reads V adjacent channels of a row (coalesced across the
 // warp), rows are strided over ty. Block b = (sample * groups + group) * splits + split covers
 // channel group `group` (lanes * V channels) of one sample and the split-th slice of its rows.
-// Channel c of sample s is cell s * C + c: partials, finalize and context are per cell, counters
-// per (sample, group).
+// Channel c of sample s is cell s * C + c: partials, finalize and context are per cell. Partials
+// are merged by the last block of each cluster of CLUSTER splits, then by the last cluster's
+// (partials holds cells * splits level-one and cells * clusters level-two entries; counters
+// chunks * (clusters + 1)).
 template <class Op, int V, typename I>
 __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* __restrict__ x,
                                             const typename Op::T* __restrict__ dy,
@@ -152,7 +212,7 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
     const int height = blockDim.x / lanes;
     const I groups = (cvecs + lanes - 1) / lanes;
     const I chunk = blockIdx.x / splits;  // sample * groups + group
-    const I split = blockIdx.x % splits;
+    const int split = blockIdx.x % splits;
     const I sample = chunk / groups;
     const I cv = (chunk - sample * groups) * lanes + tx;
     const bool active = cv < cvecs;
@@ -171,11 +231,9 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
         ctx[k] = active ? op.context(to_acc(x[(base + cv) * V + k]), cell0 + k) : A(0);
         gate[k] = op.gate_of(active ? cell0 + k : I(0));
     }
-    S st[U][V];
+    S st[V];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int k = 0; k < V; ++k) st[u][k] = Op::empty();
+    for (int k = 0; k < V; ++k) st[k] = Op::empty();
     if (active) {
         for (I r = r0 + ty; r < r1; r += U * height) {
             vec xb[U], gb[U], zb[U];
@@ -183,53 +241,59 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
             for (int u = 0; u < U; ++u) {
                 const I row = r + u * height;
                 if (row < r1) {
-                    xb[u] = xv[row * cvecs + cv];
-                    if (Op::needs_dy) gb[u] = gv[row * cvecs + cv];
-                    if (Op::gated && z) zb[u] = zv[row * cvecs + cv];
+                    xb[u] = ld(xv + row * cvecs + cv);
+                    if (Op::needs_dy) gb[u] = ld(gv + row * cvecs + cv);
+                    if (Op::gated && z) zb[u] = ld(zv + row * cvecs + cv);
                 }
             }
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const I row = r + u * height;
-                if (row < r1) {
+            for (int k = 0; k < V; ++k) {
+                Chunk<Op, U, I> c;
 #pragma unroll
-                    for (int k = 0; k < V; ++k) {
-                        const A xk = to_acc(xb[u].v[k]);
-                        const A g = Op::needs_dy
-                                        ? gated_dy(op, gate[k], xk, to_acc(gb[u].v[k]),
-                                                   (Op::gated && z) ? to_acc(zb[u].v[k]) : A(0))
-                                        : A(0);
-                        op.push(st[u][k], ctx[k], xk, g, row);
-                    }
-                }
+                for (int u = 0; u < U; ++u)
+                    if (r + u * height < r1)
+                        c.add(op, gate[k], to_acc(xb[u].v[k]),
+                              Op::needs_dy ? to_acc(gb[u].v[k]) : A(0),
+                              (Op::gated && z) ? to_acc(zb[u].v[k]) : A(0), r + u * height);
+                op.push(st[k], ctx[k], c.x, c.g, c.row, c.n);
             }
         }
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-        S s = st[0][k];
-#pragma unroll
-        for (int u = 1; u < U; ++u) s = merge(s, st[u][k]);
-        sh[threadIdx.x] = s;
+        sh[threadIdx.x] = st[k];
         __syncthreads();
         merge_tree(sh, height, lanes, ty);
         if (ty == 0 && active) partials[(size_t)(cell0 + k) * splits + split] = sh[tx];
         __syncthreads();
     }
-    if (!last_block_done(&counters[chunk], (unsigned int)splits)) return;
+    const int clusters = (splits + CLUSTER - 1) / CLUSTER;
+    const int cluster = split / CLUSTER;
+    const int first = cluster * CLUSTER;
+    const int count = splits - first < CLUSTER ? splits - first : CLUSTER;
+    unsigned int* level = counters + (size_t)chunk * (clusters + 1);
+    if (!last_block_done(&level[cluster], (unsigned int)count)) return;
 
+    S merged[V];
+    merge_partials<S, V>(sh, partials + first, count, splits, cell0, active, tx, ty, height,
+                         lanes, Op::empty(), merged);
+    if (clusters == 1) {
+        if (ty == 0 && active)
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-        S s = Op::empty();
-        if (active)
-            for (int p = ty; p < splits; p += height)
-                s = merge(s, load_cg(&partials[(size_t)(cell0 + k) * splits + p]));
-        sh[threadIdx.x] = s;
-        __syncthreads();
-        merge_tree(sh, height, lanes, ty);
-        if (ty == 0 && active) op.finalize(sh[tx], cell0 + k, ctx[k]);
-        __syncthreads();
+            for (int k = 0; k < V; ++k) op.finalize(merged[k], cell0 + k, ctx[k]);
+        return;
     }
+    const size_t all_cells = (size_t)(gridDim.x / splits / groups) * cvecs * V;
+    S* level_two = partials + all_cells * splits;  // after every cell's level-one entries
+    if (ty == 0 && active)
+#pragma unroll
+        for (int k = 0; k < V; ++k) level_two[(size_t)(cell0 + k) * clusters + cluster] = merged[k];
+    if (!last_block_done(&level[clusters], (unsigned int)clusters)) return;
+    merge_partials<S, V>(sh, level_two, clusters, clusters, cell0, active, tx, ty, height, lanes,
+                         Op::empty(), merged);
+    if (ty == 0 && active)
+#pragma unroll
+        for (int k = 0; k < V; ++k) op.finalize(merged[k], cell0 + k, ctx[k]);
 }
 
 // Contiguous rows (LayerNorm rows; GroupNorm and InstanceNorm groups of channel-first data),
@@ -242,6 +306,7 @@ __device__ __forceinline__ typename Op::State rows_reduce(
     const Op& op, const typename Op::T* __restrict__ x, const typename Op::T* __restrict__ dy,
     const I rows, const I row_vecs, const int height, I& row, bool& active,
     typename Op::A& ctx) {
+    typedef typename Op::A A;
     typedef typename Op::State S;
     typedef vec_t<typename Op::T, V> vec;
     __shared__ S sh[256];
@@ -253,29 +318,27 @@ __device__ __forceinline__ typename Op::State rows_reduce(
     const size_t base = active ? (size_t)row * row_vecs : 0;
     const vec* xv = reinterpret_cast<const vec*>(x) + base;
     const vec* gv = reinterpret_cast<const vec*>(dy) + base;
-    ctx = active ? op.context(to_acc(x[base * V]), row) : typename Op::A(0);
-    S st[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) st[k] = Op::empty();
+    ctx = active ? op.context(to_acc(x[base * V]), row) : A(0);
+    S s = Op::empty();
     if (active) {
         for (I j = ty; j < row_vecs; j += height) {
-            const vec xb = xv[j];
+            const vec xb = ld(xv + j);
+            A xs[V], gs[V];
+            I rs[V];
             if constexpr (Op::needs_dy) {
-                const vec gb = gv[j];
+                const vec gb = ld(gv + j);
 #pragma unroll
-                for (int k = 0; k < V; ++k)
-                    op.push(st[k], ctx, to_acc(xb.v[k]),
-                            op.dy_scale(j * V + k) * to_acc(gb.v[k]), row);
-            } else {
-#pragma unroll
-                for (int k = 0; k < V; ++k)
-                    op.push(st[k], ctx, to_acc(xb.v[k]), typename Op::A(0), row);
+                for (int k = 0; k < V; ++k) gs[k] = op.dy_scale(j * V + k) * to_acc(gb.v[k]);
             }
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                xs[k] = to_acc(xb.v[k]);
+                rs[k] = row;
+                if constexpr (!Op::needs_dy) gs[k] = A(0);
+            }
+            op.push(s, ctx, xs, gs, rs, V);
         }
     }
-    S s = st[0];
-#pragma unroll
-    for (int k = 1; k < V; ++k) s = merge(s, st[k]);
     sh[threadIdx.x] = s;
     __syncthreads();
     merge_tree(sh, height, 1, ty);
@@ -297,52 +360,166 @@ __device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* 
     if ((threadIdx.x & (height - 1)) == 0 && active) op.finalize(s, row, ctx);
 }
 
-// Group and channel of element k of vector j for the normalizations over channel groups:
-// L = 0 rows (group = row, channel = column; inner_vecs = columns / V), 1 channel-first (n, C, S)
-// (inner_vecs = S / V), 2 channels-last (n, S, C) (inner_vecs = C / V, sample_vecs = S * C / V);
-// a group is `group_channels` consecutive channels of one sample.
-template <int L, typename I>
-__device__ __forceinline__ void group_of(const I j, const int k, const I channels,
-                                         const I inner_vecs, const I sample_vecs,
-                                         const I group_channels, const int V, I& g, I& c) {
-    if (L == 0) {
-        g = j / inner_vecs;
-        c = (j % inner_vecs) * V + k;
-    } else if (L == 1) {
-        const I plane = j / inner_vecs;
-        c = plane % channels;
-        g = plane / channels * (channels / group_channels) + c / group_channels;
-    } else {
-        c = (j % inner_vecs) * V + k;
-        g = j / sample_vecs * (channels / group_channels) + c / group_channels;
+// Values of a row each thread keeps in registers in the single-read row kernels: rows of up to
+// 16 * 1024 values are read once.
+template <int V> struct row_regs {
+    enum { value = V >= 16 ? 1 : 16 / V };
+};
+
+// The sums of a pair of values over each slot of `height` consecutive threads (a power of two
+// from 32 to blockDim.x), in a fixed order, returned to every thread of the slot; `scratch` holds
+// 32 pairs. Every thread of the block calls it.
+template <typename A>
+__device__ __forceinline__ SumPair<A> slot_sum(SumPair<A> s, const int height,
+                                               SumPair<A>* scratch) {
+    s = warp_reduce(s);
+    if (height == 32) {
+        s.dy = __shfl_sync(0xffffffffu, s.dy, 0);
+        s.dy_xmu = __shfl_sync(0xffffffffu, s.dy_xmu, 0);
+        return s;
     }
+    const int warp = threadIdx.x >> 5;
+    __syncthreads();  // the previous call's readers are done with scratch
+    if ((threadIdx.x & 31) == 0) scratch[warp] = s;
+    __syncthreads();
+    const int per = height >> 5;
+    const int first = warp / per * per;
+    SumPair<A> total = scratch[first];
+    for (int w = 1; w < per; ++w) total = merge(total, scratch[first + w]);
+    return total;
 }
 
-// Channel of element k of vector j: channel-first views have one channel per vector
-// (inner_vecs = inner / V), channels-last views V consecutive ones (inner_vecs = C / V).
-template <bool CL, typename I>
-__device__ __forceinline__ I channel_of(const I j, const int k, const I channels,
-                                        const I inner_vecs, const int V) {
-    return CL ? (j % inner_vecs) * V + k : (j / inner_vecs) % channels;
+// The channel of element i of a per-channel layout (channel-first: planes of `inner` values;
+// channels-last: channels innermost), computed once and then advanced one element at a time
+// without division.
+template <bool CL, typename I> struct ChannelWalk {
+    I c, r;
+    const I channels, inner;
+
+    __device__ __forceinline__ ChannelWalk(const I i, const I channels_, const I inner_)
+        : channels(channels_), inner(inner_) {
+        if (CL) {
+            c = i % channels;
+            r = 0;
+        } else {
+            const I q = i / inner;
+            c = q % channels;
+            r = i - q * inner;
+        }
+    }
+    __device__ __forceinline__ void next() {
+        if (CL || ++r == inner) {
+            r = 0;
+            if (++c == channels) c = 0;
+        }
+    }
+};
+
+// Group and channel of element i for the normalizations over channel groups: L = 0 rows (group =
+// row, channel = column; `inner` = columns), 1 channel-first (n, C, S) (`inner` = S), 2
+// channels-last (n, S, C) (`inner` = S); a group is `group_channels` consecutive channels of one
+// sample. Advanced one element at a time like ChannelWalk.
+template <int L, typename I> struct GroupWalk {
+    I g, c, r, k, base;
+    const I channels, inner, group_channels;
+
+    __device__ __forceinline__ GroupWalk(const I i, const I channels_, const I inner_,
+                                         const I group_channels_)
+        : channels(channels_), inner(inner_), group_channels(group_channels_) {
+        if (L == 0) {
+            g = i / inner;
+            c = i - g * inner;
+            r = k = base = 0;
+        } else if (L == 1) {
+            const I plane = i / inner;
+            r = i - plane * inner;
+            c = plane % channels;
+            k = c % group_channels;
+            g = plane / group_channels;  // groups are contiguous in channel-first memory
+            base = 0;
+        } else {
+            const I cell = i / channels;  // sample * S + position
+            c = i - cell * channels;
+            k = c % group_channels;
+            const I sample = cell / inner;
+            r = cell - sample * inner;
+            base = sample * (channels / group_channels);
+            g = base + c / group_channels;
+        }
+    }
+    __device__ __forceinline__ void next() {
+        if (L == 0) {
+            if (++c == inner) {
+                c = 0;
+                ++g;
+            }
+        } else if (L == 1) {
+            if (++r == inner) {
+                r = 0;
+                if (++c == channels) c = 0;
+                if (++k == group_channels) {
+                    k = 0;
+                    ++g;
+                }
+            }
+        } else if (++c == channels) {  // the next position: the sample's first group again
+            c = k = 0;
+            if (++r == inner) {
+                r = 0;
+                base += channels / group_channels;
+            }
+            g = base;
+        } else if (++k == group_channels) {
+            k = 0;
+            ++g;
+        }
+    }
+};
+
+// The one elementwise loop: elements [0, head) and those after the last whole vector one at a
+// time, the rest as V-wide vectors (16-byte loads: every tensor of the op is 16-byte aligned
+// `head` elements in). Op::run<W>(i) handles elements i .. i + W - 1. Grid-stride over a flat grid.
+template <class Op, int V, typename I>
+__device__ __forceinline__ void elementwise(const Op& op, const I total, const I head) {
+    const I first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    const I stride = (I)gridDim.x * blockDim.x;
+    const I lead = head < total ? head : total;
+    const I body = (total - lead) / V;
+    for (I j = first; j < body; j += stride) op.template run<V>(lead + j * V);
+    const I tail = lead + body * V;
+    const I singles = lead + (total - tail);
+    for (I t = first; t < singles; t += stride) op.template run<1>(t < lead ? t : tail + (t - lead));
 }
 
-// How one element enters the statistics: Welford on values shifted by a pilot (the group's first
-// value), so a large mean costs no precision.
+// How a chunk of values enters the statistics: Welford on values shifted by a pilot (the
+// channel's first value), so a large mean costs no precision; the chunk's own mean and sum of
+// squared deviations (two passes over registers) join the state by a Chan merge, one division
+// per chunk.
 template <typename A> struct WelfordOps : Ungated {
     typedef Welford<A> State;
     template <typename I> __device__ A context(const A first, const I) const { return first; }
     __device__ static State empty() { return welford_empty<A>(); }
-    template <typename I>
-    __device__ void push(State& s, const A pilot, const A x, const A, const I) const {
-        const A y = x - pilot;
-        s.n += A(1);
-        const A d = y - s.mean;
-        s.mean += d / s.n;
-        s.m2 += d * (y - s.mean);
+    template <int N, typename I>
+    __device__ void push(State& s, const A pilot, const A (&x)[N], const A (&)[N],
+                         const I (&)[N], const int n) const {
+        if (n == 0) return;
+        A sum = A(0);
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if (i < n) sum += x[i] - pilot;
+        const A mean = n == N ? sum * (A(1) / A(N)) : sum / A(n);
+        A q = A(0);
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if (i < n) {
+                const A d = (x[i] - pilot) - mean;
+                q += d * d;
+            }
+        merge_chunk(s, A(n), mean, q);
     }
 };
 
-// How one element enters per-channel (or per-row) gradient sums: sum(g) and sum(g * (x - m)).
+// How a chunk enters per-channel (or per-row) gradient sums: sum(g) and sum(g * (x - m)).
 template <typename A> struct SumOps : Ungated {
     typedef SumPair<A> State;
     __device__ static State empty() {
@@ -350,10 +527,15 @@ template <typename A> struct SumOps : Ungated {
         s.dy = s.dy_xmu = A(0);
         return s;
     }
-    template <typename I>
-    __device__ void push(State& s, const A m, const A x, const A g, const I) const {
-        s.dy += g;
-        s.dy_xmu += g * (x - m);
+    template <int N, typename I>
+    __device__ void push(State& s, const A m, const A (&x)[N], const A (&g)[N], const I (&)[N],
+                         const int n) const {
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if (i < n) {
+                s.dy += g[i];
+                s.dy_xmu += g[i] * (x[i] - m);
+            }
     }
 };
 

@@ -44,6 +44,25 @@ template <typename T, int V> struct __align__(sizeof(T) * V) vec_t {
     T v[V];
 };
 
+// Every load and store of a tensor (x, dy, residual, y, dx; not of per-channel vectors or
+// partials) goes through ld/st, so that the CPU execution target can count each launch's traffic
+// per buffer; on a GPU they are plain accesses.
+#ifndef BNCUPY_LOAD
+#define BNCUPY_LOAD(p) (*(p))
+#define BNCUPY_STORE(p, v) (*(p) = (v))
+#endif
+template <typename P> __device__ __forceinline__ P ld(const P* p) { return BNCUPY_LOAD(p); }
+template <typename P> __device__ __forceinline__ void st(P* p, const P& v) { BNCUPY_STORE(p, v); }
+
+// 1/sqrt: the hardware's approximation in float (a few ulp), exact in double. Evaluation
+// coefficients use it in the apply and in what it stores for a backward pass alike.
+__device__ __forceinline__ float rsqrt_of(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double rsqrt_of(double v) { return rsqrt(v); }
+
+// a / b where a few ulp do not matter (merge weights in the hot loops): fast in float.
+__device__ __forceinline__ float ratio(float a, float b) { return __fdividef(a, b); }
+__device__ __forceinline__ double ratio(double a, double b) { return a / b; }
+
 template <typename A> struct Welford {
     A mean;
     A m2;
@@ -69,6 +88,18 @@ template <typename A> __device__ __forceinline__ Welford<A> merge(Welford<A> a, 
     r.mean = a.mean + delta * wb;
     r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
     return r;
+}
+
+// Chan merge of a chunk of nb values (mean mb, sum of squared deviations qb) into a, with the
+// fast ratio: the hot loops' merge, one division per chunk instead of one per value.
+template <typename A>
+__device__ __forceinline__ void merge_chunk(Welford<A>& a, const A nb, const A mb, const A qb) {
+    const A n = a.n + nb;
+    const A delta = mb - a.mean;
+    const A wb = ratio(nb, n);
+    a.mean += delta * wb;
+    a.m2 += qb + delta * delta * a.n * wb;
+    a.n = n;
 }
 
 // Per-channel sums for the backward pass: sum(dy) and sum(dy * (x - mean)).

@@ -214,16 +214,11 @@ MUTANTS = [
     ("no counter reset", "welford.cuh", "if (is_last) *counter = 0u;", ""),
     ("unwritten shared memory", "welford.cuh",
      "s = (lane < (int)(blockDim.x >> 5)) ? scratch[lane] : identity;", "s = scratch[lane];"),
-    ("wrong grid stride", "forward.cu",
-     "for (I j = first; j < total_vecs; j += stride) {\n        const vec in = xv[j];\n"
-     "        vec z;",
-     "for (I j = first; j < total_vecs; j += 2 * stride) {\n        const vec in = xv[j];\n"
-     "        vec z;"),
-    ("write past the end", "forward.cu",
-     "for (I j = first; j < total_vecs; j += stride) {\n        const vec in = xv[j];\n"
-     "        vec z;",
-     "for (I j = first; j <= total_vecs; j += stride) {\n        const vec in = xv[j];\n"
-     "        vec z;"),
+    ("wrong grid stride", "reduce.cuh",
+     "for (I j = first; j < body; j += stride) op.template run<V>(lead + j * V);",
+     "for (I j = first; j < body; j += 2 * stride) op.template run<V>(lead + j * V);"),
+    ("write past the end", "reduce.cuh", "const I singles = lead + (total - tail);",
+     "const I singles = lead + (total - tail) + 1;"),
 ]
 
 

@@ -459,3 +459,77 @@ def test_module_functions_keep_views_as_views(dev, fn):
     assert (dev.SEAM.allocations, dev.SEAM.ops) == (0, 0)
     a[...] = 7.0
     assert (to_numpy(view) == 7.0).all()
+
+
+# ------------------------------------------------------------------------------ traffic
+
+def _traffic_cases(dev: Any, dtype: str, layout: str) -> list[tuple[str, Callable, dict]]:
+    """(name, call, {array: (reads, writes)}): the tensors' traffic model of each op, in units
+    of the tensor's size (design notes, section 4); per-channel vectors and partials are not
+    counted."""
+    shape, axis = ((8, 16, 24, 20), 1) if layout == "NCHW" else ((8, 24, 20, 16), -1)
+    c = 16
+    x, dy, z = (_data(dev, shape, dtype, s) for s in range(3))
+    w, b = _data(dev, (c,), _acc(dtype), 3), _data(dev, (c,), _acc(dtype), 4)
+    rm, rv = dev.zeros(c, _acc(dtype)), dev.ones(c, _acc(dtype))
+    _, m, s = bn.batch_norm_forward(x, None, None, w, b, True, axis=axis)
+    out: dict[str, Any] = {}
+
+    def keep(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            out[name] = fn()
+            return out[name]
+        return run
+
+    layer = bn.BatchNorm2d(c, channels_last=axis == -1, activation="relu", dtype=_acc(dtype))
+    layer(x, residual=z)
+    gn_x = x
+    _, gm, gs = bn.group_norm_forward(gn_x, 4, w, b, axis=axis)
+    rows = _data(dev, (64, 1024), dtype, 5)
+    rows_dy = _data(dev, (64, 1024), dtype, 6)
+    lw = _data(dev, (1024,), _acc(dtype), 7)
+    _, lm, ls = bn.layer_norm_forward(rows, 1024, lw, lw)
+    return [
+        ("batch_norm train", keep("y", lambda: bn.batch_norm(x, rm, rv, w, b, True, axis=axis)),
+         {"x": (x, 2, 0), "y": ("y", 0, 1)}),
+        ("batch_norm train relu+residual", keep("y", lambda: bn.batch_norm(
+            x, rm, rv, w, b, True, axis=axis, activation="relu", residual=z)),
+         {"x": (x, 2, 0), "z": (z, 1, 0), "y": ("y", 0, 1)}),
+        ("batch_norm eval", keep("y", lambda: bn.batch_norm(x, rm, rv, w, b, False, axis=axis)),
+         {"x": (x, 1, 0), "y": ("y", 0, 1)}),
+        ("batch_norm_backward", keep("dx", lambda: bn.batch_norm_backward(dy, x, w, m, s,
+                                                                          axis=axis)[0]),
+         {"x": (x, 2, 0), "dy": (dy, 2, 0), "dx": ("dx", 0, 1)}),
+        ("BatchNorm2d relu+residual backward", keep("dx", lambda: layer.backward(dy)),
+         {"x": (x, 2, 0), "dy": (dy, 2, 0), "z": (z, 2, 0), "dx": ("dx", 0, 1)}),
+        ("group_norm", keep("y", lambda: bn.group_norm(gn_x, 4, w, b, axis=axis)),
+         {"x": (gn_x, 2, 0), "y": ("y", 0, 1)}),
+        ("group_norm_backward", keep("dx", lambda: bn.group_norm_backward(
+            dy, gn_x, 4, gm, gs, w, axis=axis)[0]),
+         {"x": (gn_x, 2, 0), "dy": (dy, 2, 0), "dx": ("dx", 0, 1)}),
+        ("layer_norm", keep("y", lambda: bn.layer_norm(rows, 1024, lw, lw)),
+         {"x": (rows, 1, 0), "y": ("y", 0, 1)}),
+        ("layer_norm_backward", keep("dx", lambda: bn.layer_norm_backward(
+            rows_dy, rows, 1024, lm, ls, lw)[0]),
+         {"x": (rows, 1, 0), "dy": (rows_dy, 1, 0), "dx": ("dx", 0, 1)}),
+    ], out
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_each_op_moves_the_bytes_of_its_traffic_model(dev, dtype, layout):
+    """Bytes each launch read from and wrote to the op's tensors, counted by the CPU target at
+    every load and store, against the op's traffic model (a read of a tensor is its size): a
+    second pass over a tensor that the model does not allow fails here."""
+    cases, out = _traffic_cases(dev, dtype, layout)
+    for name, call, model in cases:
+        call()  # the workspace of the stream exists
+        dev.SEAM.reset()
+        call()
+        for label, (array, reads, writes) in model.items():
+            array = out[array] if isinstance(array, str) else array
+            read, written = dev.SEAM.bytes(array)
+            nbytes = array.nbytes
+            # a pilot value per channel (or row) is read besides the passes
+            assert read <= reads * nbytes + nbytes // 64, (name, label, read / nbytes)
+            assert written == writes * nbytes, (name, label, written / nbytes)

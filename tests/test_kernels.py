@@ -70,7 +70,7 @@ def test_every_path_matches_the_oracle(xp, shape, axis, dtype):
 
 
 def _misaligned(xp, a):
-    """A device copy of ``a`` starting one element into its allocation (width-1 loads)."""
+    """A device copy of ``a`` starting one element into its allocation (unaligned loads)."""
     flat = xp.empty(a.size + 1, a.dtype)
     flat[1:] = xp.asarray(np.ascontiguousarray(a).ravel())
     return flat[1:].reshape(a.shape)
@@ -80,7 +80,7 @@ def _misaligned(xp, a):
 @pytest.mark.parametrize("aligned", [True, False])
 def test_launch_geometries_match_the_oracle_and_index_types_give_the_same_bits(
         xp, monkeypatch, sms, aligned):
-    """One split per channel up to many, vector and width-1 loads: every result against the
+    """One split per channel up to many, aligned and unaligned data: every result against the
     oracle; and 32- or 64-bit indexing changes no bit (the index type changes no order)."""
     # The split count and index type are the launch plan's (cupy_backend._geometry(...).splits,
     # cupy_backend._INDEX64_FROM), forced here through the runtime's SM count and the threshold.
@@ -89,7 +89,8 @@ def test_launch_geometries_match_the_oracle_and_index_types_give_the_same_bits(
     x = _data(shape, np.float32, seed=3)
     put = xp.asarray if aligned else (lambda a: _misaligned(xp, a))
     geometry = cupy_backend._geometry(put(x), 1)
-    assert geometry.width == (4 if aligned else 1)
+    assert geometry.width == 4  # 16-byte loads after `head` single values, aligned or not
+    assert geometry.head == (0 if aligned else 3)
     if sms == 1000:
         assert geometry.splits > 1
     agreement.batch_norm(xp, x, 1, seed=1, put=put)

@@ -136,11 +136,11 @@ def set_runtime(new: Any) -> Any:
 CTYPES = {"float16": "bncupy::half_t", "float32": "float", "float64": "double"}
 SOURCES = ("forward.cu", "backward.cu")
 INDEX_TYPES = ("unsigned int", "unsigned long long")
-_LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply", "relu_grad")
-_ROW_KERNELS = ("cell_stats", "row_forward", "row_backward", "column_grads", "cell_grad_planes",
-                "cell_grad_cl")
+_LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply")
+_ROW_KERNELS = ("cell_stats", "row_forward", "row_norm", "row_backward", "row_norm_backward",
+                "column_grads", "cell_grad_planes", "cell_grad_cl")
 _GROUP_KERNELS = ("group_apply", "group_backward_apply")
-_ACC_KERNELS = ("group_merge", "group_grad_coefficients")
+_ACC_KERNELS = ("group_merge", "group_grad_coefficients", "column_sums")
 GROUP_LAYOUTS = {"rows": 0, "cf": 1, "cl": 2}
 
 

@@ -74,10 +74,6 @@ def device_summary() -> str:
     return str(_cuda.runtime().describe())
 
 
-def _aligned(*arrays: Any) -> bool:
-    return all(a is None or a.data.ptr % 16 == 0 for a in arrays)
-
-
 def _index(size: int) -> tuple[str, Any]:
     return ("unsigned int", np.uint32) if size < _INDEX64_FROM else \
         ("unsigned long long", np.uint64)
@@ -87,17 +83,33 @@ def _ptr(a: Any) -> Any:
     return NULL if a is None else a
 
 
-def _launch(dtype: str, name: str, grid: int, args: tuple) -> None:
-    _cuda.runtime().kernel(dtype, name)((grid,), (_THREADS,), args)
+def _launch(dtype: str, name: str, grid: int, args: tuple, block: int = _THREADS) -> None:
+    _cuda.runtime().kernel(dtype, name)((grid,), (block,), args)
 
 
 # ---------------------------------------------------------------------------------------------
 # Batch norm: per-channel statistics over a contiguous (rows, C, inner) or (rows, C) view.
 
-class _Geometry:
-    """How one contiguous array is walked: layout, vector width, index type, grids, scratch."""
+_CLUSTER = 32  # splits merged per cluster in channels-last reductions (kernels/reduce.cuh)
 
-    def __init__(self, shape: tuple[int, ...], axis: int, dtype: np.dtype, aligned: bool,
+
+def _offset(*arrays: Any) -> int:
+    """The common byte offset of the arrays' addresses from a 16-byte boundary, or -1 when they
+    differ (then nothing is loaded 16 bytes at a time)."""
+    offsets = {a.data.ptr % 16 for a in arrays if a is not None}
+    return offsets.pop() if len(offsets) == 1 else -1
+
+
+class _Geometry:
+    """How one contiguous array is walked: layout, vector widths, index type, grids, scratch.
+
+    ``offset`` is the common misalignment of the arrays involved (:func:`_offset`): elementwise
+    launches load 16 bytes at a time after ``head`` single values whenever it is the same for all;
+    channel-first reductions too (each channel plane from its own first 16-byte boundary);
+    channels-last reductions need aligned arrays and C a multiple of the vector width.
+    """
+
+    def __init__(self, shape: tuple[int, ...], axis: int, dtype: np.dtype, offset: int,
                  sms: int, samples: int = 1) -> None:
         self.rows = math.prod(shape[:axis])
         self.channels = shape[axis]
@@ -105,58 +117,86 @@ class _Geometry:
         size = self.rows * self.channels * inner
         # Channels-last kernels whenever channels are innermost: (N, C) too.
         self.cl = inner == 1
-        extent = self.channels if self.cl else inner
-        width = 16 // dtype.itemsize
-        self.width = width if extent % width == 0 and aligned else 1
-        self.inner_vecs = extent // self.width
+        vector = 16 // dtype.itemsize
+        shared = offset >= 0 and offset % dtype.itemsize == 0
+        self.head = (16 - offset) % 16 // dtype.itemsize if shared else 0
+        self.apply_width = vector if shared else 1
+        if self.cl:
+            self.width = vector if offset == 0 and self.channels % vector == 0 else 1
+            self.head_reduce = 0
+        else:
+            self.width = self.apply_width
+            self.head_reduce = self.head
         self.index, self.itype = _index(size)
-        self.total_vecs = size // self.width
         self.dtype, self.acc = dtype.name, _ACC[dtype]
         self.acc_type = self.acc.type
         unroll = 2 if self.width >= 8 else 4
         if self.cl:
-            self.lanes = min(32, 1 << max(0, (self.inner_vecs - 1).bit_length()))
-            self.groups = -(-self.inner_vecs // self.lanes)
+            self.inner_arg = self.channels // self.width
+            self.lanes = min(32, 1 << max(0, (self.inner_arg - 1).bit_length()))
+            self.groups = -(-self.inner_arg // self.lanes)
             trips = self.rows // (_THREADS // self.lanes * unroll * 2)
         else:
+            self.inner_arg = inner
             self.lanes = 1
             self.groups = self.channels
-            trips = self.rows * self.inner_vecs // (_THREADS * unroll * 2)
+            trips = self.rows * (inner // self.width) // (_THREADS * unroll * 2)
         # Blocks per channel (group): C * splits fills the GPU ~8 blocks per SM deep, but every
         # thread keeps at least two unrolled trips of work. Channels-last data may stack
         # `samples` such (rows, C) views (per-sample statistics: GroupNorm, InstanceNorm).
         self.splits = max(1, min(-(-sms * 8 // (self.groups * samples)), trips or 1, 1024))
         self.reduce_blocks = samples * self.groups * self.splits
-        self.apply_blocks = max(1, min(-(-max(self.total_vecs, self.channels) // _THREADS),
-                                       sms * 32))
+        cells = samples * self.channels
+        if self.cl:  # partials of every split, then of every cluster; counters per level
+            clusters = -(-self.splits // _CLUSTER)
+            self.partials = cells * (self.splits + clusters)
+            self.counters = samples * self.groups * (clusters + 1)
+        else:
+            self.partials, self.counters = cells * self.splits, cells
+        self.apply_blocks = max(1, min(-(-max(size // self.apply_width, self.channels)
+                                         // _THREADS), sms * 32))
         it = self.itype
-        self.reduce_shape = (it(self.rows), it(self.channels), it(self.inner_vecs),
-                             np.int32(self.splits), np.int32(self.lanes))
-        self.apply_shape = (it(self.total_vecs), it(self.channels), it(self.inner_vecs))
+        self.reduce_shape = (it(self.rows), it(self.channels), it(self.inner_arg),
+                             it(self.head_reduce), np.int32(self.splits), np.int32(self.lanes))
+        self.apply_shape = (it(size), it(self.head), it(self.channels), it(inner))
         layout = "true" if self.cl else "false"
         ctype = _cuda.CTYPES[self.dtype]
-        self.names = {k: f"bncupy::{k}<{ctype}, {self.width}, {self.index}, {layout}>"
-                      for k in ("forward_stats", "apply", "backward_reduce", "backward_apply",
-                                "relu_grad")}
+        self.names = {k: f"bncupy::{k}<{ctype}, {w}, {self.index}, {layout}>"
+                      for k, w in (("forward_stats", self.width), ("backward_reduce", self.width),
+                                   ("apply", self.apply_width),
+                                   ("backward_apply", self.apply_width))}
         self.count = np.float64(self.rows * inner)
         c = self.channels
-        self.stats_scratch = ((self.acc, 3 * c * self.splits),)
-        self.grad_scratch = ((self.acc, 2 * c * self.splits), (self.acc, 4 * c))
+        self.stats_scratch = ((self.acc, 3 * self.partials),)
+        self.grad_scratch = ((self.acc, 2 * self.partials), (self.acc, 4 * c))
 
     def launch_reduce(self, kernel: str, grid: int, args: tuple) -> None:
         _launch(self.dtype, self.names[kernel], grid, args)
 
 
 @functools.lru_cache(maxsize=1024)
-def _geometry_cached(shape: tuple[int, ...], axis: int, dtype: np.dtype, aligned: bool,
+def _geometry_cached(shape: tuple[int, ...], axis: int, dtype: np.dtype, offset: int,
                      sms: int, index64_from: int) -> _Geometry:
-    return _Geometry(shape, axis, dtype, aligned, sms)
+    return _Geometry(shape, axis, dtype, offset, sms)
 
 
 def _geometry(x: Any, axis: int, *others: Any) -> _Geometry:
     """The cached geometry of ``x`` (with ``others`` of its shape walked alongside)."""
-    return _geometry_cached(x.shape, axis, x.dtype, _aligned(x, *others),
+    return _geometry_cached(x.shape, axis, x.dtype, _offset(x, *others),
                             _cuda.runtime().sm_count(), _INDEX64_FROM)
+
+
+def _output_like(x: Any) -> Any:
+    """A new array like contiguous ``x`` at the same offset from a 16-byte boundary, so that the
+    kernels read and write both 16 bytes at a time (a view into a slightly larger allocation
+    when ``x`` is a view off the boundary)."""
+    xp = _cuda.runtime().xp
+    lag = x.data.ptr % 16
+    if lag == 0:
+        return xp.empty_like(x)
+    flat = xp.empty(x.size + 16 // x.itemsize, x.dtype)
+    start = (lag - flat.data.ptr % 16) % 16 // x.itemsize
+    return flat[start:start + x.size].reshape(x.shape)
 
 
 def _contiguous(a: Any) -> Any:
@@ -185,7 +225,7 @@ def _workspace(counters: int, layout: tuple) -> tuple[Any, ...]:
 def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
            running_var: Any, weight: Any, bias: Any, eps: float, momentum: float,
            evaluate: bool, relu: bool) -> Any:
-    y = _cuda.runtime().xp.empty_like(x)
+    y = _output_like(x)
     geo.launch_reduce("apply", geo.apply_blocks, (
         x, y, _ptr(residual), *geo.apply_shape, stats, _ptr(running_mean), _ptr(running_var),
         _ptr(weight), _ptr(bias), geo.acc_type(eps), np.float64(momentum),
@@ -209,7 +249,7 @@ def _with_stats(counters: int, layout: tuple, width: int, acc: np.dtype,
 def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float,
            keep: bool = True) -> Any:
     """Launch ``forward_stats``; returns its STAT-row buffer (STAT_ROWS, C)."""
-    counters, partials, stats = _with_stats(geo.groups, geo.stats_scratch, geo.channels,
+    counters, partials, stats = _with_stats(geo.counters, geo.stats_scratch, geo.channels,
                                             geo.acc, keep)
     geo.launch_reduce("forward_stats", geo.reduce_blocks, (
         x, *geo.reduce_shape, partials, counters, _ptr(weight), _ptr(bias), geo.acc_type(eps),
@@ -281,7 +321,7 @@ def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd
     center, lo = _mean_parts(mean, acc)
     if invstd is None:
         invstd = mean[_INVSTD]
-    counters, partials, coef = _workspace(geo.groups, geo.grad_scratch)
+    counters, partials, coef = _workspace(geo.counters, geo.grad_scratch)
     grads = _cuda.runtime().xp.empty((2, geo.channels), acc)
     geo.launch_reduce("backward_reduce", geo.reduce_blocks, (
         dy, x, _ptr(residual), *geo.reduce_shape, partials, counters, center, _ptr(lo),
@@ -303,9 +343,8 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
     dy, residual = _like(dy, x), _like(residual, x)
     geo = _geometry(x, axis, dy, residual)
     grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, training, fwd, residual)
-    xp = _cuda.runtime().xp
-    dx = xp.empty_like(x)
-    g = xp.empty_like(x) if fwd is not None and residual is not None else None
+    dx = _output_like(x)
+    g = _output_like(x) if fwd is not None and residual is not None else None
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
         dy, x, _ptr(residual), dx, _ptr(g), *geo.apply_shape, coef, _ptr(fwd)))
     return dx, grads[0], grads[1], g
@@ -327,10 +366,10 @@ def relu_grad(dy: Any, x: Any, axis: int, coef: Any, residual: Any) -> Any:
     """``dy`` where the fused forward's output was positive, else 0 (one elementwise launch)."""
     x = _contiguous(x)
     dy, residual = _like(dy, x), _like(residual, x)
-    g = require().empty_like(x)
+    g = _output_like(x)
     geo = _geometry(x, axis, dy, g, residual)
-    geo.launch_reduce("relu_grad", geo.apply_blocks, (dy, x, _ptr(residual), g,
-                                                      *geo.apply_shape, coef))
+    geo.launch_reduce("backward_apply", geo.apply_blocks, (dy, x, _ptr(residual), NULL, g,
+                                                           *geo.apply_shape, NULL, coef))
     return g
 
 
@@ -352,7 +391,7 @@ def backward_apply(dy: Any, x: Any, axis: int, center: Any, a: Any, b: Any, c: A
     dy = _like(dy, x)
     geo = _geometry(x, axis, dy)
     coef = xp.stack([v.astype(geo.acc) for v in (center, a, b, c)])
-    dx = xp.empty_like(x)
+    dx = _output_like(x)
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
         dy, x, NULL, dx, NULL, *geo.apply_shape, coef, NULL))
     return dx
@@ -377,54 +416,98 @@ def normalize_with(x: Any, axis: int, mean: Any, invstd: Any, weight: Any, bias:
 # Normalizations over groups (LayerNorm, GroupNorm, InstanceNorm; see _groups.GroupLayout).
 
 class _GroupGeometry:
-    """The launches of one group layout: statistics, apply and backward."""
+    """The launches of one group layout: statistics, apply and backward.
 
-    def __init__(self, lay: GroupLayout, dtype: np.dtype, aligned: bool, sms: int) -> None:
+    Rows (LayerNorm rows, short channel-first groups) take 16-byte loads when aligned and a
+    multiple of the vector width long; the elementwise launches and split reductions whenever
+    every tensor has the same misalignment (see :class:`_Geometry`).
+    """
+
+    def __init__(self, lay: GroupLayout, dtype: np.dtype, offset: int, sms: int) -> None:
         self.lay, self.dtype, self.acc = lay, dtype.name, _ACC[dtype]
         self.acc_type = self.acc.type
         ctype = _cuda.CTYPES[self.dtype]
-        innermost = lay.s if lay.kind == "cf" else lay.c
-        width = 16 // dtype.itemsize
-        self.width = width if innermost % width == 0 and aligned else 1
+        vector = 16 // dtype.itemsize
         size = lay.n * lay.c * lay.s
         self.index, itype = _index(size)
-        head = f"{ctype}, {self.width}, {self.index}"
-        total = size // self.width
-        self.blocks = max(1, min(-(-max(total, lay.c) // _THREADS), sms * 32))
-        self.shape_args = (itype(total), itype(lay.c), itype(innermost // self.width),
-                           itype(max(1, lay.s * lay.c // self.width)), itype(lay.k))
-        layout = _cuda.GROUP_LAYOUTS[lay.kind]
-        self.names = {k: f"bncupy::{k}<{head}, {layout}>"
-                      for k in ("group_apply", "group_backward_apply")}
-        self.names.update({k: f"bncupy::{k}<{head}>" for k in (
-            "cell_stats", "row_forward", "row_backward", "column_grads", "cell_grad_planes",
-            "cell_grad_cl")})
-        acc = "double" if self.dtype == "float64" else "float"
-        self.names.update({k: f"bncupy::{k}<{acc}>" for k in ("group_merge",
-                                                                "group_grad_coefficients")})
-        self.groups = lay.groups
         self.itype = itype
-        # Statistics: rows (one block row per group, row_forward), a split reduction per group
-        # (forward_stats), or cells merged per group (channels-last).
-        group_vecs = lay.size // self.width
+        self.groups = lay.groups
+        shared = offset >= 0
+        self.apply_width = vector if shared else 1
+        head = (16 - offset) % 16 // dtype.itemsize if shared else 0
+        self.blocks = max(1, min(-(-max(size // self.apply_width, lay.c) // _THREADS), sms * 32))
+        inner = lay.c if lay.kind == "rows" else lay.s
+        self.shape_args = (itype(size), itype(head), itype(lay.c), itype(inner), itype(lay.k))
+        # A row's channel planes (channel-first groups) or the row itself, vector by vector.
+        unit = lay.s if lay.kind == "cf" else lay.c
+        self.row_width = vector if offset == 0 and unit % vector == 0 else 1
+        layout = _cuda.GROUP_LAYOUTS[lay.kind]
+        self.names = {k: f"bncupy::{k}<{ctype}, {self.apply_width}, {self.index}, {layout}>"
+                      for k in ("group_apply", "group_backward_apply")}
+        self.names.update({k: f"bncupy::{k}<{ctype}, {self.row_width}, {self.index}>"
+                           for k in ("row_forward", "row_backward", "row_norm",
+                                     "row_norm_backward")})
+        acc = "double" if self.dtype == "float64" else "float"
+        self.names.update({k: f"bncupy::{k}<{acc}>" for k in (
+            "group_merge", "group_grad_coefficients", "column_sums")})
+        # Statistics: rows held in registers (row_norm: one read; enough of them, or short
+        # ones, to fill the GPU), a warp to a block per group (row_forward), a split reduction
+        # per group (forward_stats: long groups, few of them), or cells merged per group
+        # (channels-last).
+        group_vecs = lay.size // self.row_width
+        held = max(1, 16 // self.row_width)  # vectors of a row per thread (kernels: row_regs)
+        many = self.groups >= sms or group_vecs <= 1024
         if lay.kind == "cl":
-            self.cells = _Geometry((lay.s, lay.c), 1, dtype, aligned, sms, samples=lay.n)
+            self.cells = _Geometry((lay.s, lay.c), 1, dtype, offset, sms, samples=lay.n)
             self.stats_mode = "cells"
-        elif lay.kind == "rows" or group_vecs <= _ROWS_MAX_VECS:
+            self._name("cell_stats", self.cells.width)
+            self._name("cell_grad_cl", self.cells.width)
+        elif group_vecs <= held * 1024 and many:
+            self.stats_mode = "regs"
+            self.regs = _RowPlan(self.groups, group_vecs, held, sms, 0)
+        elif lay.kind == "cf" and group_vecs <= _ROWS_MAX_VECS and many:
             self.stats_mode = "rows"
             self.row_height = _row_height(group_vecs)
             self.row_blocks = -(-self.groups // (_THREADS // self.row_height))
         else:
             self.stats_mode = "split"
-            self.split = _Geometry((1, self.groups, lay.size), 1, dtype, aligned, sms)
-        # Backward: LayerNorm rows (row_backward + column_grads); groups of channels: cell sums.
+            self.split = _Geometry((1, self.groups, lay.size), 1, dtype, offset, sms)
+        # Backward: LayerNorm rows in registers (row_norm_backward + column_sums) or, longer than
+        # that, row_backward + column_grads; groups of channels: cell sums.
         if lay.kind == "rows":
-            self.columns = _Geometry((lay.n, lay.c), 1, dtype, aligned, sms)
+            self.back: _RowPlan | None = None
+            if group_vecs <= held * 1024:
+                self.back = _RowPlan(lay.n, group_vecs, held, sms,
+                                     2 * lay.c * self.acc.itemsize)
+            self.columns = _Geometry((lay.n, lay.c), 1, dtype, offset, sms)
+            self._name("column_grads", self.columns.width)
         elif lay.kind == "cf":
-            cell_vecs = lay.s // self.width
+            cell_vecs = lay.s // self.row_width
             self.cell_height = _row_height(cell_vecs) if cell_vecs <= _ROWS_MAX_VECS else 0
-            self.cell_split = _Geometry((1, lay.n * lay.c, lay.s), 1, dtype, aligned, sms)
+            self.cell_split = _Geometry((1, lay.n * lay.c, lay.s), 1, dtype, offset, sms)
+            self._name("cell_grad_planes", self.row_width if self.cell_height else
+                       self.cell_split.width)
         self.coef_blocks = -(-max(self.groups, lay.c) // _THREADS)
+
+    def _name(self, kernel: str, width: int) -> None:
+        self.names[kernel] = (f"bncupy::{kernel}<{_cuda.CTYPES[self.dtype]}, {width}, "
+                              f"{self.index}>")
+
+
+class _RowPlan:
+    """A launch of the register-held row kernels: `height` threads per row (a power of two from
+    32 to 1024), slots of rows per block, a grid from the SM count. ``merge_bytes`` (backward: the
+    slots' column sums in shared memory) above 32 KB keeps one row per block."""
+
+    def __init__(self, rows: int, row_vecs: int, held: int, sms: int, merge_bytes: int) -> None:
+        self.height = min(1024, max(32, 1 << max(0, (-(-row_vecs // held) - 1).bit_length())))
+        self.block = max(self.height, _THREADS)
+        if merge_bytes > 32768:
+            self.block = self.height
+        slots = self.block // self.height
+        self.grid = max(1, min(-(-rows // slots), sms * max(1, 2048 // self.block)))
+        if merge_bytes:  # every block writes its column partials: a few rows per block at least
+            self.grid = max(1, min(self.grid, rows // (slots * 8)))
 
 
 def _row_height(vecs: int) -> int:
@@ -433,13 +516,13 @@ def _row_height(vecs: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _group_geometry_cached(lay: GroupLayout, dtype: np.dtype, aligned: bool, sms: int,
+def _group_geometry_cached(lay: GroupLayout, dtype: np.dtype, offset: int, sms: int,
                            index64_from: int) -> _GroupGeometry:
-    return _GroupGeometry(lay, dtype, aligned, sms)
+    return _GroupGeometry(lay, dtype, offset, sms)
 
 
 def _group_geometry(x: Any, lay: GroupLayout, *others: Any) -> _GroupGeometry:
-    return _group_geometry_cached(lay, x.dtype, _aligned(x, *others),
+    return _group_geometry_cached(lay, x.dtype, _offset(x, *others),
                                   _cuda.runtime().sm_count(), _INDEX64_FROM)
 
 
@@ -454,26 +537,33 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
     if geo.stats_mode == "cells":
         cells = geo.cells
         counters, partials, mean, m2, stats = _with_stats(
-            lay.n * cells.groups, ((acc, 3 * lay.n * lay.c * cells.splits),
-                                   ("float64", lay.n * lay.c), ("float64", lay.n * lay.c)),
-            geo.groups, acc, keep)
+            cells.counters, ((acc, 3 * cells.partials), ("float64", lay.n * lay.c),
+                             ("float64", lay.n * lay.c)), geo.groups, acc, keep)
         _launch(geo.dtype, geo.names["cell_stats"], cells.reduce_blocks, (
-            x, it(lay.s), it(cells.inner_vecs), np.int32(cells.splits), np.int32(cells.lanes),
+            x, it(lay.s), it(cells.inner_arg), np.int32(cells.splits), np.int32(cells.lanes),
             partials, counters, mean, m2))
         _launch(geo.dtype, geo.names["group_merge"], -(-geo.groups // _THREADS), (
             mean, m2, np.uint64(geo.groups), np.int32(lay.k), np.float64(lay.s), eps_, stats))
         return stats, False
+    if geo.stats_mode == "regs":
+        stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
+        plan = geo.regs
+        _launch(geo.dtype, geo.names["row_norm"], plan.grid, (
+            x, y, it(geo.groups), it(lay.size // geo.row_width), np.int32(plan.height),
+            it(lay.s // geo.row_width if lay.kind != "rows" else 0), it(lay.c // lay.k),
+            it(lay.k), _ptr(weight), _ptr(bias), eps_, stats), plan.block)
+        return stats, True
     if geo.stats_mode == "rows":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
         per_channel = lay.kind != "rows"
         _launch(geo.dtype, geo.names["row_forward"], geo.row_blocks, (
-            x, y, it(geo.groups), it(lay.size // geo.width), np.int32(geo.row_height),
-            it(lay.s // geo.width if per_channel else 0), it(lay.c // lay.k), it(lay.k),
+            x, y, it(geo.groups), it(lay.size // geo.row_width), np.int32(geo.row_height),
+            it(lay.s // geo.row_width if per_channel else 0), it(lay.c // lay.k), it(lay.k),
             _ptr(weight), _ptr(bias), eps_, stats))
         return stats, True
     split = geo.split
-    counters, partials, stats = _with_stats(split.groups, split.stats_scratch, geo.groups, acc,
-                                            keep)
+    counters, partials, stats = _with_stats(split.counters, split.stats_scratch, geo.groups,
+                                            acc, keep)
     split.launch_reduce("forward_stats", split.reduce_blocks, (
         x, *split.reduce_shape, partials, counters, NULL, NULL, eps_, split.count, stats))
     return stats, False
@@ -491,7 +581,7 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     """
     xp = _cuda.runtime().xp
     x = _contiguous(x)
-    y = xp.empty_like(x)
+    y = _output_like(x)
     if x.size == 0:
         nan = xp.full(lay.groups, np.nan, _ACC[x.dtype])
         return y, nan, nan, None
@@ -527,7 +617,7 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     xp = require()
     x = _contiguous(x)
     dy = _like(dy, x)
-    dx = xp.empty_like(x)
+    dx = _output_like(x)
     if x.size == 0:
         return dx, xp.zeros(lay.c, _ACC[x.dtype]), xp.zeros(lay.c, _ACC[x.dtype])
     geo = _group_geometry(x, lay, dy, dx)
@@ -535,35 +625,45 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     center, lo = _mean_parts(mean, acc)
     invstd = _per_channel(invstd, acc)
     weight = _per_channel(weight, acc)
+    if lay.kind == "rows" and geo.back is not None:
+        plan = geo.back
+        (partials,) = _workspace(0, ((acc, 2 * lay.c * plan.grid),))[1:]
+        grads = xp.empty((2, lay.c), acc)
+        _launch(geo.dtype, geo.names["row_norm_backward"], plan.grid, (
+            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(plan.height), center,
+            _ptr(lo), invstd, _ptr(weight), partials), plan.block)
+        _launch(geo.dtype, geo.names["column_sums"], -(-lay.c // _THREADS), (
+            partials, np.int32(plan.grid), np.uint64(lay.c), grads))
+        return dx, grads[0], grads[1]
     if lay.kind == "rows":
         cols = geo.columns
-        counters, partials = _workspace(cols.groups,
-                                        ((acc, 2 * lay.c * cols.splits),))
+        counters, partials = _workspace(cols.counters, ((acc, 2 * cols.partials),))
         grads = xp.empty((2, lay.c), acc)
-        height = _row_height(lay.c // geo.width)
+        height = _row_height(lay.c // geo.row_width)
         _launch(geo.dtype, geo.names["row_backward"], -(-lay.n // (_THREADS // height)), (
-            dy, x, dx, it(lay.n), it(lay.c // geo.width), np.int32(height), center, _ptr(lo),
-            invstd, _ptr(weight)))
+            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(height), center,
+            _ptr(lo), invstd, _ptr(weight)))
         _launch(geo.dtype, geo.names["column_grads"], cols.reduce_blocks, (
-            dy, x, it(lay.n), it(cols.inner_vecs), np.int32(cols.splits), np.int32(cols.lanes),
+            dy, x, it(lay.n), it(cols.inner_arg), np.int32(cols.splits), np.int32(cols.lanes),
             partials, counters, center, _ptr(lo), invstd, grads))
         return dx, grads[0], grads[1]
     cells = lay.n * lay.c
     if lay.kind == "cf":
         split = geo.cell_split
-        counters, partials, sums, coef = _workspace(split.groups,
-            ((acc, 2 * cells * split.splits), ("float64", 2 * cells), (acc, 2 * geo.groups)))
+        counters, partials, sums, coef = _workspace(split.counters, (
+            (acc, 2 * split.partials), ("float64", 2 * cells), (acc, 2 * geo.groups)))
         height = geo.cell_height
         blocks = -(-cells // (_THREADS // height)) if height else split.reduce_blocks
         _launch(geo.dtype, geo.names["cell_grad_planes"], blocks, (
-            dy, x, it(cells), it(lay.s // geo.width), np.int32(split.splits), np.int32(height),
-            partials, counters, center, _ptr(lo), it(lay.c), it(lay.k), sums))
+            dy, x, it(cells), it(lay.s), it(0 if height else split.head_reduce),
+            np.int32(split.splits), np.int32(height), partials, counters, center, _ptr(lo),
+            it(lay.c), it(lay.k), sums))
     else:
         cl = geo.cells
-        counters, partials, sums, coef = _workspace(lay.n * cl.groups,
-            ((acc, 2 * cells * cl.splits), ("float64", 2 * cells), (acc, 2 * geo.groups)))
+        counters, partials, sums, coef = _workspace(cl.counters, (
+            (acc, 2 * cl.partials), ("float64", 2 * cells), (acc, 2 * geo.groups)))
         _launch(geo.dtype, geo.names["cell_grad_cl"], cl.reduce_blocks, (
-            dy, x, it(lay.s), it(cl.inner_vecs), np.int32(cl.splits), np.int32(cl.lanes),
+            dy, x, it(lay.s), it(cl.inner_arg), np.int32(cl.splits), np.int32(cl.lanes),
             partials, counters, center, _ptr(lo), it(lay.k), sums, it(cells)))
     grads = xp.empty((2, lay.c), acc)
     _launch(geo.dtype, geo.names["group_grad_coefficients"], geo.coef_blocks, (

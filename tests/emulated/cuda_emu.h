@@ -45,6 +45,10 @@
 
 // float16 conversions: the kernels use PTX on a GPU; here, software with the same rounding
 // (round to nearest even, subnormals kept, NaN -> the canonical 0x7fff).
+// Tensor loads and stores (kernels/welford.cuh: ld, st) are counted per buffer: the traffic of
+// each launch, read back by tests/emulated after it.
+#define BNCUPY_LOAD(p) (::bncupy_emu::counted_load(p))
+#define BNCUPY_STORE(p, v) (::bncupy_emu::counted_store((p), (v)))
 #define BNCUPY_HALF_TO_FLOAT(f, h) ((f) = ::bncupy_emu::half_to_float(h))
 #define BNCUPY_FLOAT_TO_HALF(h, f) ((h) = ::bncupy_emu::float_to_half(f))
 
@@ -57,6 +61,31 @@ extern "C" void bncupy_emu_switch(void** save_sp, void* load_sp);
 extern "C" void bncupy_emu_fiber_entry();
 
 namespace bncupy_emu {
+
+// The buffers whose traffic a launch counts: [lo, hi) byte ranges, bytes read and written.
+struct Region {
+    const char* lo;
+    const char* hi;
+    unsigned long long read, written;
+};
+inline std::vector<Region> regions;
+
+inline void count(const void* p, std::size_t bytes, bool write) {
+    const char* c = static_cast<const char*>(p);
+    for (Region& r : regions)
+        if (c >= r.lo && c < r.hi) {
+            (write ? r.written : r.read) += bytes;
+            return;
+        }
+}
+template <typename P> inline P counted_load(const P* p) {
+    count(p, sizeof(P), false);
+    return *p;
+}
+template <typename P> inline void counted_store(P* p, const P& v) {
+    count(p, sizeof(P), true);
+    *p = v;
+}
 
 inline float half_to_float(unsigned short h) {
     const unsigned sign = (unsigned)(h & 0x8000u) << 16;
@@ -293,6 +322,9 @@ inline void __syncthreads() {
 }
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
 inline void __threadfence() { bncupy_emu::tick(); }
 template <typename T> inline T __ldcg(const T* p) {
     bncupy_emu::tick();
@@ -546,10 +578,27 @@ extern "C" const char* bncupy_emu_signature(int i) { return bncupy_emu_table[i].
 
 // Runs kernel `index` over grid x block; order 0: blocks in index order, 1: a random permutation
 // drawn from `seed` (which also orders the threads' turns). Returns 0, or 1 with `error` set.
+// `ranges` holds n_ranges buffers (pairs lo, hi) whose traffic the launch counts into `counts`
+// (pairs bytes read, bytes written).
 extern "C" int bncupy_emu_launch(int index, const unsigned* grid, const unsigned* block,
                                  void** args, int order, unsigned long long seed,
-                                 double seconds, char* error, int error_size) {
+                                 double seconds, char* error, int error_size,
+                                 const unsigned long long* ranges, int n_ranges,
+                                 unsigned long long* counts) {
     std::lock_guard<std::mutex> lock(bncupy_emu::launch_mutex);
+    bncupy_emu::regions.clear();
+    for (int i = 0; i < n_ranges; ++i)
+        bncupy_emu::regions.push_back({reinterpret_cast<const char*>(ranges[2 * i]),
+                                       reinterpret_cast<const char*>(ranges[2 * i + 1]), 0, 0});
+    struct Report {  // the counts, however the launch ends
+        unsigned long long* out;
+        ~Report() {
+            for (std::size_t i = 0; i < bncupy_emu::regions.size(); ++i) {
+                out[2 * i] = bncupy_emu::regions[i].read;
+                out[2 * i + 1] = bncupy_emu::regions[i].written;
+            }
+        }
+    } report{counts};
     bncupy_emu::Runtime& r = bncupy_emu::rt();
     bncupy_emu::allocate_stacks(r);
     const bncupy_emu::Entry& e = bncupy_emu_table[index];

@@ -56,6 +56,18 @@ class Seam:
         self.allocations = self.ops = self.memsets = self.syncs = self.launches = 0
         self.streams: list[int] = []  # the stream of every launch
         self.op_names: list[str] = []
+        # per executed launch: (kernel, [(allocation, bytes read, bytes written), ...]) of the
+        # tensors it accessed through the kernels' ld/st
+        self.traffic: list[tuple[str, list]] = []
+
+    def bytes(self, array: Any) -> tuple[int, int]:
+        """Bytes read from and written to ``array``'s allocation by the launches counted."""
+        read = written = 0
+        for _, buffers in self.traffic:
+            for alloc, r, w in buffers:
+                if alloc is array._alloc:
+                    read, written = read + r, written + w
+        return read, written
 
     def op(self, name: str) -> None:
         self.ops += 1
