@@ -325,6 +325,8 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline double __drcp_rn(double x) { return 1.0 / x; }
 inline void __threadfence() { bncupy_emu::tick(); }
 template <typename T> inline T __ldcg(const T* p) {
     bncupy_emu::tick();
