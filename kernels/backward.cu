@@ -51,8 +51,9 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
         const double a = (weight ? (double)weight[c] : 1.0) * inv;
         double b = 0.0, k = 0.0;
         if (training && count > 0.0) {
-            b = -a * inv * inv * sum_dy_xmu / count;
-            k = -a * sum_dy / count - b * residual;
+            const double per_value = inv_of(count);
+            b = -a * inv * inv * sum_dy_xmu * per_value;
+            k = -a * sum_dy * per_value - b * residual;
         }
         grads[c] = (A)(sum_dy_xmu * inv);
         grads[channels + c] = (A)sum_dy;
@@ -64,7 +65,7 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
 };
 
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256) backward_reduce(
+__global__ void __launch_bounds__(256, 2) backward_reduce(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     const I rows, const I channels, const I inner, const I head, const int splits,
     const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
@@ -130,7 +131,7 @@ template <typename T, bool CL, typename I> struct BackwardApplyOp {
 };
 
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256) backward_apply(
+__global__ void __launch_bounds__(256, 3) backward_apply(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     T* __restrict__ dx, T* __restrict__ g_out, const I total, const I head, const I channels,
     const I inner, const typename acc_of<T>::type* __restrict__ coef,
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(256) backward_apply(
 template <typename TT> struct RowGradOp : SumOps<typename acc_of<TT>::type> {
     typedef TT T;
     typedef typename acc_of<T>::type A;
-    enum { needs_dy = 1 };
+    enum { needs_dy = 1, scaled = 1 };
 
     const A* center;
     const A* weight;
@@ -157,7 +158,7 @@ template <typename TT> struct RowGradOp : SumOps<typename acc_of<TT>::type> {
 //   dx = rstd * w * dy - rstd * mean(w * dy) - (x - mean) * rstd^3 * mean(w * dy * (x - mean)),
 // the mean being center + lo (lo may be null: 0).
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256) row_backward(
+__global__ void __launch_bounds__(256, 2) row_backward(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
     const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
@@ -175,8 +176,9 @@ __global__ void __launch_bounds__(256) row_backward(
     const A n = A((double)row_vecs * V);
     const A residual = lo ? lo[row] : A(0);
     const A r = rstd[row];
-    const A q = -r * r * r * (s.dy_xmu - residual * s.dy) / n;
-    const A k0 = -r * s.dy / n;
+    const A per_value = inv_of(n);
+    const A q = -r * r * r * (s.dy_xmu - residual * s.dy) * per_value;
+    const A k0 = -r * s.dy * per_value;
     const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
     const vec* gv = reinterpret_cast<const vec*>(dy) + (size_t)row * row_vecs;
     vec* dxv = reinterpret_cast<vec*>(dx) + (size_t)row * row_vecs;
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(256) row_backward(
 // are merged in slot order through shared memory (2 * columns values, at most 32 KB) and written
 // as the block's partials: partials[block][0 | 1][column], summed over blocks by column_sums.
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(1024) row_norm_backward(
+__global__ void __launch_bounds__(1024, 1) row_norm_backward(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
     const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
@@ -208,9 +210,10 @@ __global__ void __launch_bounds__(1024) row_norm_backward(
     typename acc_of<T>::type* __restrict__ partials) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
-    const int R = row_regs<V>::value;
+    // fewer values in double, and one at a time without vectors: the registers of 64 per thread
+    const int R = row_regs<V, sizeof(A) == 8 ? 2 : V == 1 ? 4 : 8>::value;
     __shared__ SumPair<A> scratch[32];
-    const A n = A((double)row_vecs * V);
+    const A inv_n = inv_of(A((double)row_vecs * V));
     const I columns = row_vecs * V;
     const int slots = blockDim.x / height;
     const int slot = threadIdx.x / height, ty = threadIdx.x % height;
@@ -229,7 +232,7 @@ __global__ void __launch_bounds__(1024) row_norm_backward(
         SumPair<A> s = {A(0), A(0)};
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const I j = ty + (I)r * height;
+            const unsigned int j = ty + (unsigned int)r * height;
             if (active && j < row_vecs) {
                 xr[r] = ld(reinterpret_cast<const vec*>(x) + base + j);
                 gr[r] = ld(reinterpret_cast<const vec*>(dy) + base + j);
@@ -243,11 +246,11 @@ __global__ void __launch_bounds__(1024) row_norm_backward(
         }
         s = slot_sum(s, height, scratch);
         if (!active) continue;
-        const A q = -inv * inv * inv * s.dy_xmu / n;
-        const A k0 = -inv * s.dy / n;
+        const A q = -inv * inv * inv * s.dy_xmu * inv_n;
+        const A k0 = -inv * s.dy * inv_n;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const I j = ty + (I)r * height;
+            const unsigned int j = ty + (unsigned int)r * height;
             if (j < row_vecs) {
                 vec out;
 #pragma unroll
@@ -267,7 +270,7 @@ __global__ void __launch_bounds__(1024) row_norm_backward(
     if (slots == 1) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const I j = ty + (I)r * height;
+            const unsigned int j = ty + (unsigned int)r * height;
             if (j < row_vecs)
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
@@ -284,7 +287,7 @@ __global__ void __launch_bounds__(1024) row_norm_backward(
         if (slot == turn)
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                const I j = ty + (I)r * height;
+                const unsigned int j = ty + (unsigned int)r * height;
                 if (j < row_vecs)
 #pragma unroll
                     for (int k = 0; k < V; ++k) {
@@ -329,15 +332,14 @@ template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
     unsigned long long columns;
 
     template <typename I> __device__ A context(const A, const I) const { return A(0); }
-    template <int N, typename I>
-    __device__ void push(SumPair<A>& s, const A, const A (&x)[N], const A (&g)[N],
-                         const I (&row)[N], const int n) const {
+    template <class Vals> __device__ void push(SumPair<A>& s, const A, const Vals& v) const {
 #pragma unroll
-        for (int i = 0; i < N; ++i)
-            if (i < n) {
-                const I r = row[i];
-                s.dy += g[i];
-                s.dy_xmu += g[i] * (((x[i] - center[r]) - (lo ? lo[r] : A(0))) * rstd[r]);
+        for (int i = 0; i < Vals::size; ++i)
+            if (i < v.n) {
+                const auto r = v.r(i);
+                const A g = v.g(i);
+                s.dy += g;
+                s.dy_xmu += g * (((v.x(i) - center[r]) - (lo ? lo[r] : A(0))) * rstd[r]);
             }
     }
     template <typename I> __device__ void finalize(const SumPair<A> s, const I c, const A) const {
@@ -347,7 +349,7 @@ template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
 };
 
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256) column_grads(
+__global__ void __launch_bounds__(256, 2) column_grads(
     const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I cvecs,
     const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
@@ -380,7 +382,6 @@ template <typename TT> struct CellGradOp : SumOps<typename acc_of<TT>::type> {
     template <typename I> __device__ A context(const A, const I cell) const {
         return center[group(cell)];
     }
-    __device__ A dy_scale(const unsigned long long) const { return A(1); }
     template <typename I> __device__ void finalize(const SumPair<A> s, const I cell, const A) const {
         const double residual = lo ? (double)lo[group(cell)] : 0.0;
         sums[cell] = s.dy;
@@ -392,7 +393,7 @@ template <typename TT> struct CellGradOp : SumOps<typename acc_of<TT>::type> {
 // `head` values in): split reduction (rows = 1, channels = cells) or, with height > 0, several
 // planes per block (reduce_rows; then plane is a multiple of V and head 0).
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256) cell_grad_planes(
+__global__ void __launch_bounds__(256, 2) cell_grad_planes(
     const T* __restrict__ dy, const T* __restrict__ x, const I cells, const I plane,
     const I head, const int splits, const int height,
     SumPair<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
@@ -409,7 +410,7 @@ __global__ void __launch_bounds__(256) cell_grad_planes(
 
 // Channels-last cells: `samples` (rows, C) views (reduce_nhwc; cells = samples * C).
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256) cell_grad_cl(
+__global__ void __launch_bounds__(256, 2) cell_grad_cl(
     const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I cvecs,
     const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
@@ -445,8 +446,9 @@ __global__ void group_grad_coefficients(const double* __restrict__ sums,
             s2 += w * sums[cells + cell];
         }
         const double inv = invstd[t];
-        coef[t] = (A)(-inv * inv * inv * s2 / count);
-        coef[groups + t] = (A)(-inv * s1 / count);
+        const double per_value = inv_of(count);
+        coef[t] = (A)(-inv * inv * inv * s2 * per_value);
+        coef[groups + t] = (A)(-inv * s1 * per_value);
     }
     if (t < channels) {
         double dw = 0.0, db = 0.0;
@@ -496,7 +498,7 @@ template <typename T, int L, typename I> struct GroupBackwardOp {
 };
 
 template <typename T, int V, typename I, int L>
-__global__ void __launch_bounds__(256) group_backward_apply(
+__global__ void __launch_bounds__(256, 4) group_backward_apply(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I total,
     const I head, const I channels, const I inner, const I group_channels,
     const typename acc_of<T>::type* __restrict__ center,

@@ -35,8 +35,8 @@ template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
         out[STAT_LO * channels] = m.lo;
         out[STAT_SCALE * channels] = scale;
         out[STAT_SHIFT * channels] = (bias ? bias[c] : A(0)) - m.lo * scale;
-        out[STAT_UNBIASED * channels] = count > 1.0 ? (A)((double)m.var * (count / (count - 1.0)))
-                                                    : (A)m.var;
+        out[STAT_UNBIASED * channels] =
+            count > 1.0 ? (A)((double)m.var * (count * inv_of(count - 1.0))) : (A)m.var;
         out[STAT_M2 * channels] = w.m2;
     }
 };
@@ -46,7 +46,7 @@ template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
 // elements before x's first 16-byte boundary (channel-first). Also the statistics of contiguous
 // groups (GroupNorm, long LayerNorm rows): rows = 1, channels = groups.
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256) forward_stats(
+__global__ void __launch_bounds__(256, 2) forward_stats(
     const T* __restrict__ x, const I rows, const I channels, const I inner, const I head,
     const int splits, const int lanes, Welford<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* weight,
@@ -129,7 +129,7 @@ template <typename T, bool CL, typename I> struct ApplyOp {
 // (eval = 1): the first C threads write the coefficients into `stats` (center, invstd, lo = 0,
 // scale, shift) for a later backward pass.
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256) apply(
+__global__ void __launch_bounds__(256, 4) apply(
     const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, const I total,
     const I head, const I channels, const I inner, typename acc_of<T>::type* __restrict__ stats,
     typename acc_of<T>::type* running_mean, typename acc_of<T>::type* running_var,
@@ -181,7 +181,7 @@ template <typename TT> struct CellStatsOp : WelfordOps<typename acc_of<TT>::type
 
 // Grid: samples * ceil(C / V / lanes) * splits blocks over (samples, rows, C) data.
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256) cell_stats(
+__global__ void __launch_bounds__(256, 2) cell_stats(
     const T* __restrict__ x, const I rows, const I cvecs, const int splits, const int lanes,
     Welford<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
     double* mean, double* m2) {
@@ -202,15 +202,16 @@ __global__ void group_merge(const double* __restrict__ mean, const double* __res
     double n = 0.0, mu = 0.0, q = 0.0;
     for (int i = 0; i < group_channels; ++i) {
         const unsigned long long cell = g * group_channels + i;
-        const double nb = count, total = n + nb, delta = mean[cell] - mu, wb = nb / total;
+        const double nb = count, total = n + nb, delta = mean[cell] - mu;
+        const double wb = nb * inv_of(total);
         q += m2[cell] + delta * delta * n * wb;
         mu += delta * wb;
         n = total;
     }
     const A center = (A)mu;
-    const A var = (A)(q / n);
+    const A var = (A)(q * inv_of(n));
     stats[STAT_CENTER * groups + g] = center;
-    stats[STAT_INVSTD * groups + g] = A(1) / sqrt(var + eps);
+    stats[STAT_INVSTD * groups + g] = inv_of(sqrt(var + eps));
     stats[STAT_LO * groups + g] = (A)(mu - (double)center);
     stats[STAT_M2 * groups + g] = (A)q;
 }
@@ -228,7 +229,7 @@ template <typename TT> struct RowStatsOp : WelfordOps<typename acc_of<TT>::type>
 // and the STAT_CENTER/INVSTD/LO/M2 rows of `stats` (`rows` long). Grid: ceil(rows / (256 /
 // height)) blocks of 256 threads.
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256) row_forward(
+__global__ void __launch_bounds__(256, 2) row_forward(
     const T* __restrict__ x, T* __restrict__ y, const I rows, const I row_vecs, const int height,
     const I plane_vecs, const I groups, const I group_channels,
     const typename acc_of<T>::type* __restrict__ weight,
@@ -275,7 +276,7 @@ __global__ void __launch_bounds__(256) row_forward(
 // around the row's first value; writes y and the STAT_CENTER/INVSTD/LO/M2 rows of `stats`
 // (`rows` long).
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(1024) row_norm(
+__global__ void __launch_bounds__(1024, 1) row_norm(
     const T* __restrict__ x, T* __restrict__ y, const I rows, const I row_vecs, const int height,
     const I plane_vecs, const I groups, const I group_channels,
     const typename acc_of<T>::type* __restrict__ weight,
@@ -283,9 +284,10 @@ __global__ void __launch_bounds__(1024) row_norm(
     typename acc_of<T>::type* __restrict__ stats) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
-    const int R = row_regs<V>::value;
+    // fewer values in double, and one at a time without vectors: registers
+    const int R = row_regs<V, (sizeof(A) == 8 || V == 1) ? 4 : 16>::value;
     __shared__ SumPair<A> scratch[32];
-    const A n = A((double)row_vecs * V);
+    const A inv_n = inv_of(A((double)row_vecs * V));
     const int slots = blockDim.x / height;
     const int slot = threadIdx.x / height, ty = threadIdx.x % height;
     for (I first = (I)blockIdx.x * slots; first < rows; first += (I)gridDim.x * slots) {
@@ -298,18 +300,18 @@ __global__ void __launch_bounds__(1024) row_norm(
         SumPair<A> s = {A(0), A(0)};
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const I j = ty + (I)r * height;
+            const unsigned int j = ty + (unsigned int)r * height;
             if (active && j < row_vecs) {
                 xr[r] = ld(xv + j);
 #pragma unroll
                 for (int k = 0; k < V; ++k) s.dy += to_acc(xr[r].v[k]) - pilot;
             }
         }
-        const A shifted = slot_sum(s, height, scratch).dy / n;
+        const A shifted = slot_sum(s, height, scratch).dy * inv_n;
         s.dy = A(0);
 #pragma unroll
         for (int r = 0; r < R; ++r)
-            if (active && ty + (I)r * height < row_vecs)
+            if (active && ty + (unsigned int)r * height < row_vecs)
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
                     const A d = (to_acc(xr[r].v[k]) - pilot) - shifted;
@@ -317,7 +319,7 @@ __global__ void __launch_bounds__(1024) row_norm(
                 }
         const A m2 = slot_sum(s, height, scratch).dy;
         if (!active) continue;
-        const A invstd = A(1) / sqrt(m2 / n + eps);
+        const A invstd = inv_of(sqrt(m2 * inv_n + eps));
         const A center = pilot + shifted;
         const A lo = shifted - (center - pilot);
         if (ty == 0) {
@@ -330,7 +332,7 @@ __global__ void __launch_bounds__(1024) row_norm(
         vec* yv = reinterpret_cast<vec*>(y) + (size_t)row * row_vecs;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const I j = ty + (I)r * height;
+            const unsigned int j = ty + (unsigned int)r * height;
             if (j < row_vecs) {
                 vec out;
 #pragma unroll
@@ -383,7 +385,7 @@ template <typename T, int L, typename I> struct GroupApplyOp {
 // unbiased variances), in the first C threads: the last launch of the step makes the only change
 // to the caller's state.
 template <typename T, int V, typename I, int L>
-__global__ void __launch_bounds__(256) group_apply(
+__global__ void __launch_bounds__(256, 4) group_apply(
     const T* __restrict__ x, T* __restrict__ y, const I total, const I head, const I channels,
     const I inner, const I group_channels, const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
@@ -403,8 +405,11 @@ __global__ void __launch_bounds__(256) group_apply(
                 m += (double)center[g] + (lo ? (double)lo[g] : 0.0);
                 v += (double)m2[g] * unbias;
             }
-            running_mean[c] = (A)((1.0 - momentum) * (double)running_mean[c] + momentum * m / samples);
-            running_var[c] = (A)((1.0 - momentum) * (double)running_var[c] + momentum * v / samples);
+            const double per_sample = inv_of((double)samples);
+            running_mean[c] = (A)((1.0 - momentum) * (double)running_mean[c] +
+                                  momentum * m * per_sample);
+            running_var[c] = (A)((1.0 - momentum) * (double)running_var[c] +
+                                 momentum * v * per_sample);
         }
     }
     const GroupApplyOp<T, L, I> op = {x, y, center, lo, invstd, weight, bias, channels, inner,

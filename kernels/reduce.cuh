@@ -7,8 +7,9 @@
 //   typedef T (element), A (accumulator), State;   enum { needs_dy, gated };
 //   A context(A first_value, I channel)            per-channel constant (pilot or centre)
 //   static State empty();
-//   void push(State&, A context, const A* x, const A* dy, const I* row, int n)
-//                                                  a chunk of n values (row: each one's row)
+//   void push(State&, A context, const Values& v)  a chunk of values: v.size of them at most,
+//                                                  v.n valid; v.x(i), v.g(i) (dy, masked by a
+//                                                  fused activation), v.r(i) (its row)
 //   void finalize(State total, I channel, A context)
 //   Gate gate_of(I channel); A gate(Gate, A x, A dy, A z)   only when gated (a fused ReLU's
 //                                                   mask on dy; z is the residual, if any)
@@ -43,21 +44,39 @@ __device__ __forceinline__ A gated_dy(const Op& op, const typename Op::Gate& gat
         return dy;
 }
 
-// A chunk of up to N values of one channel on its way into an Op: x, dy (masked by a fused
-// activation) and each value's row.
-template <class Op, int N, typename I> struct Chunk {
+// A chunk of values of one channel, read where the loaded vectors hold them (no copies: every
+// register counts): every value of U vectors (All), or value `lane` of each of them (a
+// channels-last channel). The first n are valid; z (the residual) only when has_z. An Op with
+// `scaled` multiplies dy by op.dy_scale(column), column = col0 + the value's place in a vector.
+template <class Op, int U, int V, bool All, typename I> struct Values {
     typedef typename Op::A A;
-    A x[N], g[N];
-    I row[N];
-    int n = 0;
+    typedef vec_t<typename Op::T, V> vec;
+    enum { size = All ? U * V : U };
+    const Op& op;
+    const typename Op::Gate& gate;
+    const vec (&xb)[U];
+    const vec (&gb)[U];
+    const vec (&zb)[U];
+    const I (&rows)[U];
+    const int n;
+    const bool has_z;
+    const int lane;
+    const I col0;
 
-    __device__ __forceinline__ void add(const Op& op, const typename Op::Gate& gate, const A xk,
-                                        const A dy, const A z, const I r) {
-        x[n] = xk;
-        g[n] = Op::needs_dy ? gated_dy(op, gate, xk, dy, z) : A(0);
-        row[n] = r;
-        ++n;
+    __device__ __forceinline__ int u(const int i) const { return All ? i / V : i; }
+    __device__ __forceinline__ int k(const int i) const { return All ? i % V : lane; }
+    __device__ __forceinline__ A x(const int i) const { return to_acc(xb[u(i)].v[k(i)]); }
+    __device__ __forceinline__ A g(const int i) const {
+        if constexpr (!Op::needs_dy) {
+            return A(0);
+        } else {
+            const A dy = to_acc(gb[u(i)].v[k(i)]);
+            if constexpr (Op::scaled) return op.dy_scale(col0 + k(i)) * dy;
+            return gated_dy(op, gate, x(i), dy,
+                            (Op::gated && has_z) ? to_acc(zb[u(i)].v[k(i)]) : A(0));
+        }
     }
+    __device__ __forceinline__ I r(const int i) const { return rows[u(i)]; }
 };
 
 // Channel-first data: `rows` planes of `inner` values per channel, a contiguous (rows, C, inner)
@@ -107,23 +126,18 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
                 if (Op::gated && z) zb[u] = ld(reinterpret_cast<const vec*>(z + offset));
             }
         }
-        Chunk<Op, U * V, I> chunk;
+        int valid = 0;
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-            if (j0 + u * blockDim.x < v1) {
-#pragma unroll
-                for (int k = 0; k < V; ++k)
-                    chunk.add(op, gate, to_acc(xb[u].v[k]),
-                              Op::needs_dy ? to_acc(gb[u].v[k]) : A(0),
-                              (Op::gated && z) ? to_acc(zb[u].v[k]) : A(0), row[u]);
-            }
-        op.push(s, ctx, chunk.x, chunk.g, chunk.row, chunk.n);
+        for (int u = 0; u < U; ++u) valid += j0 + u * blockDim.x < v1 ? V : 0;
+        op.push(s, ctx, Values<Op, U, V, true, I>{op, gate, xb, gb, zb, row, valid, z != 0, 0, 0});
     }
     // The values outside the whole vectors: slot t is value t % left of plane t / left.
     const unsigned long long singles = (unsigned long long)rows * left;
     const I t0 = (I)(singles * split / splits), t1 = (I)(singles * (split + 1) / splits);
     for (I j0 = t0 + threadIdx.x; j0 < t1; j0 += U * blockDim.x) {
-        Chunk<Op, U, I> chunk;
+        vec_t<T, 1> xs[U], gs[U], zs[U];
+        I row[U];
+        int valid = 0;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const I t = j0 + u * blockDim.x;
@@ -132,11 +146,14 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
                 const I plane = (a * channels + c) * inner;
                 const I lead = (head - plane) & (I)(V - 1);  // the plane's values before its vectors
                 const I offset = plane + (p < lead ? p : p + whole * V);
-                chunk.add(op, gate, to_acc(ld(x + offset)), Op::needs_dy ? to_acc(ld(dy + offset)) : A(0),
-                          (Op::gated && z) ? to_acc(ld(z + offset)) : A(0), a);
+                row[u] = a;
+                xs[u].v[0] = ld(x + offset);
+                if (Op::needs_dy) gs[u].v[0] = ld(dy + offset);
+                if (Op::gated && z) zs[u].v[0] = ld(z + offset);
+                ++valid;
             }
         }
-        op.push(s, ctx, chunk.x, chunk.g, chunk.row, chunk.n);
+        op.push(s, ctx, Values<Op, U, 1, true, I>{op, gate, xs, gs, zs, row, valid, z != 0, 0, 0});
     }
     s = block_reduce(s, scratch, Op::empty());
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
@@ -204,7 +221,7 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
     typedef typename Op::A A;
     typedef typename Op::State S;
     typedef vec_t<T, V> vec;
-    const int U = unroll_of<V>::value;
+    const int U = 2;  // rows in flight per thread: V states per thread already hold registers
     __shared__ S sh[256];
 
     const int tx = threadIdx.x % lanes;
@@ -224,13 +241,9 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
     const vec* zv = reinterpret_cast<const vec*>(z) + base;
     const I cell0 = sample * cvecs * V + cv * V;
 
-    A ctx[V];
-    typename Op::Gate gate[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-        ctx[k] = active ? op.context(to_acc(x[(base + cv) * V + k]), cell0 + k) : A(0);
-        gate[k] = op.gate_of(active ? cell0 + k : I(0));
-    }
+    // A channel's context (its pilot or centre) is read again where it is needed, from the
+    // cache, rather than held: registers.
+    const T* pilots = x + (base + cv) * V;  // the sample's first row
     S st[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) st[k] = Op::empty();
@@ -246,16 +259,20 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
                     if (Op::gated && z) zb[u] = ld(zv + row * cvecs + cv);
                 }
             }
+            I row[U];
+            int valid = 0;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                row[u] = r + u * height;
+                valid += row[u] < r1 ? 1 : 0;
+            }
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                Chunk<Op, U, I> c;
-#pragma unroll
-                for (int u = 0; u < U; ++u)
-                    if (r + u * height < r1)
-                        c.add(op, gate[k], to_acc(xb[u].v[k]),
-                              Op::needs_dy ? to_acc(gb[u].v[k]) : A(0),
-                              (Op::gated && z) ? to_acc(zb[u].v[k]) : A(0), r + u * height);
-                op.push(st[k], ctx[k], c.x, c.g, c.row, c.n);
+                // the gate's coefficients from memory (cached), not held: registers
+                const typename Op::Gate gate = op.gate_of(cell0 + k);
+                op.push(st[k], op.context(to_acc(pilots[k]), cell0 + k),
+                        Values<Op, U, V, false, I>{op, gate, xb, gb, zb, row, valid, z != 0, k,
+                                                   0});
             }
         }
     }
@@ -280,7 +297,8 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
     if (clusters == 1) {
         if (ty == 0 && active)
 #pragma unroll
-            for (int k = 0; k < V; ++k) op.finalize(merged[k], cell0 + k, ctx[k]);
+            for (int k = 0; k < V; ++k)
+                op.finalize(merged[k], cell0 + k, op.context(to_acc(pilots[k]), cell0 + k));
         return;
     }
     const size_t all_cells = (size_t)(gridDim.x / splits / groups) * cvecs * V;
@@ -293,14 +311,15 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
                          Op::empty(), merged);
     if (ty == 0 && active)
 #pragma unroll
-        for (int k = 0; k < V; ++k) op.finalize(merged[k], cell0 + k, ctx[k]);
+        for (int k = 0; k < V; ++k)
+            op.finalize(merged[k], cell0 + k, op.context(to_acc(pilots[k]), cell0 + k));
 }
 
 // Contiguous rows (LayerNorm rows; GroupNorm and InstanceNorm groups of channel-first data),
 // several per block: `height` consecutive threads (a power of two) serve one row, so height = 32
 // is a warp per row and height = blockDim.x a block per row; row_vecs = row length / V. Returns
 // the row's merged total to every thread of the row; `active` is false for threads past the
-// last row. An Op whose push takes dy scales it by op.dy_scale(column) (LayerNorm's weight).
+// last row. An Op with `scaled` multiplies dy by op.dy_scale(column) (LayerNorm's weight).
 template <class Op, int V, typename I>
 __device__ __forceinline__ typename Op::State rows_reduce(
     const Op& op, const typename Op::T* __restrict__ x, const typename Op::T* __restrict__ dy,
@@ -321,22 +340,13 @@ __device__ __forceinline__ typename Op::State rows_reduce(
     ctx = active ? op.context(to_acc(x[base * V]), row) : A(0);
     S s = Op::empty();
     if (active) {
+        const typename Op::Gate gate = op.gate_of(row);
         for (I j = ty; j < row_vecs; j += height) {
-            const vec xb = ld(xv + j);
-            A xs[V], gs[V];
-            I rs[V];
-            if constexpr (Op::needs_dy) {
-                const vec gb = ld(gv + j);
-#pragma unroll
-                for (int k = 0; k < V; ++k) gs[k] = op.dy_scale(j * V + k) * to_acc(gb.v[k]);
-            }
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                xs[k] = to_acc(xb.v[k]);
-                rs[k] = row;
-                if constexpr (!Op::needs_dy) gs[k] = A(0);
-            }
-            op.push(s, ctx, xs, gs, rs, V);
+            vec xb[1] = {ld(xv + j)}, gb[1];
+            if (Op::needs_dy) gb[0] = ld(gv + j);
+            const I rs[1] = {row};
+            op.push(s, ctx, Values<Op, 1, V, true, I>{op, gate, xb, gb, gb, rs, V, false, 0,
+                                                      j * V});
         }
     }
     sh[threadIdx.x] = s;
@@ -360,10 +370,11 @@ __device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* 
     if ((threadIdx.x & (height - 1)) == 0 && active) op.finalize(s, row, ctx);
 }
 
-// Values of a row each thread keeps in registers in the single-read row kernels: rows of up to
-// 16 * 1024 values are read once.
-template <int V> struct row_regs {
-    enum { value = V >= 16 ? 1 : 16 / V };
+// Vectors of a row each thread keeps in registers in the single-read row kernels: E values
+// (forward 16, backward 8: it also keeps x's and dy's column sums), so rows of up to 16384 values
+// (forward) or 8192 (backward) are read once.
+template <int V, int E> struct row_regs {
+    enum { value = V >= E ? 1 : E / V };
 };
 
 // The sums of a pair of values over each slot of `height` consecutive threads (a power of two
@@ -392,19 +403,20 @@ __device__ __forceinline__ SumPair<A> slot_sum(SumPair<A> s, const int height,
 // The channel of element i of a per-channel layout (channel-first: planes of `inner` values;
 // channels-last: channels innermost), computed once and then advanced one element at a time
 // without division.
+// Channels and plane positions fit 32 bits even where the tensor's index needs 64.
 template <bool CL, typename I> struct ChannelWalk {
-    I c, r;
-    const I channels, inner;
+    unsigned int c, r;
+    const unsigned int channels, inner;
 
     __device__ __forceinline__ ChannelWalk(const I i, const I channels_, const I inner_)
-        : channels(channels_), inner(inner_) {
+        : channels((unsigned int)channels_), inner((unsigned int)inner_) {
         if (CL) {
-            c = i % channels;
+            c = (unsigned int)(i % channels_);
             r = 0;
         } else {
-            const I q = i / inner;
-            c = q % channels;
-            r = i - q * inner;
+            const I q = i / inner_;
+            c = (unsigned int)(q % channels_);
+            r = (unsigned int)(i - q * inner_);
         }
     }
     __device__ __forceinline__ void next() {
@@ -497,44 +509,43 @@ __device__ __forceinline__ void elementwise(const Op& op, const I total, const I
 // per chunk.
 template <typename A> struct WelfordOps : Ungated {
     typedef Welford<A> State;
+    enum { scaled = 0 };
     template <typename I> __device__ A context(const A first, const I) const { return first; }
     __device__ static State empty() { return welford_empty<A>(); }
-    template <int N, typename I>
-    __device__ void push(State& s, const A pilot, const A (&x)[N], const A (&)[N],
-                         const I (&)[N], const int n) const {
-        if (n == 0) return;
+    template <class Vals> __device__ void push(State& s, const A pilot, const Vals& v) const {
+        if (v.n == 0) return;
         A sum = A(0);
 #pragma unroll
-        for (int i = 0; i < N; ++i)
-            if (i < n) sum += x[i] - pilot;
-        const A mean = n == N ? sum * (A(1) / A(N)) : sum / A(n);
+        for (int i = 0; i < Vals::size; ++i)
+            if (i < v.n) sum += v.x(i) - pilot;
+        const A mean = sum * inv_of(A(v.n));
         A q = A(0);
 #pragma unroll
-        for (int i = 0; i < N; ++i)
-            if (i < n) {
-                const A d = (x[i] - pilot) - mean;
+        for (int i = 0; i < Vals::size; ++i)
+            if (i < v.n) {
+                const A d = (v.x(i) - pilot) - mean;
                 q += d * d;
             }
-        merge_chunk(s, A(n), mean, q);
+        merge_chunk(s, A(v.n), mean, q);
     }
 };
 
 // How a chunk enters per-channel (or per-row) gradient sums: sum(g) and sum(g * (x - m)).
 template <typename A> struct SumOps : Ungated {
     typedef SumPair<A> State;
+    enum { scaled = 0 };
     __device__ static State empty() {
         State s;
         s.dy = s.dy_xmu = A(0);
         return s;
     }
-    template <int N, typename I>
-    __device__ void push(State& s, const A m, const A (&x)[N], const A (&g)[N], const I (&)[N],
-                         const int n) const {
+    template <class Vals> __device__ void push(State& s, const A m, const Vals& v) const {
 #pragma unroll
-        for (int i = 0; i < N; ++i)
-            if (i < n) {
-                s.dy += g[i];
-                s.dy_xmu += g[i] * (x[i] - m);
+        for (int i = 0; i < Vals::size; ++i)
+            if (i < v.n) {
+                const A g = v.g(i);
+                s.dy += g;
+                s.dy_xmu += g * (v.x(i) - m);
             }
     }
 };
@@ -554,8 +565,8 @@ template <typename A>
 __device__ __forceinline__ Moments<A> moments_of(const Welford<A> w, const double count,
                                                  const A pilot, const A eps) {
     Moments<A> m;
-    m.var = w.m2 / A(count);
-    m.invstd = A(1) / sqrt(m.var + eps);
+    m.var = w.m2 * inv_of(A(count));
+    m.invstd = inv_of(sqrt(m.var + eps));
     m.center = pilot + w.mean;
     m.lo = w.mean - (m.center - pilot);  // exact when |pilot| >= |w.mean| (Fast2Sum)
     return m;

@@ -59,9 +59,14 @@ template <typename P> __device__ __forceinline__ void st(P* p, const P& v) { BNC
 __device__ __forceinline__ float rsqrt_of(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_of(double v) { return rsqrt(v); }
 
+// 1 / v correctly rounded (the bits of a division) without the division's slow-path call, whose
+// calling convention makes ptxas spill in double.
+__device__ __forceinline__ float inv_of(float v) { return __frcp_rn(v); }
+__device__ __forceinline__ double inv_of(double v) { return __drcp_rn(v); }
+
 // a / b where a few ulp do not matter (merge weights in the hot loops): fast in float.
 __device__ __forceinline__ float ratio(float a, float b) { return __fdividef(a, b); }
-__device__ __forceinline__ double ratio(double a, double b) { return a / b; }
+__device__ __forceinline__ double ratio(double a, double b) { return a * inv_of(b); }
 
 template <typename A> struct Welford {
     A mean;
@@ -84,7 +89,7 @@ template <typename A> __device__ __forceinline__ Welford<A> merge(Welford<A> a, 
     Welford<A> r;
     r.n = a.n + b.n;
     const A delta = b.mean - a.mean;
-    const A wb = b.n / r.n;
+    const A wb = b.n * inv_of(r.n);
     r.mean = a.mean + delta * wb;
     r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
     return r;

@@ -42,6 +42,22 @@ def _compile(arch: str) -> tuple[str, dict[str, str]]:
     return log, lowered
 
 
+# Blocks per SM each kernel must keep resident on sm_80/sm_90 (threads per block, blocks): the
+# elementwise kernels 4 blocks of 256 threads (64 registers), the reductions 2 (they hold a
+# Welford state per channel value of a vector: more than 64 registers without spills), the row
+# kernels one block of 1024 threads.
+OCCUPANCY = {"apply": (256, 4), "group_apply": (256, 4), "group_backward_apply": (256, 4),
+             "backward_apply": (256, 3), "row_norm": (1024, 1), "row_norm_backward": (1024, 1)}
+REDUCTIONS = (256, 2)
+
+
+def _resident(regs: int, threads: int) -> int:
+    """Blocks of ``threads`` one SM holds with ``regs`` registers per thread (65536 registers,
+    allocated per warp in units of 256, at most 2048 threads)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * (threads // 32)), 2048 // threads)
+
+
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
 def test_every_kernel_compiles_without_warnings_or_spills(arch):
     assert kernel_dir().is_dir()
@@ -59,8 +75,17 @@ def test_every_kernel_compiles_without_warnings_or_spills(arch):
             entries[current]["regs"] = int(m.group(1))
     assert set(lowered) <= set(entries), "some specialisations were not compiled"
     for mangled, stats in entries.items():
-        assert stats.get("spill") == 0, f"{lowered.get(mangled, mangled)} spills on {arch}"
+        name = lowered.get(mangled, mangled)
+        assert stats.get("spill") == 0, f"{name} spills on {arch}"
         assert "regs" in stats
-        NVRTC_REPORTS.append(f"{arch} {stats['regs']:3d} regs {stats['spill']} spill  "
-                       f"{lowered.get(mangled, mangled)}")
+        kernel = name.split("<")[0].split("::")[-1]
+        threads, blocks = OCCUPANCY.get(kernel, REDUCTIONS if "<" in name and kernel not in (
+            "group_merge", "group_grad_coefficients", "column_sums") else (256, 1))
+        resident = _resident(stats["regs"], threads)
+        if arch != "sm_75":
+            assert resident >= blocks, (f"{name} on {arch}: {stats['regs']} registers keep "
+                                        f"{resident} blocks of {threads} threads per SM, "
+                                        f"needs {blocks}")
+        NVRTC_REPORTS.append(f"{arch} {stats['regs']:3d} regs {stats['spill']} spill "
+                             f"{resident} blocks/SM  {name}")
 

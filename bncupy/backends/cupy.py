@@ -455,7 +455,11 @@ class _GroupGeometry:
         # per group (forward_stats: long groups, few of them), or cells merged per group
         # (channels-last).
         group_vecs = lay.size // self.row_width
-        held = max(1, 16 // self.row_width)  # vectors of a row per thread (kernels: row_regs)
+        # vectors of a row per thread (kernels: row_regs)
+        held = max(1, (4 if self.acc.itemsize == 8 or self.row_width == 1 else 16)
+                   // self.row_width)
+        held_back = max(1, (2 if self.acc.itemsize == 8 else 4 if self.row_width == 1 else 8)
+                        // self.row_width)
         many = self.groups >= sms or group_vecs <= 1024
         if lay.kind == "cl":
             self.cells = _Geometry((lay.s, lay.c), 1, dtype, offset, sms, samples=lay.n)
@@ -476,8 +480,8 @@ class _GroupGeometry:
         # that, row_backward + column_grads; groups of channels: cell sums.
         if lay.kind == "rows":
             self.back: _RowPlan | None = None
-            if group_vecs <= held * 1024:
-                self.back = _RowPlan(lay.n, group_vecs, held, sms,
+            if group_vecs <= held_back * 1024:
+                self.back = _RowPlan(lay.n, group_vecs, held_back, sms,
                                      2 * lay.c * self.acc.itemsize)
             self.columns = _Geometry((lay.n, lay.c), 1, dtype, offset, sms)
             self._name("column_grads", self.columns.width)

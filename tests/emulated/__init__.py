@@ -83,14 +83,14 @@ class Kernel:
             ranges = (ctypes.c_ulonglong * max(1, 2 * len(buffers)))(*[
                 v for a in buffers for v in (a.buffer.ctypes.data,
                                              a.buffer.ctypes.data + a.nbytes)])
-            counts = (ctypes.c_ulonglong * max(1, 2 * len(buffers)))()
+            counts = (ctypes.c_ulonglong * max(1, 3 * len(buffers)))()
             error = ctypes.create_string_buffer(1024)
             seed = rt.seed * 1_000_003 + next(rt.launches)
             failed = rt.lib.bncupy_emu_launch(
                 self.index, (ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
                 1 if rt.order == "random" else 0, ctypes.c_ulonglong(seed),
                 ctypes.c_double(rt.timeout), error, len(error), ranges, len(buffers), counts)
-            device.SEAM.traffic.append((self.name, [(a, counts[2 * i], counts[2 * i + 1])
+            device.SEAM.traffic.append((self.name, [(a, *counts[3 * i:3 * i + 3])
                                                     for i, a in enumerate(buffers)]))
             if failed:
                 raise KernelFault(f"{self.name} grid={g} block={b}: {error.value.decode()}")

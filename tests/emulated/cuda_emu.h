@@ -62,11 +62,12 @@ extern "C" void bncupy_emu_fiber_entry();
 
 namespace bncupy_emu {
 
-// The buffers whose traffic a launch counts: [lo, hi) byte ranges, bytes read and written.
+// The buffers whose traffic a launch counts: [lo, hi) byte ranges, bytes read and written, and
+// of those the bytes moved by accesses narrower than 16 bytes.
 struct Region {
     const char* lo;
     const char* hi;
-    unsigned long long read, written;
+    unsigned long long read, written, narrow;
 };
 inline std::vector<Region> regions;
 
@@ -75,6 +76,7 @@ inline void count(const void* p, std::size_t bytes, bool write) {
     for (Region& r : regions)
         if (c >= r.lo && c < r.hi) {
             (write ? r.written : r.read) += bytes;
+            if (bytes < 16) r.narrow += bytes;
             return;
         }
 }
@@ -325,6 +327,8 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline double __drcp_rn(double x) { return 1.0 / x; }
 inline void __threadfence() { bncupy_emu::tick(); }
 template <typename T> inline T __ldcg(const T* p) {
     bncupy_emu::tick();
@@ -579,7 +583,7 @@ extern "C" const char* bncupy_emu_signature(int i) { return bncupy_emu_table[i].
 // Runs kernel `index` over grid x block; order 0: blocks in index order, 1: a random permutation
 // drawn from `seed` (which also orders the threads' turns). Returns 0, or 1 with `error` set.
 // `ranges` holds n_ranges buffers (pairs lo, hi) whose traffic the launch counts into `counts`
-// (pairs bytes read, bytes written).
+// (triples: bytes read, bytes written, bytes of those moved by accesses under 16 bytes).
 extern "C" int bncupy_emu_launch(int index, const unsigned* grid, const unsigned* block,
                                  void** args, int order, unsigned long long seed,
                                  double seconds, char* error, int error_size,
@@ -589,13 +593,14 @@ extern "C" int bncupy_emu_launch(int index, const unsigned* grid, const unsigned
     bncupy_emu::regions.clear();
     for (int i = 0; i < n_ranges; ++i)
         bncupy_emu::regions.push_back({reinterpret_cast<const char*>(ranges[2 * i]),
-                                       reinterpret_cast<const char*>(ranges[2 * i + 1]), 0, 0});
+                                       reinterpret_cast<const char*>(ranges[2 * i + 1]), 0, 0, 0});
     struct Report {  // the counts, however the launch ends
         unsigned long long* out;
         ~Report() {
             for (std::size_t i = 0; i < bncupy_emu::regions.size(); ++i) {
-                out[2 * i] = bncupy_emu::regions[i].read;
-                out[2 * i + 1] = bncupy_emu::regions[i].written;
+                out[3 * i] = bncupy_emu::regions[i].read;
+                out[3 * i + 1] = bncupy_emu::regions[i].written;
+                out[3 * i + 2] = bncupy_emu::regions[i].narrow;
             }
         }
     } report{counts};

@@ -56,18 +56,23 @@ class Seam:
         self.allocations = self.ops = self.memsets = self.syncs = self.launches = 0
         self.streams: list[int] = []  # the stream of every launch
         self.op_names: list[str] = []
-        # per executed launch: (kernel, [(allocation, bytes read, bytes written), ...]) of the
-        # tensors it accessed through the kernels' ld/st
+        # per executed launch: (kernel, [(allocation, bytes read, bytes written, bytes of those
+        # moved by accesses under 16 bytes), ...]) of the tensors it accessed through ld/st
         self.traffic: list[tuple[str, list]] = []
 
     def bytes(self, array: Any) -> tuple[int, int]:
         """Bytes read from and written to ``array``'s allocation by the launches counted."""
         read = written = 0
         for _, buffers in self.traffic:
-            for alloc, r, w in buffers:
+            for alloc, r, w, _narrow in buffers:
                 if alloc is array._alloc:
                     read, written = read + r, written + w
         return read, written
+
+    def narrow_bytes(self, array: Any) -> int:
+        """Bytes of ``array``'s allocation moved by loads and stores under 16 bytes."""
+        return sum(n for _, buffers in self.traffic for alloc, _r, _w, n in buffers
+                   if alloc is array._alloc)
 
     def op(self, name: str) -> None:
         self.ops += 1
