@@ -442,8 +442,9 @@ class _GroupGeometry:
         unit = lay.s if lay.kind == "cf" else lay.c
         self.row_width = vector if offset == 0 and unit % vector == 0 else 1
         layout = _cuda.GROUP_LAYOUTS[lay.kind]
-        self.names = {k: f"bncupy::{k}<{ctype}, {self.apply_width}, {self.index}, {layout}>"
-                      for k in ("group_apply", "group_backward_apply")}
+        self.names: dict[Any, str] = {
+            k: f"bncupy::{k}<{ctype}, {self.apply_width}, {self.index}, {layout}>"
+            for k in ("group_apply", "group_backward_apply")}
         self.names.update({k: f"bncupy::{k}<{ctype}, {self.row_width}, {self.index}>"
                            for k in ("row_forward", "row_backward", "row_norm_backward")})
         # row_norm per residual-stream type (see _cuda.sum_types)

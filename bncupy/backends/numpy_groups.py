@@ -48,16 +48,16 @@ def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: 
     returns ``h`` (else None).
     """
     h = None
+    source = x
     if residual is not None or sum_dtype is not None:
         total = x.astype(np.float64)
         if residual is not None:
             total += residual
-        h = total.astype(sum_dtype if sum_dtype is not None else residual.dtype)
-        source = h
-        if sum_dtype is None:
-            h = None
-    else:
-        source = x
+            source = total.astype(residual.dtype if sum_dtype is None else sum_dtype)
+        else:
+            source = total.astype(sum_dtype)
+        if sum_dtype is not None:
+            h = source
     x4 = _view4(source, lay)
     if rms:
         centred = x4.astype(np.float64)
