@@ -97,10 +97,25 @@ def row_moments(x2, seg, lo, hi, mean, m2):
         m2[u] = s2 - s1 * s1 / n
 
 
+def compute_empty(like, n):  # pragma: no cover - replaced by the overload inside compiled code
+    """An uninitialised ``(n,)`` array of the compute dtype of the array ``like``."""
+
+
+@overload(compute_empty)
+def _compute_empty(like, n):
+    if like.dtype == types.float64:
+        return lambda like, n: np.empty(n, np.float64)
+    return lambda like, n: np.empty(n, np.float32)
+
+
 @njit(inline="always")
 def _sum8(v0, v1, v2, v3, v4, v5, v6, v7):
-    return np.float64(((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)))
+    return ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7))
 
+
+# The column kernels below add eight rows in the compute dtype into a per-channel vector, then
+# that vector into the float64 accumulators in a loop of its own: in one loop, the float64
+# accumulators would hold LLVM to four-lane float32 vectors.
 
 @njit(nogil=True, cache=True)
 def column_moments(x2, rows, lo, hi, mean, m2):
@@ -112,7 +127,9 @@ def column_moments(x2, rows, lo, hi, mean, m2):
     a, c = x2.shape
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
-    centre = np.empty(c, np.float64)  # holds values of the compute dtype
+    t1 = compute_empty(x2, c)
+    t2 = compute_empty(x2, c)
+    centre = compute_empty(x2, c)
     for u in range(lo, hi):
         r0, r1 = u * rows, min((u + 1) * rows, a)
         n = r1 - r0
@@ -122,8 +139,10 @@ def column_moments(x2, rows, lo, hi, mean, m2):
             x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
                                                x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
-                s1[k] += _sum8(widen(x0[k]), widen(x1[k]), widen(x2_[k]), widen(x3[k]),
-                               widen(x4[k]), widen(x5[k]), widen(x6[k]), widen(x7[k]))
+                t1[k] = _sum8(widen(x0[k]), widen(x1[k]), widen(x2_[k]), widen(x3[k]),
+                              widen(x4[k]), widen(x5[k]), widen(x6[k]), widen(x7[k]))
+            for k in range(c):
+                s1[k] += np.float64(t1[k])
         for r in range(r8, r1):
             xr = x2[r]
             for k in range(c):
@@ -136,15 +155,18 @@ def column_moments(x2, rows, lo, hi, mean, m2):
             x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
                                                x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
-                m = compute(x2, centre[k])
+                m = centre[k]
                 d0, d1, d2, d3 = widen(x0[k]) - m, widen(x1[k]) - m, widen(x2_[k]) - m, widen(x3[k]) - m
                 d4, d5, d6, d7 = widen(x4[k]) - m, widen(x5[k]) - m, widen(x6[k]) - m, widen(x7[k]) - m
-                s1[k] += _sum8(d0, d1, d2, d3, d4, d5, d6, d7)
-                s2[k] += _sum8(d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7)
+                t1[k] = _sum8(d0, d1, d2, d3, d4, d5, d6, d7)
+                t2[k] = _sum8(d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7)
+            for k in range(c):
+                s1[k] += np.float64(t1[k])
+                s2[k] += np.float64(t2[k])
         for r in range(r8, r1):
             xr = x2[r]
             for k in range(c):
-                d = np.float64(widen(xr[k]) - compute(x2, centre[k]))
+                d = np.float64(widen(xr[k]) - centre[k])
                 s1[k] += d
                 s2[k] += d * d
         for k in range(c):
@@ -239,6 +261,8 @@ def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
     """Per block of rows, per channel float64 ``sum(g)`` and ``sum(g * (x - center))``; eight
     rows at a time in the compute dtype, as in :func:`column_moments`."""
     a, c = x2.shape
+    t1 = compute_empty(x2, c)
+    t2 = compute_empty(x2, c)
     for u in range(lo, hi):
         s, p = sum_g[u], sum_gx[u]
         s[:] = 0.0
@@ -254,11 +278,14 @@ def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
                 m = center[k]
                 h0, h1, h2, h3 = widen(g0[k]), widen(g1[k]), widen(g2_[k]), widen(g3[k])
                 h4, h5, h6, h7 = widen(g4[k]), widen(g5[k]), widen(g6[k]), widen(g7[k])
-                s[k] += _sum8(h0, h1, h2, h3, h4, h5, h6, h7)
-                p[k] += _sum8(h0 * (widen(x0[k]) - m), h1 * (widen(x1[k]) - m),
+                t1[k] = _sum8(h0, h1, h2, h3, h4, h5, h6, h7)
+                t2[k] = _sum8(h0 * (widen(x0[k]) - m), h1 * (widen(x1[k]) - m),
                               h2 * (widen(x2_[k]) - m), h3 * (widen(x3[k]) - m),
                               h4 * (widen(x4[k]) - m), h5 * (widen(x5[k]) - m),
                               h6 * (widen(x6[k]) - m), h7 * (widen(x7[k]) - m))
+            for k in range(c):
+                s[k] += np.float64(t1[k])
+                p[k] += np.float64(t2[k])
         for r in range(r8, r1):
             gr, xr = g2[r], x2[r]
             for k in range(c):
