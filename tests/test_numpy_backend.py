@@ -17,7 +17,7 @@ from bncupy.backends import numpy as nb
 
 DTYPES = [np.float16, np.float32, np.float64]
 NUMBA = pytest.param("numba", marks=pytest.mark.skipif(
-    nb._load_compiled() is None, reason="numba is not installed (tox env 'numba' has it)"))
+    nb._load_compiled() is None, reason="numba is not installed (the default tox envs have it)"))
 ENGINES = ["numpy", NUMBA]
 # (A, C, B) shapes, each named by the compiled path it selects
 SHAPES = {
@@ -225,7 +225,7 @@ def test_non_contiguous_and_mixed_dtype_operands(engine):
     np.testing.assert_array_equal(dx, dx_ref)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
+@pytest.mark.filterwarnings("error")  # inf - inf is no reason to warn
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_and_inf_propagate(engine, dtype):
     x = _data((4, 3, 5, 5), dtype, "zero-mean")

@@ -20,12 +20,30 @@ are widened per value with the CPU's half-precision conversion.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
 _SUMS = {"reassoc"}  # lets LLVM vectorize float64 sums; the order is still fixed by the code
+NUMBA_VERSION = numba.__version__
+
+
+def _kernel(**options: Any) -> Callable[[Callable], Any]:
+    """``njit(nogil=True, cache=True, **options)``: compiled code is cached on disk (next to this
+    file, else in the user's cache directory, or in ``NUMBA_CACHE_DIR``), so that only the first
+    process pays for compiling. Where none of those is writable, the loops are compiled without
+    the cache, once in every process."""
+    def wrap(fn: Callable) -> Any:
+        try:
+            return njit(nogil=True, cache=True, **options)(fn)
+        except RuntimeError:  # Numba: "cannot cache function ...: no locator available"
+            return njit(nogil=True, **options)(fn)
+    return wrap
 
 
 @intrinsic
@@ -77,7 +95,7 @@ def _compute(like, value):
     return lambda like, value: np.float32(value)
 
 
-@njit(nogil=True, cache=True, fastmath=_SUMS)
+@_kernel(fastmath=_SUMS)
 def row_moments(x2, seg, lo, hi, mean, m2):
     """Two-pass mean and M2 of each row segment ``u`` in ``[lo, hi)``."""
     nseg = (x2.shape[1] + seg - 1) // seg
@@ -117,7 +135,7 @@ def _sum8(v0, v1, v2, v3, v4, v5, v6, v7):
 # that vector into the float64 accumulators in a loop of its own: in one loop, the float64
 # accumulators would hold LLVM to four-lane float32 vectors.
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def column_moments(x2, rows, lo, hi, mean, m2):
     """Two-pass per-channel mean and M2 of each block ``u`` of ``rows`` rows.
 
@@ -174,7 +192,7 @@ def column_moments(x2, rows, lo, hi, mean, m2):
             m2[u, k] = s2[k] - s1[k] * s1[k] / n
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def merge_moments(mean, m2, counts):
     """Chan et al. merge of partials ``(P, C)`` over ``P``, in order; returns float64 (C,)."""
     p, c = mean.shape
@@ -195,7 +213,7 @@ def merge_moments(mean, m2, counts):
     return out_mean, out_m2
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def row_affine(x2, z2, y2, seg, channels, center, scale, shift, relu, lo, hi):
     """``y = act((x - center) * scale + shift + z)`` on row segments; ``z2`` may be None."""
     nseg = (x2.shape[1] + seg - 1) // seg
@@ -220,7 +238,7 @@ def row_affine(x2, z2, y2, seg, channels, center, scale, shift, relu, lo, hi):
                 ys[j] = narrow(ys, v)
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def column_affine(x2, z2, y2, rows, center, scale, shift, relu, lo, hi):
     """``y = act((x - center) * scale + shift + z)`` on row blocks; ``z2`` may be None."""
     c = x2.shape[1]
@@ -239,7 +257,7 @@ def column_affine(x2, z2, y2, rows, center, scale, shift, relu, lo, hi):
             yf[i] = narrow(yf, v)
 
 
-@njit(nogil=True, cache=True, fastmath=_SUMS)
+@_kernel(fastmath=_SUMS)
 def row_grad_sums(g2, x2, seg, channels, center, lo, hi, sum_g, sum_gx):
     """Per row segment float64 ``sum(g)`` and ``sum(g * (x - center))``."""
     nseg = (x2.shape[1] + seg - 1) // seg
@@ -256,7 +274,7 @@ def row_grad_sums(g2, x2, seg, channels, center, lo, hi, sum_g, sum_gx):
         sum_gx[u] = p
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
     """Per block of rows, per channel float64 ``sum(g)`` and ``sum(g * (x - center))``; eight
     rows at a time in the compute dtype, as in :func:`column_moments`."""
@@ -294,7 +312,7 @@ def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
                 p[k] += g * (widen(xr[k]) - center[k])
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def row_grad_affine(g2, x2, dx2, seg, channels, center, a, b, c, lo, hi):
     """``dx = (x - center) * b + c + g * a`` on row segments."""
     nseg = (x2.shape[1] + seg - 1) // seg
@@ -307,7 +325,7 @@ def row_grad_affine(g2, x2, dx2, seg, channels, center, a, b, c, lo, hi):
             ds[j] = narrow(ds, (widen(xs[j]) - m) * bk + ck + widen(gs[j]) * ak)
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def column_grad_affine(g2, x2, dx2, rows, center, a, b, c, lo, hi):
     """``dx = (x - center) * b + c + g * a`` on row blocks."""
     ch = x2.shape[1]
@@ -317,3 +335,8 @@ def column_grad_affine(g2, x2, dx2, rows, center, a, b, c, lo, hi):
         for k in range(ch):
             i = base + np.uint64(k)
             df[i] = narrow(df, (widen(xf[i]) - center[k]) * b[k] + c[k] + widen(gf[i]) * a[k])
+
+
+def cache_dir() -> str | None:
+    """The directory the compiled loops are cached in, or None when they are not cached."""
+    return getattr(row_moments._cache, "cache_path", None)

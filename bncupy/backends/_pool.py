@@ -13,6 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
+import numpy as np
+
 PARALLEL_MIN = 1 << 19  # below this many elements handing work to a thread costs more than it saves
 
 _pool: ThreadPoolExecutor | None = None
@@ -38,12 +40,18 @@ def run(fn: Callable[[int, int], Any], units: int, elements: int) -> None:
         fn(0, units)
         return
     bounds = [units * i // workers for i in range(workers + 1)]
+    errors = np.geterr()
+
+    def work(lo: int, hi: int) -> None:
+        with np.errstate(**errors):  # the caller's floating-point error handling, not the default
+            fn(lo, hi)
+
     with _pool_lock:
         if _pool is None or _pool_size < workers - 1:
             if _pool is not None:
                 _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(workers - 1, "bncupy"), workers - 1
-        futures = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, workers)]
+        futures = [_pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, workers)]
     try:
         fn(bounds[0], bounds[1])
     finally:

@@ -61,7 +61,7 @@ def _rows_f64(a: np.ndarray) -> np.ndarray:
     """The float64 sum of the rows of a 2-D array (cast first: NumPy's reductions with
     ``dtype=`` cast slowly)."""
     a = a.astype(np.float64)
-    return a[0] if a.shape[0] == 1 else np.add.reduce(a, axis=0)
+    return a[0] if a.shape[0] == 1 else a.sum(axis=0)
 
 
 def column_sums(a: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import backward_coefficients, compute_dtype, forward_coefficients
+from ._common import backward_coefficients, compute_dtype, forward_coefficients, quiet
 from ._pool import run as _run
 from ._ufuncs import NumpyPasses, _tiles  # noqa: F401 (_tiles: tests/test_properties.py)
 
@@ -171,10 +171,23 @@ class CompiledPasses:
                                                           lo, hi), units, x3.size)
 
 
+_NOT_COMPILED: list[str] = []  # why the compiled engine could not be loaded
+
+
 def _load_compiled() -> CompiledPasses | None:
+    """The compiled engine, or None (why in ``_NOT_COMPILED``)."""
+    _NOT_COMPILED.clear()
     try:
         from . import _compiled
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("numba", "llvmlite"):
+            raise
+        _NOT_COMPILED.append(
+            "Numba is not installed (bncupy installs it where it has wheels; "
+            "`python3 -m pip install numba` adds it where it can be installed)")
+        return None
+    except Exception as exc:  # a Numba that cannot run here, e.g. one too old for this NumPy
+        _NOT_COMPILED.append(f"Numba failed to load: {type(exc).__name__}: {exc}")
         return None
     return CompiledPasses(_compiled)
 
@@ -182,18 +195,39 @@ def _load_compiled() -> CompiledPasses | None:
 _COMPILED: list[CompiledPasses | None] = []  # filled on first use: importing Numba takes time
 
 
+def _compiled_engine() -> CompiledPasses | None:
+    if not _COMPILED:
+        _COMPILED.append(_load_compiled())
+    return _COMPILED[0]
+
+
+def _engine_off() -> bool:
+    return os.environ.get("BNCUPY_CPU_ENGINE", "").strip().lower() == "numpy"
+
+
 def engine() -> NumpyPasses | CompiledPasses:
     """The passes in use: compiled when Numba is importable and ``BNCUPY_CPU_ENGINE`` is not
     ``numpy``."""
-    if os.environ.get("BNCUPY_CPU_ENGINE", "").strip().lower() == "numpy":
-        return NumpyPasses()
-    if not _COMPILED:
-        _COMPILED.append(_load_compiled())
-    return _COMPILED[0] or NumpyPasses()
+    compiled = None if _engine_off() else _compiled_engine()
+    return compiled or NumpyPasses()
+
+
+def engine_status() -> tuple[str, str]:
+    """The engine NumPy-backend calls use now, ``"numba"`` or ``"numpy"``, and why."""
+    if _engine_off():
+        return "numpy", "BNCUPY_CPU_ENGINE=numpy turns the compiled engine off"
+    compiled = _compiled_engine()
+    if compiled is None:
+        return "numpy", _NOT_COMPILED[0] if _NOT_COMPILED else "the compiled engine is disabled"
+    where = compiled.k.cache_dir()
+    cache = (f"compiled code cached in {where}" if where else
+             "compiled code not cached: no writable cache directory (set NUMBA_CACHE_DIR)")
+    return "numba", f"Numba {compiled.k.NUMBA_VERSION} is installed; {cache}"
 
 
 # --- the backend interface ------------------------------------------------------------------------
 
+@quiet
 def stats(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Per-channel Welford partials ``(count, mean, m2)`` of ``x`` (float64 mean and m2)."""
     x3 = view3(x, axis)
@@ -209,6 +243,7 @@ def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndar
     return mean.astype(dtype), invstd.astype(dtype)
 
 
+@quiet
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float,
                     residual: np.ndarray | None = None, relu: bool = False,
@@ -232,6 +267,7 @@ def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float
     return (y, mean, *_saved(x, mean, invstd), coef)
 
 
+@quiet
 def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_var: np.ndarray,
                    weight: Any, bias: Any, eps: float, residual: np.ndarray | None = None,
                    relu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
@@ -243,6 +279,7 @@ def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_v
     return (y, mean, *_saved(x, mean, invstd), coef)
 
 
+@quiet
 def relu_grad(dy: np.ndarray, x: np.ndarray, axis: int, coef: tuple,
               residual: np.ndarray | None) -> np.ndarray:
     """``dy`` where the fused forward's output (recomputed, in ``x.dtype``) was > 0, else 0."""
@@ -251,6 +288,7 @@ def relu_grad(dy: np.ndarray, x: np.ndarray, axis: int, coef: tuple,
     return np.where(pre > 0, dy, np.zeros((), dy.dtype)).astype(x.dtype, copy=False)
 
 
+@quiet
 def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift: np.ndarray,
           residual: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
     """``act((x - center) * scale + shift + residual)`` per channel in the compute dtype, output
@@ -269,6 +307,7 @@ def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift
     return y
 
 
+@quiet
 def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray, a: np.ndarray,
                    b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """``(x - center) * b + c + a * dy`` per channel in the compute dtype, output in
@@ -282,6 +321,7 @@ def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray,
     return dx
 
 
+@quiet
 def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
                  invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
@@ -295,6 +335,7 @@ def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
     return sum_dy, sum_dy_xc - (mean - center) * sum_dy
 
 
+@quiet
 def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
              invstd: np.ndarray, training: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``."""
@@ -305,6 +346,7 @@ def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.nda
     return backward_apply(dy, x, axis, center, a, b, c), grad_weight, grad_bias
 
 
+@quiet
 def normalize_with(x: np.ndarray, axis: int, mean: np.ndarray, invstd: np.ndarray, weight: Any,
                    bias: Any, residual: np.ndarray | None = None, relu: bool = False,
                    ) -> tuple[np.ndarray, tuple]:

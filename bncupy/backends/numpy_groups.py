@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._common import quiet
 from ._groups import GroupLayout
 
 
@@ -34,6 +35,7 @@ def _affine4(v: Any, lay: GroupLayout) -> Any:
     return v.reshape(1, 1, lay.c, 1) if lay.kind == "rows" else v.reshape(1, -1, lay.k, 1)
 
 
+@quiet
 def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: float,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Normalize every group; returns ``y`` and the float64 per-group mean, invstd and (biased)
@@ -53,6 +55,7 @@ def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: 
     return y, mean.ravel(), invstd.ravel(), var.ravel()
 
 
+@quiet
 def group_backward(dy: np.ndarray, x: np.ndarray, lay: GroupLayout, weight: Any, mean: Any,
                    invstd: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``dx`` (``x``'s dtype) and float64 per-channel ``dweight``, ``dbias`` (columns for rows)."""
