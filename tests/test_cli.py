@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,31 @@ def test_demo_without_its_extra_names_what_to_install(capsys, monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert "'demo' extra" in err and "scikit-learn" in err and '".[demo]"' in err
     assert not (tmp_path / "out").exists()
+
+
+def test_info_says_which_cpu_engine_runs_and_why(capsys, monkeypatch):
+    from bncupy.backends import numpy as nb
+
+    monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
+    engine, why = nb.engine_status()
+    assert _cli.main(["info"]) == 0
+    assert f"  cpu engine: {_cli.ENGINES[engine]}: {why}\n" in capsys.readouterr().out
+    monkeypatch.setenv("BNCUPY_CPU_ENGINE", "numpy")
+    assert _cli.main(["info"]) == 0
+    assert ("cpu engine: numpy (pure-NumPy passes): BNCUPY_CPU_ENGINE=numpy turns the compiled "
+            "engine off") in capsys.readouterr().out
+
+
+def test_info_gives_the_readmes_cuda_install_line_not_a_pypi_name(capsys, monkeypatch):
+    """bncupy is not on PyPI: the hint is the README's install from a checkout."""
+    from bncupy.backends import cupy as cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "unavailable_reason",
+                        lambda: f"CuPy is not installed ({cupy_backend._INSTALL_HINT})")
+    assert _cli.main(["info"]) == 0
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("backend cupy"))
+    assert line == ("backend cupy: unavailable: CuPy is not installed (install it from a bncupy "
+                    'checkout: python3 -m pip install ".[cuda12]", or ".[cuda13]" for CUDA 13)')
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert 'python3 -m pip install ".[cuda12]"' in readme
+    assert 'python3 -m pip install ".[cuda13]"' in readme
