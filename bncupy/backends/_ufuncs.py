@@ -194,12 +194,23 @@ def _widened(a: np.ndarray, cd: np.dtype) -> np.ndarray:
     return a.astype(cd, copy=False)
 
 
+def _centred(a: np.ndarray, center: np.ndarray, cd: np.dtype) -> np.ndarray:
+    """``a - center`` in ``cd``, in a new array (in the widened copy of a float16 tile)."""
+    if a.dtype == cd:
+        return np.subtract(a, center)
+    wide = a.astype(cd)
+    wide -= center
+    return wide
+
+
 def _affine_tile(out: np.ndarray, xs: np.ndarray, center: np.ndarray, scale: np.ndarray,
                  shift: np.ndarray, cd: np.dtype) -> np.ndarray:
     """``(xs - center) * scale + shift`` in ``cd``: in ``out`` itself when it is of ``cd``, else
     in a temporary that the caller copies into ``out`` when done."""
-    tmp = out if out.dtype == cd else np.empty(out.shape, cd)
-    np.subtract(_widened(xs, cd), center, out=tmp)
+    if out.dtype == cd:
+        tmp = np.subtract(_widened(xs, cd), center, out=out)
+    else:
+        tmp = _centred(xs, center, cd)
     tmp *= scale
     tmp += shift
     return tmp
@@ -216,10 +227,12 @@ class NumpyPasses:
         lay = layout(x3.shape, sums=True)
 
         def tile_moments(tile: Any) -> tuple[int, np.ndarray, np.ndarray]:
-            xs = _widened(lay.part(x3, tile), cd)  # float16: once per tile
+            part = lay.part(x3, tile)
+            xs = _widened(part, cd)  # float16: once per tile
             n = lay.count(xs, tile)
             centre = (lay.sums(xs, tile) / n).astype(cd)
-            d = np.subtract(xs, lay.local(centre, tile))
+            # the widened copy of a float16 tile is centred in place
+            d = np.subtract(xs, lay.local(centre, tile), out=None if xs is part else xs)
             s1 = lay.sums(d, tile)
             s2 = lay.sums(np.square(d, out=d), tile)
             return n, centre + s1 / n, s2 - s1 * s1 / n
@@ -261,7 +274,7 @@ class NumpyPasses:
 
         def work(tile: Any) -> tuple[np.ndarray, np.ndarray]:
             g = _widened(lay.part(g3, tile), cd)
-            e = np.subtract(_widened(lay.part(x3, tile), cd), lay.spread(spread, tile))
+            e = _centred(lay.part(x3, tile), lay.spread(spread, tile), cd)
             return lay.sums(g, tile), lay.sums(np.multiply(e, g, out=e), tile)
 
         sum_g, sum_gx = np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
