@@ -204,3 +204,11 @@ def test_inf_and_nan_in_the_data_give_nan_in_their_channel_and_no_warning(monkey
     assert np.isnan(y[channel]).all() and np.isnan(dx[channel]).all()
     others = (slice(None), slice(1, None)) if axis == 1 else (..., slice(1, None))
     assert np.isfinite(y[others]).all() and np.isfinite(dx[others]).all()
+
+
+def test_float16_tiles_widen_exactly_without_numpys_cast():
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)].reshape(-1, 8)  # shifted and scaled: subnormals too
+    for tile in (finite, finite[:, 2:7], halves.reshape(256, 256)):  # the last holds inf, NaN
+        np.testing.assert_array_equal(_ufuncs._widened(tile, np.dtype(np.float32)).view(np.uint32),
+                                      tile.astype(np.float32).view(np.uint32))

@@ -16,8 +16,7 @@ ufunc loops run over long contiguous stretches:
 A tile's statistics take two passes while it is in cache: its sum gives a centre (the tile's
 mean rounded to the compute dtype), then ``sum(x - centre)`` and ``sum((x - centre)^2)``; partial
 sums of at most 16 values (or of a row, pairwise) in the compute dtype are added in float64, and
-the tiles' partials are Chan-merged in tile order. float16 is widened to float32 a tile at a time
-by NumPy's own conversion (several times slower on float16 subnormals than on other values).
+the tiles' partials are Chan-merged in tile order. float16 is widened to float32 a tile at a time.
 """
 
 from __future__ import annotations
@@ -189,16 +188,37 @@ def _over_tiles(lay: Rows | Periods, fn: Callable[[Any], Any], elements: int) ->
     return out
 
 
+_MAGIC = np.float32(2.0 ** 112)  # float16 exponent bias 15 -> float32's 127
+_SUBNORMAL = np.array([2.0 ** -140], np.float32)
+
+
 def _widened(a: np.ndarray, cd: np.dtype) -> np.ndarray:
-    """A tile in the compute dtype ``cd`` (float16: a float32 copy of the tile)."""
-    return a.astype(cd, copy=False)
+    """A tile in the compute dtype ``cd``; float16 as a float32 copy, exactly.
+
+    NumPy's own float16 conversion branches on every value: on data that mixes zeros with other
+    values (post-ReLU) it takes five times as long as on data without zeros. Here the half's bits
+    are shifted into a float32's and scaled by ``2**112``, without branches (subnormal halves
+    pass through subnormal floats: slower, but exact). Tiles holding inf or NaN, and a CPU set
+    to treat subnormals as zero, take NumPy's conversion.
+    """
+    if a.dtype != np.float16:
+        return a.astype(cd, copy=False)
+    bits = a.view(np.int16)
+    if np.bitwise_and(bits, 0x7FFF).max(initial=0) >= 0x7C00 or (_SUBNORMAL * _MAGIC)[0] == 0:
+        return a.astype(cd)
+    wide = bits.astype(np.int32)
+    wide <<= 13
+    wide &= np.int32(-0x70002000)  # 0x8FFFE000: the sign, exponent and mantissa bits
+    out = wide.view(np.float32)
+    out *= _MAGIC
+    return out
 
 
 def _centred(a: np.ndarray, center: np.ndarray, cd: np.dtype) -> np.ndarray:
     """``a - center`` in ``cd``, in a new array (in the widened copy of a float16 tile)."""
     if a.dtype == cd:
         return np.subtract(a, center)
-    wide = a.astype(cd)
+    wide = _widened(a, cd)
     wide -= center
     return wide
 
