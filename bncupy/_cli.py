@@ -20,8 +20,7 @@ from .backends import dispatch
 from .backends import numpy as numpy_backend
 
 # What the README says: bncupy is not on PyPI, so the CUDA extras install from a checkout.
-CUDA_INSTALL_HINT = ('install it from a bncupy checkout: python3 -m pip install ".[cuda12]", '
-                     'or ".[cuda13]" for CUDA 13')
+CUDA_INSTALL_HINT = "from a checkout of bncupy: python3 -m pip install '.[cuda12]' or '.[cuda13]'"
 
 
 def _reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, dy: np.ndarray):
@@ -71,9 +70,9 @@ def info() -> int:
     for name in ("numpy", "cupy"):
         reason = None if name == "numpy" else cupy_backend.unavailable_reason()
         if reason is not None:
-            # the backend's hint names a PyPI release that does not exist
-            wrong = getattr(cupy_backend, "_INSTALL_HINT", CUDA_INSTALL_HINT)
-            print(f"backend {name}: unavailable: {reason.replace(wrong, CUDA_INSTALL_HINT)}")
+            # an older backend's hint named a PyPI release that does not exist
+            old = getattr(cupy_backend, "_INSTALL_HINT", CUDA_INSTALL_HINT)
+            print(f"backend {name}: unavailable: {reason.replace(old, CUDA_INSTALL_HINT)}")
             continue
         if name == "cupy":
             print(f"  device: {cupy_backend.device_summary()}")
