@@ -1,11 +1,11 @@
-"""LayerNorm, GroupNorm and InstanceNorm1d/2d/3d with the constructors, state and semantics of
-their torch.nn namesakes, and a ``backward`` like the batch-norm layers'."""
+"""LayerNorm, RMSNorm, GroupNorm and InstanceNorm1d/2d/3d with the constructors, state and
+semantics of their torch.nn namesakes, and a ``backward`` like the batch-norm layers'."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import _norms
+from . import _norms, _row_norms
 from . import _validation as v
 from ._functional import _caller
 from ._functional import backward as _bn_backward
@@ -20,7 +20,8 @@ class _GroupNormalization(_Module):
         self.grad_bias: Any = None
         self._saved: tuple[Any, Any] | None = None
 
-    def _backward_group(self, grad_output: Any, param_shape: tuple[int, ...]) -> Any:
+    def _backward_group(self, grad_output: Any, param_shape: tuple[int, ...],
+                        grad_sum: Any = None) -> Any:
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
         x, out = self._saved
@@ -28,7 +29,11 @@ class _GroupNormalization(_Module):
             dx, dw, db = _bn_backward(grad_output, x, getattr(self, "weight", None), out.mean,
                                       out.save_invstd, False, self._axis(x), layer=True)
         else:
-            dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None))
+            if grad_sum is not None:
+                v.check_same_kind({"input": out.kind, "grad_prenorm": v.check_like_input(
+                    grad_sum, "grad_prenorm", x)})
+            dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None),
+                                               grad_sum)
             dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
         weight = getattr(self, "weight", None)
         if weight is not None:
@@ -42,7 +47,44 @@ class _GroupNormalization(_Module):
         return 1
 
 
-class LayerNorm(_GroupNormalization):
+class _RowNormalization(_GroupNormalization):
+    """LayerNorm and RMSNorm: rows of the trailing ``normalized_shape`` dimensions, with the
+    fused residual add of pre-norm blocks (see :mod:`._row_norms`)."""
+
+    _rms = False
+    normalized_shape: tuple[int, ...]
+    eps: Any
+    weight: Any
+    bias: Any = None
+
+    def __call__(self, x: Any, residual: Any = None, prenorm: bool = False,
+                 residual_in_fp32: bool = False) -> Any:
+        """Normalize each row of ``x``'s trailing ``normalized_shape`` dimensions (of
+        ``x + residual`` with ``residual``); ``prenorm=True`` returns ``(y, h)``, ``h`` the sum
+        (``x`` itself without ``residual`` and ``residual_in_fp32``)."""
+        kinds = {"input": v.check_array(x, "input")}
+        v.check_float(x, "input")
+        _row_norms.check_normalized_shape(self.normalized_shape, x)
+        if residual is not None:
+            _row_norms._check_residual(residual, x, kinds)
+        v.check_bool(residual_in_fp32, "residual_in_fp32")
+        prenorm = v.check_bool(prenorm, "prenorm")
+        # after the checks: a rejected call leaves the state where it was
+        self._follow(v.check_same_kind(kinds))
+        out = _row_norms.forward_rows(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                                      rms=self._rms, residual=residual,
+                                      residual_in_fp32=residual_in_fp32, want_sum=True)
+        self._saved = (x, out)
+        return (out.y, _row_norms._sum_out(out, x)) if prenorm else out.y
+
+    def backward(self, grad_output: Any, grad_prenorm: Any = None) -> Any:
+        """Gradient with respect to the last call's input (and residual: the same array); sets
+        ``grad_weight`` (and ``grad_bias``). ``grad_prenorm``: the gradient the returned sum
+        ``h`` received from elsewhere (``prenorm``)."""
+        return self._backward_group(grad_output, self.normalized_shape, grad_prenorm)
+
+
+class LayerNorm(_RowNormalization):
     """Layer normalization over the trailing ``normalized_shape`` dimensions.
 
     Parameters
@@ -58,7 +100,7 @@ class LayerNorm(_GroupNormalization):
 
     def __init__(self, normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, dtype: Any = None) -> None:
-        self.normalized_shape = _norms.check_normalized_shape(normalized_shape)
+        self.normalized_shape = _row_norms.check_normalized_shape(normalized_shape)
         self.eps = v.check_eps(eps)
         self.elementwise_affine = v.check_bool(elementwise_affine, "elementwise_affine")
         self.has_bias = v.check_bool(bias, "bias") and self.elementwise_affine
@@ -78,23 +120,45 @@ class LayerNorm(_GroupNormalization):
             shapes["bias"] = self.normalized_shape
         return shapes
 
-    def __call__(self, x: Any) -> Any:
-        """Normalize each row of ``x``'s trailing ``normalized_shape`` dimensions."""
-        kind = v.check_array(x, "input")
-        v.check_float(x, "input")
-        _norms.check_normalized_shape(self.normalized_shape, x)
-        self._follow(kind)  # after the checks: a rejected call leaves the state where it was
-        out = _norms.forward_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        self._saved = (x, out)
-        return out.y
-
-    def backward(self, grad_output: Any) -> Any:
-        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``."""
-        return self._backward_group(grad_output, self.normalized_shape)
-
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}, bias={self.has_bias}")
+
+
+class RMSNorm(_RowNormalization):
+    """Root-mean-square normalization over the trailing ``normalized_shape`` dimensions, as
+    ``torch.nn.RMSNorm``: ``y = x / sqrt(mean(x^2) + eps) * weight``.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+    eps : float > 0 or None
+        None: the machine epsilon of the input's dtype at each call, as torch.
+    elementwise_affine : bool
+        Learn ``weight`` (init 1) of ``normalized_shape``.
+    dtype : float dtype or None
+        Of the parameters (None: float32).
+    """
+
+    _rms = True
+
+    def __init__(self, normalized_shape: Any, eps: float | None = None,
+                 elementwise_affine: bool = True, dtype: Any = None) -> None:
+        self.normalized_shape = _row_norms.check_normalized_shape(normalized_shape)
+        self.eps = None if eps is None else v.check_eps(eps)
+        self.elementwise_affine = v.check_bool(elementwise_affine, "elementwise_affine")
+        self.dtype = v.check_dtype(dtype)
+        self.training = True
+        self.weight: Any = None
+        self._allocate({"weight": 1.0}, f"normalized_shape={self.normalized_shape}")
+        self._init_grads()
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": self.normalized_shape} if self.elementwise_affine else {}
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
 
 
 class GroupNorm(_GroupNormalization):

@@ -29,10 +29,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
 # Every run draws new examples; BNCUPY_TEST_SEED (printed in the header) draws a run's again.
 SEED = int(os.environ.get("BNCUPY_TEST_SEED") or time.time_ns() % 2**32)
 
-# BNCUPY_REQUIRE names what a tox env exists to test (comma-separated: numba, nvrtc, mpi, torch,
-# jax, gpu): there, a test that would skip because its subject is missing fails instead.
+# BNCUPY_REQUIRE names what a tox env exists to test (comma-separated: nvrtc, mpi, torch, jax,
+# demo, gpu): there, a test that would skip because its subject is missing fails instead. An env
+# that expects the compiled CPU engine (BNCUPY_EXPECT_ENGINE=numba) requires numba.
 REQUIRED = frozenset(part.strip() for part in os.environ.get("BNCUPY_REQUIRE", "").split(",")
-                     if part.strip())
+                     if part.strip()) | (
+    {"numba"} if os.environ.get("BNCUPY_EXPECT_ENGINE") == "numba" else set())
 
 
 def requirement(subject: str, reason: str) -> NoReturn:
@@ -56,11 +58,11 @@ def compiled_engine_missing() -> str | None:
     """Why the NumPy backend's compiled (Numba) engine does not load here, or None."""
     from bncupy.backends import numpy as nb
 
-    if nb._load_compiled() is not None:
-        return None
-    try:  # the loader swallows the ImportError: repeat the import for its message
-        importlib.import_module("bncupy.backends._compiled")
-    except ImportError as exc:
+    try:
+        if nb._load_compiled() is not None:
+            return None
+        importlib.import_module("bncupy.backends._compiled")  # the loader keeps the error
+    except Exception as exc:
         return f"the compiled engine does not load: {exc!r}"
     return "the compiled engine does not load (bncupy.backends.numpy._load_compiled)"
 

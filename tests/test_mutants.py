@@ -7,7 +7,7 @@ threads and row segments, and the coefficients of the apply and backward passes.
 anchored on a snippet of the backend's source that must occur exactly once: when a rewrite
 removes it, the mutant's test fails and asks for a new anchor rather than passing vacuously.
 
-They need both CPU engines and run in the tox env ``numba`` (``BNCUPY_MUTANTS=1``).
+They need both CPU engines and run in the tox env ``py313`` (``BNCUPY_MUTANTS=1``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import NamedTuple
 import pytest
 
 pytestmark = pytest.mark.skipif(not os.environ.get("BNCUPY_MUTANTS"),
-                                reason="the NumPy backend's planted bugs run in tox env 'numba' "
+                                reason="the NumPy backend's planted bugs run in tox env 'py313' "
                                        "(BNCUPY_MUTANTS=1)")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +39,19 @@ class Mutant(NamedTuple):
 
 
 MUTANTS = [
-    Mutant("cross-tile gradient sums overwritten", "bncupy/backends/numpy.py",
-           "sum_g[tile[1]] += s", "sum_g[tile[1]] = s", (SCALE, "-k", "numpy-")),
-    Mutant("cross-tile moments not merged", "bncupy/backends/numpy.py",
+    Mutant("cross-tile gradient sums overwritten", "bncupy/backends/_ufuncs.py",
+           "sum_g[lay.channels(tile)] += s", "sum_g[lay.channels(tile)] = s",
+           (SCALE, "-k", "numpy-")),
+    Mutant("cross-tile moments not merged", "bncupy/backends/_ufuncs.py",
            "count[ch], mean[ch], m2[ch] = merge((count[ch], mean[ch], m2[ch]), part)",
            "count[ch], mean[ch], m2[ch] = part", (SCALE, "-k", "numpy-")),
-    Mutant("last unit of the thread ranges dropped", "bncupy/backends/numpy.py",
+    Mutant("periods layout: the leftover planes dropped", "bncupy/backends/_ufuncs.py",
+           "+ self._spans(main * k * p, a - main * k, p, 1))", ")", (SCALE, "-k", "numpy-")),
+    Mutant("last unit of the thread ranges dropped", "bncupy/backends/_pool.py",
            "bounds = [units * i // workers for i in range(workers + 1)]",
            "bounds = [units * i // workers for i in range(workers)] + [units - 1]",
            (SCALE, "-k", "numpy-")),
-    Mutant("caller's thread range skipped", "bncupy/backends/numpy.py",
+    Mutant("caller's thread range skipped", "bncupy/backends/_pool.py",
            "fn(bounds[0], bounds[1])", "fn(bounds[0], bounds[0])", (SCALE, "-k", "numba-")),
     Mutant("apply coefficient: rounded mean's correction of the wrong sign",
            "bncupy/backends/_common.py", "shift = -(mean - center) * scale",

@@ -1,15 +1,18 @@
 """The NumPy backend's two engines against the float64 oracle on inputs large enough to take
-every one of their paths: several tiles, tiles of whole planes, of channel runs and of column
-runs (the pure-NumPy engine), rows of several segments and blocks of columns (the compiled
-engine), several threads, and both sides of each threshold.
+every one of their paths, and both sides of each threshold: the pure-NumPy engine's rows layout
+(tiles of whole planes, of channel runs and of column runs) and periods layout (rows of several
+periods, leftover planes, long periods cut into channel runs), the compiled engine's row segments
+and blocks of columns, and several threads.
 
-The sizes come from the engines' own thresholds, read from :mod:`bncupy.backends.numpy` when a
-test runs: ``_TILE_ELEMENTS`` (NumPy engine tile), ``_PARALLEL_MIN`` (elements from which work
-goes to threads), ``_UNIT_ELEMENTS`` (compiled engine's row segment and column block) and
-``_ROW_MIN`` (shortest row the compiled engine walks as a row). Every output is checked against
-:mod:`tests.oracle` within :mod:`tests.tolerances`' bounds (:mod:`tests.agreement`); the
-engines are never compared with each other. The CUDA kernels' paths are in
-:mod:`tests.test_kernels`.
+The sizes come from the engines' own thresholds, read when a test runs:
+``bncupy.backends._ufuncs.TILE_ELEMENTS`` (pure-NumPy tile), ``ROW_MIN_SUMS`` and ``ROW_MIN``
+(shortest row walked as a row by the passes that sum and by the elementwise ones),
+``PERIOD_MIN`` (shortest row of periods); ``bncupy.backends.numpy._UNIT_ELEMENTS`` (compiled row
+segment), ``_BLOCK_ELEMENTS`` (compiled block of rows) and ``_ROW_MIN`` (shortest row the
+compiled engine walks as a row); ``bncupy.backends._pool.PARALLEL_MIN`` (elements from which
+work goes to threads). Every output is checked against :mod:`tests.oracle` within
+:mod:`tests.tolerances`' bounds (:mod:`tests.agreement`); the engines are never compared with
+each other. The CUDA kernels' paths are in :mod:`tests.test_kernels`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import numpy as np
 import pytest
 
+from bncupy.backends import _pool, _ufuncs
 from bncupy.backends import numpy as nb
 from tests import agreement
 from tests.conftest import compiled_engine_missing, needs, requirement
@@ -27,31 +31,44 @@ DTYPES = [np.float16, np.float32, np.float64]
 
 
 def _thresholds() -> dict[str, int]:
-    return {"T": nb._TILE_ELEMENTS, "P": nb._PARALLEL_MIN, "U": nb._UNIT_ELEMENTS,
-            "R": nb._ROW_MIN}
+    return {"T": _ufuncs.TILE_ELEMENTS, "RS": _ufuncs.ROW_MIN_SUMS, "RE": _ufuncs.ROW_MIN,
+            "PM": _ufuncs.PERIOD_MIN, "P": _pool.PARALLEL_MIN, "U": nb._UNIT_ELEMENTS,
+            "BL": nb._BLOCK_ELEMENTS, "R": nb._ROW_MIN}
+
+
+def _rows(t: dict[str, int], per_row: int) -> int:
+    """Rows of ``per_row`` values that make at least ``P`` elements (several threads)."""
+    return -(-t["P"] // per_row)
 
 
 # name: (shape from the thresholds, channel axis, dtypes, every operation or training only).
 # A, C, B below are the backends' (rows before the channel axis, channels, values after it).
 F16, F32, F64 = np.float16, np.float32, np.float64
 PATHS = {
-    # C*B = T/4: tiles of 4 whole planes; 17 planes are several tiles and threads
+    # C*B = T/4: rows layout in tiles of 4 whole planes; 17 planes are several tiles and threads;
+    # compiled: one segment per row
     "plane tiles, threads": (lambda t: (17, 4, 64, t["T"] // 1024), 1, [F16, F32, F64], True),
-    # C*B = 2T with B = T/4: tiles of 4 channels of one row; compiled: 2 segments per row
-    "channel-run tiles, 2 segments": (lambda t: (2, 8, t["T"] // 4), 1, [F16, F32], False),
+    # C*B = 2T with B = T/4: tiles of 4 channels of one row; compiled: segments of U
+    "channel-run tiles": (lambda t: (2, 8, t["T"] // 4), 1, [F16, F32], False),
     # B = T + 17 > T: tiles of T columns of one channel, the last of 17; compiled: segments of
     # U, the last of 17
     "column-run tiles, short last segment": (lambda t: (2, 3, t["T"] + 17), 1, [F16, F64], True),
-    # channels last: (A, C, 1), tiles of T // C rows; compiled: blocks of U // C rows
-    "channels last, threads": (lambda t: (-(-t["P"] // (12 * 48)), 3, 4, 48), -1,
-                               [F16, F32, F64], True),
-    # channels last with C > T: tiles of channel runs of one row; compiled: one block
+    # channels last: periods of C, rows of ceil(PM / C) periods and leftover planes, several
+    # tiles; compiled: blocks of BL // C rows
+    "channels last, threads": (lambda t: (_rows(t, 12 * 48), 3, 4, 48), -1, [F16, F32, F64],
+                               True),
+    # channels last with C > T: one period per row, cut into runs of channels; compiled: one
+    # block of rows
     "channels last, C over a tile": (lambda t: (5, t["T"] + 3), 1, [F32], False),
-    # B = R - 1: compiled engine's columns path; R: its rows path
-    "rows under the row minimum": (lambda t: (-(-t["P"] // (4 * (t["R"] - 1))), 4, t["R"] - 1),
-                                   1, [F16], False),
-    "rows at the row minimum": (lambda t: (-(-t["P"] // (4 * t["R"])), 4, t["R"]), 1, [F32],
-                                False),
+    # B under the compiled rows minimum: periods; compiled: blocks of columns
+    "B = R - 1": (lambda t: (_rows(t, 4 * (t["R"] - 1)), 4, t["R"] - 1), 1, [F16], True),
+    "B = R": (lambda t: (_rows(t, 4 * t["R"]), 4, t["R"]), 1, [F32], False),
+    # the pure-NumPy engine's row minimums: periods for every pass, rows for the sums only,
+    # rows for every pass
+    "B = RS - 1": (lambda t: (_rows(t, 4 * (t["RS"] - 1)), 4, t["RS"] - 1), 1, [F32], False),
+    "B = RS": (lambda t: (_rows(t, 4 * t["RS"]), 4, t["RS"]), 1, [F32], False),
+    "B = RE - 1": (lambda t: (40, 4, t["RE"] - 1), 1, [F32], True),
+    "B = RE": (lambda t: (40, 4, t["RE"]), 1, [F32], False),
     # one element under and at the thread threshold (one channel, channels last)
     "P - 1 elements": (lambda t: (t["P"] - 1, 1), 1, [F32], False),
     "P elements": (lambda t: (t["P"], 1), 1, [F32], False),
@@ -125,12 +142,15 @@ def test_the_cases_take_the_paths_they_name():
         if name == "P - 1 elements":
             assert size == t["P"] - 1
         if name.startswith("plane tiles"):
-            assert c * b <= t["T"] and a > t["T"] // (c * b)
+            assert c * b <= t["T"] and a > t["T"] // (c * b) and b >= t["RE"]
         if name.startswith("channel-run") or name.startswith("C*B"):
-            assert c * b > t["T"] >= b
+            assert c * b > t["T"] >= b >= t["RE"]
         if name.startswith("column-run") or name == "B = T + 1":
-            assert b > t["T"]
-        if "segment" in name:
-            assert b > t["U"] and b >= t["R"]
-        if name == "rows under the row minimum":
-            assert b == t["R"] - 1
+            assert b > t["T"] and b > t["U"] and b % t["U"]
+        if name == "channels last, threads":  # several rows of periods, and leftover planes
+            k = -(-t["PM"] // c)
+            assert b == 1 and a // k > 1 and a % k and a > t["BL"] // c
+        if name == "channels last, C over a tile":
+            assert b == 1 and 16 * c > t["T"]
+        if name == "B = R - 1":
+            assert b < t["RS"] and a > t["BL"] // (c * b)
