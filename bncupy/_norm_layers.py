@@ -9,6 +9,7 @@ from . import _norms, _row_norms
 from . import _validation as v
 from ._functional import _caller
 from ._functional import backward as _bn_backward
+from ._interop import accepts
 from ._module import _Module, channel_state
 
 
@@ -57,6 +58,7 @@ class _RowNormalization(_GroupNormalization):
     weight: Any
     bias: Any = None
 
+    @accepts("x", "residual")
     def __call__(self, x: Any, residual: Any = None, prenorm: bool = False,
                  residual_in_fp32: bool = False) -> Any:
         """Normalize each row of ``x``'s trailing ``normalized_shape`` dimensions (of
@@ -77,6 +79,7 @@ class _RowNormalization(_GroupNormalization):
         self._saved = (x, out)
         return (out.y, _row_norms._sum_out(out, x)) if prenorm else out.y
 
+    @accepts("grad_output", "grad_prenorm")
     def backward(self, grad_output: Any, grad_prenorm: Any = None) -> Any:
         """Gradient with respect to the last call's input (and residual: the same array); sets
         ``grad_weight`` (and ``grad_bias``). ``grad_prenorm``: the gradient the returned sum
@@ -200,6 +203,7 @@ class GroupNorm(_GroupNormalization):
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
         return channel_state(self.num_channels, self.affine, self.has_bias, False)
 
+    @accepts("x")
     def __call__(self, x: Any) -> Any:
         """Normalize each (sample, group) of ``x``."""
         kind = v.check_input(x)
@@ -213,6 +217,7 @@ class GroupNorm(_GroupNormalization):
         self._saved = (x, out)
         return out.y
 
+    @accepts("grad_output")
     def backward(self, grad_output: Any) -> Any:
         """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``."""
         return self._backward_group(grad_output, (self.num_channels,))
@@ -264,6 +269,7 @@ class _InstanceNorm(_GroupNormalization):
                              f"{self._ndim}-D input, got input of shape {tuple(x.shape)}")
         return x
 
+    @accepts("x")
     def __call__(self, x: Any) -> Any:
         """Normalize each (sample, channel) of ``x`` with its own statistics (training, or
         without running statistics) or with the running statistics (eval)."""
@@ -287,6 +293,7 @@ class _InstanceNorm(_GroupNormalization):
         self._saved = (batched, out)
         return out.y.reshape(x.shape)
 
+    @accepts("grad_output")
     def backward(self, grad_output: Any) -> Any:
         """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``."""
         if self._saved is not None and getattr(grad_output, "ndim", 0) == self._ndim - 1:

@@ -17,6 +17,7 @@ from . import _validation as v
 from ._functional import _backend, _caller, _native
 from ._functional import backward as _bn_backward
 from ._functional import forward as _bn_forward
+from ._interop import accepts
 from .backends import dispatch
 from .backends._common import compute_dtype
 from .backends._groups import GroupLayout
@@ -177,6 +178,7 @@ def _check_group_input(input: Any, kinds: dict[str, str]) -> None:
     kinds["input"] = v.check_input(input)
 
 
+@accepts("input", "weight", "bias")
 def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
                        eps: float = 1e-5, *, axis: int = 1) -> tuple[Any, Any, Any]:
     """Group normalization that also returns the statistics its backward pass needs.
@@ -223,6 +225,7 @@ def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps:
                         eps, keep=keep)
 
 
+@accepts("input", "weight", "bias")
 def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
                eps: float = 1e-5, *, axis: int = 1) -> Any:
     """Group normalization with the signature and semantics of
@@ -230,6 +233,7 @@ def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None
     return forward_group_norm(input, num_groups, weight, bias, eps, axis, keep=False).y
 
 
+@accepts("grad_output", "input", "mean", "rstd", "weight")
 def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any, rstd: Any,
                         weight: Any = None, *, axis: int = 1) -> tuple[Any, Any, Any]:
     """Gradients of :func:`group_norm_forward` with respect to input, weight and bias."""
@@ -255,6 +259,7 @@ def _check_spatial(input: Any, lay: GroupLayout) -> None:
                          f"{tuple(input.shape)}")
 
 
+@accepts("input", "running_mean", "running_var", "weight", "bias")
 def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any = None,
                           weight: Any = None, bias: Any = None, use_input_stats: bool = True,
                           momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
@@ -328,6 +333,7 @@ def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weigh
     return out
 
 
+@accepts("input", "running_mean", "running_var", "weight", "bias")
 def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
                   weight: Any = None, bias: Any = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1) -> Any:
@@ -337,6 +343,7 @@ def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
                                  use_input_stats, momentum, eps, axis, keep=False).y
 
 
+@accepts("grad_output", "input", "mean", "rstd", "weight")
 def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
                            weight: Any = None, *, use_input_stats: bool = True,
                            axis: int = 1) -> tuple[Any, Any, Any]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _validation as v
 from ._functional import _caller
+from ._interop import accepts
 from ._norms import (
     GroupForward,
     _backward,
@@ -84,11 +85,11 @@ def _check_residual(residual: Any, input: Any, kinds: dict[str, str]) -> None:
 
 
 def _stream(input: Any, residual: Any, residual_in_fp32: bool) -> Any:
-    """The residual stream's dtype: ``residual``'s; float32 with ``residual_in_fp32`` and no
-    residual; None when ``h`` is the input itself."""
+    """The residual stream's dtype: ``residual``'s; float32 with ``residual_in_fp32``, no
+    residual and 16-bit input; None when ``h`` is the input itself."""
     if residual is not None:
         return residual.dtype
-    return _FLOAT32 if residual_in_fp32 else None
+    return _FLOAT32 if residual_in_fp32 and input.dtype.itemsize == 2 else None
 
 
 def _eps(eps: Any, input: Any, rms: bool) -> float:
@@ -140,6 +141,7 @@ def _rows_stats(out: GroupForward, input: Any, normalized_shape: Any, value: Any
 
 # ------------------------------------------------------------------------------ LayerNorm
 
+@accepts("input", "weight", "bias", "residual")
 def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
                        eps: float = 1e-5, *, residual: Any = None,
                        residual_in_fp32: bool = False) -> tuple[Any, ...]:
@@ -159,7 +161,8 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
         Added to ``input`` first: the row normalized is ``h = input + residual`` in the
         residual's dtype (input's, or float32 for 16-bit input).
     residual_in_fp32 : bool, keyword-only
-        Without ``residual``: ``h`` is ``input`` converted to float32.
+        Without ``residual``: ``h`` is 16-bit ``input`` converted to float32 (``input`` itself
+        for float32 and float64).
 
     Returns
     -------
@@ -179,6 +182,7 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
     return (out.y, *stats) if out.sum is None else (out.y, *stats, _sum_out(out, input))
 
 
+@accepts("input", "weight", "bias", "residual")
 def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
                eps: float = 1e-5, *, residual: Any = None, prenorm: bool = False,
                residual_in_fp32: bool = False) -> Any:
@@ -194,6 +198,7 @@ def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any 
     return (out.y, _sum_out(out, input)) if prenorm else out.y
 
 
+@accepts("grad_output", "input", "mean", "rstd", "weight", "grad_prenorm")
 def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mean: Any,
                         rstd: Any, weight: Any = None, *, grad_prenorm: Any = None,
                         ) -> tuple[Any, Any, Any]:
@@ -223,6 +228,7 @@ def _rows_check(input: Any, normalized_shape: Any) -> Any:
 
 # ------------------------------------------------------------------------------ RMSNorm
 
+@accepts("input", "weight", "residual")
 def rms_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, eps: Any = None, *,
                      residual: Any = None, residual_in_fp32: bool = False) -> tuple[Any, ...]:
     """Root-mean-square normalization that also returns what its backward pass needs:
@@ -254,6 +260,7 @@ def rms_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, eps:
     return (out.y, rstd) if out.sum is None else (out.y, rstd, _sum_out(out, input))
 
 
+@accepts("input", "weight", "residual")
 def rms_norm(input: Any, normalized_shape: Any, weight: Any = None, eps: Any = None, *,
              residual: Any = None, prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
     """RMS normalization with the signature and semantics of ``torch.nn.functional.rms_norm``;
@@ -264,6 +271,7 @@ def rms_norm(input: Any, normalized_shape: Any, weight: Any = None, eps: Any = N
     return (out.y, _sum_out(out, input)) if prenorm else out.y
 
 
+@accepts("grad_output", "input", "rstd", "weight", "grad_prenorm")
 def rms_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, rstd: Any,
                       weight: Any = None, *, grad_prenorm: Any = None) -> tuple[Any, Any]:
     """Gradients of :func:`rms_norm_forward` with respect to input and weight (``input``,
