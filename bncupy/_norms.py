@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _validation as v
+from ._docstrings import parameters_from
 from ._functional import _backend, _caller, _native
 from ._functional import backward as _bn_backward
 from ._functional import forward as _bn_forward
@@ -121,8 +122,8 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
 
     Parameters
     ----------
-    input : ndarray, shape (*, *normalized_shape)
-        float16, float32 or float64; never modified.
+    input : ndarray, shape (..., ``*normalized_shape``)
+        A float16, float32 or float64 array; never modified.
     normalized_shape : int or sequence of int
         The trailing dimensions normalized together (one group per leading index).
     weight, bias : ndarray of shape normalized_shape, optional
@@ -137,6 +138,21 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
     mean, rstd : ndarray, shape input.shape[:-len(normalized_shape)]
         Per-row mean and ``1/sqrt(var + eps)`` (float32 for float16/float32 input, float64 for
         float64), as torch's ``native_layer_norm``.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float array, or the arrays are of different kinds.
+    ValueError
+        ``normalized_shape`` does not match the trailing dimensions of ``input``, or ``weight``
+        or ``bias`` does not have ``normalized_shape``, or ``eps`` is not finite and > 0.
+
+    Examples
+    --------
+    >>> tokens = np.random.default_rng(0).standard_normal((16, 768)).astype(np.float32)
+    >>> y, mean, rstd = bn.layer_norm_forward(tokens, 768)
+    >>> y.shape, mean.shape, rstd.dtype
+    ((16, 768), (16,), dtype('float32'))
     """
     out = forward_layer_norm(input, normalized_shape, weight, bias, eps)
     batch = tuple(input.shape[:input.ndim - _ndim(normalized_shape)])
@@ -186,10 +202,26 @@ def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
                         be, lay, shape)
 
 
+@parameters_from(layer_norm_forward)
 def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
                eps: float = 1e-5) -> Any:
     """Layer normalization with the signature and semantics of
-    ``torch.nn.functional.layer_norm``; see :func:`layer_norm_forward`."""
+    ``torch.nn.functional.layer_norm``.
+
+    As :func:`layer_norm_forward`, without the statistics.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype and array kind as ``input``.
+
+    Examples
+    --------
+    >>> x = np.arange(6.0).reshape(2, 3)
+    >>> bn.layer_norm(x, (3,)).round(4)
+    array([[-1.2247,  0.    ,  1.2247],
+           [-1.2247,  0.    ,  1.2247]])
+    """
     return forward_layer_norm(input, normalized_shape, weight, bias, eps, keep=False).y
 
 
@@ -197,8 +229,33 @@ def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mea
                         rstd: Any, weight: Any = None) -> tuple[Any, Any, Any]:
     """Gradients of :func:`layer_norm_forward` with respect to input, weight and bias.
 
-    ``mean`` and ``rstd`` are what the forward pass returned (or more precise ones); the weight
-    and bias gradients have ``normalized_shape``.
+    Parameters
+    ----------
+    grad_output : ndarray
+        Gradient of the loss with respect to the output; same shape as ``input``.
+    input : ndarray
+        The forward pass's input.
+    normalized_shape : int or sequence of int
+        As in the forward pass.
+    mean, rstd : ndarray
+        What the forward pass returned (or more precise ones).
+    weight : ndarray, optional
+        The forward pass's weight (1 when None).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and array kind as ``input``.
+    grad_weight, grad_bias : ndarray
+        Of the parameters' shape (``normalized_shape`` here).
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((4, 8))
+    >>> y, mean, rstd = bn.layer_norm_forward(x, 8)
+    >>> dx, dweight, dbias = bn.layer_norm_backward(np.ones_like(y), x, 8, mean, rstd)
+    >>> dx.shape, dbias
+    ((4, 8), array([4., 4., 4., 4., 4., 4., 4., 4.]))
     """
     def layout() -> tuple:
         shape = check_normalized_shape(normalized_shape, input)
@@ -255,7 +312,7 @@ def check_num_groups(num_groups: Any, channels: int | None = None) -> int:
 
 def _group_layout(input: Any, axis: Any, channels_per_group: int | None,
                   num_groups: int | None = None) -> tuple[GroupLayout, tuple[int, ...]]:
-    """The layout of an (N, C, *) or, with axis=-1, (N, *, C) input; the canonical shape."""
+    """The layout of an (N, C, ...) or, with axis=-1, (N, ..., C) input; the canonical shape."""
     ax = v.check_axis(axis, input.ndim)
     if ax not in (1, input.ndim - 1):
         raise ValueError(f"axis must be 1 (N, C, ...) or -1 (N, ..., C), got {axis}")
@@ -277,20 +334,38 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
 
     Parameters
     ----------
-    input : ndarray, shape (N, C, *) or, with ``axis=-1``, (N, *, C)
+    input : ndarray, shape (N, C, ...) or, with ``axis=-1``, (N, ..., C)
+        A float16, float32 or float64 array; never modified.
     num_groups : int
-        Groups of ``C / num_groups`` consecutive channels, normalized per sample.
+        Groups of ``C / num_groups`` consecutive channels, normalized per sample; must divide C.
     weight, bias : ndarray of shape (C,), optional
-        Per-channel affine parameters.
+        Per-channel affine parameters (1 and 0 when None).
     eps : float > 0
+        Added to the variance.
     axis : 1 or -1, keyword-only
         The channel axis.
 
     Returns
     -------
     y : ndarray
+        Same shape, dtype and array kind as ``input``.
     mean, rstd : ndarray, shape (N, num_groups)
         As torch's ``native_group_norm``.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float array, or the arrays are of different kinds.
+    ValueError
+        ``num_groups`` does not divide the channel count, ``axis`` is neither 1 nor -1, or a
+        parameter's shape or ``eps`` is wrong.
+
+    Examples
+    --------
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    >>> y, mean, rstd = bn.group_norm_forward(images, 8)
+    >>> y.shape, mean.shape
+    ((4, 32, 8, 8), (4, 8))
     """
     out = forward_group_norm(input, num_groups, weight, bias, eps, axis)
     groups = (out.layout.n, out.layout.c // out.layout.k)
@@ -317,16 +392,55 @@ def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps:
                         eps, keep=keep)
 
 
+@parameters_from(group_norm_forward)
 def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
                eps: float = 1e-5, *, axis: int = 1) -> Any:
     """Group normalization with the signature and semantics of
-    ``torch.nn.functional.group_norm``; see :func:`group_norm_forward`."""
+    ``torch.nn.functional.group_norm``.
+
+    As :func:`group_norm_forward`, without the statistics.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype and array kind as ``input``.
+
+    Examples
+    --------
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    >>> bn.group_norm(images, 8).shape
+    (4, 32, 8, 8)
+    >>> bn.group_norm(images.transpose(0, 2, 3, 1), 8, axis=-1).shape   # channels last
+    (4, 8, 8, 32)
+    """
     return forward_group_norm(input, num_groups, weight, bias, eps, axis, keep=False).y
 
 
+@parameters_from(layer_norm_backward, group_norm_forward)
 def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any, rstd: Any,
                         weight: Any = None, *, axis: int = 1) -> tuple[Any, Any, Any]:
-    """Gradients of :func:`group_norm_forward` with respect to input, weight and bias."""
+    """Gradients of :func:`group_norm_forward` with respect to input, weight and bias.
+
+    Parameters
+    ----------
+    mean, rstd : ndarray, shape (N, num_groups)
+        What the forward pass returned.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and array kind as ``input``.
+    grad_weight, grad_bias : ndarray, shape (C,)
+        Per-channel parameter gradients.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 4, 3))
+    >>> y, mean, rstd = bn.group_norm_forward(x, 2)
+    >>> dx, dweight, dbias = bn.group_norm_backward(np.ones_like(y), x, 2, mean, rstd)
+    >>> dx.shape, dbias
+    ((2, 4, 3), array([6., 6., 6., 6.]))
+    """
     def layout() -> tuple:
         lay, canonical = _group_layout(input, axis, None, num_groups)
         return (lay, canonical, ((lay.n, lay.c // lay.k), "(N, num_groups)"),
@@ -359,11 +473,46 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
     running statistics (when given) move towards their average over the batch, the variance
     unbiased, as torch does; otherwise the running statistics normalize.
 
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, ...) or, with ``axis=-1``, (N, ..., C)
+        A float16, float32 or float64 array; never modified.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Running statistics: updated in place with ``use_input_stats``, used without it.
+    weight, bias : ndarray of shape (C,), optional
+        Per-channel affine parameters (1 and 0 when None).
+    use_input_stats : bool
+        Normalize each instance with its own statistics (True) or with the running ones.
+    momentum : float in [0, 1]
+        Weight of the batch's average in the running-statistics update.
+    eps : float > 0
+        Added to the variance.
+    axis : 1 or -1, keyword-only
+        The channel axis.
+
     Returns
     -------
     y : ndarray
+        Same shape, dtype and array kind as ``input``.
     mean, rstd : ndarray
         Shape (N, C) with input statistics, (C,) with running ones.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float array, or the arrays are of different kinds.
+    ValueError
+        One value per instance with ``use_input_stats`` ("Expected more than 1 spatial
+        element", as torch), no running statistics without it, or a wrong shape, ``axis``,
+        ``eps`` or ``momentum``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 5)) + 4
+    >>> running_mean, running_var = np.zeros(3), np.ones(3)
+    >>> y, mean, rstd = bn.instance_norm_forward(x, running_mean, running_var)
+    >>> mean.shape, bool(np.allclose(running_mean, 0.1 * mean.mean(axis=0)))
+    ((2, 3), True)
     """
     out = forward_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps, axis)
@@ -422,20 +571,62 @@ def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weigh
     return out
 
 
+@parameters_from(instance_norm_forward)
 def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
                   weight: Any = None, bias: Any = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1) -> Any:
     """Instance normalization with the signature and semantics of
-    ``torch.nn.functional.instance_norm``; see :func:`instance_norm_forward`."""
+    ``torch.nn.functional.instance_norm``.
+
+    As :func:`instance_norm_forward`, without the statistics.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype and array kind as ``input``.
+
+    Examples
+    --------
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    >>> y = bn.instance_norm(images)                  # per (sample, channel)
+    >>> bool(np.allclose(y.mean(axis=(2, 3)), 0, atol=1e-5))
+    True
+    """
     return forward_instance_norm(input, running_mean, running_var, weight, bias,
                                  use_input_stats, momentum, eps, axis, keep=False).y
 
 
+@parameters_from(layer_norm_backward, instance_norm_forward)
 def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
                            weight: Any = None, *, use_input_stats: bool = True,
                            axis: int = 1) -> tuple[Any, Any, Any]:
-    """Gradients of :func:`instance_norm_forward`: through the per-instance statistics, or (with
-    ``use_input_stats=False``) with the running statistics as constants."""
+    """Gradients of :func:`instance_norm_forward` with respect to input, weight and bias.
+
+    Through the per-instance statistics, or (with ``use_input_stats=False``) with the running
+    statistics as constants.
+
+    Parameters
+    ----------
+    mean, rstd : ndarray
+        What the forward pass returned: (N, C) with input statistics, (C,) with running ones.
+    use_input_stats : bool, keyword-only
+        As in the forward pass.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and array kind as ``input``.
+    grad_weight, grad_bias : ndarray, shape (C,)
+        Per-channel parameter gradients.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 5))
+    >>> y, mean, rstd = bn.instance_norm_forward(x)
+    >>> dx, dweight, dbias = bn.instance_norm_backward(np.ones_like(y), x, mean, rstd)
+    >>> dx.shape, dbias
+    ((2, 3, 5), array([10., 10., 10.]))
+    """
     use_input_stats = v.check_bool(use_input_stats, "use_input_stats")
     if not use_input_stats:
         return _bn_backward(grad_output, input, weight, mean, rstd, False,
