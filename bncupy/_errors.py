@@ -15,7 +15,9 @@ class BackendUnavailableError(RuntimeError):
     ...     with bn.use_backend("cupy"):
     ...         y = bn.batch_norm(x, None, None, training=True)
     ... except bn.BackendUnavailableError as exc:
-    ...     y = bn.batch_norm(x, None, None, training=True)   # str(exc) says what is missing
+    ...     print("cupy cannot run here")        # str(exc) says what is missing
+    ...     y = bn.batch_norm(x, None, None, training=True)
+    cupy cannot run here
     >>> y.shape
     (4, 3)
     """

@@ -46,7 +46,8 @@ def fold_into(weight: Any, bias: Any, layer: _BatchNorm) -> tuple[Any, Any]:
     Examples
     --------
     >>> layer = bn.BatchNorm2d(3)
-    >>> _ = layer(np.random.default_rng(0).standard_normal((8, 3, 4, 4)))  # running stats
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4))
+    >>> y = layer(x)                   # training: updates the running statistics
     >>> conv_w = np.ones((3, 2, 3, 3), np.float32)
     >>> w2, b2 = bn.fold_into(conv_w, None, layer.eval())
     >>> w2.shape, b2.shape, w2.dtype

@@ -231,13 +231,13 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
 
     Examples
     --------
-    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4), np.float32)
     >>> running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
-    >>> y, save_mean, save_invstd = bn.batch_norm_forward(x, running_mean, running_var,
-    ...                                                   training=True)
+    >>> y, save_mean, save_invstd = bn.batch_norm_forward(
+    ...     x, running_mean, running_var, training=True)
     >>> y.shape, save_mean.shape, save_invstd.dtype
     ((8, 3, 4, 4), (3,), dtype('float32'))
-    >>> bool(np.allclose(running_mean, 0.1 * save_mean))   # momentum 0.1 from zeros
+    >>> np.allclose(running_mean, 0.1 * save_mean)  # momentum 0.1, from zeros
     True
     """
     out = forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
@@ -261,12 +261,13 @@ def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = No
 
     Examples
     --------
-    >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
-    >>> y = bn.batch_norm(x, None, None, training=True)     # batch statistics only
-    >>> y.mean(axis=0).round(6) + 0, y.std(axis=0).round(3)
-    (array([0., 0., 0.], dtype=float32), array([1., 1., 1.], dtype=float32))
-    >>> bn.batch_norm(x, None, None, training=True, activation="relu").min()
-    np.float32(0.0)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3), np.float32)
+    >>> y = bn.batch_norm(x, None, None, training=True)  # batch statistics only
+    >>> np.allclose(y.mean(axis=0), 0, atol=1e-6), np.allclose(y.std(axis=0), 1)
+    (True, True)
+    >>> y = bn.batch_norm(x, None, None, training=True, activation="relu")
+    >>> bool((y >= 0).all())
+    True
     """
     return forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    axis, activation, residual, keep=False).y
@@ -304,12 +305,12 @@ def batch_norm_backward(grad_output: Any, input: Any, weight: Any, save_mean: An
 
     Examples
     --------
-    >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3), np.float32)
     >>> weight = np.full(3, 2.0, np.float32)
-    >>> y, save_mean, save_invstd = bn.batch_norm_forward(x, None, None, weight, training=True)
-    >>> dx, dweight, dbias = bn.batch_norm_backward(np.ones_like(y), x, weight, save_mean,
-    ...                                             save_invstd)
-    >>> dbias, bool(np.allclose(dx, 0, atol=1e-6))  # a constant gradient passes no dx
+    >>> y, mean, invstd = bn.batch_norm_forward(x, None, None, weight, training=True)
+    >>> dy = np.ones_like(y)              # a constant gradient: nothing flows to x
+    >>> dx, dweight, dbias = bn.batch_norm_backward(dy, x, weight, mean, invstd)
+    >>> dbias, np.allclose(dx, 0, atol=1e-6)
     (array([8., 8., 8.], dtype=float32), True)
     """
     return backward(grad_output, input, weight, save_mean, save_invstd, training, axis)
@@ -398,7 +399,7 @@ def welford(x: Any, axis: int = 1) -> Moments:
     Examples
     --------
     >>> x = np.arange(12.0).reshape(4, 3)
-    >>> m = bn.welford(x[:2]).merge(bn.welford(x[2:]))   # two batches, or two processes
+    >>> m = bn.welford(x[:2]).merge(bn.welford(x[2:]))  # two batches
     >>> m.count, m.mean, m.var(ddof=1)
     (4, array([4.5, 5.5, 6.5]), array([15., 15., 15.]))
     """
@@ -427,7 +428,7 @@ def moments(x: Any, axis: int = 1) -> tuple[Any, Any]:
     >>> x = np.arange(12.0).reshape(4, 3)
     >>> bn.moments(x)
     (array([4.5, 5.5, 6.5]), array([11.25, 11.25, 11.25]))
-    >>> bn.moments(np.arange(24.0).reshape(2, 3, 4), axis=-1)[0]   # channels last
+    >>> bn.moments(np.arange(24.0).reshape(2, 3, 4), axis=-1)[0]  # channels last
     array([10., 11., 12., 13.])
     """
     m = welford(x, axis)

@@ -160,7 +160,7 @@ class _BatchNorm(_Module):
         Examples
         --------
         >>> layer = bn.BatchNorm1d(3, activation="relu")
-        >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+        >>> x = np.random.default_rng(0).standard_normal((8, 3), np.float32)
         >>> y = layer(x, residual=np.ones_like(x))
         >>> y.shape, int(layer.num_batches_tracked)
         ((8, 3), 1)
@@ -273,7 +273,7 @@ class _BatchNorm(_Module):
         Examples
         --------
         >>> layer = bn.BatchNorm1d(3)
-        >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+        >>> x = np.random.default_rng(0).standard_normal((8, 3), np.float32)
         >>> dx = layer.backward(2 * layer(x))
         >>> dx.shape, layer.grad_bias.round(5) + 0
         ((8, 3), array([0., 0., 0.], dtype=float32))
@@ -324,9 +324,9 @@ class BatchNorm1d(_BatchNorm):
     Examples
     --------
     >>> layer = bn.BatchNorm1d(16, renorm=True, rmax=3.0, dmax=5.0)
-    >>> x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((64, 16), np.float32)
     >>> y = layer(x)
-    >>> ghost = bn.BatchNorm1d(16, ghost_batch_size=16)   # 4 virtual batches of 16
+    >>> ghost = bn.BatchNorm1d(16, ghost_batch_size=16)  # 4 batches of 16
     >>> y = ghost(x)
     >>> int(ghost.num_batches_tracked)
     4
@@ -345,9 +345,9 @@ class BatchNorm2d(_BatchNorm):
     Examples
     --------
     >>> layer = bn.BatchNorm2d(3)
-    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4), np.float32)
     >>> y = layer(x)                          # training: batch statistics
-    >>> dx = layer.backward(np.ones_like(y))  # sets layer.grad_weight, layer.grad_bias
+    >>> dx = layer.backward(np.ones_like(y))  # sets grad_weight, grad_bias
     >>> y = layer.eval()(x)                   # eval: running statistics
     >>> layer
     BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
@@ -366,7 +366,7 @@ class BatchNorm3d(_BatchNorm):
     Examples
     --------
     >>> layer = bn.BatchNorm3d(2, channels_last=True)
-    >>> x = np.random.default_rng(0).standard_normal((4, 3, 3, 3, 2)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((4, 3, 3, 3, 2), np.float32)
     >>> layer(x).shape
     (4, 3, 3, 3, 2)
     """

@@ -217,7 +217,8 @@ class _Module:
         Examples
         --------
         >>> layer = bn.BatchNorm1d(3)
-        >>> layer.load_state_dict({"running_mean": np.ones(3), "step": 7}, strict=False)
+        >>> state = {"running_mean": np.ones(3), "step": 7}
+        >>> layer.load_state_dict(state, strict=False)
         IncompatibleKeys(missing_keys=['weight', 'bias', 'running_var'], unexpected_keys=['step'])
         >>> layer.running_mean
         array([1., 1., 1.], dtype=float32)

@@ -37,7 +37,7 @@ class _GroupNormalization(_Module):
         Examples
         --------
         >>> layer = bn.GroupNorm(2, 4)
-        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3), np.float32)
         >>> dx = layer.backward(np.ones_like(layer(x)))
         >>> dx.shape, layer.grad_bias
         ((2, 4, 3), array([6., 6., 6., 6.], dtype=float32))
@@ -95,9 +95,9 @@ class LayerNorm(_GroupNormalization):
     Examples
     --------
     >>> ln = bn.LayerNorm(768)
-    >>> tokens = np.random.default_rng(0).standard_normal((16, 768)).astype(np.float32)
+    >>> tokens = np.random.default_rng(0).standard_normal((16, 768), np.float32)
     >>> y = ln(tokens)
-    >>> dx = ln.backward(np.ones_like(y))       # sets ln.grad_weight, ln.grad_bias
+    >>> dx = ln.backward(np.ones_like(y))    # sets grad_weight, grad_bias
     >>> ln
     LayerNorm((768,), eps=1e-05, elementwise_affine=True, bias=True)
     """
@@ -184,9 +184,9 @@ class GroupNorm(_GroupNormalization):
     Examples
     --------
     >>> gn = bn.GroupNorm(8, 32)
-    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
     >>> y = gn(images)
-    >>> dx = gn.backward(np.ones_like(y))       # sets gn.grad_weight, gn.grad_bias
+    >>> dx = gn.backward(np.ones_like(y))    # sets grad_weight, grad_bias
     >>> gn
     GroupNorm(8, 32, eps=1e-05, affine=True, bias=True)
     """
@@ -228,7 +228,7 @@ class GroupNorm(_GroupNormalization):
 
         Examples
         --------
-        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3), np.float32)
         >>> bn.GroupNorm(2, 4)(x).shape
         (2, 4, 3)
         """
@@ -331,7 +331,7 @@ class _InstanceNorm(_GroupNormalization):
 
         Examples
         --------
-        >>> x = np.random.default_rng(0).standard_normal((3, 5))   # unbatched (C, L)
+        >>> x = np.random.default_rng(0).standard_normal((3, 5))  # (C, L)
         >>> bn.InstanceNorm1d(3)(x).shape
         (3, 5)
         """
@@ -378,7 +378,7 @@ class InstanceNorm1d(_InstanceNorm):
 
     Examples
     --------
-    >>> x = np.random.default_rng(0).standard_normal((4, 3, 10)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((4, 3, 10), np.float32)
     >>> y = bn.InstanceNorm1d(3)(x)
     >>> bool(np.allclose(y.mean(axis=2), 0, atol=1e-5))
     True
@@ -399,7 +399,7 @@ class InstanceNorm2d(_InstanceNorm):
     >>> inorm = bn.InstanceNorm2d(32, affine=True, track_running_stats=True)
     >>> list(inorm.state_dict())
     ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
-    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
     >>> inorm(images).shape
     (4, 32, 8, 8)
     """
@@ -416,7 +416,7 @@ class InstanceNorm3d(_InstanceNorm):
 
     Examples
     --------
-    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4, 4, 4)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4, 4, 4), np.float32)
     >>> bn.InstanceNorm3d(3)(x).shape
     (2, 3, 4, 4, 4)
     """

@@ -149,7 +149,7 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
 
     Examples
     --------
-    >>> tokens = np.random.default_rng(0).standard_normal((16, 768)).astype(np.float32)
+    >>> tokens = np.random.default_rng(0).standard_normal((16, 768), np.float32)
     >>> y, mean, rstd = bn.layer_norm_forward(tokens, 768)
     >>> y.shape, mean.shape, rstd.dtype
     ((16, 768), (16,), dtype('float32'))
@@ -253,7 +253,8 @@ def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mea
     --------
     >>> x = np.random.default_rng(0).standard_normal((4, 8))
     >>> y, mean, rstd = bn.layer_norm_forward(x, 8)
-    >>> dx, dweight, dbias = bn.layer_norm_backward(np.ones_like(y), x, 8, mean, rstd)
+    >>> dy = np.ones_like(y)
+    >>> dx, dweight, dbias = bn.layer_norm_backward(dy, x, 8, mean, rstd)
     >>> dx.shape, dbias
     ((4, 8), array([4., 4., 4., 4., 4., 4., 4., 4.]))
     """
@@ -362,7 +363,7 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
 
     Examples
     --------
-    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
     >>> y, mean, rstd = bn.group_norm_forward(images, 8)
     >>> y.shape, mean.shape
     ((4, 32, 8, 8), (4, 8))
@@ -407,10 +408,11 @@ def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None
 
     Examples
     --------
-    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
     >>> bn.group_norm(images, 8).shape
     (4, 32, 8, 8)
-    >>> bn.group_norm(images.transpose(0, 2, 3, 1), 8, axis=-1).shape   # channels last
+    >>> nhwc = images.transpose(0, 2, 3, 1)           # channels last
+    >>> bn.group_norm(nhwc, 8, axis=-1).shape
     (4, 8, 8, 32)
     """
     return forward_group_norm(input, num_groups, weight, bias, eps, axis, keep=False).y
@@ -437,7 +439,8 @@ def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any
     --------
     >>> x = np.random.default_rng(0).standard_normal((2, 4, 3))
     >>> y, mean, rstd = bn.group_norm_forward(x, 2)
-    >>> dx, dweight, dbias = bn.group_norm_backward(np.ones_like(y), x, 2, mean, rstd)
+    >>> dy = np.ones_like(y)
+    >>> dx, dweight, dbias = bn.group_norm_backward(dy, x, 2, mean, rstd)
     >>> dx.shape, dbias
     ((2, 4, 3), array([6., 6., 6., 6.]))
     """
@@ -587,7 +590,7 @@ def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
 
     Examples
     --------
-    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
     >>> y = bn.instance_norm(images)                  # per (sample, channel)
     >>> bool(np.allclose(y.mean(axis=(2, 3)), 0, atol=1e-5))
     True
@@ -623,7 +626,8 @@ def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
     --------
     >>> x = np.random.default_rng(0).standard_normal((2, 3, 5))
     >>> y, mean, rstd = bn.instance_norm_forward(x)
-    >>> dx, dweight, dbias = bn.instance_norm_backward(np.ones_like(y), x, mean, rstd)
+    >>> dy = np.ones_like(y)
+    >>> dx, dweight, dbias = bn.instance_norm_backward(dy, x, mean, rstd)
     >>> dx.shape, dbias
     ((2, 3, 5), array([10., 10., 10.]))
     """

@@ -136,10 +136,10 @@ def batch_renorm_forward(input: Any, running_mean: Any, running_var: Any, weight
 
     Examples
     --------
-    >>> x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((64, 16), np.float32)
     >>> running_mean, running_var = np.zeros(16, np.float32), np.ones(16, np.float32)
-    >>> y, mean, invstd, r, d = bn.batch_renorm_forward(x, running_mean, running_var,
-    ...                                                 training=True, rmax=2.0, dmax=1.0)
+    >>> y, mean, invstd, r, d = bn.batch_renorm_forward(
+    ...     x, running_mean, running_var, training=True, rmax=2.0, dmax=1.0)
     >>> bool(((r >= 0.5) & (r <= 2.0)).all()), bool((abs(d) <= 1.0).all())
     (True, True)
     """
@@ -173,7 +173,7 @@ def batch_renorm(input: Any, running_mean: Any, running_var: Any, weight: Any = 
 
     Examples
     --------
-    >>> x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((64, 16), np.float32)
     >>> running_mean, running_var = np.zeros(16, np.float32), np.ones(16, np.float32)
     >>> bn.batch_renorm(x, running_mean, running_var, training=True).shape
     (64, 16)
@@ -202,10 +202,12 @@ def batch_renorm_backward(grad_output: Any, input: Any, weight: Any, save_mean: 
 
     Examples
     --------
-    >>> x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((64, 16), np.float32)
     >>> running_mean, running_var = np.zeros(16, np.float32), np.ones(16, np.float32)
-    >>> y, *saved = bn.batch_renorm_forward(x, running_mean, running_var, training=True)
-    >>> dx, dweight, dbias = bn.batch_renorm_backward(np.ones_like(y), x, None, *saved)
+    >>> y, *saved = bn.batch_renorm_forward(x, running_mean, running_var,
+    ...                                     training=True)
+    >>> dy = np.ones_like(y)
+    >>> dx, dweight, dbias = bn.batch_renorm_backward(dy, x, None, *saved)
     >>> dx.shape, dbias[:3]
     ((64, 16), array([64., 64., 64.], dtype=float32))
     """

@@ -88,8 +88,8 @@ def batch_norm_gather_stats(partials: Sequence[Moments], running_mean: Any = Non
     Examples
     --------
     >>> x = np.arange(12.0).reshape(4, 3)
-    >>> partials = [bn.batch_norm_stats(x[:1]), bn.batch_norm_stats(x[1:])]   # two ranks
-    >>> mean, invstd = bn.batch_norm_gather_stats(partials)
+    >>> partials = [bn.batch_norm_stats(x[:1]), bn.batch_norm_stats(x[1:])]
+    >>> mean, invstd = bn.batch_norm_gather_stats(partials)  # as from two ranks
     >>> mean
     array([4.5, 5.5, 6.5])
     """
@@ -212,7 +212,8 @@ def batch_norm_backward_reduce(grad_output: Any, input: Any, mean: Any, invstd: 
     --------
     >>> x = np.arange(12.0).reshape(4, 3)
     >>> mean, invstd = bn.batch_norm_gather_stats([bn.batch_norm_stats(x)])
-    >>> sum_dy, sum_dy_xmu = bn.batch_norm_backward_reduce(np.ones_like(x), x, mean, invstd)
+    >>> dy = np.ones_like(x)
+    >>> sum_dy, sum_dy_xmu = bn.batch_norm_backward_reduce(dy, x, mean, invstd)
     >>> sum_dy
     array([4., 4., 4.])
     """
@@ -260,8 +261,9 @@ def batch_norm_backward_elemt(grad_output: Any, input: Any, mean: Any, invstd: A
     >>> x = np.arange(12.0).reshape(4, 3)
     >>> mean, invstd = bn.batch_norm_gather_stats([bn.batch_norm_stats(x)])
     >>> sums = bn.batch_norm_backward_reduce(np.ones_like(x), x, mean, invstd)
-    >>> dx = bn.batch_norm_backward_elemt(np.ones_like(x), x, mean, invstd, None, *sums, 4)
-    >>> bool(np.allclose(dx, 0))
+    >>> dy = np.ones_like(x)
+    >>> dx = bn.batch_norm_backward_elemt(dy, x, mean, invstd, None, *sums, 4)
+    >>> np.allclose(dx, 0)
     True
     """
     extra = {"sum_dy": sum_dy, "sum_dy_xmu": sum_dy_xmu}
@@ -303,7 +305,7 @@ class SyncBatchNorm(_BatchNorm):
     pass ``comm=mpi4py.MPI.COMM_WORLD``:
 
     >>> layer = bn.SyncBatchNorm(4, comm=None)
-    >>> x = np.random.default_rng(0).standard_normal((8, 4, 2)).astype(np.float32)
+    >>> x = np.random.default_rng(0).standard_normal((8, 4, 2), np.float32)
     >>> dx = layer.backward(np.ones_like(layer(x)))
     >>> dx.shape
     (8, 4, 2)

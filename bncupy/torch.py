@@ -46,8 +46,9 @@ class BatchNormFunction(torch.autograd.Function):
     --------
     >>> x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     >>> apply = bncupy.torch.BatchNormFunction.apply
-    >>> torch.autograd.gradcheck(lambda t: apply(t, None, None, None, None, True, 0.1, 1e-5),
-    ...                          (x,))
+    >>> def f(t):
+    ...     return apply(t, None, None, None, None, True, 0.1, 1e-5)
+    >>> torch.autograd.gradcheck(f, (x,))
     True
     """
 
@@ -102,7 +103,8 @@ def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = No
     Examples
     --------
     >>> x = torch.randn(8, 3, requires_grad=True)
-    >>> y = bncupy.torch.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
+    >>> running_mean, running_var = torch.zeros(3), torch.ones(3)
+    >>> y = bncupy.torch.batch_norm(x, running_mean, running_var, training=True)
     >>> y.sum().backward()
     >>> x.grad.shape
     torch.Size([8, 3])
@@ -219,8 +221,9 @@ def replace_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
 
     Examples
     --------
-    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
-    >>> model = bncupy.torch.replace_batch_norms(model)      # same state, bncupy's kernels
+    >>> conv, norm = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+    >>> model = torch.nn.Sequential(conv, norm)
+    >>> model = bncupy.torch.replace_batch_norms(model)  # bncupy's kernels
     >>> type(model[1]).__module__
     'bncupy.torch'
     """

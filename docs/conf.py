@@ -22,6 +22,7 @@ source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 autosummary_generate = True
 autodoc_typehints = "none"  # the docstrings' Parameters sections say it better than `Any`
 autodoc_default_options = {"member-order": "bysource"}
+toc_object_entries_show_parents = "hide"  # "backward()" in a page's contents, not "BatchNorm2d.backward()"
 
 numpydoc_show_class_members = False
 numpydoc_xref_param_type = False
@@ -41,10 +42,17 @@ myst_enable_extensions = ["colon_fence"]
 html_theme = "pydata_sphinx_theme"
 html_title = f"bncupy {version}"
 html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"
+html_css_files = ["bncupy.css"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version"],
-    "secondary_sidebar_items": ["page-toc"],
+    # Pages use the full width for tables, signatures and code; a guide page's sections are in
+    # the navigation bar on the left, a class page's methods in a column on the right.
+    "secondary_sidebar_items": {"index": [], "guide/*": [], "api/*": [],
+                                "api/generated/bncupy.[a-z]*": [],
+                                "api/generated/bncupy.[A-Z]*": ["page-toc"]},
 }
+html_context = {"default_mode": "auto"}  # follows the reader's light or dark preference
