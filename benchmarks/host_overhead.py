@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(args.bncupy.resolve()))
     import bncupy as bn
 
+    sys.path.insert(0, str(ROOT))  # this checkout's tests/emulated (null runtime) in any case
     print(f"bncupy from {Path(bn.__file__).parent}; {os.cpu_count()} CPUs; "
           f"{args.blocks} blocks x {args.calls} calls, medians")
     print("\n| op (null runtime) | wall us | CPU us | wall min-max | launches | allocations "

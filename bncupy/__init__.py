@@ -6,7 +6,14 @@ from ._fold import fold_into
 from ._functional import batch_norm, batch_norm_backward, batch_norm_forward, moments, welford
 from ._layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ._moments import Moments
-from ._norm_layers import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
+from ._norm_layers import (
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    RMSNorm,
+)
 from ._norms import (
     group_norm,
     group_norm_backward,
@@ -14,11 +21,16 @@ from ._norms import (
     instance_norm,
     instance_norm_backward,
     instance_norm_forward,
+)
+from ._renorm import batch_renorm, batch_renorm_backward, batch_renorm_forward
+from ._row_norms import (
     layer_norm,
     layer_norm_backward,
     layer_norm_forward,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_forward,
 )
-from ._renorm import batch_renorm, batch_renorm_backward, batch_renorm_forward
 from ._sync import (
     SyncBatchNorm,
     batch_norm_backward_elemt,
@@ -41,6 +53,7 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "Moments",
+    "RMSNorm",
     "SyncBatchNorm",
     "batch_norm",
     "batch_norm_backward",
@@ -65,6 +78,9 @@ __all__ = [
     "layer_norm_backward",
     "layer_norm_forward",
     "moments",
+    "rms_norm",
+    "rms_norm_backward",
+    "rms_norm_forward",
     "set_backend",
     "use_backend",
     "welford",

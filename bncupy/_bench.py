@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _functional as F
 from . import _norms as N
+from . import _row_norms as R
 from ._kernels import kernels_digest
 
 RESNET50 = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
@@ -282,11 +283,11 @@ def _family_ops(xp: Any, norm: str, shape: tuple[int, ...], dtype: str) -> dict[
     w, b = xp.ones(c, np.float32), xp.zeros(c, np.float32)
     if norm == "layer_norm":
         def forward() -> Any:
-            return N.layer_norm_forward(x, c, w, b)
+            return R.layer_norm_forward(x, c, w, b)
 
         def both() -> Any:
             _, m, s = forward()
-            return N.layer_norm_backward(dy, x, c, m, s, w)
+            return R.layer_norm_backward(dy, x, c, m, s, w)
     else:
         def forward() -> Any:
             return N.group_norm_forward(x, 32, w, b)

@@ -1,11 +1,11 @@
-"""LayerNorm, GroupNorm and InstanceNorm1d/2d/3d with the constructors, state and semantics of
-their torch.nn namesakes, and a ``backward`` like the batch-norm layers'."""
+"""LayerNorm, RMSNorm, GroupNorm and InstanceNorm1d/2d/3d with the constructors, state and
+semantics of their torch.nn namesakes, and a ``backward`` like the batch-norm layers'."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import _norms
+from . import _norms, _row_norms
 from . import _validation as v
 from ._docstrings import parameters_from
 from ._functional import _caller
@@ -16,43 +16,13 @@ from ._module import _Module, channel_state
 class _GroupNormalization(_Module):
     """Shared forward/backward bookkeeping: the last call's input and forward, gradients."""
 
-    def backward(self, grad_output: Any) -> Any:
-        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``.
-
-        Parameters
-        ----------
-        grad_output : ndarray
-            Gradient of the loss with respect to the last call's output.
-
-        Returns
-        -------
-        ndarray
-            Gradient with respect to the last call's input.
-
-        Raises
-        ------
-        RuntimeError
-            If the layer has not been called yet.
-
-        Examples
-        --------
-        >>> layer = bn.GroupNorm(2, 4)
-        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3), np.float32)
-        >>> dx = layer.backward(np.ones_like(layer(x)))
-        >>> dx.shape, layer.grad_bias
-        ((2, 4, 3), array([6., 6., 6., 6.], dtype=float32))
-        """
-        return self._backward_group(grad_output, self._param_shape())
-
-    def _param_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
-
     def _init_grads(self) -> None:
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self._saved: tuple[Any, Any] | None = None
 
-    def _backward_group(self, grad_output: Any, param_shape: tuple[int, ...]) -> Any:
+    def _backward_group(self, grad_output: Any, param_shape: tuple[int, ...],
+                        grad_sum: Any = None) -> Any:
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
         x, out = self._saved
@@ -60,7 +30,11 @@ class _GroupNormalization(_Module):
             dx, dw, db = _bn_backward(grad_output, x, getattr(self, "weight", None), out.mean,
                                       out.save_invstd, False, self._axis(x), layer=True)
         else:
-            dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None))
+            if grad_sum is not None:
+                v.check_same_kind({"input": out.kind, "grad_prenorm": v.check_like_input(
+                    grad_sum, "grad_prenorm", x)})
+            dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None),
+                                               grad_sum)
             dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
         weight = getattr(self, "weight", None)
         if weight is not None:
@@ -74,10 +48,102 @@ class _GroupNormalization(_Module):
         return 1
 
 
-class LayerNorm(_GroupNormalization):
+class _RowNormalization(_GroupNormalization):
+    """LayerNorm and RMSNorm: rows of the trailing ``normalized_shape`` dimensions, with the
+    fused residual add of pre-norm blocks (see :mod:`._row_norms`)."""
+
+    _rms = False
+    normalized_shape: tuple[int, ...]
+    eps: Any
+    weight: Any
+    bias: Any = None
+
+    def __call__(self, x: Any, residual: Any = None, prenorm: bool = False,
+                 residual_in_fp32: bool = False) -> Any:
+        """Normalize each row of ``x``'s trailing ``normalized_shape`` dimensions (of
+        ``x + residual`` with ``residual``).
+
+        Parameters
+        ----------
+        x : ndarray, shape (..., ``*normalized_shape``)
+            Float input of any array kind bncupy takes.
+        residual : ndarray, optional
+            ``x``'s shape: the row normalized is the sum ``h = x + residual``.
+        prenorm : bool
+            Also return ``h`` (``x`` itself without ``residual`` and ``residual_in_fp32``).
+        residual_in_fp32 : bool
+            Without ``residual``: ``h`` is ``x`` converted to float32.
+
+        Returns
+        -------
+        y : ndarray
+            Same shape, dtype and array kind as ``x``.
+        h : ndarray
+            Only with ``prenorm``: the residual sum, the next block's residual.
+
+        Examples
+        --------
+        >>> ln = bn.LayerNorm(3)
+        >>> ln(np.arange(6.0).reshape(2, 3)).round(4)
+        array([[-1.2247,  0.    ,  1.2247],
+               [-1.2247,  0.    ,  1.2247]])
+        >>> y, h = ln(np.ones((2, 3)), residual=np.ones((2, 3)), prenorm=True)
+        >>> h
+        array([[2., 2., 2.],
+               [2., 2., 2.]])
+        """
+        kinds = {"input": v.check_array(x, "input")}
+        v.check_float(x, "input")
+        _row_norms.check_normalized_shape(self.normalized_shape, x)
+        if residual is not None:
+            _row_norms._check_residual(residual, x, kinds)
+        v.check_bool(residual_in_fp32, "residual_in_fp32")
+        prenorm = v.check_bool(prenorm, "prenorm")
+        # after the checks: a rejected call leaves the state where it was
+        self._follow(v.check_same_kind(kinds))
+        out = _row_norms.forward_rows(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                                      rms=self._rms, residual=residual,
+                                      residual_in_fp32=residual_in_fp32, want_sum=True)
+        self._saved = (x, out)
+        return (out.y, _row_norms._sum_out(out, x)) if prenorm else out.y
+
+    def backward(self, grad_output: Any, grad_prenorm: Any = None) -> Any:
+        """Gradient with respect to the last call's input (and residual: the same array); sets
+        ``grad_weight`` (and ``grad_bias``).
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last call's output.
+        grad_prenorm : ndarray, optional
+            The gradient the returned sum ``h`` received from elsewhere (``prenorm``).
+
+        Returns
+        -------
+        ndarray
+            Gradient with respect to the last call's input.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer has not been called yet.
+
+        Examples
+        --------
+        >>> ln = bn.LayerNorm(4)
+        >>> x = np.random.default_rng(0).standard_normal((3, 4), np.float32)
+        >>> dx = ln.backward(np.ones_like(ln(x)))
+        >>> dx.shape, ln.grad_bias
+        ((3, 4), array([3., 3., 3., 3.], dtype=float32))
+        """
+        return self._backward_group(grad_output, self.normalized_shape, grad_prenorm)
+
+
+class LayerNorm(_RowNormalization):
     """Layer normalization over the trailing ``normalized_shape`` dimensions.
 
-    ``torch.nn.LayerNorm``'s constructor, defaults, state dict and ``repr``.
+    ``torch.nn.LayerNorm``'s constructor, defaults, state dict and ``repr``; a call may also
+    add a residual first (pre-norm transformer blocks).
 
     Parameters
     ----------
@@ -104,7 +170,7 @@ class LayerNorm(_GroupNormalization):
 
     def __init__(self, normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, dtype: Any = None) -> None:
-        self.normalized_shape = _norms.check_normalized_shape(normalized_shape)
+        self.normalized_shape = _row_norms.check_normalized_shape(normalized_shape)
         self.eps = v.check_eps(eps)
         self.elementwise_affine = v.check_bool(elementwise_affine, "elementwise_affine")
         self.has_bias = v.check_bool(bias, "bias") and self.elementwise_affine
@@ -124,39 +190,57 @@ class LayerNorm(_GroupNormalization):
             shapes["bias"] = self.normalized_shape
         return shapes
 
-    def __call__(self, x: Any) -> Any:
-        """Normalize each row of ``x``'s trailing ``normalized_shape`` dimensions.
-
-        Parameters
-        ----------
-        x : ndarray, shape (..., ``*normalized_shape``)
-            Float input of any array kind bncupy takes.
-
-        Returns
-        -------
-        ndarray
-            Same shape, dtype and array kind as ``x``.
-
-        Examples
-        --------
-        >>> bn.LayerNorm(3)(np.arange(6.0).reshape(2, 3)).round(4)
-        array([[-1.2247,  0.    ,  1.2247],
-               [-1.2247,  0.    ,  1.2247]])
-        """
-        kind = v.check_array(x, "input")
-        v.check_float(x, "input")
-        _norms.check_normalized_shape(self.normalized_shape, x)
-        self._follow(kind)  # after the checks: a rejected call leaves the state where it was
-        out = _norms.forward_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        self._saved = (x, out)
-        return out.y
-
-    def _param_shape(self) -> tuple[int, ...]:
-        return self.normalized_shape
-
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}, bias={self.has_bias}")
+
+
+class RMSNorm(_RowNormalization):
+    """Root-mean-square normalization over the trailing ``normalized_shape`` dimensions, as
+    ``torch.nn.RMSNorm``: ``y = x / sqrt(mean(x^2) + eps) * weight``.
+
+    ``torch.nn.RMSNorm``'s constructor, defaults, state dict and ``repr``; a call may also
+    add a residual first (pre-norm transformer blocks).
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+        The trailing dimensions normalized together.
+    eps : float > 0 or None
+        None: the machine epsilon of the input's dtype at each call, as torch.
+    elementwise_affine : bool
+        Learn ``weight`` (init 1) of ``normalized_shape``.
+    dtype : float dtype or None
+        Of the parameters (None: float32).
+
+    Examples
+    --------
+    >>> rms = bn.RMSNorm(4)
+    >>> rms(np.array([[1.0, -1.0, 1.0, -1.0]]))
+    array([[ 1., -1.,  1., -1.]])
+    >>> rms
+    RMSNorm((4,), eps=None, elementwise_affine=True)
+    """
+
+    _rms = True
+
+    def __init__(self, normalized_shape: Any, eps: float | None = None,
+                 elementwise_affine: bool = True, dtype: Any = None) -> None:
+        self.normalized_shape = _row_norms.check_normalized_shape(normalized_shape)
+        self.eps = None if eps is None else v.check_eps(eps)
+        self.elementwise_affine = v.check_bool(elementwise_affine, "elementwise_affine")
+        self.dtype = v.check_dtype(dtype)
+        self.training = True
+        self.weight: Any = None
+        self._allocate({"weight": 1.0}, f"normalized_shape={self.normalized_shape}")
+        self._init_grads()
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": self.normalized_shape} if self.elementwise_affine else {}
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
 
 
 class GroupNorm(_GroupNormalization):
@@ -243,8 +327,33 @@ class GroupNorm(_GroupNormalization):
         self._saved = (x, out)
         return out.y
 
-    def _param_shape(self) -> tuple[int, ...]:
-        return (self.num_channels,)
+    def backward(self, grad_output: Any) -> Any:
+        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``.
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last call's output.
+
+        Returns
+        -------
+        ndarray
+            Gradient with respect to the last call's input.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer has not been called yet.
+
+        Examples
+        --------
+        >>> layer = bn.GroupNorm(2, 4)
+        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3), np.float32)
+        >>> dx = layer.backward(np.ones_like(layer(x)))
+        >>> dx.shape, layer.grad_bias
+        ((2, 4, 3), array([6., 6., 6., 6.], dtype=float32))
+        """
+        return self._backward_group(grad_output, (self.num_channels,))
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
@@ -356,11 +465,34 @@ class _InstanceNorm(_GroupNormalization):
         return out.y.reshape(x.shape)
 
     def backward(self, grad_output: Any) -> Any:
+        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``.
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last call's output.
+
+        Returns
+        -------
+        ndarray
+            Gradient with respect to the last call's input.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer has not been called yet.
+
+        Examples
+        --------
+        >>> layer = bn.InstanceNorm1d(4, affine=True)
+        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3), np.float32)
+        >>> dx = layer.backward(np.ones_like(layer(x)))
+        >>> dx.shape, layer.grad_bias
+        ((2, 4, 3), array([6., 6., 6., 6.], dtype=float32))
+        """
         if self._saved is not None and getattr(grad_output, "ndim", 0) == self._ndim - 1:
             return self._backward_group(grad_output[None], (self.num_features,))[0]
         return self._backward_group(grad_output, (self.num_features,))
-
-    backward.__doc__ = _GroupNormalization.backward.__doc__
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

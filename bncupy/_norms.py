@@ -1,4 +1,5 @@
-"""Functional LayerNorm, GroupNorm and InstanceNorm with torch's signatures and semantics.
+"""Functional GroupNorm and InstanceNorm with torch's signatures and semantics, and what the
+normalizations over groups share (LayerNorm and RMSNorm: :mod:`._row_norms`).
 
 They are one computation over different groups (see :class:`.backends._groups.GroupLayout`):
 validation and the grouping live here, the arithmetic in the backends' ``group_forward`` and
@@ -7,7 +8,6 @@ validation and the grouping live here, the arithmetic in the backends' ``group_f
 
 from __future__ import annotations
 
-import numbers
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -35,17 +35,23 @@ class GroupForward(NamedTuple):
     backend: ModuleType
     layout: GroupLayout
     shape: tuple[int, ...]  # the layout's canonical shape of the input
+    rms: bool = False  # RMSNorm
+    sum: Any = None  # the residual sum normalized (backend-native), when one was formed
 
 
 def group_backward(grad_output: Any, input: Any, out: GroupForward, weight: Any,
-                   ) -> tuple[Any, Any, Any]:
-    """Backend-native ``dx`` (input's shape), ``dweight``, ``dbias`` of a :class:`GroupForward`."""
+                   grad_sum: Any = None) -> tuple[Any, Any, Any]:
+    """Backend-native ``dx`` (input's shape), ``dweight``, ``dbias`` of a :class:`GroupForward`
+    (of ``input``, or of ``out.sum`` when the forward normalized a residual sum; ``grad_sum``:
+    the gradient that sum receives from elsewhere, checked by the caller)."""
     v.check_same_kind({"input": out.kind,
                        "grad_output": v.check_like_input(grad_output, "grad_output", input)})
     be = out.backend
+    source = input if out.sum is None else out.sum
     dx, dw, db = be.group_backward(
-        _contiguous(be, grad_output, out.shape), _contiguous(be, input, out.shape), out.layout,
-        _flat(be, weight), out.saved, out.invstd)
+        _contiguous(be, grad_output, out.shape), _contiguous(be, source, out.shape), out.layout,
+        _flat(be, weight), out.saved, out.invstd, out.rms,
+        None if grad_sum is None else _contiguous(be, grad_sum, out.shape))
     return dx.reshape(input.shape), dw, db
 
 
@@ -80,86 +86,6 @@ def _contiguous(be: ModuleType, a: Any, shape: tuple[int, ...]) -> Any:
     return (a if a.flags.c_contiguous else be.xp.ascontiguousarray(a)).reshape(shape)
 
 
-# ------------------------------------------------------------------------------ LayerNorm
-
-def check_normalized_shape(normalized_shape: Any, input: Any = None) -> tuple[int, ...]:
-    """``normalized_shape`` as a tuple (an int is one dimension, as in torch), matched against
-    the trailing dimensions of ``input`` when given."""
-    items = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else \
-        normalized_shape
-    if isinstance(normalized_shape, (str, bytes)) or not hasattr(items, "__iter__"):
-        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
-                        f"{type(normalized_shape).__name__}")
-    shape = tuple(items)
-    if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
-                            for d in shape):
-        raise TypeError(f"normalized_shape must be an int or a non-empty sequence of ints, got "
-                        f"{normalized_shape!r}")
-    shape = tuple(int(d) for d in shape)
-    if min(shape) < 0:
-        raise ValueError(f"normalized_shape must not have negative sizes, got {shape}")
-    if input is not None and (input.ndim < len(shape)
-                              or tuple(input.shape[input.ndim - len(shape):]) != shape):
-        raise ValueError(f"normalized_shape {shape} must match the trailing dimensions of input, "
-                         f"got input of shape {tuple(input.shape)}")
-    return shape
-
-
-def _ndim(normalized_shape: Any) -> int:
-    """Dimensions of a checked ``normalized_shape``."""
-    return 1 if isinstance(normalized_shape, numbers.Integral) else len(normalized_shape)
-
-
-def _layer_norm_layout(input: Any, shape: tuple[int, ...]) -> GroupLayout:
-    size = int(np.prod(shape, dtype=np.int64))
-    rows = int(np.prod(input.shape[:input.ndim - len(shape)], dtype=np.int64))
-    return GroupLayout("rows", rows, size)
-
-
-def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
-                       eps: float = 1e-5) -> tuple[Any, Any, Any]:
-    """Layer normalization that also returns the statistics its backward pass needs.
-
-    Parameters
-    ----------
-    input : ndarray, shape (..., ``*normalized_shape``)
-        A float16, float32 or float64 array; never modified.
-    normalized_shape : int or sequence of int
-        The trailing dimensions normalized together (one group per leading index).
-    weight, bias : ndarray of shape normalized_shape, optional
-        Elementwise affine parameters (1 and 0 when None).
-    eps : float > 0
-        Added to the variance.
-
-    Returns
-    -------
-    y : ndarray
-        Same shape, dtype and array kind as ``input``.
-    mean, rstd : ndarray, shape input.shape[:-len(normalized_shape)]
-        Per-row mean and ``1/sqrt(var + eps)`` (float32 for float16/float32 input, float64 for
-        float64), as torch's ``native_layer_norm``.
-
-    Raises
-    ------
-    TypeError
-        An argument is not a float array, or the arrays are of different kinds.
-    ValueError
-        ``normalized_shape`` does not match the trailing dimensions of ``input``, or ``weight``
-        or ``bias`` does not have ``normalized_shape``, or ``eps`` is not finite and > 0.
-
-    Examples
-    --------
-    >>> tokens = np.random.default_rng(0).standard_normal((16, 768), np.float32)
-    >>> y, mean, rstd = bn.layer_norm_forward(tokens, 768)
-    >>> y.shape, mean.shape, rstd.dtype
-    ((16, 768), (16,), dtype('float32'))
-    """
-    out = forward_layer_norm(input, normalized_shape, weight, bias, eps)
-    batch = tuple(input.shape[:input.ndim - _ndim(normalized_shape)])
-    return (out.y, _stats_out(out.kind, out.backend, out.mean, batch, input.dtype),
-            _stats_out(out.kind, out.backend, out.invstd, batch, input.dtype))
-
-
 _CHECKED = v.CheckedCalls()
 
 
@@ -173,108 +99,27 @@ def _checked(tag: str, arrays: tuple, options: tuple, check: Any) -> tuple[tuple
     return found, _backend(found[0])
 
 
-def forward_layer_norm(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any,
-                       keep: bool = True) -> GroupForward:
-    """Validated layer normalization on the resolved backend (``keep``: see
-    :func:`._functional.forward`)."""
-    def check() -> tuple:
-        kinds: dict[str, str] = {}
-        _check_array(input, "input", kinds)
-        shape = check_normalized_shape(normalized_shape, input)
-        _check_vector(weight, "weight", shape, kinds, "normalized_shape")
-        _check_vector(bias, "bias", shape, kinds, "normalized_shape")
-        v.check_eps(eps)
-        return v.check_same_kind(kinds), _layer_norm_layout(input, shape)
-
-    shape_key = tuple(normalized_shape) if type(normalized_shape) is list else normalized_shape
-    (kind, lay), be = _checked("layer_norm", (input, weight, bias), (shape_key,), check)
-    eps = v.check_eps(eps)
-    return _run_forward(be, kind, input, lay, (lay.n, lay.c), _flat(be, weight),
-                        _flat(be, bias), eps, keep=keep)
-
-
 def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
                  shape: tuple[int, ...], weight: Any, bias: Any, eps: float,
-                 running: tuple | None = None, keep: bool = True) -> GroupForward:
-    y, mean, invstd, saved = be.group_forward(_contiguous(be, input, shape), lay, weight, bias,
-                                              eps, running, keep)
+                 running: tuple | None = None, keep: bool = True, rms: bool = False,
+                 residual: Any = None, sum_dtype: Any = None) -> GroupForward:
+    """The backend's forward over ``lay``; ``residual``/``sum_dtype``: see the backends'
+    ``group_forward`` (the sum is kept in the result when the backward pass needs it)."""
+    native = None if residual is None else _contiguous(be, residual, shape)
+    y, mean, invstd, saved, h = be.group_forward(
+        _contiguous(be, input, shape), lay, weight, bias, eps, running, keep, rms, native,
+        sum_dtype)
     return GroupForward(_caller(kind, be, y.reshape(input.shape)), mean, invstd, saved, kind,
-                        be, lay, shape)
-
-
-@parameters_from(layer_norm_forward)
-def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
-               eps: float = 1e-5) -> Any:
-    """Layer normalization with the signature and semantics of
-    ``torch.nn.functional.layer_norm``.
-
-    As :func:`layer_norm_forward`, without the statistics.
-
-    Returns
-    -------
-    ndarray
-        Same shape, dtype and array kind as ``input``.
-
-    Examples
-    --------
-    >>> x = np.arange(6.0).reshape(2, 3)
-    >>> bn.layer_norm(x, (3,)).round(4)
-    array([[-1.2247,  0.    ,  1.2247],
-           [-1.2247,  0.    ,  1.2247]])
-    """
-    return forward_layer_norm(input, normalized_shape, weight, bias, eps, keep=False).y
-
-
-def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mean: Any,
-                        rstd: Any, weight: Any = None) -> tuple[Any, Any, Any]:
-    """Gradients of :func:`layer_norm_forward` with respect to input, weight and bias.
-
-    Parameters
-    ----------
-    grad_output : ndarray
-        Gradient of the loss with respect to the output; same shape as ``input``.
-    input : ndarray
-        The forward pass's input.
-    normalized_shape : int or sequence of int
-        As in the forward pass.
-    mean, rstd : ndarray
-        What the forward pass returned (or more precise ones).
-    weight : ndarray, optional
-        The forward pass's weight (1 when None).
-
-    Returns
-    -------
-    grad_input : ndarray
-        Same shape, dtype and array kind as ``input``.
-    grad_weight, grad_bias : ndarray
-        Of the parameters' shape (``normalized_shape`` here).
-
-    Examples
-    --------
-    >>> x = np.random.default_rng(0).standard_normal((4, 8))
-    >>> y, mean, rstd = bn.layer_norm_forward(x, 8)
-    >>> dy = np.ones_like(y)
-    >>> dx, dweight, dbias = bn.layer_norm_backward(dy, x, 8, mean, rstd)
-    >>> dx.shape, dbias
-    ((4, 8), array([4., 4., 4., 4., 4., 4., 4., 4.]))
-    """
-    def layout() -> tuple:
-        shape = check_normalized_shape(normalized_shape, input)
-        lay = _layer_norm_layout(input, shape)
-        batch = tuple(input.shape[:input.ndim - len(shape)])
-        return (lay, (lay.n, lay.c), (batch, "input's leading dimensions"),
-                (shape, "normalized_shape"))
-
-    shape_key = tuple(normalized_shape) if type(normalized_shape) is list else normalized_shape
-    return _backward(grad_output, input, mean, rstd, weight, False, "layer_norm_backward",
-                     (shape_key,), layout)
+                        be, lay, shape, rms, h)
 
 
 def _backward(grad_output: Any, input: Any, mean: Any, rstd: Any, weight: Any, grouped: bool,
-              tag: str, options: tuple, layout: Any) -> tuple[Any, Any, Any]:
+              tag: str, options: tuple, layout: Any, rms: bool = False,
+              grad_sum: Any = None) -> tuple[Any, Any, Any]:
     """The functional backward of any grouping. ``layout()`` checks the grouping and returns
     it, the canonical shape and the expected shapes of mean/rstd and of weight, with what they
-    are named after in messages; every check is cached by call signature."""
+    are named after in messages; every check is cached by call signature. ``rms``: RMSNorm's
+    (``mean`` is None); ``grad_sum`` (rows): ``grad_prenorm``, added to the input gradient."""
     def check() -> tuple:
         kinds: dict[str, str] = {}
         if grouped:
@@ -282,17 +127,21 @@ def _backward(grad_output: Any, input: Any, mean: Any, rstd: Any, weight: Any, g
         else:
             _check_array(input, "input", kinds)
         kinds["grad_output"] = v.check_like_input(grad_output, "grad_output", input)
+        if grad_sum is not None:
+            kinds["grad_prenorm"] = v.check_like_input(grad_sum, "grad_prenorm", input)
         lay, canonical, stats, params = layout()
-        _check_vector(mean, "mean", stats[0], kinds, stats[1], required=True)
+        if not rms:
+            _check_vector(mean, "mean", stats[0], kinds, stats[1], required=True)
         _check_vector(rstd, "rstd", stats[0], kinds, stats[1], required=True)
         _check_vector(weight, "weight", params[0], kinds, params[1])
         return v.check_same_kind(kinds), lay, canonical, params[0]
 
     (kind, lay, canonical, params), be = _checked(
-        tag, (grad_output, input, mean, rstd, weight), options, check)
+        tag, (grad_output, input, mean, rstd, weight, grad_sum), options, check)
     dx, dw, db = be.group_backward(
         _contiguous(be, grad_output, canonical), _contiguous(be, input, canonical), lay,
-        _flat(be, weight), _flat(be, mean), _flat(be, rstd))
+        _flat(be, weight), _flat(be, mean), _flat(be, rstd), rms,
+        None if grad_sum is None else _contiguous(be, grad_sum, canonical))
     return _grads_out(kind, be, dx, dw, db, params, input, weight)
 
 
@@ -418,15 +267,21 @@ def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None
     return forward_group_norm(input, num_groups, weight, bias, eps, axis, keep=False).y
 
 
-@parameters_from(layer_norm_backward, group_norm_forward)
+@parameters_from(group_norm_forward)
 def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any, rstd: Any,
                         weight: Any = None, *, axis: int = 1) -> tuple[Any, Any, Any]:
     """Gradients of :func:`group_norm_forward` with respect to input, weight and bias.
 
     Parameters
     ----------
+    grad_output : ndarray
+        Gradient of the loss with respect to the output; same shape as ``input``.
+    input : ndarray
+        The forward pass's input.
     mean, rstd : ndarray, shape (N, num_groups)
         What the forward pass returned.
+    weight : ndarray, optional
+        The forward pass's weight (1 when None).
 
     Returns
     -------
@@ -599,7 +454,7 @@ def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
                                  use_input_stats, momentum, eps, axis, keep=False).y
 
 
-@parameters_from(layer_norm_backward, instance_norm_forward)
+@parameters_from(group_norm_backward, instance_norm_forward)
 def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
                            weight: Any = None, *, use_input_stats: bool = True,
                            axis: int = 1) -> tuple[Any, Any, Any]:

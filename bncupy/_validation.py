@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ._dtypes import BFLOAT16, FLOAT_DTYPES, NAMES
 from .backends.dispatch import array_kind
 
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 MAX_COUNT = int(np.iinfo(np.int64).max)  # counts of values are int64 wherever they are stored
 
 
@@ -88,12 +88,12 @@ def check_float(value: Any, arg: str) -> None:
     if value.dtype not in FLOAT_DTYPES:
         order = " in non-native byte order" if value.dtype.kind == "f" and \
             not value.dtype.isnative else ""
-        raise TypeError(f"{arg} must have a floating dtype (float16, float32 or float64), "
-                        f"got {value.dtype}{order}")
+        raise TypeError(f"{arg} must have a floating dtype ({NAMES}), got {value.dtype}{order}")
 
 
 def check_dtype(dtype: Any, arg: str = "dtype") -> np.dtype:
-    """A float16/32/64 dtype from anything ``numpy.dtype`` accepts; None means float32."""
+    """A float16/bfloat16/float32/float64 dtype from anything ``numpy.dtype`` accepts; None
+    means float32."""
     if dtype is None:
         return np.dtype(np.float32)
     if array_kind(dtype) is not None:  # numpy.dtype would read an array as its dtype
@@ -104,7 +104,7 @@ def check_dtype(dtype: Any, arg: str = "dtype") -> np.dtype:
         raise TypeError(f"{arg} must be a NumPy floating dtype, got {dtype!r} "
                         f"({type(exc).__name__}: {exc})") from exc
     if resolved not in FLOAT_DTYPES:
-        raise TypeError(f"{arg} must be float16, float32 or float64, got {resolved}")
+        raise TypeError(f"{arg} must be {NAMES}, got {resolved}")
     return resolved
 
 
@@ -204,6 +204,10 @@ def check_channel_vector(value: Any, arg: str, channels: int, writable: bool = F
         raise ValueError(f"{arg} must have shape ({channels},) to match the {channels} channels "
                          f"of input, got shape {value.shape}")
     if writable:
+        if value.dtype == BFLOAT16:
+            raise TypeError(f"{arg} is updated in place and must be float16, float32 or float64, "
+                            f"not bfloat16 (8 mantissa bits lose the small steps of a running "
+                            f"average; keep running statistics in float32)")
         if kind == "numpy" and not value.flags.writeable:
             raise ValueError(f"{arg} is updated in place and must be writeable")
         if channels > 1 and abs(value.strides[0]) < value.itemsize:

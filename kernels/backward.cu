@@ -150,20 +150,26 @@ template <typename TT> struct RowGradOp : SumOps<typename acc_of<TT>::type> {
     const A* center;
     const A* weight;
 
-    template <typename I> __device__ A context(const A, const I row) const { return center[row]; }
+    template <typename I> __device__ A context(const A, const I row) const {
+        return center ? center[row] : A(0);
+    }
     __device__ A dy_scale(const unsigned long long col) const { return weight ? weight[col] : A(1); }
 };
 
 // LayerNorm's input gradient, one launch over rows (a row per `height` threads, as row_forward):
-//   dx = rstd * w * dy - rstd * mean(w * dy) - (x - mean) * rstd^3 * mean(w * dy * (x - mean)),
-// the mean being center + lo (lo may be null: 0).
+//   dx = rstd * w * dy - rstd * mean(w * dy) - (x - mean) * rstd^3 * mean(w * dy * (x - mean))
+//        + grad_sum,
+// the mean being center + lo (center and lo may be null: 0). RMSNorm (rms != 0; center null):
+// the mean(w * dy) term drops. grad_sum (may be null) is the gradient reaching the pre-norm sum
+// h = x + residual from its other consumers (prenorm).
 template <typename T, int V, typename I>
 __global__ void __launch_bounds__(256, 2) row_backward(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
     const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
     const typename acc_of<T>::type* __restrict__ rstd,
-    const typename acc_of<T>::type* __restrict__ weight) {
+    const typename acc_of<T>::type* __restrict__ weight, const T* __restrict__ grad_sum,
+    const int rms) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
     const RowGradOp<T> op = {{}, center, weight};
@@ -178,25 +184,28 @@ __global__ void __launch_bounds__(256, 2) row_backward(
     const A r = rstd[row];
     const A per_value = inv_of(n);
     const A q = -r * r * r * (s.dy_xmu - residual * s.dy) * per_value;
-    const A k0 = -r * s.dy * per_value;
+    const A k0 = rms ? A(0) : -r * s.dy * per_value;
     const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
     const vec* gv = reinterpret_cast<const vec*>(dy) + (size_t)row * row_vecs;
+    const vec* sv = reinterpret_cast<const vec*>(grad_sum) + (size_t)row * row_vecs;
     vec* dxv = reinterpret_cast<vec*>(dx) + (size_t)row * row_vecs;
     for (I j = threadIdx.x & (height - 1); j < row_vecs; j += height) {
         const vec xi = ld(xv + j), gi = ld(gv + j);
+        vec gs;
+        if (grad_sum) gs = ld(sv + j);
         vec out;
 #pragma unroll
         for (int k = 0; k < V; ++k)
             out.v[k] = from_acc<T>(r * op.dy_scale(j * V + k) * to_acc(gi.v[k]) +
-                                   q * ((to_acc(xi.v[k]) - m) - residual) + k0);
+                                   q * ((to_acc(xi.v[k]) - m) - residual) + k0 +
+                                   (grad_sum ? to_acc(gs.v[k]) : A(0)));
         st(dxv + j, out);
     }
 }
 
-// LayerNorm's backward over rows held in registers (slots of `height` threads per row as in
-// row_norm): x and dy are read once and dx written once,
-//   dx = rstd * w * dy - rstd * mean(w * dy) - (x - mean) * rstd^3 * mean(w * dy * (x - mean)),
-// the mean being center + lo (lo may be null: 0). A thread owns the same columns in every row, so
+// LayerNorm's and RMSNorm's backward over rows held in registers (slots of `height` threads per
+// row as in row_norm): x and dy are read once and dx written once, with dx as in row_backward
+// (rms, grad_sum likewise). A thread owns the same columns in every row, so
 // it sums dy * xhat and dy of its columns over its rows in registers; several slots per block
 // are merged in slot order through shared memory (2 * columns values, at most 32 KB) and written
 // as the block's partials: partials[block][0 | 1][column], summed over blocks by column_sums.
@@ -207,7 +216,8 @@ __global__ void __launch_bounds__(1024, 1) row_norm_backward(
     const typename acc_of<T>::type* __restrict__ lo,
     const typename acc_of<T>::type* __restrict__ rstd,
     const typename acc_of<T>::type* __restrict__ weight,
-    typename acc_of<T>::type* __restrict__ partials) {
+    typename acc_of<T>::type* __restrict__ partials, const T* __restrict__ grad_sum,
+    const int rms) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
     // fewer values in double, and one at a time without vectors: the registers of 64 per thread
@@ -226,7 +236,7 @@ __global__ void __launch_bounds__(1024, 1) row_norm_backward(
         const I row = first + slot;
         const bool active = row < rows;
         const size_t base = (size_t)row * row_vecs;
-        const A m = active ? center[row] : A(0), l = active && lo ? lo[row] : A(0);
+        const A m = active && center ? center[row] : A(0), l = active && lo ? lo[row] : A(0);
         const A inv = active ? rstd[row] : A(0);
         vec xr[R], gr[R];
         SumPair<A> s = {A(0), A(0)};
@@ -247,18 +257,21 @@ __global__ void __launch_bounds__(1024, 1) row_norm_backward(
         s = slot_sum(s, height, scratch);
         if (!active) continue;
         const A q = -inv * inv * inv * s.dy_xmu * inv_n;
-        const A k0 = -inv * s.dy * inv_n;
+        const A k0 = rms ? A(0) : -inv * s.dy * inv_n;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const unsigned int j = ty + (unsigned int)r * height;
             if (j < row_vecs) {
+                vec gs;
+                if (grad_sum) gs = ld(reinterpret_cast<const vec*>(grad_sum) + base + j);
                 vec out;
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
                     const A g = to_acc(gr[r].v[k]);
                     const A centred = (to_acc(xr[r].v[k]) - m) - l;
                     out.v[k] = from_acc<T>(inv * (weight ? weight[j * V + k] : A(1)) * g +
-                                           q * centred + k0);
+                                           q * centred + k0 +
+                                           (grad_sum ? to_acc(gs.v[k]) : A(0)));
                     dw[r][k] += g * (centred * inv);
                     db[r][k] += g;
                 }
@@ -339,7 +352,8 @@ template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
                 const auto r = v.r(i);
                 const A g = v.g(i);
                 s.dy += g;
-                s.dy_xmu += g * (((v.x(i) - center[r]) - (lo ? lo[r] : A(0))) * rstd[r]);
+                s.dy_xmu += g * (((v.x(i) - (center ? center[r] : A(0))) -
+                                  (lo ? lo[r] : A(0))) * rstd[r]);
             }
     }
     template <typename I> __device__ void finalize(const SumPair<A> s, const I c, const A) const {

@@ -24,10 +24,11 @@ template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
     double count;
     A* stats;
     unsigned long long channels;
+    int rms;
 
     template <typename I>
     __device__ void finalize(const Welford<A> w, const I c, const A pilot) const {
-        const Moments<A> m = moments_of(w, count, pilot, eps);
+        const Moments<A> m = moments_of(w, count, pilot, eps, rms);
         const A scale = (weight ? weight[c] : A(1)) * m.invstd;
         A* out = stats + c;
         out[STAT_CENTER * channels] = m.center;
@@ -44,15 +45,17 @@ template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
 // Grid: channel-first, C * splits blocks; channels-last, ceil(C / V / lanes) * splits blocks.
 // inner is the values per channel plane (channel-first) or C / V (channels-last); head the
 // elements before x's first 16-byte boundary (channel-first). Also the statistics of contiguous
-// groups (GroupNorm, long LayerNorm rows): rows = 1, channels = groups.
+// groups (GroupNorm, long LayerNorm and RMSNorm rows): rows = 1, channels = groups; rms != 0
+// for RMSNorm's moments (see moments_of).
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256, 2) forward_stats(
     const T* __restrict__ x, const I rows, const I channels, const I inner, const I head,
     const int splits, const int lanes, Welford<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* weight,
     const typename acc_of<T>::type* bias, const typename acc_of<T>::type eps,
-    const double count, typename acc_of<T>::type* stats) {
-    const StatsOp<T> op = {{}, weight, bias, eps, count, stats, (unsigned long long)channels};
+    const double count, typename acc_of<T>::type* stats, const int rms) {
+    const StatsOp<T> op = {{}, weight, bias, eps, count, stats, (unsigned long long)channels,
+                           rms};
     if (CL)
         reduce_nhwc<StatsOp<T>, V, I>(op, x, (const T*)0, (const T*)0, rows, inner, splits,
                                       lanes, partials, counters);
@@ -234,7 +237,7 @@ __global__ void __launch_bounds__(256, 2) row_forward(
     const I plane_vecs, const I groups, const I group_channels,
     const typename acc_of<T>::type* __restrict__ weight,
     const typename acc_of<T>::type* __restrict__ bias, const typename acc_of<T>::type eps,
-    typename acc_of<T>::type* __restrict__ stats) {
+    typename acc_of<T>::type* __restrict__ stats, const int rms) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
     I row;
@@ -243,7 +246,7 @@ __global__ void __launch_bounds__(256, 2) row_forward(
     const Welford<A> w = rows_reduce<RowStatsOp<T>, V, I>(RowStatsOp<T>{}, x, (const T*)0, rows,
                                                           row_vecs, height, row, active, pilot);
     if (!active) return;
-    const Moments<A> m = moments_of(w, (double)row_vecs * V, pilot, eps);
+    const Moments<A> m = moments_of(w, (double)row_vecs * V, pilot, eps, rms);
     const int ty = threadIdx.x & (height - 1);
     if (ty == 0) {
         stats[STAT_CENTER * rows + row] = m.center;
@@ -270,20 +273,27 @@ __global__ void __launch_bounds__(256, 2) row_forward(
 
 // Normalization of rows held in registers: `height` threads (a slot; a power of two, 32 or more)
 // per row, several slots per block, grid-stride over the rows; each thread keeps up to R vectors
-// of its row, so x is read once. LayerNorm (plane_vecs = 0: the affine map is per column) and
-// short channel-first groups (a row is one sample's group of group_channels planes of plane_vecs
-// vectors; groups per sample = `groups`). Mean and variance by two passes over the registers
-// around the row's first value; writes y and the STAT_CENTER/INVSTD/LO/M2 rows of `stats`
-// (`rows` long).
-template <typename T, int V, typename I>
+// of its row, so x is read once. LayerNorm and RMSNorm (plane_vecs = 0: the affine map is per
+// column) and short channel-first groups (a row is one sample's group of group_channels planes of
+// plane_vecs vectors; groups per sample = `groups`). Mean and variance by two passes over the
+// registers around the row's first value; writes y and the STAT_CENTER/INVSTD/LO/M2 rows of
+// `stats` (`rows` long); rms != 0: RMSNorm's moments (see moments_of).
+//
+// The fused residual add (transformer pre-norm blocks): the row normalized is
+// h = H(x + residual), added in A and rounded to the residual stream's type H (residual may be
+// null: h = H(x)); h is written to `sum` when that is not null. H is T, or float for 16-bit T
+// (a float32 residual stream).
+template <typename T, typename H, int V, typename I>
 __global__ void __launch_bounds__(1024, 1) row_norm(
     const T* __restrict__ x, T* __restrict__ y, const I rows, const I row_vecs, const int height,
     const I plane_vecs, const I groups, const I group_channels,
     const typename acc_of<T>::type* __restrict__ weight,
     const typename acc_of<T>::type* __restrict__ bias, const typename acc_of<T>::type eps,
-    typename acc_of<T>::type* __restrict__ stats) {
+    typename acc_of<T>::type* __restrict__ stats, const H* __restrict__ residual,
+    H* __restrict__ sum, const int rms) {
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
+    typedef vec_t<H, V> hvec;
     // fewer values in double, and one at a time without vectors: registers
     const int R = row_regs<V, (sizeof(A) == 8 || V == 1) ? 4 : 16>::value;
     __shared__ SumPair<A> scratch[32];
@@ -293,20 +303,32 @@ __global__ void __launch_bounds__(1024, 1) row_norm(
     for (I first = (I)blockIdx.x * slots; first < rows; first += (I)gridDim.x * slots) {
         const I row = first + slot;
         const bool active = row < rows;
-        const vec* xv = reinterpret_cast<const vec*>(x) + (size_t)row * row_vecs;
-        // a per-row pilot, not traffic
-        const A pilot = active ? to_acc(x[(size_t)row * row_vecs * V]) : A(0);
-        vec xr[R];
+        const size_t base = (size_t)row * row_vecs;
+        hvec hr[R];
         SumPair<A> s = {A(0), A(0)};
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const unsigned int j = ty + (unsigned int)r * height;
             if (active && j < row_vecs) {
-                xr[r] = ld(xv + j);
+                const vec xi = ld(reinterpret_cast<const vec*>(x) + base + j);
+                hvec zi;
+                if (residual) zi = ld(reinterpret_cast<const hvec*>(residual) + base + j);
 #pragma unroll
-                for (int k = 0; k < V; ++k) s.dy += to_acc(xr[r].v[k]) - pilot;
+                for (int k = 0; k < V; ++k)
+                    hr[r].v[k] = from_acc<H>(residual ? to_acc(xi.v[k]) + to_acc(zi.v[k])
+                                                      : to_acc(xi.v[k]));
+                if (sum) st(reinterpret_cast<hvec*>(sum) + base + j, hr[r]);
             }
         }
+        // a per-row pilot, h's first value (cached loads, not traffic)
+        const size_t at = base * V;
+        const A pilot = !active ? A(0) : to_acc(from_acc<H>(
+            residual ? to_acc(x[at]) + to_acc(residual[at]) : to_acc(x[at])));
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (active && ty + (unsigned int)r * height < row_vecs)
+#pragma unroll
+                for (int k = 0; k < V; ++k) s.dy += to_acc(hr[r].v[k]) - pilot;
         const A shifted = slot_sum(s, height, scratch).dy * inv_n;
         s.dy = A(0);
 #pragma unroll
@@ -314,22 +336,24 @@ __global__ void __launch_bounds__(1024, 1) row_norm(
             if (active && ty + (unsigned int)r * height < row_vecs)
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
-                    const A d = (to_acc(xr[r].v[k]) - pilot) - shifted;
+                    const A d = (to_acc(hr[r].v[k]) - pilot) - shifted;
                     s.dy += d * d;
                 }
         const A m2 = slot_sum(s, height, scratch).dy;
         if (!active) continue;
-        const A invstd = inv_of(sqrt(m2 * inv_n + eps));
-        const A center = pilot + shifted;
-        const A lo = shifted - (center - pilot);
+        Welford<A> w;
+        w.mean = shifted;
+        w.m2 = m2;
+        w.n = A((double)row_vecs * V);
+        const Moments<A> m = moments_of(w, (double)row_vecs * V, pilot, eps, rms);
         if (ty == 0) {
-            stats[STAT_CENTER * rows + row] = center;
-            stats[STAT_INVSTD * rows + row] = invstd;
-            stats[STAT_LO * rows + row] = lo;
+            stats[STAT_CENTER * rows + row] = m.center;
+            stats[STAT_INVSTD * rows + row] = m.invstd;
+            stats[STAT_LO * rows + row] = m.lo;
             stats[STAT_M2 * rows + row] = m2;
         }
         const I channel0 = plane_vecs ? (row % groups) * group_channels : I(0);
-        vec* yv = reinterpret_cast<vec*>(y) + (size_t)row * row_vecs;
+        vec* yv = reinterpret_cast<vec*>(y) + base;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const unsigned int j = ty + (unsigned int)r * height;
@@ -338,8 +362,8 @@ __global__ void __launch_bounds__(1024, 1) row_norm(
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
                     const I c = plane_vecs ? channel0 + j / plane_vecs : j * V + k;
-                    out.v[k] = from_acc<T>(((to_acc(xr[r].v[k]) - center) - lo) *
-                                               (invstd * (weight ? weight[c] : A(1))) +
+                    out.v[k] = from_acc<T>(((to_acc(hr[r].v[k]) - m.center) - m.lo) *
+                                               (m.invstd * (weight ? weight[c] : A(1))) +
                                            (bias ? bias[c] : A(0)));
                 }
                 st(yv + j, out);

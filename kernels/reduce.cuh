@@ -558,17 +558,24 @@ enum { STAT_CENTER = 0, STAT_INVSTD = 1, STAT_LO = 2, STAT_SCALE = 3, STAT_SHIFT
        STAT_UNBIASED = 5, STAT_M2 = 6, STAT_ROWS = 7 };
 
 // From a merged Welford state of `count` values around `pilot`: center, lo, variance, invstd.
+// RMSNorm (rms != 0) normalizes around 0: var is the mean square (variance + mean^2, no
+// cancellation) and center = lo = 0.
 template <typename A> struct Moments {
     A center, lo, var, invstd;
 };
 template <typename A>
 __device__ __forceinline__ Moments<A> moments_of(const Welford<A> w, const double count,
-                                                 const A pilot, const A eps) {
+                                                 const A pilot, const A eps, const int rms = 0) {
     Moments<A> m;
     m.var = w.m2 * inv_of(A(count));
-    m.invstd = inv_of(sqrt(m.var + eps));
     m.center = pilot + w.mean;
     m.lo = w.mean - (m.center - pilot);  // exact when |pilot| >= |w.mean| (Fast2Sum)
+    if (rms) {
+        const A mean = m.center + m.lo;
+        m.var += mean * mean;
+        m.center = m.lo = A(0);
+    }
+    m.invstd = inv_of(sqrt(m.var + eps));
     return m;
 }
 

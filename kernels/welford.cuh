@@ -11,7 +11,13 @@ struct __align__(2) half_t {
     unsigned short bits;
 };
 
-// Accumulator type: float for float16/float32 data, double for float64.
+// bfloat16 storage: the upper half of a float32, so conversions are integer operations that
+// need no header and no sm_80 instruction.
+struct __align__(2) bf16_t {
+    unsigned short bits;
+};
+
+// Accumulator type: float for float16/bfloat16/float32 data, double for float64.
 template <typename T> struct acc_of { typedef float type; };
 template <> struct acc_of<double> { typedef double type; };
 
@@ -27,6 +33,14 @@ __device__ __forceinline__ float to_acc(half_t v) {
     BNCUPY_HALF_TO_FLOAT(f, v.bits);
     return f;
 }
+#ifndef BNCUPY_BITS_TO_FLOAT
+#define BNCUPY_BITS_TO_FLOAT(u) __uint_as_float(u)
+#define BNCUPY_FLOAT_TO_BITS(f) __float_as_uint(f)
+#endif
+
+__device__ __forceinline__ float to_acc(bf16_t v) {
+    return BNCUPY_BITS_TO_FLOAT((unsigned int)v.bits << 16);
+}
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 
@@ -35,6 +49,18 @@ template <> __device__ __forceinline__ half_t from_acc<half_t>(float v) {
     half_t h;
     BNCUPY_FLOAT_TO_HALF(h.bits, v);
     return h;
+}
+// Round to nearest even; NaN stays NaN (quiet, sign kept).
+template <> __device__ __forceinline__ bf16_t from_acc<bf16_t>(float v) {
+    unsigned int u = BNCUPY_FLOAT_TO_BITS(v);
+    bf16_t b;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        b.bits = (unsigned short)((u >> 16) | 0x40u);
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);
+        b.bits = (unsigned short)(u >> 16);
+    }
+    return b;
 }
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }

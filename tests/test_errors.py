@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from numpy.lib.stride_tricks import as_strided
 
 import bncupy as bn
+from bncupy._dtypes import BFLOAT16
 from bncupy.backends import dispatch
 from tests.arrays import to_numpy
 from tests.sync_world import ThreadWorld
@@ -57,6 +58,7 @@ def _env(dtype=np.float32, channels_last: bool = False) -> dict:
     ns = x.shape[-1:]  # LayerNorm over the last axis
     ln_w, ln_b = np.full(ns, 1.5, pd), np.full(ns, 0.5, pd)
     _, ln_m, ln_s = bn.layer_norm_forward(x, ns, ln_w, ln_b)
+    _, rms_s = bn.rms_norm_forward(x, ns, ln_w)
     _, gn_m, gn_s = bn.group_norm_forward(x, 3, axis=axis)
     _, in_m, in_s = bn.instance_norm_forward(x, axis=axis)
 
@@ -68,7 +70,9 @@ def _env(dtype=np.float32, channels_last: bool = False) -> dict:
     return {
         "ns": ns, "ln_w": ln_w, "ln_b": ln_b, "ln_m": ln_m, "ln_s": ln_s, "gn_m": gn_m,
         "gn_s": gn_s, "in_m": in_m, "in_s": in_s,
+        "rms_s": rms_s,
         "ln": trained_norm(bn.LayerNorm(ns)),
+        "rms": trained_norm(bn.RMSNorm(ns)),
         "gn": trained_norm(bn.GroupNorm(3, 3, **kw)),
         "inorm": trained_norm(bn.InstanceNorm2d(3, affine=True, track_running_stats=True, **kw)),
         "x": x, "dy": dy, "z": data(2), "axis": axis, "dtype": dtype,
@@ -140,6 +144,17 @@ def ln_bwd(e, **kw):
     args = {"grad_output": e["dy"], "input": e["x"], "normalized_shape": e["ns"],
             "mean": e["ln_m"], "rstd": e["ln_s"], "weight": e["ln_w"], **kw}
     return bn.layer_norm_backward(**args)
+
+
+def rms(e, **kw):
+    args = {"input": e["x"], "normalized_shape": e["ns"], "weight": e["ln_w"], "eps": 1e-5, **kw}
+    return bn.rms_norm_forward(**args)
+
+
+def rms_bwd(e, **kw):
+    args = {"grad_output": e["dy"], "input": e["x"], "normalized_shape": e["ns"],
+            "rstd": e["rms_s"], "weight": e["ln_w"], **kw}
+    return bn.rms_norm_backward(**args)
 
 
 def gn(e, **kw):
@@ -473,6 +488,10 @@ DATA = [  # (N, C, ...) input arrays
     Slot("layer_norm_forward input", "input", "x", lambda e, a: ln(e, input=a)),
     Slot("layer_norm input", "input", "x", lambda e, a: bn.layer_norm(a, e["ns"]), mixes=False),
     Slot("layer_norm_backward input", "input", "x", lambda e, a: ln_bwd(e, input=a)),
+    Slot("rms_norm_forward input", "input", "x", lambda e, a: rms(e, input=a)),
+    Slot("rms_norm input", "input", "x", lambda e, a: bn.rms_norm(a, e["ns"]), mixes=False),
+    Slot("rms_norm_backward input", "input", "x", lambda e, a: rms_bwd(e, input=a)),
+    Slot("RMSNorm.__call__ input", "input", "x", lambda e, a: e["rms"](a), mixes=False),
     Slot("group_norm_forward input", "input", "x", lambda e, a: gn(e, input=a)),
     Slot("group_norm input", "input", "x", lambda e, a: bn.group_norm(a, 3, axis=e["axis"]),
          mixes=False),
@@ -512,6 +531,25 @@ LIKE_INPUT = [  # arrays that must have the input's shape
     Slot("instance_norm_backward grad_output", "grad_output", "dy",
          lambda e, a: in_bwd(e, grad_output=a)),
     Slot("LayerNorm.backward grad_output", "grad_output", "dy", lambda e, a: e["ln"].backward(a)),
+    Slot("layer_norm_forward residual", "residual", "z", lambda e, a: ln(e, residual=a),
+         takes_none=True),
+    Slot("layer_norm residual", "residual", "z",
+         lambda e, a: bn.layer_norm(e["x"], e["ns"], residual=a, prenorm=True), takes_none=True),
+    Slot("layer_norm_backward grad_prenorm", "grad_prenorm", "dy",
+         lambda e, a: ln_bwd(e, grad_prenorm=a), takes_none=True),
+    Slot("LayerNorm.__call__ residual", "residual", "z", lambda e, a: e["ln"](e["x"], a),
+         takes_none=True),
+    Slot("LayerNorm.backward grad_prenorm", "grad_prenorm", "dy",
+         lambda e, a: e["ln"].backward(e["dy"], a), takes_none=True),
+    Slot("rms_norm_forward residual", "residual", "z", lambda e, a: rms(e, residual=a),
+         takes_none=True),
+    Slot("rms_norm_backward grad_output", "grad_output", "dy",
+         lambda e, a: rms_bwd(e, grad_output=a)),
+    Slot("rms_norm_backward grad_prenorm", "grad_prenorm", "dy",
+         lambda e, a: rms_bwd(e, grad_prenorm=a), takes_none=True),
+    Slot("RMSNorm.__call__ residual", "residual", "z",
+         lambda e, a: e["rms"](e["x"], residual=a), takes_none=True),
+    Slot("RMSNorm.backward grad_output", "grad_output", "dy", lambda e, a: e["rms"].backward(a)),
     Slot("GroupNorm.backward grad_output", "grad_output", "dy", lambda e, a: e["gn"].backward(a)),
     Slot("InstanceNorm2d.backward grad_output", "grad_output", "dy",
          lambda e, a: e["inorm"].backward(a)),
@@ -561,6 +599,13 @@ VECTORS = [  # per-channel vectors that are only read
          takes_none=True),
     Slot("layer_norm_backward mean", "mean", "ln_m", lambda e, a: ln_bwd(e, mean=a)),
     Slot("layer_norm_backward rstd", "rstd", "ln_s", lambda e, a: ln_bwd(e, rstd=a)),
+    Slot("rms_norm_forward weight", "weight", "ln_w", lambda e, a: rms(e, weight=a),
+         takes_none=True),
+    Slot("rms_norm_backward weight", "weight", "ln_w", lambda e, a: rms_bwd(e, weight=a),
+         takes_none=True),
+    Slot("rms_norm_backward rstd", "rstd", "rms_s", lambda e, a: rms_bwd(e, rstd=a)),
+    Slot("RMSNorm.load_state_dict weight", "weight", "ln_w",
+         lambda e, a: e["rms"].load_state_dict({"weight": a}), mixes=False),
     Slot("group_norm_forward weight", "weight", "w", lambda e, a: gn(e, weight=a),
          takes_none=True),
     Slot("group_norm_forward bias", "bias", "b", lambda e, a: gn(e, bias=a), takes_none=True),
@@ -622,7 +667,12 @@ LAYER_MOMENTUM = [
     Slot("InstanceNorm3d momentum", "momentum", None,
          lambda e, v: bn.InstanceNorm3d(3, momentum=v)),
 ]
-REALS = EPS + MOMENTUM + LAYER_MOMENTUM
+RMS_EPS = [  # None is valid: the input dtype's machine epsilon
+    Slot("rms_norm_forward eps", "eps", None, lambda e, v: rms(e, eps=v)),
+    Slot("rms_norm eps", "eps", None, lambda e, v: bn.rms_norm(e["x"], e["ns"], eps=v)),
+    Slot("RMSNorm eps", "eps", None, lambda e, v: bn.RMSNorm(3, eps=v)),
+]
+REALS = EPS + RMS_EPS + MOMENTUM + LAYER_MOMENTUM
 NUM_FEATURES = [
     Slot("BatchNorm1d num_features", "num_features", None, lambda e, v: bn.BatchNorm1d(v)),
     Slot("BatchNorm2d num_features", "num_features", None, lambda e, v: bn.BatchNorm2d(v)),
@@ -670,6 +720,18 @@ BOOLS = [
     Slot("LayerNorm elementwise_affine", "elementwise_affine", None,
          lambda e, v: bn.LayerNorm(3, elementwise_affine=v)),
     Slot("LayerNorm bias", "bias", None, lambda e, v: bn.LayerNorm(3, bias=v)),
+    Slot("RMSNorm elementwise_affine", "elementwise_affine", None,
+         lambda e, v: bn.RMSNorm(3, elementwise_affine=v)),
+    Slot("layer_norm prenorm", "prenorm", None,
+         lambda e, v: bn.layer_norm(e["x"], e["ns"], prenorm=v)),
+    Slot("rms_norm prenorm", "prenorm", None,
+         lambda e, v: bn.rms_norm(e["x"], e["ns"], residual=e["z"], prenorm=v)),
+    Slot("layer_norm_forward residual_in_fp32", "residual_in_fp32", None,
+         lambda e, v: ln(e, residual_in_fp32=v)),
+    Slot("RMSNorm.__call__ residual_in_fp32", "residual_in_fp32", None,
+         lambda e, v: e["rms"](e["x"], residual_in_fp32=v)),
+    Slot("LayerNorm.__call__ prenorm", "prenorm", None,
+         lambda e, v: e["ln"](e["x"], e["z"], prenorm=v)),
     Slot("GroupNorm affine", "affine", None, lambda e, v: bn.GroupNorm(1, 3, affine=v)),
     Slot("GroupNorm channels_last", "channels_last", None,
          lambda e, v: bn.GroupNorm(1, 3, channels_last=v)),
@@ -697,6 +759,7 @@ DTYPES = [
     Slot("BatchNorm2d dtype", "dtype", None, lambda e, v: bn.BatchNorm2d(3, dtype=v)),
     Slot("SyncBatchNorm dtype", "dtype", None, lambda e, v: bn.SyncBatchNorm(3, dtype=v)),
     Slot("LayerNorm dtype", "dtype", None, lambda e, v: bn.LayerNorm(3, dtype=v)),
+    Slot("RMSNorm dtype", "dtype", None, lambda e, v: bn.RMSNorm(3, dtype=v)),
     Slot("GroupNorm dtype", "dtype", None, lambda e, v: bn.GroupNorm(1, 3, dtype=v)),
     Slot("InstanceNorm2d dtype", "dtype", None, lambda e, v: bn.InstanceNorm2d(3, dtype=v)),
 ]
@@ -732,6 +795,11 @@ NOT_FLOAT = {
 }
 if np.dtype(np.longdouble) != np.dtype(np.float64):
     NOT_FLOAT["longdouble"] = lambda e, g: g.astype(np.longdouble)
+
+
+def _other_float(dtype: np.dtype) -> np.dtype:
+    """A float dtype that is neither ``dtype`` nor float32 (so no residual stream)."""
+    return np.dtype(np.float64 if dtype != np.float64 else np.float16)
 
 
 def _flip(e: dict, good: np.ndarray) -> np.ndarray:
@@ -873,14 +941,35 @@ CLASSES = [
              over([Slot("layer_norm_forward normalized_shape", "normalized_shape", None,
                         lambda e, v: ln(e, normalized_shape=v, weight=None, bias=None)),
                    Slot("LayerNorm.__call__ normalized_shape", "normalized_shape", None,
-                        lambda e, v: bn.LayerNorm(v)(e["x"]))],
+                        lambda e, v: bn.LayerNorm(v)(e["x"])),
+                   Slot("rms_norm_backward normalized_shape", "normalized_shape", None,
+                        lambda e, v: rms_bwd(e, normalized_shape=v, weight=None))],
                   each([(7,), (5, 5, 5, 5, 5), (2, 3), 0]))),
     BadClass("normalized_shape not an int or sequence of ints", TypeError,
              over([Slot("layer_norm_forward normalized_shape", "normalized_shape", None,
                         lambda e, v: ln(e, normalized_shape=v, weight=None, bias=None)),
                    Slot("LayerNorm normalized_shape", "normalized_shape", None,
-                        lambda e, v: bn.LayerNorm(v))],
+                        lambda e, v: bn.LayerNorm(v)),
+                   Slot("RMSNorm normalized_shape", "normalized_shape", None,
+                        lambda e, v: bn.RMSNorm(v))],
                   each([3.0, "5", None, (5.0,), (True,), [], np.array([5.0])]))),
+    BadClass("residual of a dtype that is neither input's nor a float32 stream", TypeError,
+             explicit(
+                 _bad("layer_norm_forward residual of another dtype", ("residual",),
+                      lambda e: ln(e, residual=e["other"]),
+                      lambda e: {"other": e["z"].astype(_other_float(e["x"].dtype))}),
+                 _bad("RMSNorm.__call__ residual of another dtype", ("residual",),
+                      lambda e: e["rms"](e["x"], residual=e["other"]),
+                      lambda e: {"other": e["z"].astype(_other_float(e["x"].dtype))}),
+             )),
+    BadClass("bfloat16 statistics updated in place", TypeError, explicit(
+        _bad("batch_norm_forward running_mean in bfloat16", ("running_mean", "bfloat16"),
+             lambda e: fwd(e, running_mean=e["bf16"]),
+             lambda e: {"bf16": e["rm"].astype(BFLOAT16)}),
+        _bad("instance_norm_forward running_var in bfloat16", ("running_var", "bfloat16"),
+             lambda e: inorm(e, running_var=e["bf16"]),
+             lambda e: {"bf16": e["rv"].astype(BFLOAT16)}),
+    )),
     BadClass("num_groups that does not divide the channels", ValueError,
              over([Slot("group_norm_forward num_groups", "num_groups", None,
                         lambda e, v: gn(e, num_groups=v)),
@@ -951,7 +1040,8 @@ CLASSES = [
              over(REALS, each([Fraction(10**400, 3)]))),
     BadClass("eps/momentum: NaN or infinite", ValueError,
              over(REALS, each([float("nan"), float("inf"), -float("inf"), np.float32("nan")]))),
-    BadClass("eps: zero or negative", ValueError, over(EPS, each([0, 0.0, -0.0, -1e-5]))),
+    BadClass("eps: zero or negative", ValueError,
+             over(EPS + RMS_EPS, each([0, 0.0, -0.0, -1e-5]))),
     BadClass("momentum: outside [0, 1]", ValueError,
              over(MOMENTUM + LAYER_MOMENTUM, each([1.5, -0.1, np.float64(1.000001), 2]))),
     BadClass("eps/momentum: a str", TypeError, over(REALS, each(["1e-5", "0.1"]))),

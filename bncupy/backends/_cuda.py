@@ -133,11 +133,12 @@ def set_runtime(new: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Kernel sources, names, and the per-device modules.
 
-CTYPES = {"float16": "bncupy::half_t", "float32": "float", "float64": "double"}
+CTYPES = {"float16": "bncupy::half_t", "bfloat16": "bncupy::bf16_t", "float32": "float",
+          "float64": "double"}
 SOURCES = ("forward.cu", "backward.cu")
 INDEX_TYPES = ("unsigned int", "unsigned long long")
 _LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply")
-_ROW_KERNELS = ("cell_stats", "row_forward", "row_norm", "row_backward", "row_norm_backward",
+_ROW_KERNELS = ("cell_stats", "row_forward", "row_backward", "row_norm_backward",
                 "column_grads", "cell_grad_planes", "cell_grad_cl")
 _GROUP_KERNELS = ("group_apply", "group_backward_apply")
 _ACC_KERNELS = ("group_merge", "group_grad_coefficients", "column_sums")
@@ -146,7 +147,14 @@ GROUP_LAYOUTS = {"rows": 0, "cf": 1, "cl": 2}
 
 def vector_width(dtype_name: str) -> int:
     """Elements per 16-byte vector load for ``dtype_name``."""
-    return 16 // np.dtype(dtype_name).itemsize
+    return 16 // (2 if dtype_name in ("float16", "bfloat16") else np.dtype(dtype_name).itemsize)
+
+
+def sum_types(dtype_name: str) -> tuple[str, ...]:
+    """C types of the residual stream ``row_norm`` adds ``dtype_name`` rows into: the rows' own,
+    and float for 16-bit rows (a float32 residual stream)."""
+    own = CTYPES[dtype_name]
+    return (own, "float") if dtype_name in ("float16", "bfloat16") else (own,)
 
 
 def name_expressions(dtypes: tuple[str, ...] = tuple(CTYPES)) -> list[str]:
@@ -161,6 +169,8 @@ def name_expressions(dtypes: tuple[str, ...] = tuple(CTYPES)) -> list[str]:
                 names += [f"bncupy::{k}<{head}, {cl}>" for k in _LAYOUT_KERNELS
                           for cl in ("false", "true")]
                 names += [f"bncupy::{k}<{head}>" for k in _ROW_KERNELS]
+                names += [f"bncupy::row_norm<{ctype}, {h}, {width}, {index}>"
+                          for h in sum_types(dtype)]
                 names += [f"bncupy::{k}<{head}, {layout}>" for k in _GROUP_KERNELS
                           for layout in GROUP_LAYOUTS.values()]
         acc = "double" if dtype == "float64" else "float"

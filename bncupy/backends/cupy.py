@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._dtypes import ACC
 from . import _cuda
 from ._common import forward_coefficients
 from ._cuda import (  # noqa: F401 - the backend's public runtime API
@@ -34,8 +35,7 @@ from ._groups import GroupLayout
 
 name = "cupy"
 
-_ACC = {np.dtype(k): np.dtype(v) for k, v in (("float16", "float32"), ("float32", "float32"),
-                                              ("float64", "float64"))}
+_ACC = ACC
 _INDEX64_FROM = 2**31  # elements from which kernels index with 64 bits
 _THREADS = 256
 _ROWS_MAX_VECS = 8192  # longer channel-first groups are split over several blocks
@@ -253,7 +253,7 @@ def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float,
                                             geo.acc, keep)
     geo.launch_reduce("forward_stats", geo.reduce_blocks, (
         x, *geo.reduce_shape, partials, counters, _ptr(weight), _ptr(bias), geo.acc_type(eps),
-        geo.count, stats))
+        geo.count, stats, np.int32(0)))
     return stats
 
 
@@ -442,11 +442,15 @@ class _GroupGeometry:
         unit = lay.s if lay.kind == "cf" else lay.c
         self.row_width = vector if offset == 0 and unit % vector == 0 else 1
         layout = _cuda.GROUP_LAYOUTS[lay.kind]
-        self.names = {k: f"bncupy::{k}<{ctype}, {self.apply_width}, {self.index}, {layout}>"
-                      for k in ("group_apply", "group_backward_apply")}
+        self.names: dict[Any, str] = {
+            k: f"bncupy::{k}<{ctype}, {self.apply_width}, {self.index}, {layout}>"
+            for k in ("group_apply", "group_backward_apply")}
         self.names.update({k: f"bncupy::{k}<{ctype}, {self.row_width}, {self.index}>"
-                           for k in ("row_forward", "row_backward", "row_norm",
-                                     "row_norm_backward")})
+                           for k in ("row_forward", "row_backward", "row_norm_backward")})
+        # row_norm per residual-stream type (see _cuda.sum_types)
+        self.names.update({("row_norm", h): f"bncupy::row_norm<{ctype}, {_cuda.CTYPES[h]}, "
+                                             f"{self.row_width}, {self.index}>"
+                           for h in {self.dtype, "float32"}})
         acc = "double" if self.dtype == "float64" else "float"
         self.names.update({k: f"bncupy::{k}<{acc}>" for k in (
             "group_merge", "group_grad_coefficients", "column_sums")})
@@ -531,10 +535,12 @@ def _group_geometry(x: Any, lay: GroupLayout, *others: Any) -> _GroupGeometry:
 
 
 def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float, y: Any,
-                 keep: bool) -> tuple[Any, bool]:
+                 keep: bool, rms: bool = False, residual: Any = None, h: Any = None,
+                 ) -> tuple[Any, bool]:
     """The group statistics (STAT rows, ``groups`` long; the workspace's unless ``keep``); for
     rows (LayerNorm, short channel-first groups) the same launch also writes ``y``: returns
-    whether it did."""
+    whether it did. ``rms``: RMSNorm's moments. ``residual`` and ``h`` (row_norm only): the
+    residual added to ``x`` and the sum's output (see kernels/forward.cu)."""
     lay, acc = geo.lay, geo.acc
     it = geo.itype
     eps_ = geo.acc_type(eps)
@@ -552,10 +558,12 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
     if geo.stats_mode == "regs":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
         plan = geo.regs
-        _launch(geo.dtype, geo.names["row_norm"], plan.grid, (
+        stream = geo.dtype if h is None else h.dtype.name
+        _launch(geo.dtype, geo.names["row_norm", stream], plan.grid, (
             x, y, it(geo.groups), it(lay.size // geo.row_width), np.int32(plan.height),
             it(lay.s // geo.row_width if lay.kind != "rows" else 0), it(lay.c // lay.k),
-            it(lay.k), _ptr(weight), _ptr(bias), eps_, stats), plan.block)
+            it(lay.k), _ptr(weight), _ptr(bias), eps_, stats, _ptr(residual), _ptr(h),
+            np.int32(rms)), plan.block)
         return stats, True
     if geo.stats_mode == "rows":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
@@ -563,38 +571,50 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
         _launch(geo.dtype, geo.names["row_forward"], geo.row_blocks, (
             x, y, it(geo.groups), it(lay.size // geo.row_width), np.int32(geo.row_height),
             it(lay.s // geo.row_width if per_channel else 0), it(lay.c // lay.k), it(lay.k),
-            _ptr(weight), _ptr(bias), eps_, stats))
+            _ptr(weight), _ptr(bias), eps_, stats, np.int32(rms)))
         return stats, True
     split = geo.split
     counters, partials, stats = _with_stats(split.counters, split.stats_scratch, geo.groups,
                                             acc, keep)
     split.launch_reduce("forward_stats", split.reduce_blocks, (
-        x, *split.reduce_shape, partials, counters, NULL, NULL, eps_, split.count, stats))
+        x, *split.reduce_shape, partials, counters, NULL, NULL, eps_, split.count, stats,
+        np.int32(rms)))
     return stats, False
 
 
 def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
-                  running: tuple | None = None, keep: bool = True,
-                  ) -> tuple[Any, Any, Any, Any]:
+                  running: tuple | None = None, keep: bool = True, rms: bool = False,
+                  residual: Any = None, sum_dtype: Any = None,
+                  ) -> tuple[Any, Any, Any, Any, Any]:
     """LayerNorm rows and short channel-first groups: one launch; other groups: statistics,
     then one apply launch (channels-last: cell moments, group merge, apply).
 
     ``running`` is InstanceNorm's ``(running_mean, running_var, momentum)``, moved in the last
-    launch. Returns ``y``, the per-group mean and invstd (accumulator dtype) and the statistics
-    buffer (the precise mean for a backward pass; the stream's workspace unless ``keep``).
+    launch. ``rms``: RMSNorm (rows; mean 0). ``residual`` (rows): normalize the sum
+    ``h = x + residual`` rounded to the residual's dtype, or to ``sum_dtype`` when given, which
+    also returns ``h``. Returns ``y``, the per-group mean and invstd (accumulator dtype), the
+    statistics buffer (the precise mean for a backward pass; the stream's workspace unless
+    ``keep``) and ``h`` (None without ``sum_dtype``).
     """
     xp = _cuda.runtime().xp
-    x = _contiguous(x)
+    x, residual = _contiguous(x), _contiguous(residual)
+    stream = sum_dtype if sum_dtype is not None else \
+        residual.dtype if residual is not None else None
     y = _output_like(x)
+    h = None
+    if sum_dtype is not None:
+        h = _output_like(x) if sum_dtype == x.dtype else xp.empty(x.shape, sum_dtype)
     if x.size == 0:
         nan = xp.full(lay.groups, np.nan, _ACC[x.dtype])
-        return y, nan, nan, None
-    geo = _group_geometry(x, lay, y)
+        return y, nan, nan, None, h
+    geo = _group_geometry(x, lay, y, residual, h)
+    if stream is not None and geo.stats_mode != "regs":
+        return _sum_first(x, lay, weight, bias, eps, keep, rms, residual, stream, h)
     acc = geo.acc
     weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
     targets = (None, None) if running is None else running[:2]
     rm, rv = (_per_channel(r, acc) for r in targets)
-    stats, done = _group_stats(x, geo, weight, bias, eps, y, keep)
+    stats, done = _group_stats(x, geo, weight, bias, eps, y, keep, rms, residual, h)
     if not done or rm is not None:
         # rows already written: an empty elementwise range, the launch only moves running stats
         shape = geo.shape_args if not done else (geo.itype(0), *geo.shape_args[1:])
@@ -606,27 +626,41 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     for target, value in zip(targets, (rm, rv), strict=True):
         if target is not None and value is not target:
             target[...] = value
-    return y, stats[_CENTER], stats[_INVSTD], stats
+    return y, stats[_CENTER], stats[_INVSTD], stats, h
+
+
+def _sum_first(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float, keep: bool,
+               rms: bool, residual: Any, stream: Any, h: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """Rows too long to hold in registers (over 16384 values): the residual sum as its own
+    pass (CuPy operations), then the plain normalization of it."""
+    acc = _ACC[x.dtype]
+    total = x.astype(acc) if residual is None else x.astype(acc) + residual.astype(acc)
+    total = total.astype(stream)
+    y, mean, invstd, stats, _ = group_forward(total, lay, weight, bias, eps, None, keep, rms)
+    if h is not None:
+        h[...] = total
+    return y.astype(x.dtype, copy=False), mean, invstd, stats, h
 
 
 def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, invstd: Any,
-                   ) -> tuple[Any, Any, Any]:
+                   rms: bool = False, grad_sum: Any = None) -> tuple[Any, Any, Any]:
     """``dx`` and per-channel (per-column for rows) ``dweight``, ``dbias``.
 
-    LayerNorm: one launch over rows for dx, one channels-last reduction for the parameter
-    gradients. Groups of channels: per-(sample, channel) sums, then per-group coefficients and
-    the parameter gradients (one small launch), then dx. ``mean`` is a statistics buffer (a
-    forward's, precise) or a vector.
+    LayerNorm and RMSNorm (``rms``; ``mean`` None): one launch over rows for dx, one reduction
+    for the parameter gradients; ``grad_sum`` (rows; may be None) is added to dx (the gradient
+    the pre-norm sum receives from its other consumers). Groups of channels: per-(sample,
+    channel) sums, then per-group coefficients and the parameter gradients (one small launch),
+    then dx. ``mean`` is a statistics buffer (a forward's, precise) or a vector.
     """
     xp = require()
     x = _contiguous(x)
-    dy = _like(dy, x)
+    dy, grad_sum = _like(dy, x), _like(grad_sum, x)
     dx = _output_like(x)
     if x.size == 0:
         return dx, xp.zeros(lay.c, _ACC[x.dtype]), xp.zeros(lay.c, _ACC[x.dtype])
-    geo = _group_geometry(x, lay, dy, dx)
+    geo = _group_geometry(x, lay, dy, dx, grad_sum)
     acc, it = geo.acc, geo.itype
-    center, lo = _mean_parts(mean, acc)
+    center, lo = (None, None) if mean is None else _mean_parts(mean, acc)
     invstd = _per_channel(invstd, acc)
     weight = _per_channel(weight, acc)
     if lay.kind == "rows" and geo.back is not None:
@@ -634,8 +668,9 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         (partials,) = _workspace(0, ((acc, 2 * lay.c * plan.grid),))[1:]
         grads = xp.empty((2, lay.c), acc)
         _launch(geo.dtype, geo.names["row_norm_backward"], plan.grid, (
-            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(plan.height), center,
-            _ptr(lo), invstd, _ptr(weight), partials), plan.block)
+            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(plan.height),
+            _ptr(center), _ptr(lo), invstd, _ptr(weight), partials, _ptr(grad_sum),
+            np.int32(rms)), plan.block)
         _launch(geo.dtype, geo.names["column_sums"], -(-lay.c // _THREADS), (
             partials, np.int32(plan.grid), np.uint64(lay.c), grads))
         return dx, grads[0], grads[1]
@@ -645,11 +680,11 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         grads = xp.empty((2, lay.c), acc)
         height = _row_height(lay.c // geo.row_width)
         _launch(geo.dtype, geo.names["row_backward"], -(-lay.n // (_THREADS // height)), (
-            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(height), center,
-            _ptr(lo), invstd, _ptr(weight)))
+            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(height), _ptr(center),
+            _ptr(lo), invstd, _ptr(weight), _ptr(grad_sum), np.int32(rms)))
         _launch(geo.dtype, geo.names["column_grads"], cols.reduce_blocks, (
             dy, x, it(lay.n), it(cols.inner_arg), np.int32(cols.splits), np.int32(cols.lanes),
-            partials, counters, center, _ptr(lo), invstd, grads))
+            partials, counters, _ptr(center), _ptr(lo), invstd, grads))
         return dx, grads[0], grads[1]
     cells = lay.n * lay.c
     if lay.kind == "cf":

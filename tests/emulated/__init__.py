@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from bncupy._dtypes import BFLOAT16
 from bncupy.backends import cupy as cupy_backend
 
 from . import device
@@ -27,8 +28,8 @@ from .build import build
 _SCALARS = {"u32": (np.uint32, ctypes.c_uint32), "u64": (np.uint64, ctypes.c_uint64),
             "i32": (np.int32, ctypes.c_int32), "i64": (np.int64, ctypes.c_int64),
             "f32": (np.float32, ctypes.c_float), "f64": (np.float64, ctypes.c_double)}
-_ELEMENTS = {"f16": np.float16, "f32": np.float32, "f64": np.float64, "u32": np.uint32,
-             "u64": np.uint64, "i32": np.int32, "i64": np.int64}
+_ELEMENTS = {"f16": np.float16, "bf16": BFLOAT16, "f32": np.float32, "f64": np.float64,
+             "u32": np.uint32, "u64": np.uint64, "i32": np.int32, "i64": np.int64}
 # What CuPy passes for Python scalars (cupy/_core/_kernel: int -> long long, float -> double).
 _PYTHON_SCALARS = {int: "i64", float: "f64"}
 

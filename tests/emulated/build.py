@@ -25,6 +25,7 @@ FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-
 # Element names of the kernels' struct types, for the launch-time argument checks.
 KERNEL_TYPES = """
 template <> struct bncupy_emu::scalar_name<bncupy::half_t> { static constexpr const char* value = "f16"; };
+template <> struct bncupy_emu::scalar_name<bncupy::bf16_t> { static constexpr const char* value = "bf16"; };
 template <typename A> struct bncupy_emu::scalar_name<bncupy::Welford<A>> : bncupy_emu::scalar_name<A> {};
 template <typename A> struct bncupy_emu::scalar_name<bncupy::SumPair<A>> : bncupy_emu::scalar_name<A> {};
 """

@@ -51,6 +51,8 @@
 #define BNCUPY_STORE(p, v) (::bncupy_emu::counted_store((p), (v)))
 #define BNCUPY_HALF_TO_FLOAT(f, h) ((f) = ::bncupy_emu::half_to_float(h))
 #define BNCUPY_FLOAT_TO_HALF(h, f) ((h) = ::bncupy_emu::float_to_half(f))
+#define BNCUPY_BITS_TO_FLOAT(u) (::bncupy_emu::bits_to_float(u))
+#define BNCUPY_FLOAT_TO_BITS(f) (::bncupy_emu::float_to_bits(f))
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
@@ -87,6 +89,17 @@ template <typename P> inline P counted_load(const P* p) {
 template <typename P> inline void counted_store(P* p, const P& v) {
     count(p, sizeof(P), true);
     *p = v;
+}
+
+inline float bits_to_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline unsigned int float_to_bits(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
 }
 
 inline float half_to_float(unsigned short h) {
