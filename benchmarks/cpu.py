@@ -2,6 +2,11 @@
 
 usage: python benchmarks/cpu.py [--threads 1 2] [--blocks 3] [--calls 3] [--data-only] [--json FILE]
        python benchmarks/cpu.py --summary RUN.json | --compare RUN1.json RUN2.json
+       python benchmarks/cpu.py --readme RUN1.json RUN2.json
+
+bncupy runs twice in each row: as installed by default (``bncupy``: the compiled engine where
+Numba is installed) and without Numba (``nonumba``: ``BNCUPY_CPU_ENGINE=numpy``, the pure-NumPy
+engine).
 
 Every op (forward-train, forward-eval, backward) x shape x layout x data distribution
 (zero-mean, offset x + 5, post-ReLU) x dtype (float32, float16), once per thread count (1 =
@@ -13,12 +18,13 @@ seen is reported). A row gives the median wall time per call; the median over bl
 process CPU time per call (all threads of this process, counted until 50 ms after the block's
 last call, so that threads left spinning are charged to the library that left them: CPU well
 above threads x wall means oversubscription); the CPU burnt in those 50 ms alone; the ratios
-torch/bncupy and naive/bncupy, and the spread of the torch ratio over the blocks ((max - min) /
-median of the per-block ratios). Then bncupy alone, one thread, times the data distributions
-(and x + 1e4 in float32) against each other in alternating blocks: the slowest / fastest ratio
-per case is the data dependence. ``--data-only`` runs just that; ``--summary`` reprints a saved
-run's summary; ``--compare`` prints the run-to-run spread of two saved runs.
-torch is optional (``pip install torch==2.13.0``); Numba makes bncupy use its compiled loops.
+torch/bncupy and naive/bncupy for both engines, and the spread of the torch ratio over the
+blocks ((max - min) / median of the per-block ratios). Then each engine alone, one thread, times
+the data distributions (and x + 1e4 in float32) against each other in alternating blocks: the
+slowest / fastest ratio per case is the data dependence. ``--data-only`` runs just that;
+``--summary`` reprints a saved run's summary; ``--compare`` prints the run-to-run spread of two
+saved runs; ``--readme`` prints the tables of docs/guide/performance.md from two saved runs.
+torch is optional (``pip install torch==2.13.0``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from bncupy.backends import numpy as numpy_backend  # noqa: E402
 
 SHAPES = [(32, 64, 56, 56), (256, 64, 14, 14), (32, 512, 7, 7), (8, 256, 28, 28), (1024, 256)]
 OPS = ("fwd_train", "fwd_eval", "bwd")
+ENGINES = ("bncupy", "nonumba")  # as installed by default; the pure-NumPy engine
 DATA = ("zero-mean", "offset", "post-relu")
 EPS = 1e-5
 
@@ -90,6 +97,17 @@ def make_data(shape: tuple[int, ...], kind: str, dtype: Any, seed: int) -> np.nd
     x = np.random.default_rng(seed).standard_normal(shape, np.float32)
     x = {"zero-mean": x, "offset": x + 5, "offset 1e4": x + 1e4, "post-relu": np.maximum(x, 0)}[kind]
     return x.astype(dtype)
+
+
+def without_numba(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` on the pure-NumPy engine, as an install without Numba runs it."""
+    def call() -> Any:
+        os.environ["BNCUPY_CPU_ENGINE"] = "numpy"
+        try:
+            return fn()
+        finally:
+            del os.environ["BNCUPY_CPU_ENGINE"]
+    return call
 
 
 def naive_ops(x: np.ndarray, dy: np.ndarray, axis: int, w: np.ndarray, b: np.ndarray,
@@ -141,10 +159,12 @@ def case_ops(shape: tuple[int, ...], layout: str, dtype: Any, kind: str,
     save_mean, save_invstd = m, (1 / np.sqrt(v + EPS)).astype(np.float32)
     ops: dict[str, dict[str, Callable[[], Any]]] = {op: {} for op in OPS}
     rm_b, rv_b = rm.copy(), rv.copy()
-    ops["fwd_train"]["bncupy"] = lambda: bn.batch_norm(x, rm_b, rv_b, w, b, True, axis=axis)
-    ops["fwd_eval"]["bncupy"] = lambda: bn.batch_norm(x, rm, rv, w, b, False, axis=axis)
-    ops["bwd"]["bncupy"] = lambda: bn.batch_norm_backward(dy, x, w, save_mean, save_invstd,
-                                                          axis=axis)
+    bncupy = {"fwd_train": lambda: bn.batch_norm(x, rm_b, rv_b, w, b, True, axis=axis),
+              "fwd_eval": lambda: bn.batch_norm(x, rm, rv, w, b, False, axis=axis),
+              "bwd": lambda: bn.batch_norm_backward(dy, x, w, save_mean, save_invstd, axis=axis)}
+    for op, fn in bncupy.items():
+        ops[op]["bncupy"] = fn
+        ops[op]["nonumba"] = without_numba(fn)
     if torch is not None:
         tx, tdy = torch.from_numpy(x_nc), torch.from_numpy(dy_nc)
         if to_last:
@@ -182,40 +202,47 @@ def measure(fns: dict[str, Callable[[], Any]], blocks: int, calls: int, load: li
         row[f"{name}_cpu_ms"] = 1e3 * float(np.median(cpu[name]))
         row[f"{name}_spin_ms"] = 1e3 * max(spin[name])
     for other in ("torch", "naive"):
-        if other in fns and "bncupy" in fns:
-            ratios = [np.median(o) / np.median(ours) for o, ours in
-                      zip(wall[other], wall["bncupy"], strict=False)]
-            row[f"{other}_ratio"] = row[f"{other}_ms"] / row["bncupy_ms"]
-            row[f"{other}_spread"] = float((max(ratios) - min(ratios)) / np.median(ratios))
+        for ours in ENGINES:
+            if other in fns and ours in fns:
+                ratios = [np.median(o) / np.median(us) for o, us in
+                          zip(wall[other], wall[ours], strict=False)]
+                key = f"{other}_ratio" if ours == "bncupy" else f"{other}_{ours}_ratio"
+                row[key] = row[f"{other}_ms"] / row[f"{ours}_ms"]
+                row[key.replace("ratio", "spread")] = float((max(ratios) - min(ratios))
+                                                            / np.median(ratios))
     return row
 
 
 def data_check(args: argparse.Namespace, load: list[float]) -> list[dict[str, Any]]:
-    """bncupy alone, one thread, the data distributions timed against each other in alternating
-    blocks: slowest / fastest median per op, shape, layout and dtype (float16 data cannot hold
-    x + 1e4 to any precision, so it is left out there)."""
+    """Each engine alone, one thread, the data distributions timed against each other in
+    alternating blocks: slowest / fastest median per op, shape, layout and dtype (float16 data
+    cannot hold x + 1e4 to any precision, so it is left out there)."""
     os.environ["BNCUPY_NUM_THREADS"] = "1"
     rows = []
-    print("\ndata dependence: bncupy, 1 thread, distributions in alternating blocks "
-          "(slowest / fastest median wall; process CPU)")
-    for shape, layout, dtype in cases(args):
-        kinds = [*DATA, "offset 1e4"] if dtype == "float32" else list(DATA)
-        ops = {kind: case_ops(shape, layout, np.dtype(dtype), kind, None) for kind in kinds}
-        for op in OPS:
-            row = measure({kind: ops[kind][op]["bncupy"] for kind in kinds}, args.blocks,
-                          args.calls, load)
-            wall = [row[f"{k}_ms"] for k in kinds]
-            cpu = [row[f"{k}_cpu_ms"] for k in kinds]
-            rows.append({"shape": list(shape), "layout": layout, "dtype": dtype, "op": op,
-                         "wall_ratio": max(wall) / min(wall), "cpu_ratio": max(cpu) / min(cpu)})
-            print(f"  {str(shape):18} {layout:4} {dtype:7} {op:9} "
-                  + " ".join(f"{k} {w:.2f}" for k, w in zip(kinds, wall, strict=True))
-                  + f"  -> {max(wall) / min(wall):.2f}x; cpu {max(cpu) / min(cpu):.2f}x", flush=True)
-    worst = max(rows, key=lambda r: r["wall_ratio"])
-    print(f"  worst: {worst['wall_ratio']:.2f}x wall, median over rows "
-          f"{np.median([r['wall_ratio'] for r in rows]):.2f}x; cpu worst "
-          f"{max(r['cpu_ratio'] for r in rows):.2f}x, median "
-          f"{np.median([r['cpu_ratio'] for r in rows]):.2f}x")
+    for engine in ENGINES:
+        print(f"\ndata dependence: {engine}, 1 thread, distributions in alternating blocks "
+              "(slowest / fastest median wall; process CPU)")
+        for shape, layout, dtype in cases(args):
+            kinds = [*DATA, "offset 1e4"] if dtype == "float32" else list(DATA)
+            ops = {kind: case_ops(shape, layout, np.dtype(dtype), kind, None) for kind in kinds}
+            for op in OPS:
+                row = measure({kind: ops[kind][op][engine] for kind in kinds}, args.blocks,
+                              args.calls, load)
+                wall = [row[f"{k}_ms"] for k in kinds]
+                cpu = [row[f"{k}_cpu_ms"] for k in kinds]
+                rows.append({"engine": engine, "shape": list(shape), "layout": layout,
+                             "dtype": dtype, "op": op, "wall_ratio": max(wall) / min(wall),
+                             "cpu_ratio": max(cpu) / min(cpu),
+                             "mean_ms": dict(zip(kinds, wall, strict=True))})
+                print(f"  {str(shape):18} {layout:4} {dtype:7} {op:9} "
+                      + " ".join(f"{k} {w:.2f}" for k, w in zip(kinds, wall, strict=True))
+                      + f"  -> {max(wall) / min(wall):.2f}x; cpu {max(cpu) / min(cpu):.2f}x",
+                      flush=True)
+        mine = [r for r in rows if r["engine"] == engine]
+        print(f"  worst: {max(r['wall_ratio'] for r in mine):.2f}x wall, median over rows "
+              f"{np.median([r['wall_ratio'] for r in mine]):.2f}x; cpu worst "
+              f"{max(r['cpu_ratio'] for r in mine):.2f}x, median "
+              f"{np.median([r['cpu_ratio'] for r in mine]):.2f}x")
     return rows
 
 
@@ -230,33 +257,42 @@ def geomean(values: list[float]) -> float:
 
 
 def summarize(rows: list[dict[str, Any]]) -> None:
-    """Per group of rows: geometric mean and minimum of torch/bncupy in wall time and in process
-    CPU time (the per-core figure that a loaded machine disturbs least), naive/bncupy minimum;
-    then the data-dependence spread, threads left spinning and CPU per wall second."""
-    print("\nsummary: torch / bncupy, >= 1 where bncupy is faster (wall; process CPU time)")
+    """Per engine and group of rows: geometric mean and minimum of torch/bncupy in wall time
+    and in process CPU time (the per-core figure that a loaded machine disturbs least),
+    naive/bncupy minimum; then the data-dependence spread, threads left spinning and CPU per
+    wall second."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["threads"], r["op"], r["layout"], r["dtype"]), []).append(r)
-    for key, rs in sorted(groups.items()):
-        wall = [r["torch_ratio"] for r in rs if "torch_ratio" in r]
-        cpu = [r["torch_cpu_ms"] / r["bncupy_cpu_ms"] for r in rs if "torch_ratio" in r]
-        print(f"  threads {key[0]} {key[1]:9} {key[2]:4} {key[3]:7}  wall geomean "
-              f"{geomean(wall):5.2f} min {min(wall, default=math.nan):5.2f}   cpu geomean "
-              f"{geomean(cpu):5.2f} min {min(cpu, default=math.nan):5.2f}   naive/bncupy min "
-              f"{min(r['naive_ratio'] for r in rs):5.2f}")
-    by_case: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in rows:
-        by_case.setdefault((r["threads"], r["op"], tuple(r["shape"]), r["layout"], r["dtype"]),
-                           []).append(r)
-    for unit in ("bncupy_ms", "bncupy_cpu_ms"):
-        worst = max(max(r[unit] for r in rs) / min(r[unit] for r in rs) for rs in by_case.values())
-        print(f"  slowest / fastest data distribution ({unit}), worst case: {worst:.2f}x")
-    for name in ("bncupy", "torch"):
+    for engine in ENGINES:
+        tag = "" if engine == "bncupy" else f"_{engine}"
+        print(f"\nsummary: torch / {engine}, >= 1 where bncupy is faster (wall; process CPU time)")
+        for key, rs in sorted(groups.items()):
+            wall = [r[f"torch{tag}_ratio"] for r in rs if f"torch{tag}_ratio" in r]
+            cpu = [r["torch_cpu_ms"] / r[f"{engine}_cpu_ms"] for r in rs if "torch_cpu_ms" in r]
+            print(f"  threads {key[0]} {key[1]:9} {key[2]:4} {key[3]:7}  wall geomean "
+                  f"{geomean(wall):5.2f} min {min(wall, default=math.nan):5.2f}   cpu geomean "
+                  f"{geomean(cpu):5.2f} min {min(cpu, default=math.nan):5.2f}   naive/{engine} "
+                  f"min {min(r[f'naive{tag}_ratio'] for r in rs):5.2f}")
+        by_case: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for r in rows:
+            by_case.setdefault((r["threads"], r["op"], tuple(r["shape"]), r["layout"],
+                                r["dtype"]), []).append(r)
+        for unit in (f"{engine}_ms", f"{engine}_cpu_ms"):
+            worst = max(max(r[unit] for r in rs) / min(r[unit] for r in rs)
+                        for rs in by_case.values())
+            print(f"  slowest / fastest data distribution ({unit}), worst case: {worst:.2f}x")
+        print(f"  highest {engine} CPU time / (wall time x threads): "
+              f"{max(r[f'{engine}_cpu_ms'] / r[f'{engine}_ms'] / r['threads'] for r in rows):.2f}")
+    for name in (*ENGINES, "torch"):
         if f"{name}_spin_ms" in rows[0]:
-            print(f"  most CPU burnt in the 50 ms after a block of {name} calls: "
-                  f"{max(r[f'{name}_spin_ms'] for r in rows):.2f} ms")
-    print(f"  highest bncupy CPU time / (wall time x threads): "
-          f"{max(r['bncupy_cpu_ms'] / r['bncupy_ms'] / r['threads'] for r in rows):.2f}")
+            spins = sorted(r[f"{name}_spin_ms"] for r in rows)
+            print(f"  CPU burnt in the 50 ms after a block of {name} calls: at most "
+                  f"{spins[-1]:.2f} ms, 99th percentile of rows {spins[int(0.99 * (len(spins) - 1))]:.2f} ms")
+
+
+def _cpu_ratio(engine: str) -> Callable[[dict[str, Any]], float]:
+    return lambda r: r["torch_cpu_ms"] / r[f"{engine}_cpu_ms"]
 
 
 def compare(paths: list[str]) -> None:
@@ -266,12 +302,37 @@ def compare(paths: list[str]) -> None:
     index = [{(tuple(r["shape"]), *(r[k] for k in key)): r for r in run} for run in runs]
     pairs = [(r0, index[1][k]) for k, r0 in index[0].items()
              if k in index[1] and "torch_ratio" in r0]
-    for label, ratio in (("wall", lambda r: r["torch_ratio"]),
-                         ("cpu", lambda r: r["torch_cpu_ms"] / r["bncupy_cpu_ms"])):
-        diffs = sorted(abs(ratio(r1) / ratio(r0) - 1) for r0, r1 in pairs)
-        print(f"{len(diffs)} rows in both runs; |{label} ratio2 / ratio1 - 1|: median "
-              f"{np.median(diffs):.3f}, 90th percentile {diffs[int(0.9 * (len(diffs) - 1))]:.3f}, "
-              f"max {diffs[-1]:.3f}")
+    for engine in ENGINES:
+        tag = "" if engine == "bncupy" else f"_{engine}"
+        for label, ratio in (("wall", lambda r, t=tag: r[f"torch{t}_ratio"]),
+                             ("cpu", _cpu_ratio(engine))):
+            diffs = sorted(abs(ratio(r1) / ratio(r0) - 1) for r0, r1 in pairs)
+            print(f"{engine}: {len(diffs)} rows in both runs; |{label} ratio2 / ratio1 - 1|: "
+                  f"median {np.median(diffs):.3f}, 90th percentile "
+                  f"{diffs[int(0.9 * (len(diffs) - 1))]:.3f}, max {diffs[-1]:.3f}")
+
+
+def readme(paths: list[str]) -> None:
+    """The tables of docs/guide/performance.md: per engine, torch / bncupy in process CPU time
+    per call, one thread, the median over the data distributions, ``run 1 · run 2`` per cell."""
+    runs = [json.load(open(p))["rows"] for p in paths]
+    cols = [(op, dtype) for dtype in ("float32", "float16") for op in OPS]
+    names = {"fwd_train": "train", "fwd_eval": "eval", "bwd": "bwd"}
+    for engine in ENGINES:
+        print(f"\n{engine}\n\n| shape, layout | "
+              + " | ".join(f"{names[op]} {dtype.replace('float', 'f')}" for op, dtype in cols)
+              + " |\n|---|" + "---|" * len(cols))
+        for shape in SHAPES:
+            for layout in (["NCHW", "NHWC"] if len(shape) > 2 else ["NC"]):
+                cells = []
+                for op, dtype in cols:
+                    per_run = []
+                    for run in runs:
+                        rs = [r for r in run if r["threads"] == 1 and tuple(r["shape"]) == shape
+                              and r["layout"] == layout and r["dtype"] == dtype and r["op"] == op]
+                        per_run.append(f"{np.median([_cpu_ratio(engine)(r) for r in rs]):.2f}")
+                    cells.append(" · ".join(per_run))
+                print(f"| {'×'.join(map(str, shape))} {layout} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -283,11 +344,16 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--compare", nargs=2, metavar="RUN.json")
     parser.add_argument("--summary", metavar="RUN.json", help="summarize a saved run")
+    parser.add_argument("--readme", nargs=2, metavar="RUN.json",
+                        help="print the performance page's tables from two saved runs")
     parser.add_argument("--data-only", action="store_true",
-                        help="only the data-dependence check (bncupy alone, one thread)")
+                        help="only the data-dependence check (each engine alone, one thread)")
     args = parser.parse_args()
     if args.compare:
         compare(args.compare)
+        return
+    if args.readme:
+        readme(args.readme)
         return
     if args.summary:
         summarize(json.load(open(args.summary))["rows"])
@@ -297,10 +363,15 @@ def main() -> None:
     except ImportError:
         torch = None
     engine = numpy_backend.engine().name
-    print(f"cores {os.cpu_count()}, numpy {np.__version__}, bncupy engine {engine}, "
-          f"torch {torch.__version__ if torch else 'absent'}, {time.strftime('%Y-%m-%d %H:%M')}")
+    numba = None
+    if engine == "numba":
+        import numba
+    print(f"cores {os.cpu_count()}, numpy {np.__version__}, bncupy as installed: engine {engine}"
+          f"{f' (numba {numba.__version__})' if numba else ''}, torch "
+          f"{torch.__version__ if torch else 'absent'}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'thr':>3} {'shape':18} {'lay':4} {'dtype':7} {'data':9} {'op':9} {'bncupy':>7} "
-          f"{'(cpu)':>7} {'torch':>7} {'(cpu)':>7} {'naive':>7} {'t/b':>5} {'+-':>5} {'n/b':>5}")
+          f"{'(cpu)':>7} {'nonumba':>7} {'(cpu)':>7} {'torch':>7} {'(cpu)':>7} {'naive':>7} "
+          f"{'t/b':>5} {'+-':>5} {'t/nn':>5} {'n/b':>5}")
     rows: list[dict[str, Any]] = []
     load: list[float] = []
     start = time.perf_counter()
@@ -317,11 +388,13 @@ def main() -> None:
                     rows.append(row)
                     print(f"{threads:3} {str(shape):18} {layout:4} {dtype:7} {data:9} {op:9} "
                           f"{row['bncupy_ms']:7.2f} {row['bncupy_cpu_ms']:7.2f} "
+                          f"{row['nonumba_ms']:7.2f} {row['nonumba_cpu_ms']:7.2f} "
                           f"{row.get('torch_ms', math.nan):7.2f} "
                           f"{row.get('torch_cpu_ms', math.nan):7.2f} {row['naive_ms']:7.2f} "
                           f"{row.get('torch_ratio', math.nan):5.2f} "
-                          f"{row.get('torch_spread', math.nan):5.2f} {row['naive_ratio']:5.2f}",
-                          flush=True)
+                          f"{row.get('torch_spread', math.nan):5.2f} "
+                          f"{row.get('torch_nonumba_ratio', math.nan):5.2f} "
+                          f"{row['naive_ratio']:5.2f}", flush=True)
     if rows:
         summarize(rows)
     data_rows = data_check(args, load)
@@ -330,7 +403,8 @@ def main() -> None:
           f"{time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"engine": engine, "numpy": np.__version__,
+            json.dump({"engine": engine, "numba": numba.__version__ if numba else None,
+                       "numpy": np.__version__,
                        "torch": torch.__version__ if torch else None,
                        "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
                        "data_dependence": data_rows}, f, indent=1)

@@ -17,6 +17,10 @@ from ._errors import BackendUnavailableError
 from ._functional import batch_norm_backward, batch_norm_forward
 from .backends import cupy as cupy_backend
 from .backends import dispatch
+from .backends import numpy as numpy_backend
+
+# What the README says: bncupy is not on PyPI, so the CUDA extras install from a checkout.
+CUDA_INSTALL_HINT = "from a checkout of bncupy: python3 -m pip install '.[cuda12]' or '.[cuda13]'"
 
 
 def _reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, dy: np.ndarray):
@@ -49,6 +53,9 @@ def self_check(backend: str) -> float:
     return float(max(np.abs(to_np(y) - y_ref).max(), np.abs(to_np(dx) - dx_ref).max()))
 
 
+ENGINES = {"numba": "numba (compiled loops)", "numpy": "numpy (pure-NumPy passes)"}
+
+
 def info() -> int:
     print(f"bncupy {__version__}")
     print(f"python {platform.python_version()} ({sys.executable})")
@@ -63,7 +70,9 @@ def info() -> int:
     for name in ("numpy", "cupy"):
         reason = None if name == "numpy" else cupy_backend.unavailable_reason()
         if reason is not None:
-            print(f"backend {name}: unavailable: {reason}")
+            # an older backend's hint named a PyPI release that does not exist
+            old = getattr(cupy_backend, "_INSTALL_HINT", CUDA_INSTALL_HINT)
+            print(f"backend {name}: unavailable: {reason.replace(old, CUDA_INSTALL_HINT)}")
             continue
         if name == "cupy":
             print(f"  device: {cupy_backend.device_summary()}")
@@ -72,6 +81,9 @@ def info() -> int:
         status |= not ok
         print(f"backend {name}: available; self-check max error {err:.1e} "
               f"{'OK' if ok else 'FAILED'}")
+        if name == "numpy":
+            engine, why = numpy_backend.engine_status()
+            print(f"  cpu engine: {ENGINES[engine]}: {why}")
     return status
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from . import _validation as v
 from ._interop import is_foreign, merge_moments
-from .backends._common import merge
+from .backends._common import merge, quiet
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,6 +73,7 @@ class Moments:
         """
         return int(self.mean.shape[0])
 
+    @quiet
     def merge(self, other: Moments) -> Moments:
         """Statistics of the union of both batches (Chan et al.), exact up to rounding.
 

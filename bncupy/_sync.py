@@ -21,7 +21,7 @@ from ._functional import _caller, _native, _resolve, statistics
 from ._layers import _BatchNorm
 from ._moments import Moments
 from .backends import dispatch
-from .backends._common import backward_coefficients, merge
+from .backends._common import backward_coefficients, merge, quiet
 
 
 def batch_norm_stats(input: Any, *, axis: int = 1) -> Moments:
@@ -56,6 +56,7 @@ def _merge_partials(partials: Sequence[Moments]) -> tuple[int, Any, Any]:
     return total
 
 
+@quiet
 def batch_norm_gather_stats(partials: Sequence[Moments], running_mean: Any = None,
                             running_var: Any = None, momentum: float = 0.1, eps: float = 1e-5,
                             ) -> tuple[Any, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,34 @@ def test_demo_without_its_extra_names_what_to_install(capsys, monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert "'demo' extra" in err and "scikit-learn" in err and '".[demo]"' in err
     assert not (tmp_path / "out").exists()
+
+
+def test_info_says_which_cpu_engine_runs_and_why(capsys, monkeypatch):
+    from bncupy.backends import numpy as nb
+
+    monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
+    engine, why = nb.engine_status()
+    assert _cli.main(["info"]) == 0
+    assert f"  cpu engine: {_cli.ENGINES[engine]}: {why}\n" in capsys.readouterr().out
+    monkeypatch.setenv("BNCUPY_CPU_ENGINE", "numpy")
+    assert _cli.main(["info"]) == 0
+    assert ("cpu engine: numpy (pure-NumPy passes): BNCUPY_CPU_ENGINE=numpy turns the compiled "
+            "engine off") in capsys.readouterr().out
+
+
+def test_info_gives_the_readmes_cuda_install_line_not_a_pypi_name(capsys):
+    """bncupy is not on PyPI: the hint is the README's install from a checkout."""
+    from bncupy.backends import cupy as cupy_backend
+
+    reason = cupy_backend.unavailable_reason()
+    if reason is None or not reason.startswith("CuPy is not installed"):
+        pytest.skip(f"CuPy is installed here ({reason or 'available'})")
+    assert _cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    line = next(li for li in out.splitlines() if li.startswith("backend cupy"))
+    assert line == f"backend cupy: unavailable: CuPy is not installed ({_cli.CUDA_INSTALL_HINT})"
+    assert "bncupy[cuda" not in out
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    for extra in ("cuda12", "cuda13"):
+        assert f'python3 -m pip install ".[{extra}]"' in readme
+        assert f"'.[{extra}]'" in _cli.CUDA_INSTALL_HINT

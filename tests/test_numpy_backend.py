@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 
 import bncupy as bn
+from bncupy.backends import _pool
 from bncupy.backends import numpy as nb
 
 DTYPES = [np.float16, np.float32, np.float64]
 NUMBA = pytest.param("numba", marks=pytest.mark.skipif(
-    nb._load_compiled() is None, reason="numba is not installed (tox env 'numba' has it)"))
+    nb._load_compiled() is None, reason="numba is not installed (the default tox envs have it)"))
 ENGINES = ["numpy", NUMBA]
 # (A, C, B) shapes, each named by the compiled path it selects
 SHAPES = {
     "rows": (5, 3, 100),                      # channel first, one segment per row
     "short rows": (9, 3, 40),                 # channel first, rows under _ROW_MIN: columns
     "row segments": (2, 3, 3 * nb._UNIT_ELEMENTS + 17),  # rows longer than a unit
-    "columns": (70, 6, 1),                    # channels last, several blocks of rows
+    "columns": (3 * (nb._BLOCK_ELEMENTS // 6) + 7, 6, 1),  # channels last, several blocks
     "wide columns": (3, 2 * nb._UNIT_ELEMENTS + 5, 1),   # channels last, C over a unit
 }
 
@@ -163,7 +164,7 @@ def test_float32_variance_keeps_1e_5_at_huge_mean_over_std(engine, axis, ratio):
 @pytest.mark.parametrize("axis", [1, -1])
 def test_results_do_not_depend_on_the_thread_count(engine, monkeypatch, axis):
     shape = (8, 16, 64, 64) if axis == 1 else (8, 64, 64, 16)
-    assert np.prod(shape) >= nb._PARALLEL_MIN
+    assert np.prod(shape) >= _pool.PARALLEL_MIN
     x = _data(shape, np.float32, "offset")
     outs = []
     for threads in ("1", "2", "3"):
@@ -187,11 +188,11 @@ def test_work_runs_on_at_most_bncupy_num_threads(monkeypatch, threads):
             seen.add(threading.get_ident())
         threading.Event().wait(0.01)  # long enough for every thread to take a range
 
-    nb._run(work, 12, nb._PARALLEL_MIN)
+    _pool.run(work, 12, _pool.PARALLEL_MIN)
     assert len(seen) == threads
     assert threading.get_ident() in seen  # the caller works too
     seen.clear()
-    nb._run(work, 12, nb._PARALLEL_MIN - 1)  # small work stays on the caller
+    _pool.run(work, 12, _pool.PARALLEL_MIN - 1)  # small work stays on the caller
     assert seen == {threading.get_ident()}
 
 
@@ -206,7 +207,7 @@ def test_a_failing_range_raises_after_every_range_has_finished(monkeypatch):
         done.append(lo)
 
     with pytest.raises(ValueError, match="first range"):
-        nb._run(work, 2, nb._PARALLEL_MIN)
+        _pool.run(work, 2, _pool.PARALLEL_MIN)
     assert done == [1]
 
 
@@ -224,7 +225,7 @@ def test_non_contiguous_and_mixed_dtype_operands(engine):
     np.testing.assert_array_equal(dx, dx_ref)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
+@pytest.mark.filterwarnings("error")  # inf - inf is no reason to warn
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_and_inf_propagate(engine, dtype):
     x = _data((4, 3, 5, 5), dtype, "zero-mean")

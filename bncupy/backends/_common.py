@@ -4,9 +4,24 @@ passes. Everything here is O(C) and works on NumPy and CuPy arrays alike."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def quiet(fn: F) -> F:
+    """``fn`` with NumPy's floating-point warnings off: inf and NaN in the data propagate per
+    IEEE, which the library promises, and are no reason to warn (``inf - inf`` in a centred
+    sum, an overflow to inf in a float16 output)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return run  # type: ignore[return-value]
 
 Partial = tuple[Any, Any, Any]  # (count: int or per-channel int array, mean, m2)
 

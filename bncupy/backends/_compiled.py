@@ -20,12 +20,30 @@ are widened per value with the CPU's half-precision conversion.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
 _SUMS = {"reassoc"}  # lets LLVM vectorize float64 sums; the order is still fixed by the code
+NUMBA_VERSION = numba.__version__
+
+
+def _kernel(**options: Any) -> Callable[[Callable], Any]:
+    """``njit(nogil=True, cache=True, **options)``: compiled code is cached on disk (next to this
+    file, else in the user's cache directory, or in ``NUMBA_CACHE_DIR``), so that only the first
+    process pays for compiling. Where none of those is writable, the loops are compiled without
+    the cache, once in every process."""
+    def wrap(fn: Callable) -> Any:
+        try:
+            return njit(nogil=True, cache=True, **options)(fn)
+        except RuntimeError:  # Numba: "cannot cache function ...: no locator available"
+            return njit(nogil=True, **options)(fn)
+    return wrap
 
 
 @intrinsic
@@ -77,7 +95,7 @@ def _compute(like, value):
     return lambda like, value: np.float32(value)
 
 
-@njit(nogil=True, cache=True, fastmath=_SUMS)
+@_kernel(fastmath=_SUMS)
 def row_moments(x2, seg, lo, hi, mean, m2):
     """Two-pass mean and M2 of each row segment ``u`` in ``[lo, hi)``."""
     nseg = (x2.shape[1] + seg - 1) // seg
@@ -97,12 +115,27 @@ def row_moments(x2, seg, lo, hi, mean, m2):
         m2[u] = s2 - s1 * s1 / n
 
 
+def compute_empty(like, n):  # pragma: no cover - replaced by the overload inside compiled code
+    """An uninitialised ``(n,)`` array of the compute dtype of the array ``like``."""
+
+
+@overload(compute_empty)
+def _compute_empty(like, n):
+    if like.dtype == types.float64:
+        return lambda like, n: np.empty(n, np.float64)
+    return lambda like, n: np.empty(n, np.float32)
+
+
 @njit(inline="always")
 def _sum8(v0, v1, v2, v3, v4, v5, v6, v7):
-    return np.float64(((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)))
+    return ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7))
 
 
-@njit(nogil=True, cache=True)
+# The column kernels below add eight rows in the compute dtype into a per-channel vector, then
+# that vector into the float64 accumulators in a loop of its own: in one loop, the float64
+# accumulators would hold LLVM to four-lane float32 vectors.
+
+@_kernel()
 def column_moments(x2, rows, lo, hi, mean, m2):
     """Two-pass per-channel mean and M2 of each block ``u`` of ``rows`` rows.
 
@@ -112,7 +145,9 @@ def column_moments(x2, rows, lo, hi, mean, m2):
     a, c = x2.shape
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
-    centre = np.empty(c, np.float64)  # holds values of the compute dtype
+    t1 = compute_empty(x2, c)
+    t2 = compute_empty(x2, c)
+    centre = compute_empty(x2, c)
     for u in range(lo, hi):
         r0, r1 = u * rows, min((u + 1) * rows, a)
         n = r1 - r0
@@ -122,8 +157,10 @@ def column_moments(x2, rows, lo, hi, mean, m2):
             x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
                                                x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
-                s1[k] += _sum8(widen(x0[k]), widen(x1[k]), widen(x2_[k]), widen(x3[k]),
-                               widen(x4[k]), widen(x5[k]), widen(x6[k]), widen(x7[k]))
+                t1[k] = _sum8(widen(x0[k]), widen(x1[k]), widen(x2_[k]), widen(x3[k]),
+                              widen(x4[k]), widen(x5[k]), widen(x6[k]), widen(x7[k]))
+            for k in range(c):
+                s1[k] += np.float64(t1[k])
         for r in range(r8, r1):
             xr = x2[r]
             for k in range(c):
@@ -136,15 +173,18 @@ def column_moments(x2, rows, lo, hi, mean, m2):
             x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
                                                x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
-                m = compute(x2, centre[k])
+                m = centre[k]
                 d0, d1, d2, d3 = widen(x0[k]) - m, widen(x1[k]) - m, widen(x2_[k]) - m, widen(x3[k]) - m
                 d4, d5, d6, d7 = widen(x4[k]) - m, widen(x5[k]) - m, widen(x6[k]) - m, widen(x7[k]) - m
-                s1[k] += _sum8(d0, d1, d2, d3, d4, d5, d6, d7)
-                s2[k] += _sum8(d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7)
+                t1[k] = _sum8(d0, d1, d2, d3, d4, d5, d6, d7)
+                t2[k] = _sum8(d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7)
+            for k in range(c):
+                s1[k] += np.float64(t1[k])
+                s2[k] += np.float64(t2[k])
         for r in range(r8, r1):
             xr = x2[r]
             for k in range(c):
-                d = np.float64(widen(xr[k]) - compute(x2, centre[k]))
+                d = np.float64(widen(xr[k]) - centre[k])
                 s1[k] += d
                 s2[k] += d * d
         for k in range(c):
@@ -152,7 +192,7 @@ def column_moments(x2, rows, lo, hi, mean, m2):
             m2[u, k] = s2[k] - s1[k] * s1[k] / n
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def merge_moments(mean, m2, counts):
     """Chan et al. merge of partials ``(P, C)`` over ``P``, in order; returns float64 (C,)."""
     p, c = mean.shape
@@ -173,7 +213,7 @@ def merge_moments(mean, m2, counts):
     return out_mean, out_m2
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def row_affine(x2, z2, y2, seg, channels, center, scale, shift, relu, lo, hi):
     """``y = act((x - center) * scale + shift + z)`` on row segments; ``z2`` may be None."""
     nseg = (x2.shape[1] + seg - 1) // seg
@@ -198,7 +238,7 @@ def row_affine(x2, z2, y2, seg, channels, center, scale, shift, relu, lo, hi):
                 ys[j] = narrow(ys, v)
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def column_affine(x2, z2, y2, rows, center, scale, shift, relu, lo, hi):
     """``y = act((x - center) * scale + shift + z)`` on row blocks; ``z2`` may be None."""
     c = x2.shape[1]
@@ -217,7 +257,7 @@ def column_affine(x2, z2, y2, rows, center, scale, shift, relu, lo, hi):
             yf[i] = narrow(yf, v)
 
 
-@njit(nogil=True, cache=True, fastmath=_SUMS)
+@_kernel(fastmath=_SUMS)
 def row_grad_sums(g2, x2, seg, channels, center, lo, hi, sum_g, sum_gx):
     """Per row segment float64 ``sum(g)`` and ``sum(g * (x - center))``."""
     nseg = (x2.shape[1] + seg - 1) // seg
@@ -234,11 +274,13 @@ def row_grad_sums(g2, x2, seg, channels, center, lo, hi, sum_g, sum_gx):
         sum_gx[u] = p
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
     """Per block of rows, per channel float64 ``sum(g)`` and ``sum(g * (x - center))``; eight
     rows at a time in the compute dtype, as in :func:`column_moments`."""
     a, c = x2.shape
+    t1 = compute_empty(x2, c)
+    t2 = compute_empty(x2, c)
     for u in range(lo, hi):
         s, p = sum_g[u], sum_gx[u]
         s[:] = 0.0
@@ -254,11 +296,14 @@ def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
                 m = center[k]
                 h0, h1, h2, h3 = widen(g0[k]), widen(g1[k]), widen(g2_[k]), widen(g3[k])
                 h4, h5, h6, h7 = widen(g4[k]), widen(g5[k]), widen(g6[k]), widen(g7[k])
-                s[k] += _sum8(h0, h1, h2, h3, h4, h5, h6, h7)
-                p[k] += _sum8(h0 * (widen(x0[k]) - m), h1 * (widen(x1[k]) - m),
+                t1[k] = _sum8(h0, h1, h2, h3, h4, h5, h6, h7)
+                t2[k] = _sum8(h0 * (widen(x0[k]) - m), h1 * (widen(x1[k]) - m),
                               h2 * (widen(x2_[k]) - m), h3 * (widen(x3[k]) - m),
                               h4 * (widen(x4[k]) - m), h5 * (widen(x5[k]) - m),
                               h6 * (widen(x6[k]) - m), h7 * (widen(x7[k]) - m))
+            for k in range(c):
+                s[k] += np.float64(t1[k])
+                p[k] += np.float64(t2[k])
         for r in range(r8, r1):
             gr, xr = g2[r], x2[r]
             for k in range(c):
@@ -267,7 +312,7 @@ def column_grad_sums(g2, x2, rows, center, lo, hi, sum_g, sum_gx):
                 p[k] += g * (widen(xr[k]) - center[k])
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def row_grad_affine(g2, x2, dx2, seg, channels, center, a, b, c, lo, hi):
     """``dx = (x - center) * b + c + g * a`` on row segments."""
     nseg = (x2.shape[1] + seg - 1) // seg
@@ -280,7 +325,7 @@ def row_grad_affine(g2, x2, dx2, seg, channels, center, a, b, c, lo, hi):
             ds[j] = narrow(ds, (widen(xs[j]) - m) * bk + ck + widen(gs[j]) * ak)
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def column_grad_affine(g2, x2, dx2, rows, center, a, b, c, lo, hi):
     """``dx = (x - center) * b + c + g * a`` on row blocks."""
     ch = x2.shape[1]
@@ -290,3 +335,8 @@ def column_grad_affine(g2, x2, dx2, rows, center, a, b, c, lo, hi):
         for k in range(ch):
             i = base + np.uint64(k)
             df[i] = narrow(df, (widen(xf[i]) - center[k]) * b[k] + c[k] + widen(gf[i]) * a[k])
+
+
+def cache_dir() -> str | None:
+    """The directory the compiled loops are cached in, or None when they are not cached."""
+    return getattr(row_moments._cache, "cache_path", None)

@@ -18,70 +18,35 @@ So forward-train reads ``x`` twice and writes once, eval reads once, backward re
 ``dy`` twice each. The compute dtype is float32 (float64 for float64 input); float16 data stays
 in float16 storage and is widened unit by unit as it is read.
 
-Two engines make these passes: compiled loops (:mod:`._compiled`, when Numba is importable;
-``BNCUPY_CPU_ENGINE=numpy`` turns it off) and NumPy ufuncs on L2-sized tiles. Their elementwise
-outputs are bitwise equal; their statistics differ only in summation order. Work units go to at
-most ``BNCUPY_NUM_THREADS`` threads (default: the CPUs this process may use, at most 8) counting
-the caller's; idle pool threads sleep, and no BLAS is called, so a call runs no threads of its
-own libraries. Partials are merged in unit order: results do not depend on the thread count.
+Two engines make these passes: compiled loops (:mod:`._compiled`, when Numba is importable, as
+the default install makes it where Numba has wheels; ``BNCUPY_CPU_ENGINE=numpy`` turns it off)
+and NumPy ufuncs on L2-sized tiles (:mod:`._ufuncs`); :func:`engine_status` says which runs and
+why. Their elementwise outputs are bitwise equal; their statistics differ only in summation
+order. Work units go to at most ``BNCUPY_NUM_THREADS`` threads (:mod:`._pool`) counting the
+caller's; idle pool threads sleep, and no BLAS is called, so a call runs no threads of its own
+libraries. Partials are merged in unit order: results do not depend on the thread count. Data
+holding inf or NaN gives NaN in its channels, and no NumPy warning.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from ._common import backward_coefficients, compute_dtype, forward_coefficients, merge
+from ._common import backward_coefficients, compute_dtype, forward_coefficients, quiet
+from ._pool import run as _run
+from ._ufuncs import NumpyPasses, _tiles  # noqa: F401 (_tiles: tests/test_properties.py)
 
 name = "numpy"
 xp = np
 
-_TILE_ELEMENTS = 1 << 17  # NumPy engine: 512 KiB of float32, a tile and its temporaries in L2
-_UNIT_ELEMENTS = 1 << 14  # compiled engine: 64 KiB of float32, re-read from L1/L2
+_UNIT_ELEMENTS = 1 << 14  # compiled engine: a row segment of 64 KiB of float32, in L1/L2
+_BLOCK_ELEMENTS = 1 << 16  # compiled engine: a block of rows of 256 KiB of float32, in L2
 _ROW_MIN = 64  # compiled engine: shortest row walked as a row (one vectorized loop step)
-_PARALLEL_MIN = 1 << 19  # below this many elements handing work to a thread costs more than it saves
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _threads() -> int:
-    env = os.environ.get("BNCUPY_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(cpus or 1, 8)
-
-
-def _run(fn: Callable[[int, int], Any], units: int, elements: int) -> None:
-    """``fn(lo, hi)`` over ``[0, units)`` split into one contiguous range per thread; the caller
-    takes the first range and returns when every range is done."""
-    global _pool, _pool_size
-    workers = min(_threads(), units) if elements >= _PARALLEL_MIN else 1
-    if workers <= 1:
-        fn(0, units)
-        return
-    bounds = [units * i // workers for i in range(workers + 1)]
-    with _pool_lock:
-        if _pool is None or _pool_size < workers - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(workers - 1, "bncupy"), workers - 1
-        futures = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, workers)]
-    try:
-        fn(bounds[0], bounds[1])
-    finally:
-        wait(futures)
-    for future in futures:
-        future.result()
 
 
 def asarray(a: Any) -> np.ndarray:
@@ -99,168 +64,6 @@ def view3(x: np.ndarray, axis: int, dtype: Any = None) -> np.ndarray:
 def _operand(v: np.ndarray, axis: int, cd: np.dtype) -> np.ndarray:
     """``dy`` or a residual as :func:`view3`, in ``cd`` unless it already computes in ``cd``."""
     return view3(v, axis, v.dtype if compute_dtype(v.dtype) == cd else cd)
-
-
-# --- the pure-NumPy engine ----------------------------------------------------------------------
-
-Tile = tuple[slice, slice, slice]  # rows of A, channels, columns of B
-
-
-def _tiles(shape: tuple[int, int, int]) -> list[Tile]:
-    """Contiguous blocks of about ``_TILE_ELEMENTS`` of an ``(A, C, B)`` array, in a fixed order:
-    whole ``(C, B)`` planes when they are small, else channel runs of one row, else (very long
-    rows) column runs of one channel."""
-    a, c, b = shape
-    if a == 0 or b == 0 or c == 0:
-        return []
-    every = slice(None)
-    if c * b <= _TILE_ELEMENTS:
-        step = _TILE_ELEMENTS // (c * b)
-        return [(slice(i, min(i + step, a)), every, every) for i in range(0, a, step)]
-    if b <= _TILE_ELEMENTS:
-        step = max(1, _TILE_ELEMENTS // b)
-        return [(slice(i, i + 1), slice(j, min(j + step, c)), every)
-                for i in range(a) for j in range(0, c, step)]
-    return [(slice(i, i + 1), slice(j, j + 1), slice(k, min(k + _TILE_ELEMENTS, b)))
-            for i in range(a) for j in range(c) for k in range(0, b, _TILE_ELEMENTS)]
-
-
-def _part(a3: np.ndarray, tile: Tile) -> np.ndarray:
-    """A tile for elementwise work: 2-D ``(rows, channels)`` when ``B == 1``, so that
-    per-channel vectors broadcast along the contiguous axis (channels last)."""
-    rows, chans, cols = tile
-    return a3[rows, chans, 0] if a3.shape[2] == 1 else a3[rows, chans, cols]
-
-
-def _per_channel(v: np.ndarray, a3: np.ndarray) -> np.ndarray:
-    """A per-channel vector shaped to broadcast against :func:`_part` tiles of ``a3``."""
-    return v if a3.shape[2] == 1 else v[:, None]
-
-
-def _over_tiles(a3: np.ndarray, fn: Callable[[Tile], Any]) -> list[Any]:
-    """``[fn(tile) for tile in _tiles(a3.shape)]``, tiles shared out among the threads."""
-    tiles = _tiles(a3.shape)
-    out: list[Any] = [None] * len(tiles)
-
-    def run(lo: int, hi: int) -> None:
-        for i in range(lo, hi):
-            out[i] = fn(tiles[i])
-
-    _run(run, len(tiles), a3.size)
-    return list(zip(tiles, out, strict=True))
-
-
-_HALF_TABLE: list[np.ndarray] = []  # the float32 value of every float16 bit pattern
-
-
-def _widened(a: np.ndarray, cd: np.dtype) -> np.ndarray:
-    """A tile in the compute dtype ``cd``; float16 through a 65536-entry table, which is faster
-    than NumPy's own float16 conversion and, unlike it, as fast for every value."""
-    if a.dtype != np.float16:
-        return a.astype(cd, copy=False)
-    if not _HALF_TABLE:
-        _HALF_TABLE.append(np.arange(1 << 16).astype(np.uint16).view(np.float16).astype(cd))
-    return _HALF_TABLE[0][a.view(np.uint16)]
-
-
-def _channel_sums(block: np.ndarray) -> np.ndarray:
-    """Per-channel float64 sums of a ``(rows, channels, cols)`` block: along the contiguous
-    columns in the block's dtype (NumPy sums those pairwise), or, with one column, over 16 rows
-    at a time (at most 16 ulps); those partial sums in float64."""
-    if block.shape[2] > 1:
-        return block.sum(axis=2).sum(axis=0, dtype=np.float64)
-    a = block[:, :, 0]
-    r = a.shape[0] - a.shape[0] % 16
-    sums = a[r:].sum(axis=0, dtype=np.float64)
-    if r:
-        sums += a[:r].reshape(-1, 16, a.shape[1]).sum(axis=1).sum(axis=0, dtype=np.float64)
-    return sums
-
-
-def _affine_tile(out: np.ndarray, xs: np.ndarray, center: np.ndarray, scale: np.ndarray,
-                 shift: np.ndarray, cd: np.dtype) -> np.ndarray:
-    """``(xs - center) * scale + shift`` in ``cd``: in ``out`` itself when it is of ``cd``, else
-    in a temporary that the caller copies into ``out`` when done."""
-    tmp = out if out.dtype == cd else np.empty(out.shape, cd)
-    np.subtract(_widened(xs, cd), center, out=tmp)
-    tmp *= scale
-    tmp += shift
-    return tmp
-
-
-class NumpyPasses:
-    """The passes as NumPy ufunc calls on one L2-sized tile at a time."""
-
-    name = "numpy"
-
-    @staticmethod
-    def moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cd = compute_dtype(x3.dtype)
-
-        def tile_moments(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
-            xs = _widened(x3[tile], cd)  # float16: once per tile
-            n = xs.shape[0] * xs.shape[2]
-            centre = (_channel_sums(xs) / n).astype(cd)
-            d = xs - centre[:, None]
-            s1 = _channel_sums(d)
-            s2 = _channel_sums(np.square(d, out=d))
-            return n, centre + s1 / n, s2 - s1 * s1 / n
-
-        c = x3.shape[1]
-        count, mean, m2 = np.zeros(c, np.int64), np.zeros(c), np.zeros(c)
-        for tile, part in _over_tiles(x3, tile_moments):  # tile order: deterministic
-            ch = tile[1]
-            count[ch], mean[ch], m2[ch] = merge((count[ch], mean[ch], m2[ch]), part)
-        return mean, m2
-
-    @staticmethod
-    def affine(x3: np.ndarray, z3: np.ndarray | None, y3: np.ndarray, center: np.ndarray,
-               scale: np.ndarray, shift: np.ndarray, relu: bool) -> None:
-        cd = center.dtype
-        center, scale, shift = (_per_channel(v, x3) for v in (center, scale, shift))
-
-        def run(tile: Tile) -> None:
-            out, ch = _part(y3, tile), tile[1]
-            tmp = _affine_tile(out, _part(x3, tile), center[ch], scale[ch], shift[ch], cd)
-            if z3 is not None:
-                tmp += _widened(_part(z3, tile), cd)
-            if relu:
-                np.maximum(tmp, 0, out=tmp)
-            if tmp is not out:
-                out[...] = tmp
-
-        _over_tiles(x3, run)
-
-    @staticmethod
-    def grad_sums(g3: np.ndarray, x3: np.ndarray, center: np.ndarray,
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        cd = center.dtype
-
-        def run(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-            g = _widened(g3[tile], cd)
-            e = _widened(x3[tile], cd) - center[tile[1], None]
-            return _channel_sums(g), _channel_sums(np.multiply(e, g, out=e))
-
-        sum_g, sum_gx = np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
-        for tile, (s, p) in _over_tiles(x3, run):  # tile order
-            sum_g[tile[1]] += s
-            sum_gx[tile[1]] += p
-        return sum_g, sum_gx
-
-    @staticmethod
-    def grad_affine(g3: np.ndarray, x3: np.ndarray, dx3: np.ndarray, center: np.ndarray,
-                    a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
-        cd = center.dtype
-        center, a, b, c = (_per_channel(v, x3) for v in (center, a, b, c))
-
-        def run(tile: Tile) -> None:
-            out, ch = _part(dx3, tile), tile[1]
-            tmp = _affine_tile(out, _part(x3, tile), center[ch], b[ch], c[ch], cd)
-            tmp += np.multiply(_widened(_part(g3, tile), cd), a[ch])
-            if tmp is not out:
-                out[...] = tmp
-
-        _over_tiles(x3, run)
 
 
 # --- the compiled engine ------------------------------------------------------------------------
@@ -292,7 +95,7 @@ class CompiledPasses:
         if b >= _ROW_MIN:
             seg = min(b, _UNIT_ELEMENTS)
             return True, seg, a * c * -(-b // seg)
-        rows = max(16, _UNIT_ELEMENTS // (c * b))
+        rows = max(16, _BLOCK_ELEMENTS // (c * b))
         return False, rows, -(-a // rows)
 
     @staticmethod
@@ -370,10 +173,23 @@ class CompiledPasses:
                                                           lo, hi), units, x3.size)
 
 
+_NOT_COMPILED: list[str] = []  # why the compiled engine could not be loaded
+
+
 def _load_compiled() -> CompiledPasses | None:
+    """The compiled engine, or None (why in ``_NOT_COMPILED``)."""
+    _NOT_COMPILED.clear()
     try:
         from . import _compiled
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("numba", "llvmlite"):
+            raise
+        _NOT_COMPILED.append(
+            "Numba is not installed (bncupy installs it where it has wheels; "
+            "`python3 -m pip install numba` adds it where it can be installed)")
+        return None
+    except Exception as exc:  # a Numba that cannot run here, e.g. one too old for this NumPy
+        _NOT_COMPILED.append(f"Numba failed to load: {type(exc).__name__}: {exc}")
         return None
     return CompiledPasses(_compiled)
 
@@ -381,18 +197,39 @@ def _load_compiled() -> CompiledPasses | None:
 _COMPILED: list[CompiledPasses | None] = []  # filled on first use: importing Numba takes time
 
 
+def _compiled_engine() -> CompiledPasses | None:
+    if not _COMPILED:
+        _COMPILED.append(_load_compiled())
+    return _COMPILED[0]
+
+
+def _engine_off() -> bool:
+    return os.environ.get("BNCUPY_CPU_ENGINE", "").strip().lower() == "numpy"
+
+
 def engine() -> NumpyPasses | CompiledPasses:
     """The passes in use: compiled when Numba is importable and ``BNCUPY_CPU_ENGINE`` is not
     ``numpy``."""
-    if os.environ.get("BNCUPY_CPU_ENGINE", "").strip().lower() == "numpy":
-        return NumpyPasses()
-    if not _COMPILED:
-        _COMPILED.append(_load_compiled())
-    return _COMPILED[0] or NumpyPasses()
+    compiled = None if _engine_off() else _compiled_engine()
+    return compiled or NumpyPasses()
+
+
+def engine_status() -> tuple[str, str]:
+    """The engine NumPy-backend calls use now, ``"numba"`` or ``"numpy"``, and why."""
+    if _engine_off():
+        return "numpy", "BNCUPY_CPU_ENGINE=numpy turns the compiled engine off"
+    compiled = _compiled_engine()
+    if compiled is None:
+        return "numpy", _NOT_COMPILED[0] if _NOT_COMPILED else "the compiled engine is disabled"
+    where = compiled.k.cache_dir()
+    cache = (f"compiled code cached in {where}" if where else
+             "compiled code not cached: no writable cache directory (set NUMBA_CACHE_DIR)")
+    return "numba", f"Numba {compiled.k.NUMBA_VERSION} is installed; {cache}"
 
 
 # --- the backend interface ------------------------------------------------------------------------
 
+@quiet
 def stats(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Per-channel Welford partials ``(count, mean, m2)`` of ``x`` (float64 mean and m2)."""
     x3 = view3(x, axis)
@@ -408,6 +245,7 @@ def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndar
     return mean.astype(dtype), invstd.astype(dtype)
 
 
+@quiet
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float,
                     residual: np.ndarray | None = None, relu: bool = False, keep: bool = True,
@@ -432,6 +270,7 @@ def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float
     return (y, mean, *_saved(x, mean, invstd), coef)
 
 
+@quiet
 def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_var: np.ndarray,
                    weight: Any, bias: Any, eps: float, residual: np.ndarray | None = None,
                    relu: bool = False, keep: bool = True,
@@ -444,6 +283,7 @@ def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_v
     return (y, mean, *_saved(x, mean, invstd), coef)
 
 
+@quiet
 def relu_grad(dy: np.ndarray, x: np.ndarray, axis: int, coef: tuple,
               residual: np.ndarray | None) -> np.ndarray:
     """``dy`` where the fused forward's output (recomputed, in ``x.dtype``) was > 0, else 0."""
@@ -452,6 +292,7 @@ def relu_grad(dy: np.ndarray, x: np.ndarray, axis: int, coef: tuple,
     return np.where(pre > 0, dy, np.zeros((), dy.dtype)).astype(x.dtype, copy=False)
 
 
+@quiet
 def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift: np.ndarray,
           residual: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
     """``act((x - center) * scale + shift + residual)`` per channel in the compute dtype, output
@@ -470,6 +311,7 @@ def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift
     return y
 
 
+@quiet
 def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray, a: np.ndarray,
                    b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """``(x - center) * b + c + a * dy`` per channel in the compute dtype, output in
@@ -483,6 +325,7 @@ def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray,
     return dx
 
 
+@quiet
 def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
                  invstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
@@ -496,6 +339,7 @@ def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
     return sum_dy, sum_dy_xc - (mean - center) * sum_dy
 
 
+@quiet
 def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
              invstd: np.ndarray, training: bool, fused: tuple | None = None,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -511,6 +355,7 @@ def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.nda
     return backward_apply(g, x, axis, center, a, b, c), grad_weight, grad_bias, residual_grad
 
 
+@quiet
 def normalize_with(x: np.ndarray, axis: int, mean: np.ndarray, invstd: np.ndarray, weight: Any,
                    bias: Any, residual: np.ndarray | None = None, relu: bool = False,
                    ) -> tuple[np.ndarray, tuple]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._common import quiet
 from ._groups import GroupLayout
 
 
@@ -34,6 +35,7 @@ def _affine4(v: Any, lay: GroupLayout) -> Any:
     return v.reshape(1, 1, lay.c, 1) if lay.kind == "rows" else v.reshape(1, -1, lay.k, 1)
 
 
+@quiet
 def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: float,
                   running: tuple | None = None, keep: bool = True, rms: bool = False,
                   residual: np.ndarray | None = None, sum_dtype: Any = None,
@@ -84,6 +86,7 @@ def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: 
     return y, mean, invstd.ravel(), mean, h
 
 
+@quiet
 def group_backward(dy: np.ndarray, x: np.ndarray, lay: GroupLayout, weight: Any, mean: Any,
                    invstd: Any, rms: bool = False, grad_sum: np.ndarray | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,11 +21,12 @@ from . import experiments, explorer, figures
 TARGET_ACCURACY = 0.9
 BATCH = 60
 BLAS_THREADS = 1  # see the module docstring
-# From benchmarks/demo_timing.py on this project's 2-core machine; the README quotes it verbatim.
-MEASURED_TIMINGS = ("full run 21 s wall (17-22 s), 18 s CPU; --quick 5.0 s wall (4.6-5.2 s), "
-                    "4.7 s CPU; medians of 3 runs of benchmarks/demo_timing.py on this "
-                    "project's 2-core machine shared with other jobs (load average 2.6-3.9), "
-                    "2026-11-21")
+# From benchmarks/demo_timing.py on this project's 2-core machine; docs/guide/demo.md quotes it
+# verbatim.
+MEASURED_TIMINGS = ("full run 28.5 s wall (21.7-30.2 s), 19.9 s CPU (19.2-20.1 s); --quick 8.5 s "
+                    "wall (8.5-9.4 s), 5.7 s CPU (5.4-6.0 s); medians of 3 runs of "
+                    "benchmarks/demo_timing.py on this project's 2-core machine shared with other "
+                    "jobs (load average 2.6-4.0), 2026-12-04")
 
 
 def _progress_bar(total: int, description: str) -> Any:
