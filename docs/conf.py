@@ -22,22 +22,19 @@ source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 autosummary_generate = True
 autodoc_typehints = "none"  # the docstrings' Parameters sections say it better than `Any`
 autodoc_default_options = {"member-order": "bysource"}
-toc_object_entries_show_parents = "hide"  # "backward()" in a page's contents, not "BatchNorm2d.backward()"
+# A class page's contents list "backward()", not "BatchNorm2d.backward()".
+toc_object_entries_show_parents = "hide"
 
 numpydoc_show_class_members = False
 numpydoc_xref_param_type = False
-# Every documented object is validated; the build (-W) fails on a gap. Left out: style choices
-# of this project (summary on the quote line, noun-phrase summaries, several-line summaries),
-# and the optional Extended Summary / See Also sections.
+# Every documented object is validated; the build (-W) fails on a gap. Left out: the project's
+# docstring style (summary on the quotes' line GL01/GL02, noun-phrase summaries SS05, summaries
+# over two lines SS06, a single return value named RT02) and optional sections (ES01, SA01).
 numpydoc_validation_checks = {"all", "GL01", "GL02", "SS05", "SS06", "ES01", "SA01", "RT02"}
 
-# Broken cross-references are errors too; these name types of other libraries (no network to
-# fetch their inventories) or plain words in type descriptions.
-nitpicky = True
-nitpick_ignore_regex = []
+nitpicky = True  # a broken cross-reference is a warning, so an error
 
-myst_heading_anchors = 3
-myst_enable_extensions = ["colon_fence"]
+myst_heading_anchors = 3  # the README links to sections of the guide's pages
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"bncupy {version}"
@@ -49,8 +46,8 @@ html_theme_options = {
     "show_toc_level": 2,
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version"],
-    # Pages use the full width for tables, signatures and code; a guide page's sections are in
-    # the navigation bar on the left, a class page's methods in a column on the right.
+    # Pages use the full width for tables, signatures and code; only a class page keeps the
+    # column on the right, listing its methods.
     "secondary_sidebar_items": {"index": [], "guide/*": [], "api/*": [],
                                 "api/generated/bncupy.[a-z]*": [],
                                 "api/generated/bncupy.[A-Z]*": ["page-toc"]},
