@@ -149,7 +149,7 @@ def _ops(cupy: Any, shape: tuple[int, ...], dtype: str, layout: str) -> tuple[di
     n, c, h, w = shape
     axis = 1 if layout == "NCHW" else -1
     dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
-    x, dy = (cupy.asarray(_normal(dims, seed).astype(dtype)) for seed in (0, 1))
+    x, dy = (_device_normal(cupy, dims, seed, dtype) for seed in (0, 1))
     weight, bias = cupy.ones(c, cupy.float32), cupy.zeros(c, cupy.float32)
     rm, rv = cupy.zeros(c, cupy.float32), cupy.ones(c, cupy.float32)
     _, mean, invstd = F.batch_norm_forward(x, None, None, weight, bias, True, axis=axis)
@@ -183,6 +183,15 @@ def _ops(cupy: Any, shape: tuple[int, ...], dtype: str, layout: str) -> tuple[di
 
 def _normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def _device_normal(xp: Any, shape: tuple[int, ...], seed: int, dtype: str) -> Any:
+    """Standard normal data of ``dtype`` made on the device where it has a generator (a host
+    generator would take seconds on the benchmark's large tensors)."""
+    random = getattr(xp, "random", None)
+    if random is not None and hasattr(random, "default_rng"):
+        return random.default_rng(seed).standard_normal(shape, dtype=np.float32).astype(dtype)
+    return xp.asarray(_normal(shape, seed).astype(dtype))
 
 
 def _free_pool(cupy: Any) -> None:
@@ -241,7 +250,7 @@ def _fused_row(cupy: Any, layout: str, shape: tuple[int, ...], reps: int,
     n, c, h, w = shape
     axis = 1 if layout == "NCHW" else -1
     dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
-    x, z = (cupy.asarray(_normal(dims, seed)) for seed in (0, 1))
+    x, z = (_device_normal(cupy, dims, seed, "float32") for seed in (0, 1))
     variants: dict[str, dict[str, Any]] = {
         "bn_us": {}, "bn_relu_us": {"activation": "relu"},
         "bn_add_relu_us": {"activation": "relu", "residual": z}}
@@ -277,8 +286,7 @@ def family_configs(quick: bool = False) -> list[tuple[str, str, tuple[int, ...]]
 
 def _family_ops(xp: Any, norm: str, shape: tuple[int, ...], dtype: str) -> dict[str, Callable]:
     """bncupy's forward and forward+backward for one LayerNorm/GroupNorm row."""
-    x = xp.asarray(np.random.default_rng(0).standard_normal(shape).astype(dtype))
-    dy = xp.asarray(np.random.default_rng(1).standard_normal(shape).astype(dtype))
+    x, dy = (_device_normal(xp, shape, seed, dtype) for seed in (0, 1))
     c = shape[-1] if norm == "layer_norm" else shape[1]
     w, b = xp.ones(c, np.float32), xp.zeros(c, np.float32)
     if norm == "layer_norm":
@@ -361,7 +369,7 @@ def transformer_configs(quick: bool = False,
 def _transformer_ops(xp: Any, norm: str, shape: tuple[int, int], dtype: str,
                      ) -> dict[str, Callable[[], Any]]:
     tokens, hidden = shape
-    x, r, dy, g = (xp.asarray(_normal(shape, seed).astype(dtype)) for seed in range(4))
+    x, r, dy, g = (_device_normal(xp, shape, seed, dtype) for seed in range(4))
     w, b = xp.ones(hidden, np.float32), xp.zeros(hidden, np.float32)
     if norm == "rms":
         _, rstd = R.rms_norm_forward(x, hidden, w)

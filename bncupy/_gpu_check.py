@@ -34,8 +34,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 # Seconds per phase on an H200, cold NVRTC compiles included (9 minutes in all).
-LIMITS = {"env": 60, "suite": 130, "sanitizer": 170, "streams": 45, "bench": 110}
-SANITIZER_TOOLS = {"memcheck": 55, "racecheck": 50, "initcheck": 40, "synccheck": 25}
+LIMITS = {"env": 60, "suite": 130, "sanitizer": 170, "streams": 35, "bench": 120}
+SANITIZER_TOOLS = {"memcheck": 45, "racecheck": 70, "initcheck": 35, "synccheck": 20}
 PHASES = tuple(LIMITS)
 
 
