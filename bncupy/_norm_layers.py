@@ -74,7 +74,8 @@ class _RowNormalization(_GroupNormalization):
         prenorm : bool
             Also return ``h`` (``x`` itself without ``residual`` and ``residual_in_fp32``).
         residual_in_fp32 : bool
-            Without ``residual``: ``h`` is ``x`` converted to float32.
+            Without ``residual``: ``h`` is 16-bit ``x`` converted to float32 (``x`` itself
+            for float32 and float64).
 
         Returns
         -------
