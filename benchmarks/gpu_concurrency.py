@@ -160,6 +160,32 @@ def torch_stream(cp: Any) -> str | None:
     return None
 
 
+@check("torch bfloat16 CUDA tensors through DLPack (RMSNorm with a residual, batch norm)")
+def torch_bfloat16(cp: Any) -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "torch has no CUDA device"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, r = (torch.randn(64, 1024, device="cuda", generator=g).to(torch.bfloat16)
+            for _ in range(2))
+    w = torch.rand(1024, device="cuda", generator=g) + 0.5
+    y, h = bn.rms_norm(x, 1024, w, residual=r, prenorm=True)
+    assert isinstance(y, torch.Tensor) and y.dtype == h.dtype == torch.bfloat16, "dtypes"
+    assert torch.equal(h, x + r), "h differs from x + r"
+    ref = torch.nn.functional.rms_norm((x + r).float(), (1024,), w).to(torch.bfloat16)
+    ulp = torch.finfo(torch.bfloat16).eps
+    assert ((y.float() - ref.float()).abs() <= 2 * ulp * ref.float().abs() + 1e-3).all(), \
+        "rms_norm values differ"
+    xb = torch.randn(8, 16, 7, 7, device="cuda", generator=g).to(torch.bfloat16)
+    yb = bn.batch_norm(xb, None, None, training=True)
+    refb = torch.nn.functional.batch_norm(xb.float(), None, None, training=True)
+    assert (yb.float() - refb).abs().max() < 0.05, "batch_norm values differ"
+    return None
+
+
 @check("SyncBatchNorm over a one-rank NCCL communicator")
 def nccl(cp: Any) -> str | None:
     try:
@@ -201,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             graph_replay(cp)
             if not args.emulated:  # torch and NCCL need a real device
                 torch_stream(cp)
+                torch_bfloat16(cp)
                 nccl(cp)
     if args.out:
         args.out.write_text(json.dumps(RESULTS, indent=1))

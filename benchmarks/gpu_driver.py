@@ -27,12 +27,12 @@ import bncupy as bn  # noqa: E402
 
 # (N, C, H, W): a vector multiple, an odd spatial size (scalar tails), one sample.
 SHAPES = [(4, 8, 16, 16), (3, 5, 7, 7), (1, 3, 5, 9)]
-DTYPES = ["float16", "float32", "float64"]
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
 FAILURES: list[str] = []
 
 
 def _close(name: str, got: Any, want: Any, dtype: str) -> None:
-    tol = {"float16": 3e-2, "float32": 1e-4, "float64": 1e-9}[dtype]
+    tol = {"float16": 3e-2, "bfloat16": 6e-2, "float32": 1e-4, "float64": 1e-9}[dtype]
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     scale = max(1.0, float(np.abs(want).max(initial=0.0)))
@@ -156,6 +156,38 @@ def family_ops(cp: Any, rng: np.random.Generator) -> None:
                     axis=axis)
 
 
+def transformer_ops(cp: Any, rng: np.random.Generator) -> None:
+    """RMSNorm and the residual add + LayerNorm/RMSNorm, forward (prenorm) and backward (with
+    the prenorm gradient), residual streams of the input's dtype and float32."""
+    for dtype in DTYPES:
+        pdtype = "float64" if dtype == "float64" else "float32"
+        streams = [dtype, "float32"] if dtype in ("float16", "bfloat16") else [dtype]
+        for rows, hidden in [(6, 64), (5, 37), (3, 1000), (2, 70001)]:
+            x = (rng.standard_normal((rows, hidden)) + 1).astype(dtype)
+            dy = rng.standard_normal((rows, hidden)).astype(dtype)
+            w, b = rng.standard_normal(hidden).astype(pdtype), rng.standard_normal(hidden).astype(pdtype)
+            tag = f"{dtype} {(rows, hidden)}"
+            _compare(f"rms_norm fwd {tag}", bn.rms_norm_forward, [x, hidden, w], cp, dtype)
+            with bn.use_backend("numpy"):
+                _, s = bn.rms_norm_forward(x, hidden, w)
+            _compare(f"rms_norm bwd {tag}", bn.rms_norm_backward, [dy, x, hidden, s, w], cp, dtype)
+            for stream in streams:
+                r = rng.standard_normal((rows, hidden)).astype(stream)
+                g = rng.standard_normal((rows, hidden)).astype(stream)
+                tag2 = f"{tag} residual {stream}"
+                _compare(f"add+rms prenorm {tag2}", bn.rms_norm, [x, hidden, w], cp, dtype,
+                         residual=r, prenorm=True)
+                _compare(f"add+layer_norm {tag2}", bn.layer_norm, [x, hidden, w, b], cp, dtype,
+                         residual=r)
+                with bn.use_backend("numpy"):
+                    _, m, s, h = bn.layer_norm_forward(x, hidden, w, b, residual=r)
+                    _, s2, _ = bn.rms_norm_forward(x, hidden, w, residual=r)
+                _compare(f"add+layer_norm bwd {tag2}", bn.layer_norm_backward,
+                         [dy, h, hidden, m, s, w], cp, dtype, grad_prenorm=g)
+                _compare(f"add+rms bwd {tag2}", bn.rms_norm_backward, [dy, h, hidden, s2, w], cp,
+                         dtype, grad_prenorm=g)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--emulated", action="store_true", help="run on the CPU execution target")
@@ -174,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     with bn.use_backend("cupy"):
         batch_norm_ops(cp, rng)
         family_ops(cp, rng)
+        transformer_ops(cp, rng)
     print(f"gpu_driver: {len(FAILURES)} mismatches, {time.perf_counter() - start:.1f} s", flush=True)
     return 1 if FAILURES else 0
 

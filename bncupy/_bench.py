@@ -149,7 +149,7 @@ def _ops(cupy: Any, shape: tuple[int, ...], dtype: str, layout: str) -> tuple[di
     n, c, h, w = shape
     axis = 1 if layout == "NCHW" else -1
     dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
-    x, dy = (cupy.asarray(_normal(dims, seed).astype(dtype)) for seed in (0, 1))
+    x, dy = (_device_normal(cupy, dims, seed, dtype) for seed in (0, 1))
     weight, bias = cupy.ones(c, cupy.float32), cupy.zeros(c, cupy.float32)
     rm, rv = cupy.zeros(c, cupy.float32), cupy.ones(c, cupy.float32)
     _, mean, invstd = F.batch_norm_forward(x, None, None, weight, bias, True, axis=axis)
@@ -183,6 +183,15 @@ def _ops(cupy: Any, shape: tuple[int, ...], dtype: str, layout: str) -> tuple[di
 
 def _normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def _device_normal(xp: Any, shape: tuple[int, ...], seed: int, dtype: str) -> Any:
+    """Standard normal data of ``dtype`` made on the device where it has a generator (a host
+    generator would take seconds on the benchmark's large tensors)."""
+    random = getattr(xp, "random", None)
+    if random is not None and hasattr(random, "default_rng"):
+        return random.default_rng(seed).standard_normal(shape, dtype=np.float32).astype(dtype)
+    return xp.asarray(_normal(shape, seed).astype(dtype))
 
 
 def _free_pool(cupy: Any) -> None:
@@ -241,7 +250,7 @@ def _fused_row(cupy: Any, layout: str, shape: tuple[int, ...], reps: int,
     n, c, h, w = shape
     axis = 1 if layout == "NCHW" else -1
     dims = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
-    x, z = (cupy.asarray(_normal(dims, seed)) for seed in (0, 1))
+    x, z = (_device_normal(cupy, dims, seed, "float32") for seed in (0, 1))
     variants: dict[str, dict[str, Any]] = {
         "bn_us": {}, "bn_relu_us": {"activation": "relu"},
         "bn_add_relu_us": {"activation": "relu", "residual": z}}
@@ -277,8 +286,7 @@ def family_configs(quick: bool = False) -> list[tuple[str, str, tuple[int, ...]]
 
 def _family_ops(xp: Any, norm: str, shape: tuple[int, ...], dtype: str) -> dict[str, Callable]:
     """bncupy's forward and forward+backward for one LayerNorm/GroupNorm row."""
-    x = xp.asarray(np.random.default_rng(0).standard_normal(shape).astype(dtype))
-    dy = xp.asarray(np.random.default_rng(1).standard_normal(shape).astype(dtype))
+    x, dy = (_device_normal(xp, shape, seed, dtype) for seed in (0, 1))
     c = shape[-1] if norm == "layer_norm" else shape[1]
     w, b = xp.ones(c, np.float32), xp.zeros(c, np.float32)
     if norm == "layer_norm":
@@ -335,6 +343,111 @@ def family_rows(cupy: Any, torch: Any, reps: int, quick: bool = False,
                              host(cupy, ours[op], reps)),
                          "torch_host_us": None if host is None or not theirs else _round(
                              host(cupy, theirs[op], reps))})
+        _free_pool(cupy)
+    return rows
+
+
+# Transformer norms: (tokens, hidden) rows of RMSNorm and of the residual add + RMSNorm /
+# LayerNorm (prenorm: y and h written), forward and backward (with the prenorm gradient).
+TRANSFORMER = [(8192, hidden) for hidden in (2048, 4096, 8192)]
+# bytes moved per element in units of the tensor's size: reads + writes of the op's tensors
+# torch.compile takes tens of seconds per shape: one row carries its figure
+COMPILED_ROW = ("add_rms", "bfloat16", (8192, 4096))
+TRANSFORMER_TRAFFIC = {("rms", "fwd"): 2, ("rms", "bwd"): 3, ("add_rms", "fwd"): 4,
+                       ("add_rms", "bwd"): 4, ("add_ln", "fwd"): 4, ("add_ln", "bwd"): 4}
+
+
+def transformer_configs(quick: bool = False,
+                        shapes: Iterable[tuple[int, int]] = TRANSFORMER,
+                        ) -> list[tuple[str, str, tuple[int, int]]]:
+    """(norm, dtype, (tokens, hidden)) of the transformer rows."""
+    shapes = list(shapes)[1:2] if quick else list(shapes)
+    return [(norm, dtype, shape) for dtype in ("bfloat16", "float16") for shape in shapes
+            for norm in ("rms", "add_rms", "add_ln")]
+
+
+def _transformer_ops(xp: Any, norm: str, shape: tuple[int, int], dtype: str,
+                     ) -> dict[str, Callable[[], Any]]:
+    tokens, hidden = shape
+    x, r, dy, g = (_device_normal(xp, shape, seed, dtype) for seed in range(4))
+    w, b = xp.ones(hidden, np.float32), xp.zeros(hidden, np.float32)
+    if norm == "rms":
+        _, rstd = R.rms_norm_forward(x, hidden, w)
+        return {"fwd": lambda: R.rms_norm(x, hidden, w),
+                "bwd": lambda: R.rms_norm_backward(dy, x, hidden, rstd, w)}
+    if norm == "add_rms":
+        _, rstd, h = R.rms_norm_forward(x, hidden, w, residual=r)
+        return {"fwd": lambda: R.rms_norm(x, hidden, w, residual=r, prenorm=True),
+                "bwd": lambda: R.rms_norm_backward(dy, h, hidden, rstd, w, grad_prenorm=g)}
+    _, mean, rstd, h = R.layer_norm_forward(x, hidden, w, b, residual=r)
+    return {"fwd": lambda: R.layer_norm(x, hidden, w, b, residual=r, prenorm=True),
+            "bwd": lambda: R.layer_norm_backward(dy, h, hidden, mean, rstd, w, grad_prenorm=g)}
+
+
+def _transformer_torch(torch: Any, norm: str, shape: tuple[int, int], dtype: str,
+                       compile_: bool) -> dict[str, Callable[[], Any]]:
+    """torch eager (and, with ``compile_``, torch.compile'd forward) of the same rows."""
+    tokens, hidden = shape
+    dt = getattr(torch, dtype)
+    x, r = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(2))
+    w = torch.ones(hidden, device="cuda", dtype=dt, requires_grad=True)
+    b = torch.zeros(hidden, device="cuda", dtype=dt, requires_grad=True)
+    F_ = torch.nn.functional
+
+    def forward(x: Any, r: Any) -> Any:
+        if norm == "rms":
+            return F_.rms_norm(x, (hidden,), w)
+        h = x + r
+        y = F_.rms_norm(h, (hidden,), w) if norm == "add_rms" else F_.layer_norm(
+            h, (hidden,), w, b)
+        return y, h
+
+    out = forward(x, r)
+    dy, g = torch.randn(shape, device="cuda", dtype=dt), torch.randn(shape, device="cuda",
+                                                                      dtype=dt)
+    outputs, grads = ((out,), (dy,)) if norm == "rms" else (out, (dy, g))
+    inputs = (x, w) if norm == "rms" else (x, r, w)
+    ops = {"fwd": lambda: forward(x, r),
+           "bwd": lambda: torch.autograd.grad(outputs, inputs, grads, retain_graph=True)}
+    if compile_:
+        compiled = torch.compile(forward)
+        with torch.no_grad():
+            ops["fwd_compiled"] = lambda: compiled(x.detach(), r.detach())
+    return ops
+
+
+def transformer_rows(cupy: Any, torch: Any, copy_gbps: float, configs: list, reps: int,
+                     timers: Timers = GPU_TIMERS, compile_: bool = False,
+                     ) -> list[dict[str, Any]]:
+    """RMSNorm and residual add + RMSNorm / LayerNorm rows against torch eager (and, with
+    ``compile_``, torch.compile's forward on :data:`COMPILED_ROW`), with the roofline fraction
+    of the device time."""
+    rows = []
+    for norm, dtype, shape in _progress(configs, "transformer"):
+        ours = _transformer_ops(cupy, norm, shape, dtype)
+        theirs = _transformer_torch(torch, norm, shape, dtype, compile_ and (
+            norm, dtype, tuple(shape)) == COMPILED_ROW) if torch else {}
+        nbytes = int(np.prod(shape)) * 2
+        for op in ("fwd", "bwd"):
+            row: dict[str, Any] = {"norm": norm, "op": op, "dtype": dtype,
+                                   "shape": list(shape)}
+            row["bncupy_us"] = _round(timers.throughput(cupy, ours[op], reps))
+            device = timers.device(cupy, ours[op], reps)
+            row["bncupy_device_us"] = _round(device)
+            row["bncupy_host_us"] = _round(timers.host(cupy, ours[op], reps))
+            row["torch_us"] = _round(timers.throughput(cupy, theirs[op], reps)) if theirs \
+                else None
+            compiled = theirs.get(f"{op}_compiled")
+            row["torch_compile_us"] = None
+            if compiled is not None:
+                try:
+                    row["torch_compile_us"] = _round(timers.throughput(cupy, compiled, reps))
+                except Exception:  # noqa: BLE001 - torch.compile unavailable here: no figure
+                    pass
+            ideal_us = TRANSFORMER_TRAFFIC[norm, op] * nbytes / (copy_gbps * 1e9) * 1e6
+            row["roofline_fraction"] = round(ideal_us / (device or row["bncupy_us"]), 4)
+            rows.append(row)
+        del ours, theirs
         _free_pool(cupy)
     return rows
 

@@ -40,6 +40,12 @@ def test_the_prepared_command_runs_every_phase_and_writes_the_record(tmp_path):
     assert rows and all(set(r) == ROW_FIELDS for r in rows)
     assert {r["op"] for r in rows} == {"fwd_train", "fwd_eval", "bwd"}
     assert all(r["bncupy_device_us"] is not None for r in rows)  # captured in a CUDA graph
+    transformer = record["transformer"]  # RMSNorm, add + RMSNorm / LayerNorm, both dtypes
+    assert {(r["norm"], r["op"], r["dtype"]) for r in transformer} == {
+        (norm, op, dtype) for norm in ("rms", "add_rms", "add_ln") for op in ("fwd", "bwd")
+        for dtype in ("bfloat16", "float16")}
+    assert all(r["bncupy_device_us"] is not None and r["roofline_fraction"] is not None
+               for r in transformer)
     assert "GPU record:" in (tmp_path / "summary.txt").read_text()
 
 

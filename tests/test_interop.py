@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,54 @@ def test_other_layouts_compute_as_before(backend):
     y = bn.batch_norm(swapped, None, None, training=True)  # spatial axes swapped: not a layout
     assert y.flags.c_contiguous                          # bncupy has kernels for (as torch)
     np.testing.assert_allclose(backend.to_numpy(y), oracle.forward(x)[0], atol=2e-5)
+
+
+class _Bfloat16Cuda:
+    """A CUDA bfloat16 array of another library, as a torch bfloat16 CUDA tensor looks."""
+
+    dtype = "torch.bfloat16"
+    shape, ndim = (4, 3), 2
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("imported through the fake CuPy")
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+def test_a_bfloat16_cuda_array_on_cupy_13_is_a_type_error_naming_the_version(monkeypatch):
+    """CuPy 13 has no bfloat16 arrays: its DLPack import refuses, and the error says so."""
+    from bncupy import _interop
+
+    def refuse(value):
+        raise TypeError("Unsupported dtype")
+
+    fake = types.SimpleNamespace(__version__="13.6.0", from_dlpack=refuse, asarray=refuse)
+    monkeypatch.setattr(_interop.cupy_backend, "require", lambda: fake)
+    with pytest.raises(TypeError, match=r"input .*bfloat16.*CuPy >= 14 \(CuPy 13\.6\.0"):
+        _interop.to_native(_Bfloat16Cuda(), "input")
+
+
+def test_a_bfloat16_host_array_without_int16_view_comes_in_through_its_array(monkeypatch):
+    """A foreign bfloat16 host array whose DLPack NumPy refuses and whose library has no int16
+    (JAX's arrays hand out ml_dtypes arrays through __array__): imported by __array__."""
+    from bncupy import _interop
+    from bncupy._dtypes import BFLOAT16
+
+    data = np.arange(6, dtype=np.float32).reshape(2, 3).astype(BFLOAT16)
+
+    class Foreign:
+        dtype = "bfloat16"
+
+        def __dlpack__(self, **kwargs):
+            raise BufferError("unsupported dtype")
+
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __array__(self, dtype=None, copy=None):
+            return data
+
+    native = _interop.to_native(Foreign(), "input")
+    assert native.dtype == BFLOAT16 and np.array_equal(native.astype(np.float32),
+                                                       data.astype(np.float32))

@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs as written, each in a fresh interpreter.
+"""Every ```python block of README.md and of the user guide (docs/**/*.md) runs as written, each
+in a fresh interpreter.
 
 A block that needs CuPy and a GPU, mpi4py (and ``mpiexec``) or torch is skipped where those are
 missing, and fails instead in the tox env that requires them (``BNCUPY_REQUIRE``: ``gpu``,
@@ -21,8 +22,18 @@ from tests.conftest import REAL_GPU_REASON, needs, requirement
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-BLOCKS = [(README.count("\n", 0, match.start()) + 2, match.group(1))
-          for match in re.finditer(r"^```python\n(.*?)^```", README, re.M | re.S)]
+DOCUMENTS = [ROOT / "README.md", *sorted(path for path in (ROOT / "docs").rglob("*.md")
+                                         if "_build" not in path.parts)]
+
+
+def _python_blocks(path: Path) -> list[tuple[str, str]]:
+    """``(where, code)`` of each ```python block of ``path``."""
+    text = path.read_text(encoding="utf-8")
+    return [(f"{path.relative_to(ROOT).as_posix()} line {text.count(chr(10), 0, m.start()) + 2}",
+             m.group(1)) for m in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)]
+
+
+BLOCKS = [block for path in DOCUMENTS for block in _python_blocks(path)]
 
 
 def _subject(code: str) -> str | None:
@@ -81,17 +92,17 @@ def _tox_envs() -> dict[str, tuple[set[str], bool]]:
 
 def test_every_block_runs_in_some_tox_env():
     envs = _tox_envs()
-    for line, code in BLOCKS:
+    for block, code in BLOCKS:
         subject = _subject(code)
         if subject is None:
             continue  # every env runs it
         where = [name for name, (subjects, runs) in envs.items() if subject in subjects and runs]
-        assert where, (f"README.md line {line} needs {subject}: no tox env both requires it "
-                       f"(BNCUPY_REQUIRE) and runs tests/test_readme.py")
+        assert where, (f"{block} needs {subject}: no tox env both requires it (BNCUPY_REQUIRE) "
+                       f"and runs tests/test_readme.py")
 
 
 @pytest.mark.parametrize("code", [code for _, code in BLOCKS],
-                         ids=[f"README.md line {line}" for line, _ in BLOCKS])
+                         ids=[where for where, _ in BLOCKS])
 def test_readme_python_block_runs(code):
     _require(_subject(code))
     out = _run([sys.executable, "-c", code])
