@@ -175,14 +175,26 @@ def accepts(*names: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(fn)
+        # where the array parameters sit among the positional arguments (only they are looked
+        # at: a foreign array anywhere else is not imported either way)
+        positional = tuple(i for i, (name, p) in enumerate(signature.parameters.items())
+                           if name in names and p.kind in (p.POSITIONAL_ONLY,
+                                                           p.POSITIONAL_OR_KEYWORD))
 
         @functools.wraps(fn)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            for a in (*args, *kwargs.values()):
-                if a.__class__ not in _PLAIN and is_foreign(a):
-                    break
+            count = len(args)
+            for i in positional:
+                if i < count:
+                    a = args[i]
+                    if a.__class__ not in _PLAIN and is_foreign(a):
+                        break
             else:
-                return fn(*args, **kwargs)
+                for a in kwargs.values():
+                    if a.__class__ not in _PLAIN and is_foreign(a):
+                        break
+                else:
+                    return fn(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
             stream = caller_stream(bound.arguments, names)
             with contextlib.nullcontext() if stream is None else stream:
