@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 
 from .backends import cupy as cupy_backend
-from .backends.dispatch import array_kind
+from .backends.dispatch import array_kind, known_kinds
 
 # DLPack device types (dlpack.h): memory NumPy can address, and CUDA memory.
 _HOST_DEVICES = {1: "cpu", 3: "cuda_host", 11: "rocm_host"}
@@ -184,14 +184,17 @@ def accepts(*names: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         @functools.wraps(fn)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
             count = len(args)
+            kinds = known_kinds()  # NumPy/CuPy array types: never foreign
             for i in positional:
                 if i < count:
                     a = args[i]
-                    if a.__class__ not in _PLAIN and is_foreign(a):
+                    cls = type(a)
+                    if cls not in _PLAIN and not kinds.get(cls) and is_foreign(a):
                         break
             else:
                 for a in kwargs.values():
-                    if a.__class__ not in _PLAIN and is_foreign(a):
+                    cls = type(a)
+                    if cls not in _PLAIN and not kinds.get(cls) and is_foreign(a):
                         break
                 else:
                     return fn(*args, **kwargs)

@@ -14,7 +14,6 @@ from ._module import _Module, channel_state
 from .backends import cupy as cupy_backend
 from .backends import dispatch
 
-
 _CALL_CHECKED = v.CheckedCalls()  # input (and residual) signatures checked against a layer
 _ARRAY_NAMES: dict[tuple, tuple[str, ...]] = {}
 

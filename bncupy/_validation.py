@@ -430,7 +430,7 @@ THREADS_VARIABLE = "BNCUPY_NUM_THREADS"
 _ENVIRON = getattr(os.environ, "_data", None)
 _THREADS_KEY: Any = None
 try:
-    _THREADS_KEY = os.environ.encodekey(THREADS_VARIABLE)  # type: ignore[attr-defined]
+    _THREADS_KEY = os.environ.encodekey(THREADS_VARIABLE)
 except (AttributeError, TypeError):
     _ENVIRON = None
 

@@ -14,7 +14,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 try:  # NumPy 2: what np.errstate sets, without building and entering an errstate object
-    from numpy._core._ufunc_config import _extobj_contextvar, _make_extobj
+    from numpy._core._ufunc_config import (  # type: ignore[attr-defined]
+        _extobj_contextvar,
+        _make_extobj,
+    )
 except ImportError:  # NumPy 1.x
     _extobj_contextvar = None
 

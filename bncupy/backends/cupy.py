@@ -386,8 +386,8 @@ def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weigh
 
 def _mean_parts(mean: Any, acc: np.dtype) -> tuple[Any, Any]:
     """(center, lo) of a mean: a statistics buffer's rows, or a given vector (lo null)."""
-    if mean.ndim == 2:
-        return mean[_CENTER], mean[_LO]
+    if mean.ndim == 2:  # the buffer itself is its first row's pointer (_CENTER = 0): no view
+        return mean, mean[_LO]
     if mean.dtype.itemsize > acc.itemsize:  # a float64 mean of float32 data: split
         center = mean.astype(acc)
         return center, (mean - center).astype(acc)

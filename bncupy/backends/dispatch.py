@@ -92,6 +92,15 @@ _kinds: dict[type, str | None] = {}
 _kinds_runtime: list[Any] = [None]  # the runtime whose answers _kinds holds
 
 
+def known_kinds() -> dict[type, str | None]:
+    """The types :func:`array_kind` has classified under the current runtime, and their kinds
+    (a lookup table for hot paths; a type missing from it is not classified yet)."""
+    if _kinds_runtime[0] is not _cuda._runtime:
+        _kinds.clear()
+        _kinds_runtime[0] = _cuda._runtime
+    return _kinds
+
+
 def array_kind(value: Any) -> str | None:
     """``"numpy"`` or ``"cupy"`` for an ndarray of that library, else ``None``.
 

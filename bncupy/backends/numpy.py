@@ -254,35 +254,124 @@ def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndar
 # (so a fused ReLU's backward recomputes exactly the forward's pre-activation).
 
 SMALL_ELEMENTS = 1024
-SMALL = "small"  # the plan of a signature the small path takes
 _PLAIN_FLOATS = frozenset(np.dtype(d) for d in (np.float16, np.float32, np.float64))
+_WIDE_FLOATS = frozenset(np.dtype(d) for d in (np.float32, np.float64))
 
 
-def plan(x: np.ndarray, axis: int, arrays: tuple = (), vectors: tuple = ()) -> Any:
-    """What a call signature fixes for this backend (see the CuPy backend's ``plan``):
-    :data:`SMALL` when ``x`` (the input as the backend gets it), the input-shaped ``arrays``
+class Small:
+    """The plan of a signature the small path takes: the ``(A, C, B)`` shape, whether the
+    compiled engine's one-call kernels may run it (float32/float64 input-shaped arrays), and
+    which per-channel vectors they take as float64 copies (not contiguous float32/float64)."""
+
+    __slots__ = ("shape3", "compiled", "convert")
+
+    def __init__(self, shape3: tuple[int, int, int], compiled: bool,
+                 convert: tuple[bool, ...]) -> None:
+        self.shape3, self.compiled, self.convert = shape3, compiled, convert
+
+
+def plan(x: np.ndarray, axis: int, arrays: tuple = (), vectors: tuple = ()) -> Small | None:
+    """What a call signature fixes for this backend (see the CuPy backend's ``plan``): a
+    :class:`Small` when ``x`` (the input as the backend gets it), the input-shaped ``arrays``
     and the per-channel ``vectors`` take the small path: under :data:`SMALL_ELEMENTS` values,
     not empty, contiguous, float16/32/64 throughout."""
     if not 0 < x.size < SMALL_ELEMENTS or x.ndim < 2:
         return None
+    wide = True
     for a in (x, *arrays):
-        if a is not None and (a.dtype not in _PLAIN_FLOATS or not a.flags.c_contiguous):
-            return None
+        if a is not None:
+            if a.dtype not in _PLAIN_FLOATS or not a.flags.c_contiguous:
+                return None
+            wide &= a.dtype in _WIDE_FLOATS
     if any(v is not None and (v.dtype not in _PLAIN_FLOATS or v.ndim != 1) for v in vectors):
         return None
-    return SMALL
+    convert = tuple(v is not None and (v.dtype not in _WIDE_FLOATS or not v.flags.c_contiguous)
+                    for v in vectors)
+    shape3 = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:]))
+    return Small(shape3, wide, convert)
+
+
+# os.environ's own table and key for BNCUPY_CPU_ENGINE (see _validation.check_environment)
+_ENVIRON = getattr(os.environ, "_data", None)
+try:
+    _ENGINE_KEY: Any = os.environ.encodekey("BNCUPY_CPU_ENGINE")
+except (AttributeError, TypeError):
+    _ENVIRON = None
+
+
+def _small_kernels(plan: Small) -> Any:
+    """The compiled engine's module when it runs ``plan`` (Numba loaded, not turned off)."""
+    if not plan.compiled:
+        return None
+    if _ENVIRON is not None and not _ENVIRON.get(_ENGINE_KEY):
+        compiled = _compiled_engine()
+    else:
+        compiled = None if _engine_off() else _compiled_engine()
+    kernels = None if compiled is None else compiled.k
+    return kernels if hasattr(kernels, "small_forward") else None
+
+
+_EMPTY = {np.dtype(d): (np.empty(0, d), np.empty((0, 0, 0), d)) for d in (np.float32,
+                                                                         np.float64)}
+
+
+def _compiled_train(k: Any, plan: Small, x: np.ndarray, weight: Any, bias: Any, eps: float,
+                    running_mean: Any, running_var: Any, momentum: float, residual: Any,
+                    relu: bool, keep: bool, training: bool) -> tuple:
+    """The compiled engine's one-call small forward (training or eval)."""
+    x3 = x.reshape(plan.shape3)
+    c = plan.shape3[1]
+    one, three = _EMPTY[x.dtype]
+    targets = (running_mean, running_var)
+    if any(plan.convert):  # vectors the kernel takes as contiguous float64 copies
+        running_mean, running_var, weight, bias = (
+            np.ascontiguousarray(v, np.float64) if change else v
+            for v, change in zip((running_mean, running_var, weight, bias), plan.convert,
+                                 strict=True))
+    y = np.empty(x.shape, x.dtype)
+    stats = np.empty((4, c))
+    center = np.empty(c, x.dtype)
+    flags = ((weight is not None) * k.SMALL_WEIGHT | (bias is not None) * k.SMALL_BIAS
+             | (running_mean is not None) * k.SMALL_RUNNING
+             | (residual is not None) * k.SMALL_RESIDUAL | relu * k.SMALL_RELU
+             | training * k.SMALL_TRAIN)
+    k.small_forward(x3, three if residual is None else residual.reshape(plan.shape3),
+                    y.reshape(plan.shape3), one if weight is None else weight,
+                    one if bias is None else bias, one if running_mean is None else running_mean,
+                    one if running_var is None else running_var, flags, eps, momentum, stats,
+                    center)
+    if training and targets[0] is not None:
+        for target, value in zip(targets, (running_mean, running_var), strict=True):
+            if value is not target:
+                target[...] = value
+    mean, invstd, scale, shift = stats
+    coef = (center, scale, shift)
+    if not keep:
+        return y, mean, None, None, coef
+    return y, mean, center, invstd.astype(x.dtype), coef
+
+
+def _sums(a: np.ndarray) -> np.ndarray:
+    """Per-channel sums of an ``(A, C, B)`` array."""
+    return np.add.reduce(a, axis=(0, 2))  # type: ignore[call-overload]
 
 
 def _small_moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel float64 mean and biased variance of an ``(A, C, B)`` array: two passes."""
+    """Per-channel float64 mean and biased variance of an ``(A, C, B)`` array: two passes about
+    a centre in the compute dtype (so a constant channel's mean is exactly its value)."""
     a, c, b = x3.shape
+    n = a * b
     d = x3.astype(np.float64)
-    mean = np.add.reduce(d, axis=(0, 2))
-    mean /= a * b
-    np.subtract(d, mean.reshape(c, 1), out=d)
-    var = np.add.reduce(np.square(d, out=d), axis=(0, 2))
-    var /= a * b
-    return mean, var
+    centre = _sums(d)
+    centre /= n
+    centre = centre.astype(compute_dtype(x3.dtype)).astype(np.float64)
+    np.subtract(d, centre.reshape(c, 1), out=d)
+    s1 = _sums(d)
+    m2 = _sums(np.square(d, out=d))
+    m2 -= s1 * s1 / n
+    np.maximum(m2, 0.0, out=m2)
+    s1 /= n
+    return centre + s1, m2 / n
 
 
 def _small_apply(x: np.ndarray, x3: np.ndarray, coef: tuple, residual: Any, relu: bool,
@@ -373,8 +462,8 @@ def _small_backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean:
     g64 = g.reshape(a, c, b).astype(np.float64)
     e = x3.astype(np.float64)
     e -= center.reshape(c, 1)
-    sum_dy = np.add.reduce(g64, axis=(0, 2))
-    sum_dy_xc = np.add.reduce(np.multiply(e, g64, out=e), axis=(0, 2))
+    sum_dy = _sums(g64)
+    sum_dy_xc = _sums(np.multiply(e, g64, out=e))
     center, ka, kb, kc, grad_weight, grad_bias = backward_coefficients(
         mean, invstd, weight, sum_dy, sum_dy_xc - (mean - center) * sum_dy, a * b, training,
         x.dtype)
@@ -403,7 +492,11 @@ def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float
     for the small path unless ``keep``), and the apply coefficients (for a fused activation's
     backward). ``plan``: the call signature's (:func:`plan`).
     """
-    if plan is SMALL:
+    if plan is not None:
+        k = _small_kernels(plan)
+        if k is not None:
+            return _compiled_train(k, plan, x, weight, bias, eps, running_mean, running_var,
+                                   momentum, residual, relu, keep, True)
         return _small_train(x, axis, weight, bias, eps, running_mean, running_var, momentum,
                             residual, relu, keep)
     return _normalize_train(x, axis, weight, bias, eps, running_mean, running_var, momentum,
@@ -435,7 +528,11 @@ def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_v
                    relu: bool = False, keep: bool = True, plan: Any = None,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with the running statistics; same returns as :func:`normalize_train`."""
-    if plan is SMALL:
+    if plan is not None:
+        k = _small_kernels(plan)
+        if k is not None:
+            return _compiled_train(k, plan, x, weight, bias, eps, running_mean, running_var, 0.0,
+                                   residual, relu, keep, False)
         return _small_eval(x, axis, running_mean, running_var, weight, bias, eps, residual, relu,
                            keep)
     return _normalize_eval(x, axis, running_mean, running_var, weight, bias, eps, residual, relu)
@@ -515,7 +612,21 @@ def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.nda
     """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``, and the gradient
     of a fused residual. ``fused`` is a fused ReLU forward's ``(coefficients, residual)``: dy is
     masked where its output was not positive. ``plan``: the call signature's (:func:`plan`)."""
-    if plan is SMALL and x.size:
+    if plan is not None and x.size:
+        k = _small_kernels(plan)
+        if k is not None and fused is None:
+            if any(plan.convert):
+                weight, mean, invstd = (np.ascontiguousarray(v, np.float64) if change else v
+                                        for v, change in zip((weight, mean, invstd),
+                                                             plan.convert, strict=True))
+            dx = np.empty(x.shape, x.dtype)
+            grads = np.empty((2, plan.shape3[1]))
+            k.small_backward(dy.reshape(plan.shape3), x.reshape(plan.shape3),
+                             dx.reshape(plan.shape3), weight if weight is not None else
+                             _EMPTY[x.dtype][0], mean, invstd,
+                             (weight is not None) * k.SMALL_WEIGHT | bool(training) * k.SMALL_TRAIN,
+                             grads)
+            return dx, grads[0], grads[1], None
         return _small_backward(dy, x, axis, weight, mean, invstd, training, fused)
     return _backward(dy, x, axis, weight, mean, invstd, training, fused)
 
