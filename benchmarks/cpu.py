@@ -23,7 +23,7 @@ blocks ((max - min) / median of the per-block ratios). Then each engine alone, o
 the data distributions (and x + 1e4 in float32) against each other in alternating blocks: the
 slowest / fastest ratio per case is the data dependence. ``--data-only`` runs just that;
 ``--summary`` reprints a saved run's summary; ``--compare`` prints the run-to-run spread of two
-saved runs; ``--readme`` prints the README's tables from two saved runs.
+saved runs; ``--readme`` prints the tables of docs/guide/performance.md from two saved runs.
 torch is optional (``pip install torch==2.13.0``).
 """
 
@@ -313,8 +313,8 @@ def compare(paths: list[str]) -> None:
 
 
 def readme(paths: list[str]) -> None:
-    """The README's tables: per engine, torch / bncupy in process CPU time per call, one
-    thread, the median over the data distributions, ``run 1 · run 2`` per cell."""
+    """The tables of docs/guide/performance.md: per engine, torch / bncupy in process CPU time
+    per call, one thread, the median over the data distributions, ``run 1 · run 2`` per cell."""
     runs = [json.load(open(p))["rows"] for p in paths]
     cols = [(op, dtype) for dtype in ("float32", "float16") for op in OPS]
     names = {"fwd_train": "train", "fwd_eval": "eval", "bwd": "bwd"}
@@ -345,7 +345,7 @@ def main() -> None:
     parser.add_argument("--compare", nargs=2, metavar="RUN.json")
     parser.add_argument("--summary", metavar="RUN.json", help="summarize a saved run")
     parser.add_argument("--readme", nargs=2, metavar="RUN.json",
-                        help="print the README's tables from two saved runs")
+                        help="print the performance page's tables from two saved runs")
     parser.add_argument("--data-only", action="store_true",
                         help="only the data-dependence check (each engine alone, one thread)")
     args = parser.parse_args()

@@ -7,7 +7,7 @@ explorer.html included), full and quick runs alternating so both see the same ma
 Wall time is measured around the process, CPU time is the child's user + system time
 (``os.wait4``), and the load average is read before each run: on a shared machine the wall time
 of one run says little alone, the CPU time and the spread over runs say more. The numbers quoted
-in the README and in ``bncupy demo --help`` come from this script.
+in the docs' demo page (docs/guide/demo.md) and in ``bncupy demo --help`` come from this script.
 
 ``--also-blas-threads T`` adds runs of the same demo with its BLAS thread limit set to ``T``
 instead of ``bncupy.demo.BLAS_THREADS`` (1), to show what the limit is worth on this machine.

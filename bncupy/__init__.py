@@ -1,5 +1,6 @@
 """bncupy: batch normalization for CuPy and NumPy arrays, with torch's signatures and semantics."""
 
+from ._backend import get_backend, set_backend, use_backend
 from ._errors import BackendUnavailableError
 from ._fold import fold_into
 from ._functional import batch_norm, batch_norm_backward, batch_norm_forward, moments, welford
@@ -38,7 +39,6 @@ from ._sync import (
     batch_norm_gather_stats,
     batch_norm_stats,
 )
-from .backends.dispatch import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,8 @@ def fold_into(weight: Any, bias: Any, layer: _BatchNorm) -> tuple[Any, Any]:
 
     Parameters
     ----------
-    weight : ndarray, shape (O, I, *) or (O, I)
-        Convolution weight in any (O, I, *kernel) layout, or a linear layer's weight.
+    weight : ndarray, shape (O, I, ...) or (O, I)
+        Convolution weight in any (O, I, kernel...) layout, or a linear layer's weight.
     bias : ndarray of shape (O,) or None
         The layer's bias (zero when None).
     layer : BatchNorm1d, BatchNorm2d or BatchNorm3d
@@ -33,6 +33,25 @@ def fold_into(weight: Any, bias: Any, layer: _BatchNorm) -> tuple[Any, Any]:
     -------
     weight, bias : ndarray
         New arrays of ``weight``'s kind and dtype; the inputs are not modified.
+
+    Raises
+    ------
+    TypeError
+        ``layer`` is not a batch-norm layer, or ``weight``/``bias`` are not float arrays of
+        one kind.
+    ValueError
+        ``layer`` is in training mode, has no running statistics or has a fused activation,
+        or the shapes do not match.
+
+    Examples
+    --------
+    >>> layer = bn.BatchNorm2d(3)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4))
+    >>> y = layer(x)                   # training: updates the running statistics
+    >>> conv_w = np.ones((3, 2, 3, 3), np.float32)
+    >>> w2, b2 = bn.fold_into(conv_w, None, layer.eval())
+    >>> w2.shape, b2.shape, w2.dtype
+    ((3, 2, 3, 3), (3,), dtype('float32'))
     """
     if not isinstance(layer, _BatchNorm):
         raise TypeError(f"layer must be a BatchNorm1d/2d/3d, got {type(layer).__name__}")

@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _validation as v
+from ._docstrings import parameters_from
 from ._interop import accepts
 from ._layout import Layout
 from ._moments import Moments
@@ -244,6 +245,29 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
     save_mean, save_invstd : ndarray, shape (C,)
         Batch mean and ``1/sqrt(var + eps)`` (training) or the running equivalents (eval);
         float32 for float16/float32 input, float64 for float64.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float array, or the arrays are of different kinds (NumPy and
+        CuPy, say); the message names them.
+    ValueError
+        Shapes, ``axis``, ``eps``, ``momentum`` or ``activation`` out of range, one value per
+        channel in training, missing running statistics in eval, or running statistics that
+        share memory with another argument; the message names the argument.
+    BackendUnavailableError
+        The backend in force is ``"cupy"`` and CuPy cannot run here.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4), np.float32)
+    >>> running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    >>> y, save_mean, save_invstd = bn.batch_norm_forward(
+    ...     x, running_mean, running_var, training=True)
+    >>> y.shape, save_mean.shape, save_invstd.dtype
+    ((8, 3, 4, 4), (3,), dtype('float32'))
+    >>> np.allclose(running_mean, 0.1 * save_mean)  # momentum 0.1, from zeros
+    True
     """
     out = forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
                   activation, residual)
@@ -251,13 +275,28 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
 
 
 @accepts(*_FORWARD_ARRAYS)
+@parameters_from(batch_norm_forward)
 def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                bias: Any = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
                *, axis: int = 1, activation: str | None = None, residual: Any = None) -> Any:
     """Batch normalization with the signature and semantics of ``torch.nn.functional.batch_norm``.
 
-    See :func:`batch_norm_forward` for the parameters (including the fused ``activation`` and
-    ``residual``); returns only the normalized array.
+    As :func:`batch_norm_forward`, without the saved statistics.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype, array kind and memory layout as ``input``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3), np.float32)
+    >>> y = bn.batch_norm(x, None, None, training=True)  # batch statistics only
+    >>> np.allclose(y.mean(axis=0), 0, atol=1e-6), np.allclose(y.std(axis=0), 1)
+    (True, True)
+    >>> y = bn.batch_norm(x, None, None, training=True, activation="relu")
+    >>> bool((y >= 0).all())
+    True
     """
     return forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    axis, activation, residual, keep=False).y
@@ -292,6 +331,16 @@ def batch_norm_backward(grad_output: Any, input: Any, weight: Any, save_mean: An
     grad_weight, grad_bias : ndarray, shape (C,)
         ``sum(dy * xhat)`` and ``sum(dy)`` per channel; dtype of ``weight`` (or of the saved
         statistics when ``weight`` is None).
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3), np.float32)
+    >>> weight = np.full(3, 2.0, np.float32)
+    >>> y, mean, invstd = bn.batch_norm_forward(x, None, None, weight, training=True)
+    >>> dy = np.ones_like(y)              # a constant gradient: nothing flows to x
+    >>> dx, dweight, dbias = bn.batch_norm_backward(dy, x, weight, mean, invstd)
+    >>> dbias, np.allclose(dx, 0, atol=1e-6)
+    (array([8., 8., 8.], dtype=float32), True)
     """
     return backward(grad_output, input, weight, save_mean, save_invstd, training, axis)
 
@@ -385,11 +434,25 @@ def statistics(x: Any, axis: Any, arg: str) -> Moments:
 def welford(x: Any, axis: int = 1) -> Moments:
     """Mergeable per-channel statistics of ``x`` over every axis but ``axis``.
 
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, ...) or (N, ..., C)
+        Float array (float16, float32 or float64), or any array with ``__dlpack__``.
+    axis : int
+        The channel axis, 1 or -1; statistics are taken over every other one.
+
     Returns
     -------
     Moments
         ``count`` (values per channel), ``mean`` and ``m2`` (sum of squared deviations), the
         arrays in the caller's kind, float32 for float16/float32 input and float64 for float64.
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> m = bn.welford(x[:2]).merge(bn.welford(x[2:]))  # two batches
+    >>> m.count, m.mean, m.var(ddof=1)
+    (4, array([4.5, 5.5, 6.5]), array([15., 15., 15.]))
     """
     return statistics(x, axis, "x")
 
@@ -398,7 +461,26 @@ def welford(x: Any, axis: int = 1) -> Moments:
 def moments(x: Any, axis: int = 1) -> tuple[Any, Any]:
     """Per-channel mean and biased variance of ``x`` over every axis but ``axis``.
 
-    NaN for channels with no values.
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, ...) or (N, ..., C)
+        Float array (float16, float32 or float64), or any array with ``__dlpack__``.
+    axis : int
+        The channel axis, 1 or -1; statistics are taken over every other one.
+
+    Returns
+    -------
+    mean, var : ndarray, shape (C,)
+        In the caller's array kind; float32 for float16/float32 input, float64 for float64;
+        NaN for channels with no values.
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> bn.moments(x)
+    (array([4.5, 5.5, 6.5]), array([11.25, 11.25, 11.25]))
+    >>> bn.moments(np.arange(24.0).reshape(2, 3, 4), axis=-1)[0]  # channels last
+    array([10., 11., 12., 13.])
     """
     m = welford(x, axis)
     if m.count == 0:

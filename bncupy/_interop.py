@@ -7,6 +7,10 @@ host memory as a NumPy array (:func:`numpy.from_dlpack`), CUDA memory as a CuPy 
 way are updated in place; memory exported read-only stays read-only (and is refused where
 bncupy would write). Results go back through the caller's library's ``from_dlpack``, found from
 the argument's own type: this module never imports torch, JAX or any other array library.
+
+bfloat16, which DLPack carries but NumPy's importer refuses, crosses as its 16-bit payload:
+a torch tensor is reinterpreted as int16 and viewed as ``ml_dtypes.bfloat16`` (no copy), and a
+bfloat16 result goes back the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
+from ._dtypes import BFLOAT16
 from .backends import cupy as cupy_backend
 from .backends.dispatch import array_kind, known_kinds
 
@@ -88,8 +93,35 @@ def to_native(value: Any, arg: str) -> Any:
     try:
         return importer(value)
     except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        if _is_bfloat16(value):
+            if device not in _HOST_DEVICES.values():
+                raise TypeError(f"{arg} ({_library(value)} on {device}) is bfloat16, which needs "
+                                f"CuPy >= 14 (CuPy {cupy.__version__} is installed): {exc}"
+                                ) from exc
+            native = _bfloat16_payload(value, importer)
+            if native is not None:
+                return native
         raise TypeError(f"{arg} ({_library(value)} on {device}) could not be imported through "
                         f"DLPack: {exc}") from exc
+
+
+def _is_bfloat16(value: Any) -> bool:
+    return BFLOAT16 is not None and str(getattr(value, "dtype", "")).endswith("bfloat16")
+
+
+def _bfloat16_payload(value: Any, importer: Callable[[Any], Any]) -> Any:
+    """A bfloat16 array whose exporter's DLPack NumPy refuses: its 16-bit payload imported as
+    int16 (the library's own ``view(int16)``: no copy) and viewed as bfloat16; else what its
+    ``__array__`` gives when that is bfloat16 (JAX hands out ml_dtypes arrays); else None."""
+    int16 = getattr(sys.modules.get(type(value).__module__.split(".")[0]), "int16", None)
+    with contextlib.suppress(BufferError, RuntimeError, TypeError, ValueError, AttributeError):
+        if int16 is not None:
+            return importer(value.view(int16)).view(BFLOAT16)
+    with contextlib.suppress(BufferError, RuntimeError, TypeError, ValueError):
+        array = np.asarray(value)
+        if array.dtype == BFLOAT16:
+            return array
+    return None
 
 
 def _exporter(value: Any) -> Callable[[Any], Any] | None:
@@ -108,7 +140,12 @@ def export(result: Any, exporter: Callable[[Any], Any]) -> Any:
     """``result`` with every NumPy/CuPy array in it (tuples, dataclasses such as
     :class:`~bncupy.Moments`) passed through ``exporter``."""
     if array_kind(result) is not None:
-        return exporter(result)
+        try:
+            return exporter(result)
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            if result.dtype != BFLOAT16:
+                raise
+            return _export_bfloat16(result, exporter)
     if isinstance(result, tuple):
         items = [export(item, exporter) for item in result]
         return result._make(items) if hasattr(result, "_make") else tuple(items)
@@ -116,6 +153,17 @@ def export(result: Any, exporter: Callable[[Any], Any]) -> Any:
         return dataclasses.replace(result, **{f.name: export(getattr(result, f.name), exporter)
                                               for f in dataclasses.fields(result) if f.init})
     return result
+
+
+def _export_bfloat16(result: Any, exporter: Callable[[Any], Any]) -> Any:
+    """A bfloat16 result through an exporter that refuses it: its payload as int16, viewed back
+    as the library's bfloat16 (no copy)."""
+    out = exporter(result.view(np.int16))
+    library = sys.modules.get(type(out).__module__.split(".")[0])
+    bfloat16 = getattr(library, "bfloat16", None)
+    if bfloat16 is None:  # e.g. jax.Array: the namespace module holds the dtype
+        bfloat16 = getattr(getattr(library, "numpy", None), "bfloat16", None)
+    return out.view(bfloat16)
 
 
 def import_arrays(arguments: dict[str, Any], names: Iterable[str]) -> Callable[[Any], Any]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _renorm
 from . import _validation as v
+from ._docstrings import parameters_from
 from ._functional import _Forward, backward, forward
 from ._interop import accepts
 from ._module import _Module, channel_state
@@ -36,7 +37,7 @@ class _BatchNorm(_Module):
         Set after construction it keeps the statistics there are (as torch): training then
         stops (False) updating them; eval mode still normalizes with them.
     dtype : float dtype or None
-        dtype of the parameters and running statistics (inputs may be any float dtype); None
+        The dtype of the parameters and running statistics (inputs may be any float dtype); None
         means float32, as torch's default.
     bias : bool, keyword-only
         With ``affine``, learn the shift ``bias`` too; False keeps only ``weight`` (torch).
@@ -50,6 +51,7 @@ class _BatchNorm(_Module):
         ``[-dmax, dmax]``); ``rmax`` and ``dmax`` may be changed between calls (the paper ramps
         them up from 1 and 0). Needs ``track_running_stats``.
     rmax, dmax : float, keyword-only
+        The limits of ``r`` (>= 1) and ``d`` (>= 0) with ``renorm``.
     ghost_batch_size : int or None, keyword-only
         Ghost batch norm in training: the batch is split into virtual batches of this many
         samples, each normalized with its own statistics and counted as one batch in the running
@@ -142,9 +144,36 @@ class _BatchNorm(_Module):
     def __call__(self, x: Any, residual: Any = None) -> Any:
         """Normalize ``x`` (training: batch statistics and running-stat update; eval: running).
 
-        With ``residual`` (``x``'s shape) the layer returns ``act(bn(x) + residual)``. Arrays
-        with ``__dlpack__`` (torch, JAX, ...) are taken too; the output is then of their kind,
-        while the layer's state stays NumPy/CuPy.
+        Arrays with ``__dlpack__`` (torch, JAX, ...) are taken too; the output is then of their
+        kind, while the layer's state stays NumPy/CuPy.
+
+        Parameters
+        ----------
+        x : ndarray
+            Input of the layer's rank, channels on axis 1 (or last with ``channels_last``).
+        residual : ndarray, optional
+            ``x``'s shape: the layer returns ``act(bn(x) + residual)``.
+
+        Returns
+        -------
+        ndarray
+            Same shape, dtype, array kind and memory layout as ``x``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` or ``residual`` is not a float array, or they are of different kinds.
+        ValueError
+            A wrong rank or channel count, or one value per channel in training; the layer's
+            state is left as it was.
+
+        Examples
+        --------
+        >>> layer = bn.BatchNorm1d(3, activation="relu")
+        >>> x = np.random.default_rng(0).standard_normal((8, 3), np.float32)
+        >>> y = layer(x, residual=np.ones_like(x))
+        >>> y.shape, int(layer.num_batches_tracked)
+        ((8, 3), 1)
         """
         # the checks of the input against the layer, cached by signature
         key = _CALL_CHECKED.key((x, residual), (type(self), self.num_features,
@@ -245,10 +274,28 @@ class _BatchNorm(_Module):
         """Gradient with respect to the last call's input; sets ``grad_weight``, ``grad_bias``
         and, when that call had a residual, ``grad_residual``.
 
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last call's output.
+
+        Returns
+        -------
+        ndarray
+            Gradient with respect to the last call's input.
+
         Raises
         ------
         RuntimeError
             If the layer has not been called yet.
+
+        Examples
+        --------
+        >>> layer = bn.BatchNorm1d(3)
+        >>> x = np.random.default_rng(0).standard_normal((8, 3), np.float32)
+        >>> dx = layer.backward(2 * layer(x))
+        >>> dx.shape, layer.grad_bias.round(5) + 0
+        ((8, 3), array([0., 0., 0.], dtype=float32))
         """
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
@@ -286,19 +333,61 @@ class _BatchNorm(_Module):
                 f"{f', ghost_batch_size={self.ghost_batch_size}' if self.ghost_batch_size else ''}")
 
 
+@parameters_from(_BatchNorm)
 class BatchNorm1d(_BatchNorm):
-    """Batch normalization over (N, C) or (N, C, L) input ((N, L, C) with ``channels_last``)."""
+    """Batch normalization over (N, C) or (N, C, L) input ((N, L, C) with ``channels_last``).
+
+    ``torch.nn.BatchNorm1d``'s constructor, defaults, state dict and ``repr``; bncupy's own
+    options are keyword-only.
+
+    Examples
+    --------
+    >>> layer = bn.BatchNorm1d(16, renorm=True, rmax=3.0, dmax=5.0)
+    >>> x = np.random.default_rng(0).standard_normal((64, 16), np.float32)
+    >>> y = layer(x)
+    >>> ghost = bn.BatchNorm1d(16, ghost_batch_size=16)  # 4 batches of 16
+    >>> y = ghost(x)
+    >>> int(ghost.num_batches_tracked)
+    4
+    """
 
     _ndims = (2, 3)
 
 
+@parameters_from(_BatchNorm)
 class BatchNorm2d(_BatchNorm):
-    """Batch normalization over (N, C, H, W) input ((N, H, W, C) with ``channels_last``)."""
+    """Batch normalization over (N, C, H, W) input ((N, H, W, C) with ``channels_last``).
+
+    ``torch.nn.BatchNorm2d``'s constructor, defaults, state dict and ``repr``; bncupy's own
+    options are keyword-only.
+
+    Examples
+    --------
+    >>> layer = bn.BatchNorm2d(3)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4), np.float32)
+    >>> y = layer(x)                          # training: batch statistics
+    >>> dx = layer.backward(np.ones_like(y))  # sets grad_weight, grad_bias
+    >>> y = layer.eval()(x)                   # eval: running statistics
+    >>> layer
+    BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
+    """
 
     _ndims = (4,)
 
 
+@parameters_from(_BatchNorm)
 class BatchNorm3d(_BatchNorm):
-    """Batch normalization over (N, C, D, H, W) input ((N, D, H, W, C) with ``channels_last``)."""
+    """Batch normalization over (N, C, D, H, W) input ((N, D, H, W, C) with ``channels_last``).
+
+    ``torch.nn.BatchNorm3d``'s constructor, defaults, state dict and ``repr``; bncupy's own
+    options are keyword-only.
+
+    Examples
+    --------
+    >>> layer = bn.BatchNorm3d(2, channels_last=True)
+    >>> x = np.random.default_rng(0).standard_normal((4, 3, 3, 3, 2), np.float32)
+    >>> layer(x).shape
+    (4, 3, 3, 3, 2)
+    """
 
     _ndims = (5,)

@@ -51,12 +51,40 @@ class _Module:
 
     # ------------------------------------------------------------------ mode and placement
     def train(self, mode: bool = True) -> Any:
-        """Set training mode or, with ``mode=False``, eval mode; returns self."""
+        """Set training mode or, with ``mode=False``, eval mode.
+
+        Parameters
+        ----------
+        mode : bool
+            True for training (batch statistics), False for eval (running statistics).
+
+        Returns
+        -------
+        self
+            The layer, for chaining.
+
+        Examples
+        --------
+        >>> layer = bn.BatchNorm1d(4).eval()
+        >>> layer.training, layer.train().training
+        (False, True)
+        """
         self.training = v.check_bool(mode, "mode")
         return self
 
     def eval(self) -> Any:
-        """Set eval mode; returns self."""
+        """Set eval mode: ``train(False)``.
+
+        Returns
+        -------
+        self
+            The layer, for chaining.
+
+        Examples
+        --------
+        >>> bn.BatchNorm1d(4).eval().training
+        False
+        """
         return self.train(False)
 
     def _array_names(self) -> tuple[str, ...]:
@@ -72,8 +100,29 @@ class _Module:
         return kind or "numpy"
 
     def to(self, kind: str) -> Any:
-        """Move parameters, statistics and gradients to ``"numpy"`` or ``"cupy"`` arrays;
-        returns self."""
+        """Move parameters, statistics and gradients to NumPy or CuPy arrays.
+
+        Parameters
+        ----------
+        kind : {"numpy", "cupy"}
+            The array kind to hold the state in.
+
+        Returns
+        -------
+        self
+            The layer, for chaining.
+
+        Raises
+        ------
+        BackendUnavailableError
+            For ``"cupy"`` where CuPy cannot run; the state stays where it was.
+
+        Examples
+        --------
+        >>> layer = bn.BatchNorm1d(4).to("numpy")
+        >>> type(layer.running_mean).__name__
+        'ndarray'
+        """
         v.check_choice(kind, "kind", ("numpy", "cupy"))
         if kind == "cupy":
             dispatch.backend_for("cupy")  # raises BackendUnavailableError when it cannot run
@@ -95,8 +144,18 @@ class _Module:
 
     # ------------------------------------------------------------------ state
     def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, ``num_batches_tracked`` 0, in place (when the
-        layer tracks running statistics, as torch)."""
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0, in place.
+
+        Only where the layer tracks running statistics, as torch.
+
+        Examples
+        --------
+        >>> layer = bn.BatchNorm1d(2)
+        >>> y = layer(np.array([[0.0, 1.0], [4.0, 3.0]]))
+        >>> layer.reset_running_stats()
+        >>> layer.running_mean, int(layer.num_batches_tracked)
+        (array([0., 0.], dtype=float32), 0)
+        """
         if getattr(self, "track_running_stats", False) and \
                 getattr(self, "running_mean", None) is not None:
             for name, value in (("running_mean", 0), ("running_var", 1)):
@@ -104,14 +163,34 @@ class _Module:
             setattr(self, COUNTER, np.zeros((), np.int64))
 
     def reset_parameters(self) -> None:
-        """:meth:`reset_running_stats`, and ``weight`` 1 and ``bias`` 0, in place."""
+        """:meth:`reset_running_stats`, and ``weight`` 1 and ``bias`` 0, in place.
+
+        Examples
+        --------
+        >>> layer = bn.BatchNorm1d(2)
+        >>> layer.weight[...] = 3
+        >>> layer.reset_parameters()
+        >>> layer.weight
+        array([1., 1.], dtype=float32)
+        """
         self.reset_running_stats()
         for name, value in (("weight", 1), ("bias", 0)):
             if getattr(self, name, None) is not None:
                 getattr(self, name)[...] = value
 
     def state_dict(self) -> dict[str, Any]:
-        """Copies of the state under torch's keys."""
+        """Copies of the state under torch's keys.
+
+        Returns
+        -------
+        dict
+            ``{key: array}`` in torch's order; the counter is a 0-d int64 array.
+
+        Examples
+        --------
+        >>> list(bn.BatchNorm2d(3).state_dict())
+        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+        """
         return {key: getattr(self, key).copy() for key in self._state_shapes()}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True,
@@ -126,7 +205,7 @@ class _Module:
         Parameters
         ----------
         state : mapping
-            torch's keys.
+            Arrays under torch's keys.
         strict : bool
             Require exactly this layer's keys. With False, state the mapping lacks keeps its
             value and keys the layer does not have are ignored (as torch).
@@ -142,6 +221,15 @@ class _Module:
             ``state`` is not a mapping, or a value is not an array of a suitable dtype.
         ValueError
             Missing or unexpected keys (``strict``), a wrong shape, or a counter outside int64.
+
+        Examples
+        --------
+        >>> layer = bn.BatchNorm1d(3)
+        >>> state = {"running_mean": np.ones(3), "step": 7}
+        >>> layer.load_state_dict(state, strict=False)
+        IncompatibleKeys(missing_keys=['weight', 'bias', 'running_var'], unexpected_keys=['step'])
+        >>> layer.running_mean
+        array([1., 1., 1.], dtype=float32)
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")

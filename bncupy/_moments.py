@@ -14,7 +14,10 @@ from .backends._common import merge, quiet
 class Moments:
     """Per-channel partial statistics of a batch, mergeable across batches or processes.
 
-    Attributes
+    :func:`welford` and :func:`batch_norm_stats` make them; the fields are attributes of the
+    same names.
+
+    Parameters
     ----------
     count : int
         Values per channel (the same for every channel).
@@ -22,6 +25,19 @@ class Moments:
         Per-channel mean.
     m2 : ndarray, shape (C,)
         Per-channel sum of squared deviations from ``mean``.
+
+    Raises
+    ------
+    TypeError
+        ``count`` is not an int, or ``mean``/``m2`` are not float arrays of one kind.
+    ValueError
+        ``count`` is negative or beyond int64, or ``mean``/``m2`` are not 1-D of one length.
+
+    Examples
+    --------
+    >>> m = bn.Moments(2, np.array([1.0, 5.0]), np.array([2.0, 8.0]))
+    >>> m.merge(bn.welford(np.array([[4.0, 2.0]]))).mean
+    array([2., 4.])
     """
 
     count: int
@@ -29,15 +45,7 @@ class Moments:
     m2: Any
 
     def __post_init__(self) -> None:
-        """Check the fields (a hand-built ``Moments`` included); ``count`` is stored as an int.
-
-        Raises
-        ------
-        TypeError
-            ``count`` is not an int, or ``mean``/``m2`` are not float arrays of one kind.
-        ValueError
-            ``count`` is negative or beyond int64, or ``mean``/``m2`` are not 1-D of one length.
-        """
+        """Check the fields (a hand-built ``Moments`` included); ``count`` is stored as an int."""
         object.__setattr__(self, "count", v.check_int(self.count, "count"))
         foreign = is_foreign(self.mean) and is_foreign(self.m2)  # torch, JAX, ...: as given
         if not foreign:
@@ -56,11 +64,28 @@ class Moments:
 
     @property
     def num_channels(self) -> int:
+        """Number of channels C.
+
+        Examples
+        --------
+        >>> bn.welford(np.zeros((4, 3))).num_channels
+        3
+        """
         return int(self.mean.shape[0])
 
     @quiet
     def merge(self, other: Moments) -> Moments:
         """Statistics of the union of both batches (Chan et al.), exact up to rounding.
+
+        Parameters
+        ----------
+        other : Moments
+            Statistics of another batch, same channels and array kind.
+
+        Returns
+        -------
+        Moments
+            Of both batches together, in the wider of the two dtypes.
 
         Raises
         ------
@@ -68,6 +93,12 @@ class Moments:
             If ``other`` is not a :class:`Moments` or holds another array kind.
         ValueError
             If the channel counts differ.
+
+        Examples
+        --------
+        >>> x = np.arange(12.0).reshape(4, 3)
+        >>> bn.welford(x[:1]).merge(bn.welford(x[1:])).mean
+        array([4.5, 5.5, 6.5])
         """
         if not isinstance(other, Moments):
             raise TypeError(f"other must be a Moments, got {type(other).__name__}")
@@ -89,7 +120,24 @@ class Moments:
         return Moments(count, mean, m2)
 
     def var(self, ddof: int = 0) -> Any:
-        """Per-channel variance ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
+        """Per-channel variance ``m2 / (count - ddof)``.
+
+        Parameters
+        ----------
+        ddof : int
+            Delta degrees of freedom: 0 for the biased variance, 1 for the unbiased one.
+
+        Returns
+        -------
+        ndarray, shape (C,)
+            NaN where ``count <= ddof``.
+
+        Examples
+        --------
+        >>> m = bn.welford(np.arange(12.0).reshape(4, 3))
+        >>> m.var(), m.var(ddof=1)
+        (array([11.25, 11.25, 11.25]), array([15., 15., 15.]))
+        """
         ddof = v.check_int(ddof, "ddof")
         denom = self.count - ddof
         if denom <= 0:

@@ -7,8 +7,10 @@ from typing import Any
 
 from . import _norms, _row_norms
 from . import _validation as v
+from ._docstrings import parameters_from
 from ._functional import _caller
 from ._functional import backward as _bn_backward
+from ._interop import accepts
 from ._module import _Module, channel_state
 
 
@@ -57,11 +59,41 @@ class _RowNormalization(_GroupNormalization):
     weight: Any
     bias: Any = None
 
+    @accepts("x", "residual")
     def __call__(self, x: Any, residual: Any = None, prenorm: bool = False,
                  residual_in_fp32: bool = False) -> Any:
         """Normalize each row of ``x``'s trailing ``normalized_shape`` dimensions (of
-        ``x + residual`` with ``residual``); ``prenorm=True`` returns ``(y, h)``, ``h`` the sum
-        (``x`` itself without ``residual`` and ``residual_in_fp32``)."""
+        ``x + residual`` with ``residual``).
+
+        Parameters
+        ----------
+        x : ndarray, shape (..., ``*normalized_shape``)
+            Float input of any array kind bncupy takes.
+        residual : ndarray, optional
+            ``x``'s shape: the row normalized is the sum ``h = x + residual``.
+        prenorm : bool
+            Also return ``h`` (``x`` itself without ``residual`` and ``residual_in_fp32``).
+        residual_in_fp32 : bool
+            Without ``residual``: ``h`` is ``x`` converted to float32.
+
+        Returns
+        -------
+        y : ndarray
+            Same shape, dtype and array kind as ``x``.
+        h : ndarray
+            Only with ``prenorm``: the residual sum, the next block's residual.
+
+        Examples
+        --------
+        >>> ln = bn.LayerNorm(3)
+        >>> ln(np.arange(6.0).reshape(2, 3)).round(4)
+        array([[-1.2247,  0.    ,  1.2247],
+               [-1.2247,  0.    ,  1.2247]])
+        >>> y, h = ln(np.ones((2, 3)), residual=np.ones((2, 3)), prenorm=True)
+        >>> h
+        array([[2., 2., 2.],
+               [2., 2., 2.]])
+        """
         kinds = {"input": v.check_array(x, "input")}
         v.check_float(x, "input")
         _row_norms.check_normalized_shape(self.normalized_shape, x)
@@ -77,25 +109,66 @@ class _RowNormalization(_GroupNormalization):
         self._saved = (x, out)
         return (out.y, _row_norms._sum_out(out, x)) if prenorm else out.y
 
+    @accepts("grad_output", "grad_prenorm")
     def backward(self, grad_output: Any, grad_prenorm: Any = None) -> Any:
         """Gradient with respect to the last call's input (and residual: the same array); sets
-        ``grad_weight`` (and ``grad_bias``). ``grad_prenorm``: the gradient the returned sum
-        ``h`` received from elsewhere (``prenorm``)."""
+        ``grad_weight`` (and ``grad_bias``).
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last call's output.
+        grad_prenorm : ndarray, optional
+            The gradient the returned sum ``h`` received from elsewhere (``prenorm``).
+
+        Returns
+        -------
+        ndarray
+            Gradient with respect to the last call's input.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer has not been called yet.
+
+        Examples
+        --------
+        >>> ln = bn.LayerNorm(4)
+        >>> x = np.random.default_rng(0).standard_normal((3, 4), np.float32)
+        >>> dx = ln.backward(np.ones_like(ln(x)))
+        >>> dx.shape, ln.grad_bias
+        ((3, 4), array([3., 3., 3., 3.], dtype=float32))
+        """
         return self._backward_group(grad_output, self.normalized_shape, grad_prenorm)
 
 
 class LayerNorm(_RowNormalization):
     """Layer normalization over the trailing ``normalized_shape`` dimensions.
 
+    ``torch.nn.LayerNorm``'s constructor, defaults, state dict and ``repr``; a call may also
+    add a residual first (pre-norm transformer blocks).
+
     Parameters
     ----------
     normalized_shape : int or sequence of int
+        The trailing dimensions normalized together.
     eps : float > 0
+        Added to the variance.
     elementwise_affine : bool
         Learn ``weight`` (init 1) and, with ``bias``, ``bias`` (init 0) of ``normalized_shape``.
     bias : bool
+        With ``elementwise_affine``, learn ``bias`` too.
     dtype : float dtype or None
         Of the parameters (None: float32).
+
+    Examples
+    --------
+    >>> ln = bn.LayerNorm(768)
+    >>> tokens = np.random.default_rng(0).standard_normal((16, 768), np.float32)
+    >>> y = ln(tokens)
+    >>> dx = ln.backward(np.ones_like(y))    # sets grad_weight, grad_bias
+    >>> ln
+    LayerNorm((768,), eps=1e-05, elementwise_affine=True, bias=True)
     """
 
     def __init__(self, normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
@@ -129,15 +202,27 @@ class RMSNorm(_RowNormalization):
     """Root-mean-square normalization over the trailing ``normalized_shape`` dimensions, as
     ``torch.nn.RMSNorm``: ``y = x / sqrt(mean(x^2) + eps) * weight``.
 
+    ``torch.nn.RMSNorm``'s constructor, defaults, state dict and ``repr``; a call may also
+    add a residual first (pre-norm transformer blocks).
+
     Parameters
     ----------
     normalized_shape : int or sequence of int
+        The trailing dimensions normalized together.
     eps : float > 0 or None
         None: the machine epsilon of the input's dtype at each call, as torch.
     elementwise_affine : bool
         Learn ``weight`` (init 1) of ``normalized_shape``.
     dtype : float dtype or None
         Of the parameters (None: float32).
+
+    Examples
+    --------
+    >>> rms = bn.RMSNorm(4)
+    >>> rms(np.array([[1.0, -1.0, 1.0, -1.0]]))
+    array([[ 1., -1.,  1., -1.]])
+    >>> rms
+    RMSNorm((4,), eps=None, elementwise_affine=True)
     """
 
     _rms = True
@@ -164,18 +249,33 @@ class RMSNorm(_RowNormalization):
 class GroupNorm(_GroupNormalization):
     """Group normalization: ``num_groups`` groups of consecutive channels, per sample.
 
+    ``torch.nn.GroupNorm``'s constructor, defaults, state dict and ``repr``.
+
     Parameters
     ----------
     num_groups : int
         Must divide ``num_channels``.
     num_channels : int
+        Number of channels C.
     eps : float > 0
+        Added to the variance.
     affine : bool
         Learn per-channel ``weight`` and (with ``bias``) ``bias``.
     bias : bool
+        With ``affine``, learn ``bias`` too.
     dtype : float dtype or None
+        Of the parameters (None: float32).
     channels_last : bool, keyword-only
-        Input (N, *, C) instead of (N, C, *).
+        Input (N, ..., C) instead of (N, C, ...).
+
+    Examples
+    --------
+    >>> gn = bn.GroupNorm(8, 32)
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
+    >>> y = gn(images)
+    >>> dx = gn.backward(np.ones_like(y))    # sets grad_weight, grad_bias
+    >>> gn
+    GroupNorm(8, 32, eps=1e-05, affine=True, bias=True)
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
@@ -200,8 +300,26 @@ class GroupNorm(_GroupNormalization):
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
         return channel_state(self.num_channels, self.affine, self.has_bias, False)
 
+    @accepts("x")
     def __call__(self, x: Any) -> Any:
-        """Normalize each (sample, group) of ``x``."""
+        """Normalize each (sample, group) of ``x``.
+
+        Parameters
+        ----------
+        x : ndarray, shape (N, C, ...), or (N, ..., C) with ``channels_last``
+            Float input of any array kind bncupy takes.
+
+        Returns
+        -------
+        ndarray
+            Same shape, dtype and array kind as ``x``.
+
+        Examples
+        --------
+        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3), np.float32)
+        >>> bn.GroupNorm(2, 4)(x).shape
+        (2, 4, 3)
+        """
         kind = v.check_input(x)
         axis = -1 if self.channels_last else 1
         if x.shape[axis] != self.num_channels:
@@ -213,8 +331,33 @@ class GroupNorm(_GroupNormalization):
         self._saved = (x, out)
         return out.y
 
+    @accepts("grad_output")
     def backward(self, grad_output: Any) -> Any:
-        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``."""
+        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``.
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last call's output.
+
+        Returns
+        -------
+        ndarray
+            Gradient with respect to the last call's input.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer has not been called yet.
+
+        Examples
+        --------
+        >>> layer = bn.GroupNorm(2, 4)
+        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3), np.float32)
+        >>> dx = layer.backward(np.ones_like(layer(x)))
+        >>> dx.shape, layer.grad_bias
+        ((2, 4, 3), array([6., 6., 6., 6.], dtype=float32))
+        """
         return self._backward_group(grad_output, (self.num_channels,))
 
     def extra_repr(self) -> str:
@@ -223,7 +366,28 @@ class GroupNorm(_GroupNormalization):
 
 
 class _InstanceNorm(_GroupNormalization):
-    """Shared implementation of InstanceNorm1d/2d/3d (see :class:`InstanceNorm2d`)."""
+    """Shared implementation of InstanceNorm1d/2d/3d.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float > 0
+        Added to the variance.
+    momentum : float in [0, 1] or None
+        Weight of each batch's average statistics in the running ones; None never updates
+        them (as torch).
+    affine : bool
+        Learn per-channel ``weight`` and (with ``bias``) ``bias``.
+    track_running_stats : bool
+        Keep running statistics and normalize with them in eval mode.
+    bias : bool
+        With ``affine``, learn ``bias`` too.
+    dtype : float dtype or None
+        Of the parameters and running statistics (None: float32).
+    channels_last : bool, keyword-only
+        Input (N, ..., C) instead of (N, C, ...).
+    """
 
     _ndim = 0  # batched input dimensions; one fewer is unbatched input, as in torch
 
@@ -264,9 +428,28 @@ class _InstanceNorm(_GroupNormalization):
                              f"{self._ndim}-D input, got input of shape {tuple(x.shape)}")
         return x
 
+    @accepts("x")
     def __call__(self, x: Any) -> Any:
         """Normalize each (sample, channel) of ``x`` with its own statistics (training, or
-        without running statistics) or with the running statistics (eval)."""
+        without running statistics) or with the running statistics (eval).
+
+        Parameters
+        ----------
+        x : ndarray
+            Batched (N, C, ...) or unbatched (C, ...) float input; (N, ..., C) with
+            ``channels_last``.
+
+        Returns
+        -------
+        ndarray
+            Same shape, dtype and array kind as ``x``.
+
+        Examples
+        --------
+        >>> x = np.random.default_rng(0).standard_normal((3, 5))  # (C, L)
+        >>> bn.InstanceNorm1d(3)(x).shape
+        (3, 5)
+        """
         batched = self._batched(x)
         kind = v.check_input(batched)
         axis = self._axis(batched)
@@ -287,8 +470,33 @@ class _InstanceNorm(_GroupNormalization):
         self._saved = (batched, out)
         return out.y.reshape(x.shape)
 
+    @accepts("grad_output")
     def backward(self, grad_output: Any) -> Any:
-        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``."""
+        """Gradient with respect to the last call's input; sets ``grad_weight``/``grad_bias``.
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last call's output.
+
+        Returns
+        -------
+        ndarray
+            Gradient with respect to the last call's input.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer has not been called yet.
+
+        Examples
+        --------
+        >>> layer = bn.InstanceNorm1d(4, affine=True)
+        >>> x = np.random.default_rng(0).standard_normal((2, 4, 3), np.float32)
+        >>> dx = layer.backward(np.ones_like(layer(x)))
+        >>> dx.shape, layer.grad_bias
+        ((2, 4, 3), array([6., 6., 6., 6.], dtype=float32))
+        """
         if self._saved is not None and getattr(grad_output, "ndim", 0) == self._ndim - 1:
             return self._backward_group(grad_output[None], (self.num_features,))[0]
         return self._backward_group(grad_output, (self.num_features,))
@@ -300,36 +508,56 @@ class _InstanceNorm(_GroupNormalization):
                 f"{', channels_last=True' if self.channels_last else ''}")
 
 
+@parameters_from(_InstanceNorm)
 class InstanceNorm1d(_InstanceNorm):
-    """Instance normalization over (N, C, L) or unbatched (C, L) input ((N, L, C) with
-    ``channels_last``); torch's constructor and defaults (affine=False,
-    track_running_stats=False)."""
+    """Instance normalization over (N, C, L) or unbatched (C, L) input.
+
+    ``torch.nn.InstanceNorm1d``'s constructor, defaults (``affine=False``,
+    ``track_running_stats=False``), state dict and ``repr``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((4, 3, 10), np.float32)
+    >>> y = bn.InstanceNorm1d(3)(x)
+    >>> bool(np.allclose(y.mean(axis=2), 0, atol=1e-5))
+    True
+    """
 
     _ndim = 3
 
 
+@parameters_from(_InstanceNorm)
 class InstanceNorm2d(_InstanceNorm):
     """Instance normalization over (N, C, H, W) or unbatched (C, H, W) input.
 
-    Parameters
-    ----------
-    num_features : int
-    eps : float > 0
-    momentum : float in [0, 1] or None
-        Weight of each batch's average statistics in the running ones; None never updates
-        them (as torch).
-    affine : bool
-    track_running_stats : bool
-        Keep running statistics and normalize with them in eval mode.
-    bias : bool
-    dtype : float dtype or None
-    channels_last : bool, keyword-only
+    ``torch.nn.InstanceNorm2d``'s constructor, defaults (``affine=False``,
+    ``track_running_stats=False``), state dict and ``repr``.
+
+    Examples
+    --------
+    >>> inorm = bn.InstanceNorm2d(32, affine=True, track_running_stats=True)
+    >>> list(inorm.state_dict())
+    ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
+    >>> inorm(images).shape
+    (4, 32, 8, 8)
     """
 
     _ndim = 4
 
 
+@parameters_from(_InstanceNorm)
 class InstanceNorm3d(_InstanceNorm):
-    """Instance normalization over (N, C, D, H, W) or unbatched (C, D, H, W) input."""
+    """Instance normalization over (N, C, D, H, W) or unbatched (C, D, H, W) input.
+
+    ``torch.nn.InstanceNorm3d``'s constructor, defaults (``affine=False``,
+    ``track_running_stats=False``), state dict and ``repr``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4, 4, 4), np.float32)
+    >>> bn.InstanceNorm3d(3)(x).shape
+    (2, 3, 4, 4, 4)
+    """
 
     _ndim = 5

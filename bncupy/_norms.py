@@ -14,9 +14,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _validation as v
+from ._docstrings import parameters_from
 from ._functional import _backend, _caller, _native
 from ._functional import backward as _bn_backward
 from ._functional import forward as _bn_forward
+from ._interop import accepts
 from .backends import dispatch
 from .backends._common import compute_dtype
 from .backends._groups import GroupLayout
@@ -161,7 +163,7 @@ def check_num_groups(num_groups: Any, channels: int | None = None) -> int:
 
 def _group_layout(input: Any, axis: Any, channels_per_group: int | None,
                   num_groups: int | None = None) -> tuple[GroupLayout, tuple[int, ...]]:
-    """The layout of an (N, C, *) or, with axis=-1, (N, *, C) input; the canonical shape."""
+    """The layout of an (N, C, ...) or, with axis=-1, (N, ..., C) input; the canonical shape."""
     ax = v.check_axis(axis, input.ndim)
     if ax not in (1, input.ndim - 1):
         raise ValueError(f"axis must be 1 (N, C, ...) or -1 (N, ..., C), got {axis}")
@@ -177,26 +179,45 @@ def _check_group_input(input: Any, kinds: dict[str, str]) -> None:
     kinds["input"] = v.check_input(input)
 
 
+@accepts("input", "weight", "bias")
 def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
                        eps: float = 1e-5, *, axis: int = 1) -> tuple[Any, Any, Any]:
     """Group normalization that also returns the statistics its backward pass needs.
 
     Parameters
     ----------
-    input : ndarray, shape (N, C, *) or, with ``axis=-1``, (N, *, C)
+    input : ndarray, shape (N, C, ...) or, with ``axis=-1``, (N, ..., C)
+        A float16, float32 or float64 array; never modified.
     num_groups : int
-        Groups of ``C / num_groups`` consecutive channels, normalized per sample.
+        Groups of ``C / num_groups`` consecutive channels, normalized per sample; must divide C.
     weight, bias : ndarray of shape (C,), optional
-        Per-channel affine parameters.
+        Per-channel affine parameters (1 and 0 when None).
     eps : float > 0
+        Added to the variance.
     axis : 1 or -1, keyword-only
         The channel axis.
 
     Returns
     -------
     y : ndarray
+        Same shape, dtype and array kind as ``input``.
     mean, rstd : ndarray, shape (N, num_groups)
         As torch's ``native_group_norm``.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float array, or the arrays are of different kinds.
+    ValueError
+        ``num_groups`` does not divide the channel count, ``axis`` is neither 1 nor -1, or a
+        parameter's shape or ``eps`` is wrong.
+
+    Examples
+    --------
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
+    >>> y, mean, rstd = bn.group_norm_forward(images, 8)
+    >>> y.shape, mean.shape
+    ((4, 32, 8, 8), (4, 8))
     """
     out = forward_group_norm(input, num_groups, weight, bias, eps, axis)
     groups = (out.layout.n, out.layout.c // out.layout.k)
@@ -223,16 +244,65 @@ def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps:
                         eps, keep=keep)
 
 
+@accepts("input", "weight", "bias")
+@parameters_from(group_norm_forward)
 def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
                eps: float = 1e-5, *, axis: int = 1) -> Any:
     """Group normalization with the signature and semantics of
-    ``torch.nn.functional.group_norm``; see :func:`group_norm_forward`."""
+    ``torch.nn.functional.group_norm``.
+
+    As :func:`group_norm_forward`, without the statistics.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype and array kind as ``input``.
+
+    Examples
+    --------
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
+    >>> bn.group_norm(images, 8).shape
+    (4, 32, 8, 8)
+    >>> nhwc = images.transpose(0, 2, 3, 1)           # channels last
+    >>> bn.group_norm(nhwc, 8, axis=-1).shape
+    (4, 8, 8, 32)
+    """
     return forward_group_norm(input, num_groups, weight, bias, eps, axis, keep=False).y
 
 
+@accepts("grad_output", "input", "mean", "rstd", "weight")
+@parameters_from(group_norm_forward)
 def group_norm_backward(grad_output: Any, input: Any, num_groups: int, mean: Any, rstd: Any,
                         weight: Any = None, *, axis: int = 1) -> tuple[Any, Any, Any]:
-    """Gradients of :func:`group_norm_forward` with respect to input, weight and bias."""
+    """Gradients of :func:`group_norm_forward` with respect to input, weight and bias.
+
+    Parameters
+    ----------
+    grad_output : ndarray
+        Gradient of the loss with respect to the output; same shape as ``input``.
+    input : ndarray
+        The forward pass's input.
+    mean, rstd : ndarray, shape (N, num_groups)
+        What the forward pass returned.
+    weight : ndarray, optional
+        The forward pass's weight (1 when None).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and array kind as ``input``.
+    grad_weight, grad_bias : ndarray, shape (C,)
+        Per-channel parameter gradients.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 4, 3))
+    >>> y, mean, rstd = bn.group_norm_forward(x, 2)
+    >>> dy = np.ones_like(y)
+    >>> dx, dweight, dbias = bn.group_norm_backward(dy, x, 2, mean, rstd)
+    >>> dx.shape, dbias
+    ((2, 4, 3), array([6., 6., 6., 6.]))
+    """
     def layout() -> tuple:
         lay, canonical = _group_layout(input, axis, None, num_groups)
         return (lay, canonical, ((lay.n, lay.c // lay.k), "(N, num_groups)"),
@@ -255,6 +325,7 @@ def _check_spatial(input: Any, lay: GroupLayout) -> None:
                          f"{tuple(input.shape)}")
 
 
+@accepts("input", "running_mean", "running_var", "weight", "bias")
 def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any = None,
                           weight: Any = None, bias: Any = None, use_input_stats: bool = True,
                           momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
@@ -265,11 +336,46 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
     running statistics (when given) move towards their average over the batch, the variance
     unbiased, as torch does; otherwise the running statistics normalize.
 
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, ...) or, with ``axis=-1``, (N, ..., C)
+        A float16, float32 or float64 array; never modified.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Running statistics: updated in place with ``use_input_stats``, used without it.
+    weight, bias : ndarray of shape (C,), optional
+        Per-channel affine parameters (1 and 0 when None).
+    use_input_stats : bool
+        Normalize each instance with its own statistics (True) or with the running ones.
+    momentum : float in [0, 1]
+        Weight of the batch's average in the running-statistics update.
+    eps : float > 0
+        Added to the variance.
+    axis : 1 or -1, keyword-only
+        The channel axis.
+
     Returns
     -------
     y : ndarray
+        Same shape, dtype and array kind as ``input``.
     mean, rstd : ndarray
         Shape (N, C) with input statistics, (C,) with running ones.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float array, or the arrays are of different kinds.
+    ValueError
+        One value per instance with ``use_input_stats`` ("Expected more than 1 spatial
+        element", as torch), no running statistics without it, or a wrong shape, ``axis``,
+        ``eps`` or ``momentum``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 5)) + 4
+    >>> running_mean, running_var = np.zeros(3), np.ones(3)
+    >>> y, mean, rstd = bn.instance_norm_forward(x, running_mean, running_var)
+    >>> mean.shape, bool(np.allclose(running_mean, 0.1 * mean.mean(axis=0)))
+    ((2, 3), True)
     """
     out = forward_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                 momentum, eps, axis)
@@ -328,20 +434,65 @@ def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weigh
     return out
 
 
+@accepts("input", "running_mean", "running_var", "weight", "bias")
+@parameters_from(instance_norm_forward)
 def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
                   weight: Any = None, bias: Any = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1) -> Any:
     """Instance normalization with the signature and semantics of
-    ``torch.nn.functional.instance_norm``; see :func:`instance_norm_forward`."""
+    ``torch.nn.functional.instance_norm``.
+
+    As :func:`instance_norm_forward`, without the statistics.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype and array kind as ``input``.
+
+    Examples
+    --------
+    >>> images = np.random.default_rng(1).standard_normal((4, 32, 8, 8), np.float32)
+    >>> y = bn.instance_norm(images)                  # per (sample, channel)
+    >>> bool(np.allclose(y.mean(axis=(2, 3)), 0, atol=1e-5))
+    True
+    """
     return forward_instance_norm(input, running_mean, running_var, weight, bias,
                                  use_input_stats, momentum, eps, axis, keep=False).y
 
 
+@accepts("grad_output", "input", "mean", "rstd", "weight")
+@parameters_from(group_norm_backward, instance_norm_forward)
 def instance_norm_backward(grad_output: Any, input: Any, mean: Any, rstd: Any,
                            weight: Any = None, *, use_input_stats: bool = True,
                            axis: int = 1) -> tuple[Any, Any, Any]:
-    """Gradients of :func:`instance_norm_forward`: through the per-instance statistics, or (with
-    ``use_input_stats=False``) with the running statistics as constants."""
+    """Gradients of :func:`instance_norm_forward` with respect to input, weight and bias.
+
+    Through the per-instance statistics, or (with ``use_input_stats=False``) with the running
+    statistics as constants.
+
+    Parameters
+    ----------
+    mean, rstd : ndarray
+        What the forward pass returned: (N, C) with input statistics, (C,) with running ones.
+    use_input_stats : bool, keyword-only
+        As in the forward pass.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and array kind as ``input``.
+    grad_weight, grad_bias : ndarray, shape (C,)
+        Per-channel parameter gradients.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 5))
+    >>> y, mean, rstd = bn.instance_norm_forward(x)
+    >>> dy = np.ones_like(y)
+    >>> dx, dweight, dbias = bn.instance_norm_backward(dy, x, mean, rstd)
+    >>> dx.shape, dbias
+    ((2, 3, 5), array([10., 10., 10.]))
+    """
     use_input_stats = v.check_bool(use_input_stats, "use_input_stats")
     if not use_input_stats:
         return _bn_backward(grad_output, input, weight, mean, rstd, False,

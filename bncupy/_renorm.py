@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _validation as v
-from ._functional import _caller, _check_forward, _native
+from ._docstrings import parameters_from
+from ._functional import _caller, _check_forward, _native, batch_norm_backward, batch_norm_forward
 from ._functional import backward as _bn_backward
 
 
@@ -98,16 +99,21 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     return dx, grad_weight.astype(dtype), db.astype(dtype)
 
 
+@parameters_from(batch_norm_forward)
 def batch_renorm_forward(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                          bias: Any = None, training: bool = False, momentum: float = 0.1,
                          eps: float = 1e-5, *, rmax: float = 3.0, dmax: float = 5.0,
                          axis: int = 1) -> tuple[Any, Any, Any, Any, Any]:
     """Batch renormalization (Ioffe 2017) with the statistics its backward pass needs.
 
+    Normalizes with the batch statistics corrected towards the running ones,
+    ``y = weight * ((x - mean) / sigma * r + d) + bias``, with ``r`` and ``d`` constants for the
+    gradient; ``rmax=1, dmax=0`` is batch norm. Evaluation is batch norm's.
+
     Parameters
     ----------
-    input, running_mean, running_var, weight, bias, training, momentum, eps, axis
-        As :func:`batch_norm_forward`; the running statistics are required.
+    running_mean, running_var : ndarray, shape (C,)
+        Running statistics (required): updated in place in training, used in eval.
     rmax : float >= 1, keyword-only
         Clip of ``r = sigma_batch / sigma_running`` to ``[1/rmax, rmax]``.
     dmax : float >= 0, keyword-only
@@ -116,9 +122,26 @@ def batch_renorm_forward(input: Any, running_mean: Any, running_var: Any, weight
     Returns
     -------
     y : ndarray
+        Same shape, dtype, array kind and memory layout as ``input``.
     save_mean, save_invstd, r, d : ndarray, shape (C,)
         Batch mean, ``1/sigma_batch`` and the corrections (training); in eval the running
-        statistics with ``r = 1``, ``d = 0`` (evaluation is batch norm's).
+        statistics with ``r = 1``, ``d = 0``.
+
+    Raises
+    ------
+    TypeError
+        As :func:`batch_norm_forward`.
+    ValueError
+        As :func:`batch_norm_forward`, and for ``rmax < 1`` or ``dmax < 0``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((64, 16), np.float32)
+    >>> running_mean, running_var = np.zeros(16, np.float32), np.ones(16, np.float32)
+    >>> y, mean, invstd, r, d = bn.batch_renorm_forward(
+    ...     x, running_mean, running_var, training=True, rmax=2.0, dmax=1.0)
+    >>> bool(((r >= 0.5) & (r <= 2.0)).all()), bool((abs(d) <= 1.0).all())
+    (True, True)
     """
     if not v.check_bool(training, "training"):
         check_limits(rmax, dmax)
@@ -134,19 +157,60 @@ def batch_renorm_forward(input: Any, running_mean: Any, running_var: Any, weight
     return (out.y, *(a.astype(dtype) for a in out.saved()))
 
 
+@parameters_from(batch_renorm_forward)
 def batch_renorm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                  bias: Any = None, training: bool = False, momentum: float = 0.1,
                  eps: float = 1e-5, *, rmax: float = 3.0, dmax: float = 5.0,
                  axis: int = 1) -> Any:
-    """Batch renormalization (Ioffe 2017); see :func:`batch_renorm_forward`."""
+    """Batch renormalization (Ioffe 2017).
+
+    As :func:`batch_renorm_forward`, without the saved statistics and corrections.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype, array kind and memory layout as ``input``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((64, 16), np.float32)
+    >>> running_mean, running_var = np.zeros(16, np.float32), np.ones(16, np.float32)
+    >>> bn.batch_renorm(x, running_mean, running_var, training=True).shape
+    (64, 16)
+    """
     return batch_renorm_forward(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, rmax=rmax, dmax=dmax, axis=axis)[0]
 
 
+@parameters_from(batch_norm_backward)
 def batch_renorm_backward(grad_output: Any, input: Any, weight: Any, save_mean: Any,
                           save_invstd: Any, r: Any, d: Any, *, axis: int = 1,
                           ) -> tuple[Any, Any, Any]:
-    """Gradients of a training :func:`batch_renorm_forward` (``r``, ``d`` held constant)."""
+    """Gradients of a training :func:`batch_renorm_forward` (``r``, ``d`` held constant).
+
+    Parameters
+    ----------
+    save_mean, save_invstd, r, d : ndarray, shape (C,)
+        As returned by :func:`batch_renorm_forward` in training.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and kind as ``input``.
+    grad_weight, grad_bias : ndarray, shape (C,)
+        Per-channel parameter gradients.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((64, 16), np.float32)
+    >>> running_mean, running_var = np.zeros(16, np.float32), np.ones(16, np.float32)
+    >>> y, *saved = bn.batch_renorm_forward(x, running_mean, running_var,
+    ...                                     training=True)
+    >>> dy = np.ones_like(y)
+    >>> dx, dweight, dbias = bn.batch_renorm_backward(dy, x, None, *saved)
+    >>> dx.shape, dbias[:3]
+    ((64, 16), array([64., 64., 64.], dtype=float32))
+    """
     return backward(grad_output, input, weight, save_mean, save_invstd, r, d, axis)
 
 

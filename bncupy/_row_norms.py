@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from . import _validation as v
+from ._docstrings import parameters_from
 from ._functional import _caller
+from ._interop import accepts
 from ._norms import (
     GroupForward,
     _backward,
@@ -84,11 +86,11 @@ def _check_residual(residual: Any, input: Any, kinds: dict[str, str]) -> None:
 
 
 def _stream(input: Any, residual: Any, residual_in_fp32: bool) -> Any:
-    """The residual stream's dtype: ``residual``'s; float32 with ``residual_in_fp32`` and no
-    residual; None when ``h`` is the input itself."""
+    """The residual stream's dtype: ``residual``'s; float32 with ``residual_in_fp32``, no
+    residual and 16-bit input; None when ``h`` is the input itself."""
     if residual is not None:
         return residual.dtype
-    return _FLOAT32 if residual_in_fp32 else None
+    return _FLOAT32 if residual_in_fp32 and input.dtype.itemsize == 2 else None
 
 
 def _eps(eps: Any, input: Any, rms: bool) -> float:
@@ -140,6 +142,7 @@ def _rows_stats(out: GroupForward, input: Any, normalized_shape: Any, value: Any
 
 # ------------------------------------------------------------------------------ LayerNorm
 
+@accepts("input", "weight", "bias", "residual")
 def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
                        eps: float = 1e-5, *, residual: Any = None,
                        residual_in_fp32: bool = False) -> tuple[Any, ...]:
@@ -147,8 +150,8 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
 
     Parameters
     ----------
-    input : ndarray, shape (*, *normalized_shape)
-        float16, bfloat16, float32 or float64; never modified.
+    input : ndarray, shape (..., ``*normalized_shape``)
+        A float16, bfloat16, float32 or float64 array; never modified.
     normalized_shape : int or sequence of int
         The trailing dimensions normalized together (one row per leading index).
     weight, bias : ndarray of shape normalized_shape, optional
@@ -159,7 +162,8 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
         Added to ``input`` first: the row normalized is ``h = input + residual`` in the
         residual's dtype (input's, or float32 for 16-bit input).
     residual_in_fp32 : bool, keyword-only
-        Without ``residual``: ``h`` is ``input`` converted to float32.
+        Without ``residual``: ``h`` is 16-bit ``input`` converted to float32 (``input`` itself
+        for float32 and float64).
 
     Returns
     -------
@@ -169,8 +173,27 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
         Per-row mean and ``1/sqrt(var + eps)`` of ``h`` (float32 for 16-bit and float32 input,
         float64 for float64), as torch's ``native_layer_norm``.
     h : ndarray
-        Only with ``residual`` or ``residual_in_fp32``: the sum normalized, to be passed as
-        the backward pass's ``input`` (and the next block's residual).
+        Only with ``residual``, or ``residual_in_fp32`` on 16-bit input: the sum normalized,
+        to be passed as the backward pass's ``input`` (and the next block's residual).
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float array, or the arrays are of different kinds.
+    ValueError
+        ``normalized_shape`` does not match the trailing dimensions of ``input``, ``weight``,
+        ``bias`` or ``residual`` has the wrong shape, or ``eps`` is not finite and > 0.
+
+    Examples
+    --------
+    >>> tokens = np.random.default_rng(0).standard_normal((16, 768), np.float32)
+    >>> y, mean, rstd = bn.layer_norm_forward(tokens, 768)
+    >>> y.shape, mean.shape, rstd.dtype
+    ((16, 768), (16,), dtype('float32'))
+    >>> stream = np.ones((16, 768), np.float32)                   # a residual stream
+    >>> y, mean, rstd, h = bn.layer_norm_forward(tokens, 768, residual=stream)
+    >>> np.array_equal(h, tokens + stream)
+    True
     """
     out = forward_rows(input, normalized_shape, weight, bias, eps, rms=False, residual=residual,
                        residual_in_fp32=residual_in_fp32, want_sum=True)
@@ -179,14 +202,39 @@ def layer_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, bi
     return (out.y, *stats) if out.sum is None else (out.y, *stats, _sum_out(out, input))
 
 
+@accepts("input", "weight", "bias", "residual")
+@parameters_from(layer_norm_forward)
 def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
                eps: float = 1e-5, *, residual: Any = None, prenorm: bool = False,
                residual_in_fp32: bool = False) -> Any:
     """Layer normalization with the signature and semantics of
-    ``torch.nn.functional.layer_norm``; see :func:`layer_norm_forward`.
+    ``torch.nn.functional.layer_norm``.
 
-    ``prenorm=True`` returns ``(y, h)``, ``h`` being the residual sum (``input`` itself without
-    ``residual`` and ``residual_in_fp32``).
+    As :func:`layer_norm_forward`, without the statistics.
+
+    Parameters
+    ----------
+    prenorm : bool, keyword-only
+        Also return the residual sum ``h`` (``input`` itself without ``residual`` and
+        ``residual_in_fp32``), as flash-attn's ``layer_norm_fn``.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape, dtype and array kind as ``input``.
+    h : ndarray
+        Only with ``prenorm``: the residual sum, the next block's residual.
+
+    Examples
+    --------
+    >>> x = np.arange(6.0).reshape(2, 3)
+    >>> bn.layer_norm(x, (3,)).round(4)
+    array([[-1.2247,  0.    ,  1.2247],
+           [-1.2247,  0.    ,  1.2247]])
+    >>> y, h = bn.layer_norm(x, 3, residual=np.ones_like(x), prenorm=True)
+    >>> h
+    array([[1., 2., 3.],
+           [4., 5., 6.]])
     """
     prenorm = v.check_bool(prenorm, "prenorm")
     out = forward_rows(input, normalized_shape, weight, bias, eps, rms=False, residual=residual,
@@ -194,16 +242,46 @@ def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any 
     return (out.y, _sum_out(out, input)) if prenorm else out.y
 
 
+@accepts("grad_output", "input", "mean", "rstd", "weight", "grad_prenorm")
 def layer_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, mean: Any,
                         rstd: Any, weight: Any = None, *, grad_prenorm: Any = None,
                         ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`layer_norm_forward` with respect to input, weight and bias.
 
-    ``mean`` and ``rstd`` are what the forward pass returned (or more precise ones); the weight
-    and bias gradients have ``normalized_shape``. After a residual add, ``input`` is the sum
-    ``h`` the forward pass returned and the input gradient is that of ``x`` and of
-    ``residual`` alike; ``grad_prenorm`` (optional) is the gradient ``h`` received from its
-    other consumers (``prenorm``), added to it.
+    After a residual add, ``input`` is the sum ``h`` the forward pass returned, and the input
+    gradient is that of ``x`` and of ``residual`` alike.
+
+    Parameters
+    ----------
+    grad_output : ndarray
+        Gradient of the loss with respect to the output; same shape as ``input``.
+    input : ndarray
+        The forward pass's input, or the sum ``h`` it returned after a residual add.
+    normalized_shape : int or sequence of int
+        As in the forward pass.
+    mean, rstd : ndarray
+        What the forward pass returned (or more precise ones).
+    weight : ndarray, optional
+        The forward pass's weight (1 when None).
+    grad_prenorm : ndarray, optional, keyword-only
+        The gradient ``h`` received from its other consumers (``prenorm``), added to the
+        input gradient.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and array kind as ``input``.
+    grad_weight, grad_bias : ndarray
+        Of ``normalized_shape``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((4, 8))
+    >>> y, mean, rstd = bn.layer_norm_forward(x, 8)
+    >>> dy = np.ones_like(y)
+    >>> dx, dweight, dbias = bn.layer_norm_backward(dy, x, 8, mean, rstd)
+    >>> dx.shape, dbias
+    ((4, 8), array([4., 4., 4., 4., 4., 4., 4., 4.]))
     """
     return _backward(grad_output, input, mean, rstd, weight, False, "layer_norm_backward",
                      (_shape_key(normalized_shape),), _rows_check(input, normalized_shape),
@@ -223,6 +301,8 @@ def _rows_check(input: Any, normalized_shape: Any) -> Any:
 
 # ------------------------------------------------------------------------------ RMSNorm
 
+@accepts("input", "weight", "residual")
+@parameters_from(layer_norm_forward)
 def rms_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, eps: Any = None, *,
                      residual: Any = None, residual_in_fp32: bool = False) -> tuple[Any, ...]:
     """Root-mean-square normalization that also returns what its backward pass needs:
@@ -230,14 +310,10 @@ def rms_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, eps:
 
     Parameters
     ----------
-    input : ndarray, shape (*, *normalized_shape)
-        float16, bfloat16, float32 or float64; never modified.
-    normalized_shape : int or sequence of int
     weight : ndarray of shape normalized_shape, optional
+        Elementwise scale (1 when None).
     eps : float > 0 or None
         None: the machine epsilon of input's dtype, as torch.
-    residual, residual_in_fp32 : keyword-only
-        The fused residual add, as in :func:`layer_norm_forward`.
 
     Returns
     -------
@@ -246,7 +322,23 @@ def rms_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, eps:
     rstd : ndarray, shape input.shape[:-len(normalized_shape)]
         ``1/sqrt(mean(h^2) + eps)`` per row (float32, float64 for float64 input).
     h : ndarray
-        Only with ``residual`` or ``residual_in_fp32``: the sum normalized.
+        Only with ``residual``, or ``residual_in_fp32`` on 16-bit input: the sum normalized.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float array, or the arrays are of different kinds.
+    ValueError
+        ``normalized_shape`` does not match the trailing dimensions of ``input``, ``weight``
+        or ``residual`` has the wrong shape, or ``eps`` is not finite and > 0.
+
+    Examples
+    --------
+    >>> x = np.array([[3.0, -4.0], [1.0, 1.0]])
+    >>> y, rstd = bn.rms_norm_forward(x, 2)
+    >>> y.round(4), rstd.round(4)
+    (array([[ 0.8485, -1.1314],
+           [ 1.    ,  1.    ]]), array([0.2828, 1.    ]))
     """
     out = forward_rows(input, normalized_shape, weight, None, eps, rms=True, residual=residual,
                        residual_in_fp32=residual_in_fp32, want_sum=True)
@@ -254,20 +346,58 @@ def rms_norm_forward(input: Any, normalized_shape: Any, weight: Any = None, eps:
     return (out.y, rstd) if out.sum is None else (out.y, rstd, _sum_out(out, input))
 
 
+@accepts("input", "weight", "residual")
+@parameters_from(rms_norm_forward, layer_norm)
 def rms_norm(input: Any, normalized_shape: Any, weight: Any = None, eps: Any = None, *,
              residual: Any = None, prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
-    """RMS normalization with the signature and semantics of ``torch.nn.functional.rms_norm``;
-    see :func:`rms_norm_forward`. ``prenorm=True`` returns ``(y, h)`` as :func:`layer_norm`."""
+    """RMS normalization with the signature and semantics of ``torch.nn.functional.rms_norm``.
+
+    As :func:`rms_norm_forward`, without the statistics.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape, dtype and array kind as ``input``.
+    h : ndarray
+        Only with ``prenorm``: the residual sum, the next block's residual.
+
+    Examples
+    --------
+    >>> bn.rms_norm(np.array([[3.0, -4.0]]), 2).round(4)
+    array([[ 0.8485, -1.1314]])
+    """
     prenorm = v.check_bool(prenorm, "prenorm")
     out = forward_rows(input, normalized_shape, weight, None, eps, rms=True, residual=residual,
                        residual_in_fp32=residual_in_fp32, keep=False, want_sum=prenorm)
     return (out.y, _sum_out(out, input)) if prenorm else out.y
 
 
+@accepts("grad_output", "input", "rstd", "weight", "grad_prenorm")
+@parameters_from(layer_norm_backward)
 def rms_norm_backward(grad_output: Any, input: Any, normalized_shape: Any, rstd: Any,
                       weight: Any = None, *, grad_prenorm: Any = None) -> tuple[Any, Any]:
-    """Gradients of :func:`rms_norm_forward` with respect to input and weight (``input``,
-    ``grad_prenorm``: as in :func:`layer_norm_backward`)."""
+    """Gradients of :func:`rms_norm_forward` with respect to input and weight.
+
+    Parameters
+    ----------
+    rstd : ndarray
+        What the forward pass returned.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Same shape, dtype and array kind as ``input``.
+    grad_weight : ndarray
+        Of ``normalized_shape``.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((4, 8))
+    >>> y, rstd = bn.rms_norm_forward(x, 8)
+    >>> dx, dweight = bn.rms_norm_backward(np.ones_like(y), x, 8, rstd)
+    >>> dx.shape, dweight.shape
+    ((4, 8), (8,))
+    """
     dx, dw, _ = _backward(grad_output, input, None, rstd, weight, False, "rms_norm_backward",
                           (_shape_key(normalized_shape),), _rows_check(input, normalized_shape),
                           rms=True, grad_sum=grad_prenorm)

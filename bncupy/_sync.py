@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _validation as v
 from ._comm import wrap
+from ._docstrings import parameters_from
 from ._functional import _caller, _native, _resolve, statistics
 from ._layers import _BatchNorm
 from ._moments import Moments
@@ -24,7 +25,26 @@ from .backends._common import backward_coefficients, merge, quiet
 
 
 def batch_norm_stats(input: Any, *, axis: int = 1) -> Moments:
-    """This process's per-channel Welford partials (count, mean, m2); see :func:`welford`."""
+    """This process's per-channel Welford partials (count, mean, m2), as :func:`welford`.
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, ...) or (N, ..., C)
+        This process's slice of the global batch (it may be empty).
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    Moments
+        What to send to the other processes.
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> bn.batch_norm_stats(x).count
+    4
+    """
     return statistics(input, axis, "input")
 
 
@@ -42,11 +62,37 @@ def batch_norm_gather_stats(partials: Sequence[Moments], running_mean: Any = Non
                             ) -> tuple[Any, Any]:
     """Merge every process's partials (in the given order) into the global mean and invstd.
 
-    Updates ``running_mean``/``running_var`` in place when given (unbiased global variance).
+    Parameters
+    ----------
+    partials : sequence of Moments
+        Every process's :func:`batch_norm_stats`, in rank order (so that every process gets
+        bitwise the same result).
+    running_mean, running_var : ndarray of shape (C,), optional
+        Updated in place when given, with the unbiased global variance.
+    momentum : float in [0, 1]
+        Weight of the global batch in the running-statistics update.
+    eps : float > 0
+        Added to the variance.
 
     Returns
     -------
     mean, invstd : ndarray, shape (C,), float64
+        The global batch's mean and ``1/sqrt(var + eps)``.
+
+    Raises
+    ------
+    TypeError
+        ``partials`` is not a non-empty sequence of :class:`Moments` of one array kind.
+    ValueError
+        Channel counts differ, or there is one value per channel in all.
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> partials = [bn.batch_norm_stats(x[:1]), bn.batch_norm_stats(x[1:])]
+    >>> mean, invstd = bn.batch_norm_gather_stats(partials)  # as from two ranks
+    >>> mean
+    array([4.5, 5.5, 6.5])
     """
     if isinstance(partials, Moments) or not isinstance(partials, Sequence) or not partials:
         raise TypeError("partials must be a non-empty sequence of Moments (one per process)")
@@ -103,7 +149,35 @@ def _check_elemt(input: Any, mean: Any, invstd: Any, weight: Any, axis: Any,
 
 def batch_norm_elemt(input: Any, weight: Any, bias: Any, mean: Any, invstd: Any, *,
                      axis: int = 1, activation: str | None = None, residual: Any = None) -> Any:
-    """Normalize with given (e.g. globally gathered) statistics: ``act(xhat*w + b + residual)``."""
+    """Normalize with given (e.g. globally gathered) statistics: ``act(xhat*w + b + residual)``.
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, ...) or (N, ..., C)
+        This process's slice.
+    weight, bias : ndarray of shape (C,) or None
+        Affine parameters (1 and 0 when None).
+    mean, invstd : ndarray, shape (C,)
+        As :func:`batch_norm_gather_stats` returns them.
+    axis : int, keyword-only
+        The channel axis.
+    activation : None or "relu", keyword-only
+        Fused activation.
+    residual : ndarray, optional, keyword-only
+        Added before the activation; ``input``'s shape.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype and array kind as ``input``.
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> mean, invstd = bn.batch_norm_gather_stats([bn.batch_norm_stats(x)])
+    >>> bn.batch_norm_elemt(x, None, None, mean, invstd)[:, 0].round(4)
+    array([-1.3416, -0.4472,  0.4472,  1.3416])
+    """
     relu = v.check_activation(activation)
     extra = {} if bias is None else {"bias": bias}
     ax, kind, be = _check_elemt(input, mean, invstd, weight, axis, extra)
@@ -117,7 +191,33 @@ def batch_norm_elemt(input: Any, weight: Any, bias: Any, mean: Any, invstd: Any,
 
 def batch_norm_backward_reduce(grad_output: Any, input: Any, mean: Any, invstd: Any, *,
                                axis: int = 1) -> tuple[Any, Any]:
-    """This process's per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    """This process's per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))``.
+
+    Parameters
+    ----------
+    grad_output : ndarray
+        Gradient of the loss with respect to this process's output.
+    input : ndarray
+        This process's slice of the forward pass's input.
+    mean, invstd : ndarray, shape (C,)
+        The global statistics of the forward pass.
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xmu : ndarray, shape (C,), float64
+        To be summed over the processes (in rank order) for :func:`batch_norm_backward_elemt`.
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> mean, invstd = bn.batch_norm_gather_stats([bn.batch_norm_stats(x)])
+    >>> dy = np.ones_like(x)
+    >>> sum_dy, sum_dy_xmu = bn.batch_norm_backward_reduce(dy, x, mean, invstd)
+    >>> sum_dy
+    array([4., 4., 4.])
+    """
     ax, kind, be = _check_elemt(input, mean, invstd, None, axis, {})
     v.check_same_kind({"input": kind, "grad_output": v.check_like_input(
         grad_output, "grad_output", input)})
@@ -128,8 +228,45 @@ def batch_norm_backward_reduce(grad_output: Any, input: Any, mean: Any, invstd: 
 
 def batch_norm_backward_elemt(grad_output: Any, input: Any, mean: Any, invstd: Any, weight: Any,
                               sum_dy: Any, sum_dy_xmu: Any, count: int, *, axis: int = 1) -> Any:
-    """Input gradient from the global sums of :func:`batch_norm_backward_reduce` and the global
-    ``count`` (values per channel over all processes)."""
+    """Input gradient from the global sums of :func:`batch_norm_backward_reduce`.
+
+    Parameters
+    ----------
+    grad_output : ndarray
+        Gradient of the loss with respect to this process's output.
+    input : ndarray
+        This process's slice of the forward pass's input.
+    mean, invstd : ndarray, shape (C,)
+        The global statistics of the forward pass.
+    weight : ndarray of shape (C,) or None
+        The forward pass's gamma (1 when None).
+    sum_dy, sum_dy_xmu : ndarray, shape (C,)
+        :func:`batch_norm_backward_reduce`'s sums, added up over every process.
+    count : int
+        Values per channel over all processes.
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    ndarray
+        Gradient with respect to ``input``.
+
+    Raises
+    ------
+    ValueError
+        ``count`` is below this process's own number of values per channel.
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> mean, invstd = bn.batch_norm_gather_stats([bn.batch_norm_stats(x)])
+    >>> sums = bn.batch_norm_backward_reduce(np.ones_like(x), x, mean, invstd)
+    >>> dy = np.ones_like(x)
+    >>> dx = bn.batch_norm_backward_elemt(dy, x, mean, invstd, None, *sums, 4)
+    >>> np.allclose(dx, 0)
+    True
+    """
     extra = {"sum_dy": sum_dy, "sum_dy_xmu": sum_dy_xmu}
     ax, kind, be = _check_elemt(input, mean, invstd, weight, axis, extra)
     v.check_same_kind({"input": kind, "grad_output": v.check_like_input(
@@ -146,6 +283,7 @@ def batch_norm_backward_elemt(grad_output: Any, input: Any, mean: Any, invstd: A
     return _caller(kind, be, dx)
 
 
+@parameters_from(_BatchNorm)
 class SyncBatchNorm(_BatchNorm):
     """Batch normalization whose training statistics span every process of ``comm``.
 
@@ -154,13 +292,24 @@ class SyncBatchNorm(_BatchNorm):
     the concatenated global batch, bitwise identical on every rank. Communication per training
     call: one all-gather of ``2 + 2C`` values forward and one of ``1 + 2C`` values backward.
 
+    Any input with ndim >= 2 is accepted.
+
     Parameters
     ----------
     comm : mpi4py communicator, cupyx.distributed NCCL communicator, or None, keyword-only
         None (or a world of one) is plain single-process batch norm. MPI carries NumPy arrays,
         and CuPy arrays staged through host memory; NCCL carries CuPy arrays.
 
-    Other parameters are those of :class:`BatchNorm2d`; any input with ndim >= 2 is accepted.
+    Examples
+    --------
+    Without a communicator (or in a world of one) it is a plain batch norm; under ``mpiexec``,
+    pass ``comm=mpi4py.MPI.COMM_WORLD``:
+
+    >>> layer = bn.SyncBatchNorm(4, comm=None)
+    >>> x = np.random.default_rng(0).standard_normal((8, 4, 2), np.float32)
+    >>> dx = layer.backward(np.ones_like(layer(x)))
+    >>> dx.shape
+    (8, 4, 2)
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -282,3 +431,8 @@ class SyncBatchNorm(_BatchNorm):
         g_caller = _caller(kind, be, g) if self.activation == "relu" else grad_output
         self.grad_residual = None if s["residual"] is None else g_caller
         return _caller(kind, be, dx)
+
+
+# A call and its backward document as BatchNorm*d's, whose results they equal.
+SyncBatchNorm.__call__.__doc__ = _BatchNorm.__call__.__doc__
+SyncBatchNorm.backward.__doc__ = _BatchNorm.backward.__doc__

@@ -191,14 +191,13 @@ __global__ void __launch_bounds__(256, 2) row_backward(
     vec* dxv = reinterpret_cast<vec*>(dx) + (size_t)row * row_vecs;
     for (I j = threadIdx.x & (height - 1); j < row_vecs; j += height) {
         const vec xi = ld(xv + j), gi = ld(gv + j);
-        vec gs;
-        if (grad_sum) gs = ld(sv + j);
         vec out;
+        if (grad_sum) out = ld(sv + j);
 #pragma unroll
         for (int k = 0; k < V; ++k)
             out.v[k] = from_acc<T>(r * op.dy_scale(j * V + k) * to_acc(gi.v[k]) +
                                    q * ((to_acc(xi.v[k]) - m) - residual) + k0 +
-                                   (grad_sum ? to_acc(gs.v[k]) : A(0)));
+                                   (grad_sum ? to_acc(out.v[k]) : A(0)));
         st(dxv + j, out);
     }
 }
@@ -209,8 +208,10 @@ __global__ void __launch_bounds__(256, 2) row_backward(
 // it sums dy * xhat and dy of its columns over its rows in registers; several slots per block
 // are merged in slot order through shared memory (2 * columns values, at most 32 KB) and written
 // as the block's partials: partials[block][0 | 1][column], summed over blocks by column_sums.
-template <typename T, int V, typename I>
-__global__ void __launch_bounds__(1024, 1) row_norm_backward(
+// Sum: grad_sum is read too (prenorm); that specialisation runs 512 threads with twice the
+// values per thread (128 registers each), so rows of the same length are read once.
+template <typename T, int V, typename I, bool Sum>
+__global__ void __launch_bounds__(Sum ? 512 : 1024, 1) row_norm_backward(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
     const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
@@ -221,7 +222,8 @@ __global__ void __launch_bounds__(1024, 1) row_norm_backward(
     typedef typename acc_of<T>::type A;
     typedef vec_t<T, V> vec;
     // fewer values in double, and one at a time without vectors: the registers of 64 per thread
-    const int R = row_regs<V, sizeof(A) == 8 ? 2 : V == 1 ? 4 : 8>::value;
+    // (128 with Sum)
+    const int R = row_regs<V, (sizeof(A) == 8 ? 2 : V == 1 ? 4 : 8) * (Sum ? 2 : 1)>::value;
     __shared__ SumPair<A> scratch[32];
     const A inv_n = inv_of(A((double)row_vecs * V));
     const I columns = row_vecs * V;
@@ -262,16 +264,14 @@ __global__ void __launch_bounds__(1024, 1) row_norm_backward(
         for (int r = 0; r < R; ++r) {
             const unsigned int j = ty + (unsigned int)r * height;
             if (j < row_vecs) {
-                vec gs;
-                if (grad_sum) gs = ld(reinterpret_cast<const vec*>(grad_sum) + base + j);
-                vec out;
+                vec out;  // holds grad_sum first: no extra registers
+                if (Sum) out = ld(reinterpret_cast<const vec*>(grad_sum) + base + j);
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
                     const A g = to_acc(gr[r].v[k]);
                     const A centred = (to_acc(xr[r].v[k]) - m) - l;
                     out.v[k] = from_acc<T>(inv * (weight ? weight[j * V + k] : A(1)) * g +
-                                           q * centred + k0 +
-                                           (grad_sum ? to_acc(gs.v[k]) : A(0)));
+                                           q * centred + k0 + (Sum ? to_acc(out.v[k]) : A(0)));
                     dw[r][k] += g * (centred * inv);
                     db[r][k] += g;
                 }

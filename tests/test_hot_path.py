@@ -29,7 +29,7 @@ from tests.conftest import EMULATED
 pytestmark = pytest.mark.skipif(not EMULATED, reason="counts through the CPU execution "
                                                      "target's seam (tox -e emulated)")
 
-DTYPES = ["float16", "float32", "float64"]
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 
 @pytest.fixture
@@ -53,11 +53,13 @@ def _data(xp: Any, shape: tuple[int, ...], dtype: str, seed: int = 0, offset: fl
 
 
 class Case:
-    """One op under the budget: ``run(xp)`` calls it (arrays made once, outside the count)."""
+    """One op under the budget: ``run(xp)`` calls it (arrays made once, outside the count);
+    ``ops`` names the array operations it is allowed (none but documented conversions)."""
 
     def __init__(self, name: str, launches: int, allocations: int,
-                 make: Callable[[Any], Callable[[], Any]]) -> None:
+                 make: Callable[[Any], Callable[[], Any]], ops: tuple[str, ...] = ()) -> None:
         self.name, self.launches, self.allocations, self.make = name, launches, allocations, make
+        self.ops = ops
 
 
 def _batch_cases(dtype: str, layout: str) -> list[Case]:
@@ -141,6 +143,17 @@ def _family_cases(dtype: str, layout: str, n: int) -> list[Case]:
             return lambda: bn.layer_norm_backward(dy, x, 40, m, s, w)
         return lambda: bn.layer_norm(x, 40, w, b)
 
+    def rms_norm(xp: Any, backward: bool, stream: str | None) -> Callable[[], Any]:
+        """RMSNorm; with ``stream`` (a dtype) the fused residual add, prenorm."""
+        x, dy = _data(xp, (n, 7, 40), dtype, 1), _data(xp, (n, 7, 40), dtype, 2)
+        w = _data(xp, (40,), acc, 3)
+        r = None if stream is None else _data(xp, (n, 7, 40), stream, 4)
+        y, s, *h = bn.rms_norm_forward(x, 40, w, residual=r)
+        if backward:
+            g = None if stream is None else h[0]
+            return lambda: bn.rms_norm_backward(dy, h[0] if h else x, 40, s, w, grad_prenorm=g)
+        return lambda: bn.rms_norm(x, 40, w, residual=r, prenorm=stream is not None)
+
     def layers(xp: Any) -> Callable[[], Any]:
         x = _data(xp, (n, 8, 6, 5) if cf else (n, 6, 5, 8), dtype, 1)
         gn = bn.GroupNorm(4, 8, dtype=acc, channels_last=not cf)
@@ -162,7 +175,18 @@ def _family_cases(dtype: str, layout: str, n: int) -> list[Case]:
         cases.append(Case(f"group_norm long groups {tag}", 2, 2,
                           lambda xp: group(xp, (n, 4, 40000), 2, False)))
         cases += [Case(f"layer_norm {tag}", 1, 2, lambda xp: layer_norm(xp, False)),
-                  Case(f"layer_norm_backward {tag}", 2, 2, lambda xp: layer_norm(xp, True))]
+                  Case(f"layer_norm_backward {tag}", 2, 2, lambda xp: layer_norm(xp, True)),
+                  Case(f"rms_norm {tag}", 1, 2, lambda xp: rms_norm(xp, False, None)),
+                  Case(f"rms_norm_backward {tag}", 2, 2, lambda xp: rms_norm(xp, True, None))]
+        for stream in {dtype, "float32"} if dtype in ("float16", "bfloat16") else {dtype}:
+            cases += [  # y and h
+                Case(f"rms_norm residual {stream} prenorm {tag}", 1, 3,
+                     lambda xp, st=stream: rms_norm(xp, False, st)),
+                # a float32 stream's backward takes 16-bit dy converted (README: transformer
+                # norms)
+                Case(f"rms_norm_backward grad_prenorm {stream} {tag}", 2, 2,
+                     lambda xp, st=stream: rms_norm(xp, True, st),
+                     ("cupy.ascontiguousarray",) if stream != dtype else ())]
     return cases
 
 
@@ -182,9 +206,9 @@ def test_launch_and_allocation_budget(dev, case):
         dev.SEAM.reset()
         run()
     seam = dev.SEAM
-    assert (seam.launches, seam.ops, seam.memsets, seam.syncs) == (case.launches, 0, 0, 0), \
-        seam.op_names
-    assert seam.allocations <= case.allocations
+    assert (seam.launches, seam.memsets, seam.syncs) == (case.launches, 0, 0), seam.op_names
+    assert tuple(seam.op_names) == case.ops
+    assert seam.allocations <= case.allocations + len(case.ops)
 
 
 # ------------------------------------------------------------------------------ streams
@@ -381,8 +405,14 @@ def _fault_cases(dev: Any) -> list[tuple[str, Callable[[], Any], Callable[[], di
         ]
     xl, dyl = _data(dev, (6, 40), "float32"), _data(dev, (6, 40), "float32", 1)
     _, lm, ls = bn.layer_norm_forward(xl, 40)
+    rl = _data(dev, (6, 40), "float32", 2)
+    _, rs, rh = bn.rms_norm_forward(xl, 40, residual=rl)
     cases += [("layer_norm", lambda: bn.layer_norm(xl, 40), dict),
-              ("layer_norm_backward", lambda: bn.layer_norm_backward(dyl, xl, 40, lm, ls), dict)]
+              ("layer_norm_backward", lambda: bn.layer_norm_backward(dyl, xl, 40, lm, ls), dict),
+              ("rms_norm residual prenorm",
+               lambda: bn.rms_norm(xl, 40, residual=rl, prenorm=True), dict),
+              ("rms_norm_backward grad_prenorm",
+               lambda: bn.rms_norm_backward(dyl, rh, 40, rs, grad_prenorm=rl), dict)]
     return cases
 
 
@@ -489,6 +519,15 @@ def _traffic_cases(dev: Any, dtype: str, layout: str) -> list[tuple[str, Callabl
     rows_dy = _data(dev, (64, 1024), dtype, 6)
     lw = _data(dev, (1024,), _acc(dtype), 7)
     _, lm, ls = bn.layer_norm_forward(rows, 1024, lw, lw)
+    resid = _data(dev, (64, 1024), dtype, 8)
+    _, rs, rh = bn.rms_norm_forward(rows, 1024, lw, residual=resid)
+
+    def keep_pair(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            out["y"], out["h"] = fn()
+            return out["y"]
+        return run
+
     return [
         ("batch_norm train", keep("y", lambda: bn.batch_norm(x, rm, rv, w, b, True, axis=axis)),
          {"x": (x, 2, 0), "y": ("y", 0, 1)}),
@@ -512,11 +551,23 @@ def _traffic_cases(dev: Any, dtype: str, layout: str) -> list[tuple[str, Callabl
         ("layer_norm_backward", keep("dx", lambda: bn.layer_norm_backward(
             rows_dy, rows, 1024, lm, ls, lw)[0]),
          {"x": (rows, 1, 0), "dy": (rows_dy, 1, 0), "dx": ("dx", 0, 1)}),
+        ("rms_norm", keep("y", lambda: bn.rms_norm(rows, 1024, lw)),
+         {"x": (rows, 1, 0), "y": ("y", 0, 1)}),
+        ("rms_norm residual prenorm", keep_pair(lambda: bn.rms_norm(
+            rows, 1024, lw, residual=resid, prenorm=True)),
+         {"x": (rows, 1, 0), "residual": (resid, 1, 0), "y": ("y", 0, 1), "h": ("h", 0, 1)}),
+        ("layer_norm residual", keep("y", lambda: bn.layer_norm(rows, 1024, lw, lw,
+                                                                residual=resid)),
+         {"x": (rows, 1, 0), "residual": (resid, 1, 0), "y": ("y", 0, 1)}),
+        ("rms_norm_backward grad_prenorm", keep("dx", lambda: bn.rms_norm_backward(
+            rows_dy, rh, 1024, rs, lw, grad_prenorm=resid)[0]),
+         {"h": (rh, 1, 0), "dy": (rows_dy, 1, 0), "grad_prenorm": (resid, 1, 0),
+          "dx": ("dx", 0, 1)}),
     ], out
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_each_op_moves_the_bytes_of_its_traffic_model(dev, dtype, layout):
     """Bytes each launch read from and wrote to the op's tensors, counted by the CPU target at
     every load and store, against the op's traffic model (a read of a tensor is its size): a

@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs as written, each in a fresh interpreter.
+"""Every ```python block of README.md and of the user guide (docs/**/*.md) runs as written, each
+in a fresh interpreter.
 
 Blocks that need CuPy and a GPU, or mpi4py, are skipped with the reason where those are missing
 (the GPU suite and the tox env 'mpi' run them); bash blocks are not run.
@@ -19,8 +20,18 @@ from tests.conftest import REAL_GPU_REASON
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-BLOCKS = [(README.count("\n", 0, match.start()) + 2, match.group(1))
-          for match in re.finditer(r"^```python\n(.*?)^```", README, re.M | re.S)]
+DOCUMENTS = [ROOT / "README.md", *sorted(path for path in (ROOT / "docs").rglob("*.md")
+                                         if "_build" not in path.parts)]
+
+
+def _python_blocks(path: Path) -> list[tuple[str, str]]:
+    """``(where, code)`` of each ```python block of ``path``."""
+    text = path.read_text(encoding="utf-8")
+    return [(f"{path.relative_to(ROOT).as_posix()} line {text.count(chr(10), 0, m.start()) + 2}",
+             m.group(1)) for m in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)]
+
+
+BLOCKS = [block for path in DOCUMENTS for block in _python_blocks(path)]
 
 
 def _mpi4py_missing() -> str | None:
@@ -57,7 +68,7 @@ def test_readme_has_the_blocks_this_test_knows_about():
 
 
 @pytest.mark.parametrize("code", [code for _, code in BLOCKS],
-                         ids=[f"README.md line {line}" for line, _ in BLOCKS])
+                         ids=[where for where, _ in BLOCKS])
 def test_readme_python_block_runs(code):
     reason = _needs(code)
     if reason:

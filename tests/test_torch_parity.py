@@ -200,3 +200,103 @@ def test_batch_renorm_with_unit_limits_matches_torch_batch_norm():
     tlayer = torch.nn.BatchNorm1d(3).double()
     np.testing.assert_allclose(layer(x), tlayer(torch.tensor(x)).detach().numpy(), atol=1e-12)
     np.testing.assert_allclose(layer.running_var, tlayer.running_var.numpy(), atol=1e-12)
+
+
+# ---------------------------------------------------------------- RMSNorm, residual add, bf16
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_matches_torch_forward_and_autograd(dtype, eps):
+    """bn.rms_norm on torch tensors (through DLPack, bfloat16 too) against
+    torch.nn.functional.rms_norm and its autograd, eps=None included."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 5, 64, generator=g) + 0.5).to(dtype).requires_grad_(True)
+    w = (torch.rand(64, generator=g) + 0.5).to(dtype).requires_grad_(True)
+    dy = torch.randn(6, 5, 64, generator=g).to(dtype)
+    ty = F.rms_norm(x, (64,), w, eps)
+    ty.backward(dy)
+    wf = w.detach().float() if dtype != torch.float64 else w.detach()
+    y, rstd = bn.rms_norm_forward(x.detach(), 64, wf, eps)
+    assert isinstance(y, torch.Tensor) and y.dtype == dtype
+    dx, dw = bn.rms_norm_backward(dy, x.detach(), 64, rstd, wf)
+    ulp = float(torch.finfo(dtype).eps)
+    # torch rounds w * xhat's two factors to the dtype on the way; we keep float32 throughout
+    tol = {torch.float64: 1e-12}.get(dtype, 4 * ulp)
+    torch.testing.assert_close(y.double(), ty.detach().double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(dx.double(), x.grad.double(), rtol=4 * tol, atol=4 * tol)
+    torch.testing.assert_close(dw.double(), w.grad.double(), rtol=8 * tol, atol=30 * 8 * tol)
+
+
+def test_rms_norm_layer_state_and_repr_match_torch():
+    for kwargs in ({}, {"eps": 1e-6}, {"elementwise_affine": False}):
+        ours, theirs = bn.RMSNorm((4, 8), **kwargs), torch.nn.RMSNorm((4, 8), **kwargs)
+        assert repr(ours) == repr(theirs)
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs = torch.nn.RMSNorm(8)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    ours = bn.RMSNorm(8)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ours(x), theirs(x).detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_fused_residual_add_equals_torch_on_the_sum(norm):
+    """norm(x + residual) and its gradients, against torch autograd on the explicit sum; the
+    gradient reaches x and residual alike, plus the prenorm output's own gradient."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(32, generator=g, dtype=torch.float64) + 0.5
+    dy, dh = torch.randn(4, 32, generator=g, dtype=torch.float64), torch.randn(
+        4, 32, generator=g, dtype=torch.float64)
+    h = x + r
+    ty = F.layer_norm(h, (32,), w, None, 1e-5) if norm == "layer" else F.rms_norm(h, (32,), w,
+                                                                                  1e-5)
+    torch.autograd.backward([ty, h], [dy, dh])
+    if norm == "layer":
+        y, m, s, hh = bn.layer_norm_forward(x.detach(), 32, w, None, 1e-5, residual=r.detach())
+        dx = bn.layer_norm_backward(dy, hh, 32, m, s, w, grad_prenorm=dh)[0]
+    else:
+        y, s, hh = bn.rms_norm_forward(x.detach(), 32, w, 1e-5, residual=r.detach())
+        dx = bn.rms_norm_backward(dy, hh, 32, s, w, grad_prenorm=dh)[0]
+    torch.testing.assert_close(y, ty.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(dx, r.grad, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("op", ["batch", "layer", "group", "instance"])
+def test_bfloat16_cpu_tensors_match_torch(op):
+    """torch bfloat16 CPU tensors in and out (no copy on the way in): the same values as torch,
+    which computes bfloat16 normalization in float32 as bncupy does, to one bfloat16 ulp."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, 6, 5, 5, generator=g) * 2 + 3).to(torch.bfloat16)
+    w, b = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    if op == "batch":
+        ours, theirs = bn.batch_norm(x, None, None, w, b, True), F.batch_norm(
+            x, None, None, w.to(torch.bfloat16), b.to(torch.bfloat16), True)
+    elif op == "layer":
+        wl, bl = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+        ours, theirs = bn.layer_norm(x, 5, wl, bl), F.layer_norm(
+            x, (5,), wl.to(torch.bfloat16), bl.to(torch.bfloat16))
+    elif op == "group":
+        ours, theirs = bn.group_norm(x, 3, w, b), F.group_norm(
+            x, 3, w.to(torch.bfloat16), b.to(torch.bfloat16))
+    else:
+        ours, theirs = bn.instance_norm(x), F.instance_norm(x)
+    assert isinstance(ours, torch.Tensor) and ours.dtype == torch.bfloat16
+    ulp = float(torch.finfo(torch.bfloat16).eps)
+    diff = (ours.float() - theirs.float()).abs()
+    # torch rounds weight and bias to bfloat16 (its parameters share the input's dtype)
+    assert (diff <= 2 * ulp * theirs.float().abs() + 2 * ulp).all(), diff.max()
+
+
+def test_bfloat16_tensor_payload_is_shared_not_copied():
+    from bncupy._interop import to_native
+
+    x = torch.randn(8, 4).to(torch.bfloat16)
+    native = to_native(x, "input")
+    assert native.dtype.name == "bfloat16"
+    assert native.__array_interface__["data"][0] == x.data_ptr()
+    assert bn.batch_norm(x, None, None, training=True).dtype == torch.bfloat16

@@ -139,8 +139,8 @@ CTYPES = {"float16": "bncupy::half_t", "bfloat16": "bncupy::bf16_t", "float32": 
 SOURCES = ("forward.cu", "backward.cu")
 INDEX_TYPES = ("unsigned int", "unsigned long long")
 _LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply")
-_ROW_KERNELS = ("cell_stats", "row_forward", "row_backward", "row_norm_backward",
-                "column_grads", "cell_grad_planes", "cell_grad_cl")
+_ROW_KERNELS = ("cell_stats", "row_forward", "row_backward", "column_grads",
+                "cell_grad_planes", "cell_grad_cl")
 _GROUP_KERNELS = ("group_apply", "group_backward_apply")
 _ACC_KERNELS = ("group_merge", "group_grad_coefficients", "column_sums")
 GROUP_LAYOUTS = {"rows": 0, "cf": 1, "cl": 2}
@@ -172,6 +172,7 @@ def name_expressions(dtypes: tuple[str, ...] = tuple(CTYPES)) -> list[str]:
                 names += [f"bncupy::{k}<{head}>" for k in _ROW_KERNELS]
                 names += [f"bncupy::row_norm<{ctype}, {h}, {width}, {index}>"
                           for h in sum_types(dtype)]
+                names += [f"bncupy::row_norm_backward<{head}, {s}>" for s in ("false", "true")]
                 names += [f"bncupy::{k}<{head}, {layout}>" for k in _GROUP_KERNELS
                           for layout in GROUP_LAYOUTS.values()]
         acc = "double" if dtype == "float64" else "float"

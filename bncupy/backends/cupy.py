@@ -538,7 +538,7 @@ class _GroupGeometry:
             k: f"bncupy::{k}<{ctype}, {self.apply_width}, {self.index}, {layout}>"
             for k in ("group_apply", "group_backward_apply")}
         self.names.update({k: f"bncupy::{k}<{ctype}, {self.row_width}, {self.index}>"
-                           for k in ("row_forward", "row_backward", "row_norm_backward")})
+                           for k in ("row_forward", "row_backward")})
         # row_norm per residual-stream type (see _cuda.sum_types)
         self.names.update({("row_norm", h): f"bncupy::row_norm<{ctype}, {_cuda.CTYPES[h]}, "
                                              f"{self.row_width}, {self.index}>"
@@ -574,11 +574,17 @@ class _GroupGeometry:
             self.split = _Geometry((1, self.groups, lay.size), 1, dtype, offset, sms)
         # Backward: LayerNorm rows in registers (row_norm_backward + column_sums) or, longer than
         # that, row_backward + column_grads; groups of channels: cell sums.
+        # (with grad_sum: 512 threads holding twice as much, see kernels/backward.cu)
         if lay.kind == "rows":
+            merge = 2 * lay.c * self.acc.itemsize
             self.back: _RowPlan | None = None
+            self.back_sum: _RowPlan | None = None
             if group_vecs <= held_back * 1024:
-                self.back = _RowPlan(lay.n, group_vecs, held_back, sms,
-                                     2 * lay.c * self.acc.itemsize)
+                self.back = _RowPlan(lay.n, group_vecs, held_back, sms, merge)
+                self.back_sum = _RowPlan(lay.n, group_vecs, 2 * held_back, sms, merge, 512)
+            for sum_, flag in ((False, "false"), (True, "true")):
+                self.names["row_norm_backward", sum_] = (
+                    f"bncupy::row_norm_backward<{ctype}, {self.row_width}, {self.index}, {flag}>")
             self.columns = _Geometry((lay.n, lay.c), 1, dtype, offset, sms)
             self._name("column_grads", self.columns.width)
         elif lay.kind == "cf":
@@ -596,11 +602,12 @@ class _GroupGeometry:
 
 class _RowPlan:
     """A launch of the register-held row kernels: `height` threads per row (a power of two from
-    32 to 1024), slots of rows per block, a grid from the SM count. ``merge_bytes`` (backward: the
-    slots' column sums in shared memory) above 32 KB keeps one row per block."""
+    32 to ``threads``), slots of rows per block, a grid from the SM count. ``merge_bytes``
+    (backward: the slots' column sums in shared memory) above 32 KB keeps one row per block."""
 
-    def __init__(self, rows: int, row_vecs: int, held: int, sms: int, merge_bytes: int) -> None:
-        self.height = min(1024, max(32, 1 << max(0, (-(-row_vecs // held) - 1).bit_length())))
+    def __init__(self, rows: int, row_vecs: int, held: int, sms: int, merge_bytes: int,
+                 threads: int = 1024) -> None:
+        self.height = min(threads, max(32, 1 << max(0, (-(-row_vecs // held) - 1).bit_length())))
         self.block = max(self.height, _THREADS)
         if merge_bytes > 32768:
             self.block = self.height
@@ -650,7 +657,8 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
     if geo.stats_mode == "regs":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
         plan = geo.regs
-        stream = geo.dtype if h is None else h.dtype.name
+        held = h if h is not None else residual if residual is not None else x
+        stream = held.dtype.name
         _launch(geo.dtype, geo.names["row_norm", stream], plan.grid, (
             x, y, it(geo.groups), it(lay.size // geo.row_width), np.int32(plan.height),
             it(lay.s // geo.row_width if lay.kind != "rows" else 0), it(lay.c // lay.k),
@@ -756,10 +764,11 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     invstd = _per_channel(invstd, acc)
     weight = _per_channel(weight, acc)
     if lay.kind == "rows" and geo.back is not None:
-        plan = geo.back
+        has_sum = grad_sum is not None
+        plan = geo.back_sum if has_sum and geo.back_sum is not None else geo.back
         (partials,) = _workspace(0, ((acc, 2 * lay.c * plan.grid),))[1:]
         grads = xp.empty((2, lay.c), acc)
-        _launch(geo.dtype, geo.names["row_norm_backward"], plan.grid, (
+        _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
             dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(plan.height),
             _ptr(center), _ptr(lo), invstd, _ptr(weight), partials, _ptr(grad_sum),
             np.int32(rms)), plan.block)

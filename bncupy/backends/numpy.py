@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .._dtypes import BFLOAT16
 from ._common import backward_coefficients, compute_dtype, forward_coefficients, quiet
 from ._pool import run as _run
 from ._ufuncs import NumpyPasses, _tiles  # noqa: F401 (_tiles: tests/test_properties.py)
@@ -56,14 +57,28 @@ def asarray(a: Any) -> np.ndarray:
 
 def view3(x: np.ndarray, axis: int, dtype: Any = None) -> np.ndarray:
     """``x`` as a C-contiguous ``(A, C, B)`` array, channel axis in the middle (a copy only when
-    ``x`` is not contiguous or is not of ``dtype``)."""
+    ``x`` is not contiguous or is not of ``dtype``; bfloat16 is widened to float32, which the
+    engines compute in)."""
     a, b = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+    if dtype is None and x.dtype == BFLOAT16:
+        dtype = np.float32
     return np.ascontiguousarray(x, dtype).reshape(a, x.shape[axis], b)
 
 
 def _operand(v: np.ndarray, axis: int, cd: np.dtype) -> np.ndarray:
     """``dy`` or a residual as :func:`view3`, in ``cd`` unless it already computes in ``cd``."""
-    return view3(v, axis, v.dtype if compute_dtype(v.dtype) == cd else cd)
+    own = compute_dtype(v.dtype) == cd and v.dtype != BFLOAT16
+    return view3(v, axis, v.dtype if own else cd)
+
+
+def _output(x: np.ndarray) -> np.ndarray:
+    """An output array like ``x`` for the engines (float32 for bfloat16: see :func:`_stored`)."""
+    return np.empty(x.shape, np.float32 if x.dtype == BFLOAT16 else x.dtype)
+
+
+def _stored(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """An engine's output in ``dtype``: bfloat16 rounded to nearest even from float32."""
+    return out.astype(dtype) if out.dtype != dtype else out
 
 
 # --- the compiled engine ------------------------------------------------------------------------
@@ -570,12 +585,12 @@ def apply(x: np.ndarray, axis: int, center: np.ndarray, scale: np.ndarray, shift
     """
     cd = compute_dtype(x.dtype)
     x3 = view3(x, axis)
-    y = np.empty(x.shape, x.dtype)
+    y = _output(x)
     z3 = None if residual is None else _operand(residual, axis, cd)
     if x.size:
         engine().affine(x3, z3, y.reshape(x3.shape), center.astype(cd), scale.astype(cd),
                         shift.astype(cd), relu)
-    return y
+    return _stored(y, x.dtype)
 
 
 @quiet
@@ -585,11 +600,11 @@ def backward_apply(dy: np.ndarray, x: np.ndarray, axis: int, center: np.ndarray,
     ``x.dtype``."""
     cd = compute_dtype(x.dtype)
     x3 = view3(x, axis)
-    dx = np.empty(x.shape, x.dtype)
+    dx = _output(x)
     if x.size:
         engine().grad_affine(_operand(dy, axis, cd), x3, dx.reshape(x3.shape), center.astype(cd),
                              a.astype(cd), b.astype(cd), c.astype(cd))
-    return dx
+    return _stored(dx, x.dtype)
 
 
 @quiet

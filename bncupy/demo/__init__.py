@@ -21,7 +21,8 @@ from . import experiments, explorer, figures
 TARGET_ACCURACY = 0.9
 BATCH = 60
 BLAS_THREADS = 1  # see the module docstring
-# From benchmarks/demo_timing.py on this project's 2-core machine; the README quotes it verbatim.
+# From benchmarks/demo_timing.py on this project's 2-core machine; docs/guide/demo.md quotes it
+# verbatim.
 MEASURED_TIMINGS = ("full run 28.5 s wall (21.7-30.2 s), 19.9 s CPU (19.2-20.1 s); --quick 8.5 s "
                     "wall (8.5-9.4 s), 5.7 s CPU (5.4-6.0 s); medians of 3 runs of "
                     "benchmarks/demo_timing.py on this project's 2-core machine shared with other "
