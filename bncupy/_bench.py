@@ -190,7 +190,8 @@ def _device_normal(xp: Any, shape: tuple[int, ...], seed: int, dtype: str) -> An
     generator would take seconds on the benchmark's large tensors)."""
     random = getattr(xp, "random", None)
     if random is not None and hasattr(random, "default_rng"):
-        return random.default_rng(seed).standard_normal(shape, dtype=np.float32).astype(dtype)
+        values = random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        return xp.asarray(values).astype(dtype)  # a stand-in's generator may give host data
     return xp.asarray(_normal(shape, seed).astype(dtype))
 
 
