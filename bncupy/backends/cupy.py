@@ -41,6 +41,7 @@ _THREADS = 256
 _ROWS_MAX_VECS = 8192  # longer channel-first groups are split over several blocks
 STAT_ROWS = 7  # rows of a statistics buffer (kernels/reduce.cuh, STAT_*)
 _CENTER, _INVSTD, _LO, _M2 = 0, 1, 2, 6
+_FLAGS = (np.int32(0), np.int32(1))  # int kernel flags, made once
 
 
 def unavailable_reason() -> str | None:
@@ -539,9 +540,9 @@ class _GroupGeometry:
             for k in ("group_apply", "group_backward_apply")}
         self.names.update({k: f"bncupy::{k}<{ctype}, {self.row_width}, {self.index}>"
                            for k in ("row_forward", "row_backward")})
-        # row_norm per residual-stream type (see _cuda.sum_types)
-        self.names.update({("row_norm", h): f"bncupy::row_norm<{ctype}, {_cuda.CTYPES[h]}, "
-                                             f"{self.row_width}, {self.index}>"
+        # row_norm per residual-stream dtype (see _cuda.sum_types)
+        self.names.update({("row_norm", np.dtype(h)): f"bncupy::row_norm<{ctype}, "
+                           f"{_cuda.CTYPES[h]}, {self.row_width}, {self.index}>"
                            for h in {self.dtype, "float32"}})
         acc = "double" if self.dtype == "float64" else "float"
         self.names.update({k: f"bncupy::{k}<{acc}>" for k in (
@@ -565,6 +566,10 @@ class _GroupGeometry:
         elif group_vecs <= held * 1024 and many:
             self.stats_mode = "regs"
             self.regs = _RowPlan(self.groups, group_vecs, held, sms, 0)
+            it = itype
+            self.regs_shape = (it(self.groups), it(group_vecs), np.int32(self.regs.height),
+                               it(lay.s // self.row_width if lay.kind != "rows" else 0),
+                               it(lay.c // lay.k), it(lay.k))
         elif lay.kind == "cf" and group_vecs <= _ROWS_MAX_VECS and many:
             self.stats_mode = "rows"
             self.row_height = _row_height(group_vecs)
@@ -582,6 +587,11 @@ class _GroupGeometry:
             if group_vecs <= held_back * 1024:
                 self.back = _RowPlan(lay.n, group_vecs, held_back, sms, merge)
                 self.back_sum = _RowPlan(lay.n, group_vecs, 2 * held_back, sms, merge, 512)
+                # launch arguments that depend on the plan only, made once
+                self.back_args = {s: (itype(lay.n), itype(group_vecs), np.int32(p.height))
+                                  for s, p in ((False, self.back), (True, self.back_sum))}
+                self.sums_args = {s: (np.int32(p.grid), np.uint64(lay.c))
+                                  for s, p in ((False, self.back), (True, self.back_sum))}
             for sum_, flag in ((False, "false"), (True, "true")):
                 self.names["row_norm_backward", sum_] = (
                     f"bncupy::row_norm_backward<{ctype}, {self.row_width}, {self.index}, {flag}>")
@@ -594,6 +604,7 @@ class _GroupGeometry:
             self._name("cell_grad_planes", self.row_width if self.cell_height else
                        self.cell_split.width)
         self.coef_blocks = -(-max(self.groups, lay.c) // _THREADS)
+        self.coef_blocks_columns = -(-lay.c // _THREADS)
 
     def _name(self, kernel: str, width: int) -> None:
         self.names[kernel] = (f"bncupy::{kernel}<{_cuda.CTYPES[self.dtype]}, {width}, "
@@ -658,12 +669,9 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
         plan = geo.regs
         held = h if h is not None else residual if residual is not None else x
-        stream = held.dtype.name
-        _launch(geo.dtype, geo.names["row_norm", stream], plan.grid, (
-            x, y, it(geo.groups), it(lay.size // geo.row_width), np.int32(plan.height),
-            it(lay.s // geo.row_width if lay.kind != "rows" else 0), it(lay.c // lay.k),
-            it(lay.k), _ptr(weight), _ptr(bias), eps_, stats, _ptr(residual), _ptr(h),
-            np.int32(rms)), plan.block)
+        _launch(geo.dtype, geo.names["row_norm", held.dtype], plan.grid, (
+            x, y, *geo.regs_shape, _ptr(weight), _ptr(bias), eps_, stats, _ptr(residual),
+            _ptr(h), _FLAGS[rms]), plan.block)
         return stats, True
     if geo.stats_mode == "rows":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
@@ -726,6 +734,8 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     for target, value in zip(targets, (rm, rv), strict=True):
         if target is not None and value is not target:
             target[...] = value
+    if not keep:  # a y-only call: no statistics views to make
+        return y, None, None, stats, h
     return y, stats[_CENTER], stats[_INVSTD], stats, h
 
 
@@ -769,11 +779,10 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         (partials,) = _workspace(0, ((acc, 2 * lay.c * plan.grid),))[1:]
         grads = xp.empty((2, lay.c), acc)
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
-            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(plan.height),
-            _ptr(center), _ptr(lo), invstd, _ptr(weight), partials, _ptr(grad_sum),
-            np.int32(rms)), plan.block)
-        _launch(geo.dtype, geo.names["column_sums"], -(-lay.c // _THREADS), (
-            partials, np.int32(plan.grid), np.uint64(lay.c), grads))
+            dy, x, dx, *geo.back_args[has_sum], _ptr(center), _ptr(lo), invstd, _ptr(weight),
+            partials, _ptr(grad_sum), _FLAGS[rms]), plan.block)
+        _launch(geo.dtype, geo.names["column_sums"], geo.coef_blocks_columns, (
+            partials, *geo.sums_args[has_sum], grads))
         return dx, grads[0], grads[1]
     if lay.kind == "rows":
         cols = geo.columns
