@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import os
 import platform
 import re
 import subprocess
@@ -492,6 +493,11 @@ def device_record(cupy: Any) -> dict[str, Any]:
 
 
 def commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted kernel or package changes);
+    ``BNCUPY_COMMIT`` names it where the tree was copied without its git history."""
+    named = os.environ.get("BNCUPY_COMMIT")
+    if named:
+        return named
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=REPO, check=True)
