@@ -216,7 +216,7 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
     Parameters
     ----------
     input : ndarray, shape (N, C, ...) or (N, ..., C)
-        Floating array (float16, float32 or float64); never modified. Any array with
+        Floating array (float16, bfloat16, float32 or float64); never modified. Any array with
         ``__dlpack__`` or ``__cuda_array_interface__`` (torch, JAX, ...) is taken without a copy;
         results then come back in its kind. An empty batch gives an empty output.
     running_mean, running_var : ndarray of shape (C,) or None
@@ -244,7 +244,7 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
         strides) as ``input``.
     save_mean, save_invstd : ndarray, shape (C,)
         Batch mean and ``1/sqrt(var + eps)`` (training) or the running equivalents (eval);
-        float32 for float16/float32 input, float64 for float64.
+        float32 for 16-bit and float32 input, float64 for float64.
 
     Raises
     ------
@@ -437,7 +437,7 @@ def welford(x: Any, axis: int = 1) -> Moments:
     Parameters
     ----------
     x : ndarray, shape (N, C, ...) or (N, ..., C)
-        Float array (float16, float32 or float64), or any array with ``__dlpack__``.
+        Float array (float16, bfloat16, float32 or float64), or any array with ``__dlpack__``.
     axis : int
         The channel axis, 1 or -1; statistics are taken over every other one.
 
@@ -445,7 +445,7 @@ def welford(x: Any, axis: int = 1) -> Moments:
     -------
     Moments
         ``count`` (values per channel), ``mean`` and ``m2`` (sum of squared deviations), the
-        arrays in the caller's kind, float32 for float16/float32 input and float64 for float64.
+        arrays in the caller's kind, float32 for 16-bit and float32 input and float64 for float64.
 
     Examples
     --------
@@ -464,14 +464,14 @@ def moments(x: Any, axis: int = 1) -> tuple[Any, Any]:
     Parameters
     ----------
     x : ndarray, shape (N, C, ...) or (N, ..., C)
-        Float array (float16, float32 or float64), or any array with ``__dlpack__``.
+        Float array (float16, bfloat16, float32 or float64), or any array with ``__dlpack__``.
     axis : int
         The channel axis, 1 or -1; statistics are taken over every other one.
 
     Returns
     -------
     mean, var : ndarray, shape (C,)
-        In the caller's array kind; float32 for float16/float32 input, float64 for float64;
+        In the caller's array kind; float32 for 16-bit and float32 input, float64 for float64;
         NaN for channels with no values.
 
     Examples

@@ -195,7 +195,7 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
     Parameters
     ----------
     input : ndarray, shape (N, C, ...) or, with ``axis=-1``, (N, ..., C)
-        A float16, float32 or float64 array; never modified.
+        A float16, bfloat16, float32 or float64 array; never modified.
     num_groups : int
         Groups of ``C / num_groups`` consecutive channels, normalized per sample; must divide C.
     weight, bias : ndarray of shape (C,), optional
@@ -347,7 +347,7 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
     Parameters
     ----------
     input : ndarray, shape (N, C, ...) or, with ``axis=-1``, (N, ..., C)
-        A float16, float32 or float64 array; never modified.
+        A float16, bfloat16, float32 or float64 array; never modified.
     running_mean, running_var : ndarray of shape (C,), optional
         Running statistics: updated in place with ``use_input_stats``, used without it.
     weight, bias : ndarray of shape (C,), optional
