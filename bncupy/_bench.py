@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import os
 import platform
 import re
 import subprocess
@@ -190,7 +191,8 @@ def _device_normal(xp: Any, shape: tuple[int, ...], seed: int, dtype: str) -> An
     generator would take seconds on the benchmark's large tensors)."""
     random = getattr(xp, "random", None)
     if random is not None and hasattr(random, "default_rng"):
-        return random.default_rng(seed).standard_normal(shape, dtype=np.float32).astype(dtype)
+        values = random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        return xp.asarray(values).astype(dtype)  # a stand-in's generator may give host data
     return xp.asarray(_normal(shape, seed).astype(dtype))
 
 
@@ -491,6 +493,11 @@ def device_record(cupy: Any) -> dict[str, Any]:
 
 
 def commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted kernel or package changes);
+    ``BNCUPY_COMMIT`` names it where the tree was copied without its git history."""
+    named = os.environ.get("BNCUPY_COMMIT")
+    if named:
+        return named
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=REPO, check=True)

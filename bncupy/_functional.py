@@ -7,6 +7,7 @@ caller's array kind, and running statistics are written back into the caller's a
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -18,13 +19,15 @@ from ._moments import Moments
 from .backends import dispatch
 from .backends._common import compute_dtype
 
+_NUMPY = dispatch.module_for("numpy")
 _FORWARD_ARRAYS = ("input", "running_mean", "running_var", "weight", "bias", "residual")
 
 
-def _backend(kind: str) -> ModuleType:
-    """The backend for ``kind`` under the setting in force (and its environment checked)."""
-    backend = dispatch.backend_for(kind)
-    if backend.name == "numpy":
+def _backend(kind: str, setting: str | None = None) -> ModuleType:
+    """The backend for ``kind`` under the setting in force (``setting``: the configured name, when
+    the caller has it) and its environment checked."""
+    backend = dispatch.backend_for(kind, setting)
+    if backend is _NUMPY:
         v.check_environment()
     return backend
 
@@ -109,6 +112,16 @@ class _Forward(NamedTuple):
                                                                    saved[1])
 
 
+class _Checked(NamedTuple):
+    """What the checks of a forward call signature found (kept in :data:`_FORWARD_CHECKED`)."""
+
+    relu: bool
+    kind: str
+    layout: Layout
+    spans: tuple  # byte spans of (running_mean, running_var, input, weight, bias, residual)
+    plan: Any  # the backend's plan of the signature (None when it computes on copies)
+
+
 _FORWARD_CHECKED = v.CheckedCalls()
 
 
@@ -121,8 +134,9 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
     Array and option checks are cached by call signature; ``eps`` and ``momentum``, the backend
     and (in training) the memory overlap of the running statistics are checked on every call.
     """
+    setting = dispatch.configured_backend()
     key = _FORWARD_CHECKED.key((input, running_mean, running_var, weight, bias, residual),
-                               (training, axis, activation), dispatch.configured_backend())
+                               (training, axis, activation), setting)
     checked = _FORWARD_CHECKED.get(key)
     if checked is None:
         if getattr(input, "ndim", None) == 1 and input.size == 0:
@@ -132,36 +146,51 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
             input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
             activation, residual)
         layout = Layout.of(input, ax)
-        _FORWARD_CHECKED.put(key, (relu, kind, layout))
+        plan = None
+        if be.name == kind:
+            plan = be.plan(layout.view(input), layout.axis, (layout.view(residual),),
+                           (running_mean, running_var, weight, bias))
+        _FORWARD_CHECKED.put(key, _Checked(relu, kind, layout, v.byte_spans(
+            (running_mean, running_var, input, weight, bias, residual)), plan))
     else:
-        relu, kind, layout = checked
-        eps = v.check_eps(eps)
-        momentum = v.check_momentum(momentum, allow_none=False)
-        be = _backend(kind)
-        if training and running_mean is not None:
+        relu, kind, layout, spans, plan = checked
+        if type(eps) is not float or not 0.0 < eps < math.inf:
+            eps = v.check_eps(eps)
+        if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
+            momentum = v.check_momentum(momentum, allow_none=False)
+        be = dispatch.backend_for(kind, setting)
+        if be is _NUMPY:
+            v.check_environment()
+        if training and running_mean is not None and not v.apart(
+                (running_mean, running_var, input, weight, bias, residual), 2, spans):
             v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
                                {"input": input, "weight": weight, "bias": bias,
                                 "residual": residual})
-    x, z = layout.view(input), layout.view(residual)
+    perm = layout.perm
+    x = input if perm is None else input.transpose(perm)
+    z = residual if perm is None or residual is None else residual.transpose(perm)
     w, b, rm, rv = weight, bias, running_mean, running_var
     if be.name != kind:  # an explicit backend computes on copies of the arrays
         x, z, w, b, rm, rv = (_native(be, a) for a in (x, z, w, b, rm, rv))
-    if training and x.size == 0:  # as torch: empty output, running statistics left alone
+        plan = None
+    if not training:
+        y, mean, save_mean, save_invstd, coef = be.normalize_eval(x, layout.axis, rm, rv, w, b,
+                                                                  eps, z, relu, keep, plan)
+    elif x.size == 0:  # as torch: empty output, running statistics left alone
         nan = be.xp.full(x.shape[layout.axis], float("nan"))
         y, coef = be.normalize_with(x, layout.axis, nan, nan, w, b, z, relu)
         mean = nan
         save_mean, save_invstd = (nan.astype(compute_dtype(x.dtype)) for _ in range(2))
-    elif training:
+    else:
         y, mean, save_mean, save_invstd, coef = be.normalize_train(
-            x, layout.axis, w, b, eps, rm, rv, momentum, z, relu, keep)
+            x, layout.axis, w, b, eps, rm, rv, momentum, z, relu, keep, plan)
         if rm is not None and be.name != kind:
             _write_in_place(running_mean, rm, kind, be)
             _write_in_place(running_var, rv, kind, be)
-    else:
-        y, mean, save_mean, save_invstd, coef = be.normalize_eval(x, layout.axis, rm, rv, w, b,
-                                                                  eps, z, relu, keep)
-    return _Forward(_caller(kind, be, layout.restore(y)), mean, save_mean, save_invstd, coef,
-                    kind, be)
+    if be.name != kind:
+        y = dispatch.module_for(kind).asarray(y)
+    return _Forward(y if perm is None else layout.restore(y), mean, save_mean, save_invstd,
+                    coef, kind, be)
 
 
 def _forward_empty_vector(input: Any, running_mean: Any, running_var: Any, weight: Any,
@@ -187,7 +216,7 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
     Parameters
     ----------
     input : ndarray, shape (N, C, ...) or (N, ..., C)
-        Floating array (float16, float32 or float64); never modified. Any array with
+        Floating array (float16, bfloat16, float32 or float64); never modified. Any array with
         ``__dlpack__`` or ``__cuda_array_interface__`` (torch, JAX, ...) is taken without a copy;
         results then come back in its kind. An empty batch gives an empty output.
     running_mean, running_var : ndarray of shape (C,) or None
@@ -215,7 +244,7 @@ def batch_norm_forward(input: Any, running_mean: Any, running_var: Any, weight: 
         strides) as ``input``.
     save_mean, save_invstd : ndarray, shape (C,)
         Batch mean and ``1/sqrt(var + eps)`` (training) or the running equivalents (eval);
-        float32 for float16/float32 input, float64 for float64.
+        float32 for 16-bit and float32 input, float64 for float64.
 
     Raises
     ------
@@ -328,9 +357,10 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     they were made). ``fused`` is a layer's fused ReLU forward ``(coefficients, residual)``: the
     mask is applied to ``grad_output`` inline, and a fourth result is the residual's gradient.
     """
-    key = _BACKWARD_CHECKED.key(
-        (grad_output, input, weight, mean, invstd, None if fused is None else fused[1]),
-        (training, axis, layer, saved_arg_names), dispatch.configured_backend())
+    setting = dispatch.configured_backend()
+    residual = None if fused is None else fused[1]
+    key = _BACKWARD_CHECKED.key((grad_output, input, weight, mean, invstd, residual),
+                                (training, axis, layer, saved_arg_names), setting)
     checked = _BACKWARD_CHECKED.get(key)
     if checked is None:
         kinds = {"input": v.check_input(input)}
@@ -344,28 +374,49 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
         training = v.check_bool(training, "training")
         kind, be = _resolve(kinds)
         layout = Layout.of(input, ax)
-        _BACKWARD_CHECKED.put(key, (kind, layout))
+        arrays = (grad_output, input, weight, mean, invstd, residual)
+        # the arrays go to the backend as they are (its own kind, no subclass to strip)
+        native = be.name == kind and all(a is None or be.asarray(a) is a for a in arrays)
+        plan = be.plan(layout.view(input), layout.axis, (
+            layout.view(grad_output), layout.view(residual)), (weight, mean, invstd)) \
+            if native else None
+        gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
+        _BACKWARD_CHECKED.put(key, (kind, layout, native, plan, gd))
     else:
-        kind, layout = checked
-        be = _backend(kind)
-    channels = input.shape[layout.axis] if layout.perm is None else \
-        input.shape[layout.perm[layout.axis]]
-    mean, invstd = _native(be, mean), _native(be, invstd)
-    if fused is not None:
-        fused = (fused[0], _native(be, layout.view(fused[1])))
+        kind, layout, native, plan, gd = checked
+        be = _backend(kind, setting)
     if input.size == 0:  # no values, no parameter gradient (an empty batch's stats are NaN)
+        channels = input.shape[layout.axis] if layout.perm is None else \
+            input.shape[layout.perm[layout.axis]]
         mean = invstd = be.xp.zeros(channels, compute_dtype(input.dtype))
-        fused = None
-    dx, grad_weight, grad_bias, grad_residual = be.backward(
-        _native(be, layout.view(grad_output)), _native(be, layout.view(input)), layout.axis,
-        _native(be, weight), mean, invstd, training, fused)
-    gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-    out = (_caller(kind, be, layout.restore(dx)),
-           _caller(kind, be, grad_weight.astype(gd, copy=False)),
-           _caller(kind, be, grad_bias.astype(gd, copy=False)))
+        fused, plan = None, None
+    if native:
+        if layout.perm is not None:
+            grad_output, input = layout.view(grad_output), layout.view(input)
+            if fused is not None:
+                fused = (fused[0], layout.view(residual))
+        dx, grad_weight, grad_bias, grad_residual = be.backward(
+            grad_output, input, layout.axis, weight, mean, invstd, training, fused, plan)
+    else:
+        mean, invstd = _native(be, mean), _native(be, invstd)
+        if fused is not None:
+            fused = (fused[0], _native(be, layout.view(fused[1])))
+        dx, grad_weight, grad_bias, grad_residual = be.backward(
+            _native(be, layout.view(grad_output)), _native(be, layout.view(input)),
+            layout.axis, _native(be, weight), mean, invstd, training, fused)
+    if grad_weight.dtype != gd:
+        grad_weight, grad_bias = grad_weight.astype(gd), grad_bias.astype(gd)
+    if be.name != kind:
+        dx, grad_weight, grad_bias = (_caller(kind, be, a) for a in (dx, grad_weight, grad_bias))
+        if grad_residual is not None:
+            grad_residual = _caller(kind, be, grad_residual)
+    if layout.perm is not None:
+        dx = layout.restore(dx)
+        if grad_residual is not None:
+            grad_residual = layout.restore(grad_residual)
     if grad_residual is None:
-        return out
-    return (*out, _caller(kind, be, layout.restore(grad_residual)))
+        return dx, grad_weight, grad_bias
+    return dx, grad_weight, grad_bias, grad_residual
 
 
 def statistics(x: Any, axis: Any, arg: str) -> Moments:
@@ -386,7 +437,7 @@ def welford(x: Any, axis: int = 1) -> Moments:
     Parameters
     ----------
     x : ndarray, shape (N, C, ...) or (N, ..., C)
-        Float array (float16, float32 or float64), or any array with ``__dlpack__``.
+        Float array (float16, bfloat16, float32 or float64), or any array with ``__dlpack__``.
     axis : int
         The channel axis, 1 or -1; statistics are taken over every other one.
 
@@ -394,7 +445,7 @@ def welford(x: Any, axis: int = 1) -> Moments:
     -------
     Moments
         ``count`` (values per channel), ``mean`` and ``m2`` (sum of squared deviations), the
-        arrays in the caller's kind, float32 for float16/float32 input and float64 for float64.
+        arrays in the caller's kind, float32 for 16-bit and float32 input and float64 for float64.
 
     Examples
     --------
@@ -413,14 +464,14 @@ def moments(x: Any, axis: int = 1) -> tuple[Any, Any]:
     Parameters
     ----------
     x : ndarray, shape (N, C, ...) or (N, ..., C)
-        Float array (float16, float32 or float64), or any array with ``__dlpack__``.
+        Float array (float16, bfloat16, float32 or float64), or any array with ``__dlpack__``.
     axis : int
         The channel axis, 1 or -1; statistics are taken over every other one.
 
     Returns
     -------
     mean, var : ndarray, shape (C,)
-        In the caller's array kind; float32 for float16/float32 input, float64 for float64;
+        In the caller's array kind; float32 for 16-bit and float32 input, float64 for float64;
         NaN for channels with no values.
 
     Examples

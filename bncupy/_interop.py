@@ -27,7 +27,7 @@ import numpy as np
 
 from ._dtypes import BFLOAT16
 from .backends import cupy as cupy_backend
-from .backends.dispatch import array_kind
+from .backends.dispatch import array_kind, known_kinds
 
 # DLPack device types (dlpack.h): memory NumPy can address, and CUDA memory.
 _HOST_DEVICES = {1: "cpu", 3: "cuda_host", 11: "rocm_host"}
@@ -223,14 +223,29 @@ def accepts(*names: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(fn)
+        # where the array parameters sit among the positional arguments (only they are looked
+        # at: a foreign array anywhere else is not imported either way)
+        positional = tuple(i for i, (name, p) in enumerate(signature.parameters.items())
+                           if name in names and p.kind in (p.POSITIONAL_ONLY,
+                                                           p.POSITIONAL_OR_KEYWORD))
 
         @functools.wraps(fn)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            for a in (*args, *kwargs.values()):
-                if a.__class__ not in _PLAIN and is_foreign(a):
-                    break
+            count = len(args)
+            kinds = known_kinds()  # NumPy/CuPy array types: never foreign
+            for i in positional:
+                if i < count:
+                    a = args[i]
+                    cls = type(a)
+                    if cls not in _PLAIN and not kinds.get(cls) and is_foreign(a):
+                        break
             else:
-                return fn(*args, **kwargs)
+                for a in kwargs.values():
+                    cls = type(a)
+                    if cls not in _PLAIN and not kinds.get(cls) and is_foreign(a):
+                        break
+                else:
+                    return fn(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
             stream = caller_stream(bound.arguments, names)
             with contextlib.nullcontext() if stream is None else stream:

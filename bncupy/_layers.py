@@ -9,11 +9,14 @@ import numpy as np
 from . import _renorm
 from . import _validation as v
 from ._docstrings import parameters_from
-from ._functional import backward, forward
+from ._functional import _Forward, backward, forward
 from ._interop import accepts
 from ._module import _Module, channel_state
 from .backends import cupy as cupy_backend
 from .backends import dispatch
+
+_CALL_CHECKED = v.CheckedCalls()  # input (and residual) signatures checked against a layer
+_ARRAY_NAMES: dict[tuple, tuple[str, ...]] = {}
 
 
 class _BatchNorm(_Module):
@@ -130,6 +133,13 @@ class _BatchNorm(_Module):
             raise ValueError(f"num_batches_tracked is at its int64 maximum ({v.MAX_COUNT}) and "
                              f"cannot count another batch; reset it with load_state_dict")
 
+    def _array_names(self) -> tuple[str, ...]:
+        flags = (type(self), self.affine, self.has_bias, self._has_running)
+        names = _ARRAY_NAMES.get(flags)
+        if names is None:
+            names = _ARRAY_NAMES[flags] = super()._array_names()
+        return names
+
     @accepts("x", "residual")
     def __call__(self, x: Any, residual: Any = None) -> Any:
         """Normalize ``x`` (training: batch statistics and running-stat update; eval: running).
@@ -165,11 +175,20 @@ class _BatchNorm(_Module):
         >>> y.shape, int(layer.num_batches_tracked)
         ((8, 3), 1)
         """
-        kind = self._check_input(x, residual)
+        # the checks of the input against the layer, cached by signature
+        key = _CALL_CHECKED.key((x, residual), (type(self), self.num_features,
+                                                self.channels_last), "")
+        found = _CALL_CHECKED.get(key)
+        if found is None:
+            kind = self._check_input(x, residual)
+            axis = self.axis % x.ndim
+            found = (kind, x.size // x.shape[axis] if x.shape[axis] else 0)
+            _CALL_CHECKED.put(key, found)
+        kind, count = found
         if self.training and (self.renorm or self.ghost_batch_size is not None):
             return self._call_corrected(x, kind)
         use_batch_stats = self.training or self.running_mean is None
-        if use_batch_stats:
+        if use_batch_stats and count == 1:
             v.check_count(x, self.axis % x.ndim)
         update = self.training and self.track_running_stats and self.running_mean is not None
         if update:
@@ -182,7 +201,7 @@ class _BatchNorm(_Module):
                       use_batch_stats, momentum, self.eps, self.axis, self.activation, residual)
         if update:
             self.num_batches_tracked = np.asarray(self._batches() + 1, np.int64)
-        self._saved = (x, residual, out._replace(y=None), use_batch_stats)
+        self._saved = (x, residual, _Forward(None, *out[1:]), use_batch_stats)
         return out.y
 
     def _momentum(self, kind: str) -> float:

@@ -87,9 +87,12 @@ class _Module:
         """
         return self.train(False)
 
+    def _array_names(self) -> tuple[str, ...]:
+        """Names of the array state (the counter aside) and the gradients, in order."""
+        return (*(k for k in self._state_shapes() if k != COUNTER), *self._GRADS)
+
     def _arrays(self) -> list[str]:
-        keys = [k for k in self._state_shapes() if k != COUNTER]
-        return [k for k in (*keys, *self._GRADS) if getattr(self, k, None) is not None]
+        return [k for k in self._array_names() if getattr(self, k, None) is not None]
 
     def _state_kind(self) -> str:
         arrays = self._arrays()
@@ -130,9 +133,14 @@ class _Module:
         return self
 
     def _follow(self, kind: str) -> None:
-        """Move the state to the array kind of a call's input (after every check of the call)."""
-        if self._arrays() and self._state_kind() != kind:
-            self.to(kind)
+        """Move the state to the array kind of a call's input (after every check of the call):
+        the kind of its first array (:meth:`_state_kind`) decides."""
+        for name in self._array_names():
+            value = getattr(self, name, None)
+            if value is not None:
+                if (dispatch.array_kind(value) or "numpy") != kind:
+                    self.to(kind)
+                return
 
     # ------------------------------------------------------------------ state
     def reset_running_stats(self) -> None:

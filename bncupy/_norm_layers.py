@@ -49,6 +49,10 @@ class _GroupNormalization(_Module):
         return 1
 
 
+# the row-norm layers' checks of x and residual, by call signature (see v.CheckedCalls)
+_LAYER_CHECKS = v.CheckedCalls()
+
+
 class _RowNormalization(_GroupNormalization):
     """LayerNorm and RMSNorm: rows of the trailing ``normalized_shape`` dimensions, with the
     fused residual add of pre-norm blocks (see :mod:`._row_norms`)."""
@@ -95,15 +99,22 @@ class _RowNormalization(_GroupNormalization):
         array([[2., 2., 2.],
                [2., 2., 2.]])
         """
-        kinds = {"input": v.check_array(x, "input")}
-        v.check_float(x, "input")
-        _row_norms.check_normalized_shape(self.normalized_shape, x)
-        if residual is not None:
-            _row_norms._check_residual(residual, x, kinds)
-        v.check_bool(residual_in_fp32, "residual_in_fp32")
-        prenorm = v.check_bool(prenorm, "prenorm")
+        options = (self.normalized_shape, prenorm, residual_in_fp32)
+        key = _LAYER_CHECKS.key((x, residual), options, "")
+        kind = _LAYER_CHECKS.get(key)
+        if kind is None:
+            kinds = {"input": v.check_array(x, "input")}
+            v.check_float(x, "input")
+            _row_norms.check_normalized_shape(self.normalized_shape, x)
+            if residual is not None:
+                _row_norms._check_residual(residual, x, kinds)
+            v.check_bool(residual_in_fp32, "residual_in_fp32")
+            v.check_bool(prenorm, "prenorm")
+            kind = v.check_same_kind(kinds)
+            _LAYER_CHECKS.put(key, kind)
+        prenorm = bool(prenorm)
         # after the checks: a rejected call leaves the state where it was
-        self._follow(v.check_same_kind(kinds))
+        self._follow(kind)
         out = _row_norms.forward_rows(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                       rms=self._rms, residual=residual,
                                       residual_in_fp32=residual_in_fp32, want_sum=True)

@@ -50,10 +50,10 @@ def group_backward(grad_output: Any, input: Any, out: GroupForward, weight: Any,
     be = out.backend
     source = input if out.sum is None else out.sum
     dx, dw, db = be.group_backward(
-        _contiguous(be, grad_output, out.shape), _contiguous(be, source, out.shape), out.layout,
+        _contiguous(be, grad_output), _contiguous(be, source), out.layout,
         _flat(be, weight), out.saved, out.invstd, out.rms,
-        None if grad_sum is None else _contiguous(be, grad_sum, out.shape))
-    return dx.reshape(input.shape), dw, db
+        None if grad_sum is None else _contiguous(be, grad_sum))
+    return _shaped(dx, input.shape), dw, db
 
 
 def _check_array(value: Any, arg: str, kinds: dict[str, str]) -> None:
@@ -77,14 +77,20 @@ def _stats_out(kind: str, be: ModuleType, value: Any, shape: tuple[int, ...], dt
 def _grads_out(kind: str, be: ModuleType, dx: Any, dw: Any, db: Any, shape: tuple[int, ...],
                input: Any, weight: Any) -> tuple[Any, Any, Any]:
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-    return (_caller(kind, be, dx.reshape(input.shape)),
-            _caller(kind, be, dw.reshape(shape).astype(gd, copy=False)),
-            _caller(kind, be, db.reshape(shape).astype(gd, copy=False)))
+    return (_caller(kind, be, _shaped(dx, input.shape)),
+            _caller(kind, be, _shaped(dw, shape).astype(gd, copy=False)),
+            _caller(kind, be, _shaped(db, shape).astype(gd, copy=False)))
 
 
-def _contiguous(be: ModuleType, a: Any, shape: tuple[int, ...]) -> Any:
+def _contiguous(be: ModuleType, a: Any) -> Any:
+    """``a`` as a C-contiguous array of the backend, in its own shape (the backends read any
+    contiguous array by its group layout, so no reshape is needed)."""
     a = _native(be, a)
-    return (a if a.flags.c_contiguous else be.xp.ascontiguousarray(a)).reshape(shape)
+    return a if a.flags.c_contiguous else be.xp.ascontiguousarray(a)
+
+
+def _shaped(a: Any, shape: tuple[int, ...]) -> Any:
+    return a if a.shape == shape else a.reshape(shape)
 
 
 _CHECKED = v.CheckedCalls()
@@ -106,11 +112,10 @@ def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
                  residual: Any = None, sum_dtype: Any = None) -> GroupForward:
     """The backend's forward over ``lay``; ``residual``/``sum_dtype``: see the backends'
     ``group_forward`` (the sum is kept in the result when the backward pass needs it)."""
-    native = None if residual is None else _contiguous(be, residual, shape)
+    native = None if residual is None else _contiguous(be, residual)
     y, mean, invstd, saved, h = be.group_forward(
-        _contiguous(be, input, shape), lay, weight, bias, eps, running, keep, rms, native,
-        sum_dtype)
-    return GroupForward(_caller(kind, be, y.reshape(input.shape)), mean, invstd, saved, kind,
+        _contiguous(be, input), lay, weight, bias, eps, running, keep, rms, native, sum_dtype)
+    return GroupForward(_caller(kind, be, _shaped(y, input.shape)), mean, invstd, saved, kind,
                         be, lay, shape, rms, h)
 
 
@@ -140,14 +145,17 @@ def _backward(grad_output: Any, input: Any, mean: Any, rstd: Any, weight: Any, g
     (kind, lay, canonical, params), be = _checked(
         tag, (grad_output, input, mean, rstd, weight, grad_sum), options, check)
     dx, dw, db = be.group_backward(
-        _contiguous(be, grad_output, canonical), _contiguous(be, input, canonical), lay,
-        _flat(be, weight), _flat(be, mean), _flat(be, rstd), rms,
-        None if grad_sum is None else _contiguous(be, grad_sum, canonical))
+        _contiguous(be, grad_output), _contiguous(be, input), lay, _flat(be, weight),
+        _flat(be, mean), _flat(be, rstd), rms,
+        None if grad_sum is None else _contiguous(be, grad_sum))
     return _grads_out(kind, be, dx, dw, db, params, input, weight)
 
 
 def _flat(be: ModuleType, value: Any) -> Any:
-    return None if value is None else be.asarray(value).reshape(-1)
+    if value is None:
+        return None
+    value = be.asarray(value)
+    return value if value.ndim == 1 else value.reshape(-1)
 
 
 # ------------------------------------------------------------------------------ GroupNorm
@@ -187,7 +195,7 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
     Parameters
     ----------
     input : ndarray, shape (N, C, ...) or, with ``axis=-1``, (N, ..., C)
-        A float16, float32 or float64 array; never modified.
+        A float16, bfloat16, float32 or float64 array; never modified.
     num_groups : int
         Groups of ``C / num_groups`` consecutive channels, normalized per sample; must divide C.
     weight, bias : ndarray of shape (C,), optional
@@ -339,7 +347,7 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
     Parameters
     ----------
     input : ndarray, shape (N, C, ...) or, with ``axis=-1``, (N, ..., C)
-        A float16, float32 or float64 array; never modified.
+        A float16, bfloat16, float32 or float64 array; never modified.
     running_mean, running_var : ndarray of shape (C,), optional
         Running statistics: updated in place with ``use_input_stats``, used without it.
     weight, bias : ndarray of shape (C,), optional

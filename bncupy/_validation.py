@@ -64,24 +64,44 @@ class CheckedCalls:
 
     @staticmethod
     def key(arrays: tuple, options: tuple, backend: str) -> tuple | None:
-        """The key of a call, or None where an argument cannot be looked up (not an array,
-        unhashable): its checks then run in full."""
+        """The key of a call, or None where an argument cannot be looked up (not an array):
+        its checks then run in full. One flat tuple: the backend, each option's type and value,
+        then each array's :func:`signature` fields (its type first, or None for None)."""
+        parts: list = [backend]
+        for o in options:
+            parts += (o.__class__, o)
         try:
-            key = (tuple(signature(a) for a in arrays),
-                   tuple((o.__class__, o) for o in options), backend)
-            hash(key)
-        except (AttributeError, TypeError):
+            for a in arrays:
+                if a is None:
+                    parts.append(None)
+                    continue
+                cls = a.__class__
+                if cls is np.ndarray:
+                    parts += (cls, a.shape, a.strides, a.dtype, a.flags.writeable)
+                else:
+                    parts += (cls, a.shape, a.strides, a.dtype)
+        except AttributeError:
             return None
-        return key
+        return tuple(parts)
 
     def get(self, key: tuple | None) -> Any:
-        return None if key is None else self.table.get(key)
+        """The checked call's entry, or None (also for a key that cannot be hashed: an
+        unhashable option, whose checks then run in full and say what is wrong)."""
+        if key is None:
+            return None
+        try:
+            return self.table.get(key)
+        except TypeError:
+            return None
 
     def put(self, key: tuple | None, value: Any) -> None:
         if key is not None:
             if len(self.table) >= self.size:
                 self.table.clear()
-            self.table[key] = value
+            try:
+                self.table[key] = value
+            except TypeError:  # unhashable: not cached
+                pass
 
 
 def check_float(value: Any, arg: str) -> None:
@@ -263,6 +283,74 @@ def _exactly_overlap(a: Any, b: Any) -> bool:
         return True
 
 
+def byte_spans(arrays: tuple) -> tuple:
+    """Each array's bytes ``[lo, hi)`` relative to its first element's address (None for None and
+    empty arrays): what :func:`apart` needs besides the data pointers, fixed by the arrays'
+    shapes, strides and dtypes (so a call signature's entry keeps it)."""
+    spans: list = []
+    for a in arrays:
+        if a is None or not a.size:
+            spans.append(None)
+            continue
+        lo = hi = 0
+        for n, stride in zip(a.shape, a.strides, strict=True):
+            if stride > 0:
+                hi += (n - 1) * stride
+            else:
+                lo += (n - 1) * stride
+        spans.append((lo, hi + a.itemsize))
+    return tuple(spans)
+
+
+def _owner(a: Any) -> Any:
+    """The NumPy array owning ``a``'s memory, or None when that is not an ndarray owning its
+    data (a buffer, a memory map, memory of another library)."""
+    root = a
+    base = root.base
+    while base is not None:
+        if not isinstance(base, np.ndarray):
+            return None
+        root, base = base, base.base
+    return root if root.flags.owndata else None
+
+
+def apart(arrays: tuple, written: int, spans: tuple | None = None) -> bool:
+    """True when none of the first ``written`` arrays (the first one given) can share memory
+    with any other of ``arrays`` (None skipped), decided without the exact test: NumPy arrays
+    whose memory belongs to different owning arrays, device arrays whose byte ranges (data
+    pointer plus :func:`byte_spans`) do not meet. False means "maybe": :func:`check_no_overlap`
+    decides.
+    """
+    if isinstance(arrays[0], np.ndarray):
+        owners: list = []
+        for i, a in enumerate(arrays):
+            if a is None:
+                continue
+            owner = _owner(a)
+            if owner is None:
+                return False
+            for mine in owners:
+                if owner is mine:
+                    return False
+            if i < written:
+                owners.append(owner)
+        return True
+    if spans is None:
+        return False
+    ranges: list = []
+    for i, (a, span) in enumerate(zip(arrays, spans, strict=True)):
+        if span is None:
+            continue
+        ptr = a.data.ptr
+        lo, hi = ptr + span[0], ptr + span[1]
+        for mine in ranges:
+            if lo < mine[1] and mine[0] < hi:
+                return False
+        if i < written:
+            ranges.append((lo, hi))
+    return True
+
+
 def check_no_overlap(written: Mapping[str, Any], read: Mapping[str, Any]) -> None:
     """Arrays updated in place must not share memory with each other or with any argument.
 
@@ -337,8 +425,20 @@ def check_activation(activation: Any) -> bool:
 THREADS_VARIABLE = "BNCUPY_NUM_THREADS"
 
 
+# os.environ's own table (what os.environ.get reads), looked up without its per-call key and
+# value encoding; os.environ.get where the platform's os module has no such table.
+_ENVIRON = getattr(os.environ, "_data", None)
+_THREADS_KEY: Any = None
+try:
+    _THREADS_KEY = os.environ.encodekey(THREADS_VARIABLE)
+except (AttributeError, TypeError):
+    _ENVIRON = None
+
+
 def check_environment() -> None:
     """The NumPy backend's environment: ``BNCUPY_NUM_THREADS`` unset, empty or an int >= 1."""
+    if _ENVIRON is not None and not _ENVIRON.get(_THREADS_KEY):
+        return
     value = os.environ.get(THREADS_VARIABLE)
     if not value:
         return

@@ -21,10 +21,23 @@ def test_info_reports_versions_backends_and_self_check(capsys):
 
 
 def test_self_check_detects_a_wrong_backend(monkeypatch):
+    from bncupy import _functional
     from bncupy.backends import numpy as nb
 
     real = nb.apply
     monkeypatch.setattr(nb, "apply", lambda *a: real(*a) * 1.001)
+    monkeypatch.setattr(nb, "SMALL_ELEMENTS", 0)  # the engines' path, which calls apply
+    _functional._FORWARD_CHECKED.table.clear()  # plans made for the small path
+    assert _cli.self_check("numpy") > 1e-6
+    monkeypatch.undo()
+    _functional._FORWARD_CHECKED.table.clear()
+    train = nb.normalize_train  # any path: the small tensor's own included
+
+    def wrong(*args, **kwargs):
+        y, *rest = train(*args, **kwargs)
+        return (y * 1.001, *rest)
+
+    monkeypatch.setattr(nb, "normalize_train", wrong)
     assert _cli.self_check("numpy") > 1e-6
 
 

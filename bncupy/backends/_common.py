@@ -13,15 +13,34 @@ import numpy as np
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+try:  # NumPy 2: what np.errstate sets, without building and entering an errstate object
+    from numpy._core._ufunc_config import (  # type: ignore[attr-defined]
+        _extobj_contextvar,
+        _make_extobj,
+    )
+except ImportError:  # NumPy 1.x
+    _extobj_contextvar = None
+
+
 def quiet(fn: F) -> F:
     """``fn`` with NumPy's floating-point warnings off: inf and NaN in the data propagate per
     IEEE, which the library promises, and are no reason to warn (``inf - inf`` in a centred
     sum, an overflow to inf in a float16 output)."""
+    if _extobj_contextvar is None:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with np.errstate(all="ignore"):
+                return fn(*args, **kwargs)
+        return run  # type: ignore[return-value]
+
     @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with np.errstate(all="ignore"):
+    def run_quietly(*args: Any, **kwargs: Any) -> Any:  # np.errstate(all="ignore"), 4x cheaper
+        token = _extobj_contextvar.set(_make_extobj(all="ignore"))
+        try:
             return fn(*args, **kwargs)
-    return run  # type: ignore[return-value]
+        finally:
+            _extobj_contextvar.reset(token)
+    return run_quietly  # type: ignore[return-value]
 
 Partial = tuple[Any, Any, Any]  # (count: int or per-channel int array, mean, m2)
 

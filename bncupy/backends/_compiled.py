@@ -337,6 +337,105 @@ def column_grad_affine(g2, x2, dx2, rows, center, a, b, c, lo, hi):
             df[i] = narrow(df, (widen(xf[i]) - center[k]) * b[k] + c[k] + widen(gf[i]) * a[k])
 
 
+# --- small tensors: a whole op in one call (float32/float64 arrays; see numpy.py, SMALL) ---------
+
+SMALL_WEIGHT, SMALL_BIAS, SMALL_RUNNING, SMALL_RESIDUAL, SMALL_RELU, SMALL_TRAIN = (
+    1, 2, 4, 8, 16, 32)  # small_forward's flags
+
+
+@_kernel()
+def small_forward(x3, z3, y3, w, b, rm, rv, flags, eps, momentum, stats, center):
+    """Batch-norm forward of a small ``(A, C, B)`` array: per channel the float64 two-pass
+    statistics (training) or the running ones, the coefficients of ``forward_coefficients``,
+    ``y = act((x - center) * scale + shift + z)`` in the compute dtype, and (training with
+    running statistics) their update. Writes ``stats`` rows mean, invstd, scale, shift and the
+    compute-dtype ``center``. Absent arrays are placeholders (``flags`` says which are given).
+    """
+    a, c, n_b = x3.shape
+    n = a * n_b
+    zero = compute(x3, 0.0)
+    for k in range(c):
+        if flags & SMALL_TRAIN:  # two passes about a centre in the compute dtype, as stats()
+            s = 0.0
+            for i in range(a):
+                for j in range(n_b):
+                    s += np.float64(x3[i, k, j])
+            centre = np.float64(compute(x3, s / n))
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(a):
+                for j in range(n_b):
+                    d = np.float64(x3[i, k, j]) - centre
+                    s1 += d
+                    s2 += d * d
+            mean = centre + s1 / n
+            m2 = s2 - s1 * s1 / n
+            if m2 < 0.0:
+                m2 = 0.0
+            var = m2 / n
+        else:
+            mean = np.float64(rm[k])
+            var = np.float64(rv[k])
+        invstd = 1.0 / np.sqrt(var + eps)
+        ck = compute(x3, mean)
+        scale = invstd * np.float64(w[k]) if flags & SMALL_WEIGHT else invstd
+        shift = -(mean - np.float64(ck)) * scale
+        if flags & SMALL_BIAS:
+            shift = shift + np.float64(b[k])
+        sc, sh = compute(x3, scale), compute(x3, shift)
+        for i in range(a):
+            for j in range(n_b):
+                v = (x3[i, k, j] - ck) * sc + sh
+                if flags & SMALL_RESIDUAL:
+                    v = v + compute(x3, z3[i, k, j])
+                if flags & SMALL_RELU and v < 0:
+                    v = zero
+                y3[i, k, j] = v
+        stats[0, k], stats[1, k], stats[2, k], stats[3, k] = mean, invstd, scale, shift
+        center[k] = ck
+        if flags & SMALL_TRAIN and flags & SMALL_RUNNING:
+            unbiased = var * (n / (n - 1))
+            rm[k] = (1.0 - momentum) * np.float64(rm[k]) + momentum * mean
+            rv[k] = (1.0 - momentum) * np.float64(rv[k]) + momentum * unbiased
+
+
+@_kernel()
+def small_backward(g3, x3, dx3, w, mean, invstd, flags, grads):
+    """Batch-norm backward of a small ``(A, C, B)`` array: the float64 sums ``sum(dy)`` and
+    ``sum(dy * (x - center))``, ``backward_coefficients``' arithmetic, and
+    ``dx = (x - center) * b + c + dy * a`` in the compute dtype; ``grads`` rows: grad_weight,
+    grad_bias (float64). ``flags``: SMALL_WEIGHT, SMALL_TRAIN."""
+    a_, c, n_b = x3.shape
+    n = a_ * n_b
+    for k in range(c):
+        m = np.float64(mean[k])
+        ck = compute(x3, m)
+        sum_dy = 0.0
+        sum_dy_xc = 0.0
+        for i in range(a_):
+            for j in range(n_b):
+                g = np.float64(g3[i, k, j])
+                sum_dy += g
+                sum_dy_xc += (np.float64(x3[i, k, j]) - np.float64(ck)) * g
+        residual = m - np.float64(ck)
+        sum_dy_xmu = sum_dy_xc - residual * sum_dy
+        inv = np.float64(invstd[k])
+        ka = inv * np.float64(w[k]) if flags & SMALL_WEIGHT else inv
+        if flags & SMALL_TRAIN and n > 0:
+            kb = -ka * inv * inv * sum_dy_xmu / n
+            kc = -ka * sum_dy / n - kb * residual
+        else:
+            kb = ka * 0.0
+            kc = ka * 0.0
+        ca, cb, cc = compute(x3, ka), compute(x3, kb), compute(x3, kc)
+        for i in range(a_):
+            for j in range(n_b):
+                v = (x3[i, k, j] - ck) * cb + cc
+                dx3[i, k, j] = v + compute(x3, g3[i, k, j]) * ca
+        grads[0, k] = sum_dy_xmu * inv
+        grads[1, k] = sum_dy
+
+
 def cache_dir() -> str | None:
     """The directory the compiled loops are cached in, or None when they are not cached."""
     return getattr(row_moments._cache, "cache_path", None)

@@ -13,6 +13,7 @@ kernels, or a null runtime that only counts) drives exactly the same code.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import warnings
 import weakref
@@ -268,19 +269,23 @@ class Workspace:
         if buffer is not None:
             self._retired.append(buffer)
 
-    def carve(self, layout: tuple[tuple[str, int], ...]) -> tuple[Any, ...]:
-        """Typed views of the scratch bytes, one per ``(dtype, count)``, each 256-byte aligned."""
+    def carve(self, layout: tuple[tuple[Any, Any], ...]) -> tuple[Any, ...]:
+        """Typed views of the scratch bytes, one per ``(dtype, count)`` (a flat view) or
+        ``(dtype, shape)`` (a C-contiguous view of that shape), each 256-byte aligned."""
         views, offset = [], 0
-        for dtype, count in layout:
+        for dtype, size in layout:
+            count = math.prod(size) if isinstance(size, tuple) else size
             nbytes = count * np.dtype(dtype).itemsize
-            views.append(self.scratch[offset:offset + nbytes].view(dtype))
+            view = self.scratch[offset:offset + nbytes].view(dtype)
+            views.append(view.reshape(size) if isinstance(size, tuple) else view)
             offset += -(-nbytes // _ALIGN) * _ALIGN
         return tuple(views)
 
 
-def scratch_bytes(layout: tuple[tuple[str, int], ...]) -> int:
+def scratch_bytes(layout: tuple[tuple[Any, Any], ...]) -> int:
     """Bytes :meth:`Workspace.carve` needs for ``layout``."""
-    return sum(-(-count * np.dtype(dtype).itemsize // _ALIGN) * _ALIGN for dtype, count in layout)
+    return sum(-(-(math.prod(size) if isinstance(size, tuple) else size)
+                 * np.dtype(dtype).itemsize // _ALIGN) * _ALIGN for dtype, size in layout)
 
 
 _workspaces: dict[tuple, Workspace] = {}

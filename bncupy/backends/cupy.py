@@ -41,6 +41,7 @@ _THREADS = 256
 _ROWS_MAX_VECS = 8192  # longer channel-first groups are split over several blocks
 STAT_ROWS = 7  # rows of a statistics buffer (kernels/reduce.cuh, STAT_*)
 _CENTER, _INVSTD, _LO, _M2 = 0, 1, 2, 6
+_FLAGS = (np.int32(0), np.int32(1))  # int kernel flags, made once
 
 
 def unavailable_reason() -> str | None:
@@ -96,8 +97,15 @@ _CLUSTER = 32  # splits merged per cluster in channels-last reductions (kernels/
 def _offset(*arrays: Any) -> int:
     """The common byte offset of the arrays' addresses from a 16-byte boundary, or -1 when they
     differ (then nothing is loaded 16 bytes at a time)."""
-    offsets = {a.data.ptr % 16 for a in arrays if a is not None}
-    return offsets.pop() if len(offsets) == 1 else -1
+    offset = -1
+    for a in arrays:
+        if a is not None:
+            mine = a.data.ptr % 16
+            if offset < 0:
+                offset = mine
+            elif mine != offset:
+                return -1
+    return offset
 
 
 class _Geometry:
@@ -169,9 +177,21 @@ class _Geometry:
         c = self.channels
         self.stats_scratch = ((self.acc, 3 * self.partials),)
         self.grad_scratch = ((self.acc, 2 * self.partials), (self.acc, 4 * c))
+        # the scratch with the statistics buffer as a workspace temporary (see _with_stats)
+        self.stats_temp = (*self.stats_scratch, (self.acc, (STAT_ROWS, c)))
+        self.eps: tuple[float, Any] = (math.nan, None)  # the last eps and its kernel argument
+
+    def eps_arg(self, eps: float) -> Any:
+        """``eps`` as the accumulator-typed kernel argument (made once per value in a row)."""
+        last = self.eps
+        if last[0] == eps:
+            return last[1]
+        arg = self.acc_type(eps)
+        self.eps = (eps, arg)
+        return arg
 
     def launch_reduce(self, kernel: str, grid: int, args: tuple) -> None:
-        _launch(self.dtype, self.names[kernel], grid, args)
+        _cuda._runtime.kernel(self.dtype, self.names[kernel])((grid,), (_THREADS,), args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -180,17 +200,27 @@ def _geometry_cached(shape: tuple[int, ...], axis: int, dtype: np.dtype, offset:
     return _Geometry(shape, axis, dtype, offset, sms)
 
 
+_GEOMETRIES: dict[tuple, _Geometry] = {}  # the hot path's lookup in front of _geometry_cached
+
+
 def _geometry(x: Any, axis: int, *others: Any) -> _Geometry:
     """The cached geometry of ``x`` (with ``others`` of its shape walked alongside)."""
-    return _geometry_cached(x.shape, axis, x.dtype, _offset(x, *others),
-                            _cuda.runtime().sm_count(), _INDEX64_FROM)
+    key = (x.shape, axis, x.dtype, _offset(x, *others), _cuda._runtime.sm_count(),
+           _INDEX64_FROM)
+    geo = _GEOMETRIES.get(key)
+    if geo is None:
+        geo = _geometry_cached(*key)
+        if len(_GEOMETRIES) >= 1024:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = geo
+    return geo
 
 
 def _output_like(x: Any) -> Any:
     """A new array like contiguous ``x`` at the same offset from a 16-byte boundary, so that the
     kernels read and write both 16 bytes at a time (a view into a slightly larger allocation
     when ``x`` is a view off the boundary)."""
-    xp = _cuda.runtime().xp
+    xp = _cuda._runtime.xp
     lag = x.data.ptr % 16
     if lag == 0:
         return xp.empty_like(x)
@@ -218,8 +248,12 @@ def _per_channel(value: Any, acc: np.dtype) -> Any:
 
 
 def _workspace(counters: int, layout: tuple) -> tuple[Any, ...]:
-    """The stream's arrival counters and scratch views of ``layout``: ``(dtype, count)`` pairs."""
-    return _cuda.bind(_cuda.runtime().current_stream(), counters, layout)
+    """The stream's arrival counters and scratch views of ``layout``: ``(dtype, count)`` (or
+    ``(dtype, shape)``) pairs."""
+    return _cuda.bind(_cuda._runtime.current_stream(), counters, layout)
+
+
+_FLAGS = (np.int32(0), np.int32(1))  # int32 kernel flags, made once
 
 
 def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
@@ -227,33 +261,34 @@ def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
            evaluate: bool, relu: bool) -> Any:
     y = _output_like(x)
     geo.launch_reduce("apply", geo.apply_blocks, (
-        x, y, _ptr(residual), *geo.apply_shape, stats, _ptr(running_mean), _ptr(running_var),
-        _ptr(weight), _ptr(bias), geo.acc_type(eps), np.float64(momentum),
-        np.int32(evaluate), np.int32(relu)))
+        x, y, NULL if residual is None else residual, *geo.apply_shape, stats,
+        NULL if running_mean is None else running_mean,
+        NULL if running_var is None else running_var, NULL if weight is None else weight,
+        NULL if bias is None else bias, geo.eps_arg(eps), np.float64(momentum),
+        _FLAGS[evaluate], _FLAGS[relu]))
     return y
 
 
 def _with_stats(counters: int, layout: tuple, width: int, acc: np.dtype,
-                keep: bool) -> tuple[Any, ...]:
+                keep: bool, temp: tuple | None = None) -> tuple[Any, ...]:
     """The workspace's counters and views of ``layout``, and a (STAT_ROWS, width) statistics
     buffer: a fresh array when the caller keeps it, else the workspace's (a temporary must not
     be an allocation freed after the call: a CUDA graph capturing the call would keep writing
-    it)."""
+    it). ``temp``: ``layout`` with that buffer appended, when the caller has it made."""
     if keep:
         return (*_workspace(counters, layout),
-                _cuda.runtime().xp.empty((STAT_ROWS, width), acc))
-    *views, stats = _workspace(counters, (*layout, (acc, STAT_ROWS * width)))
-    return (*views, stats.reshape(STAT_ROWS, width))
+                _cuda._runtime.xp.empty((STAT_ROWS, width), acc))
+    return _workspace(counters, temp or (*layout, (acc, (STAT_ROWS, width))))
 
 
 def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float,
            keep: bool = True) -> Any:
     """Launch ``forward_stats``; returns its STAT-row buffer (STAT_ROWS, C)."""
     counters, partials, stats = _with_stats(geo.counters, geo.stats_scratch, geo.channels,
-                                            geo.acc, keep)
+                                            geo.acc, keep, geo.stats_temp)
     geo.launch_reduce("forward_stats", geo.reduce_blocks, (
-        x, *geo.reduce_shape, partials, counters, _ptr(weight), _ptr(bias), geo.acc_type(eps),
-        geo.count, stats, np.int32(0)))
+        x, *geo.reduce_shape, partials, counters, NULL if weight is None else weight,
+        NULL if bias is None else bias, geo.eps_arg(eps), geo.count, stats, _FLAGS[0]))
     return stats
 
 
@@ -262,19 +297,57 @@ def stat_rows(stats: Any) -> tuple[Any, Any]:
     return stats[_CENTER], stats[_INVSTD]
 
 
+class Plan:
+    """What a checked call signature fixes for the launch plan (the caller keeps one per
+    signature; see :func:`plan`): whether its arrays go to the kernels as they are, and its
+    geometries by alignment and SM count."""
+
+    __slots__ = ("axis", "direct", "geometries")
+
+    def __init__(self, x: Any, axis: int, arrays: tuple, vectors: tuple) -> None:
+        acc = _ACC[x.dtype]
+        self.axis = axis
+        self.direct = x.flags.c_contiguous and all(
+            a is None or (a.dtype == x.dtype and a.flags.c_contiguous) for a in arrays) and all(
+            v is None or (v.dtype == acc and v.flags.c_contiguous) for v in vectors)
+        self.geometries: dict[tuple, _Geometry] = {}
+
+    def geometry(self, x: Any, *others: Any) -> _Geometry:
+        """:func:`_geometry` of ``x`` (of the signature's shape and dtype) by its alignment."""
+        key = (_offset(x, *others), _cuda._runtime.sm_count(), _INDEX64_FROM)
+        geo = self.geometries.get(key)
+        if geo is None:
+            geo = self.geometries[key] = _geometry(x, self.axis, *others)
+        return geo
+
+
+def plan(x: Any, axis: int, arrays: tuple = (), vectors: tuple = ()) -> Plan:
+    """The :class:`Plan` of a call signature: ``x`` (its view as the backend gets it), the
+    input-shaped ``arrays`` (residual, grad_output) and the per-channel ``vectors``."""
+    return Plan(x, axis, arrays, vectors)
+
+
 def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, running_mean: Any,
                     running_var: Any, momentum: float, residual: Any = None,
-                    relu: bool = False, keep: bool = True) -> tuple[Any, Any, None, None, Any]:
+                    relu: bool = False, keep: bool = True,
+                    plan: Plan | None = None) -> tuple[Any, Any, None, None, Any]:
     """Two launches: statistics, then apply (whose first threads also move the running
     statistics). Returns ``y``, the statistics buffer (the precise mean for a backward pass,
     save_mean and save_invstd in :func:`stat_rows`), None twice, and the buffer again (the
-    apply coefficients); unless ``keep``, the buffer is the stream's workspace."""
-    x = _contiguous(x)
-    residual = _like(residual, x)
-    geo = _geometry(x, axis, residual)
-    acc = geo.acc
-    rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
-    weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
+    apply coefficients); unless ``keep``, the buffer is the stream's workspace. ``plan``: the
+    call signature's (:func:`plan` of ``x``, ``(residual,)`` and the four vectors)."""
+    if plan is not None and plan.direct:
+        geo = plan.geometry(x, residual)
+        rm, rv = running_mean, running_var
+    else:
+        if not x.flags.c_contiguous:
+            x = require().ascontiguousarray(x)
+        if residual is not None:
+            residual = _like(residual, x)
+        geo = _geometry(x, axis, residual)
+        acc = geo.acc
+        rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
+        weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
     if x.size == 0:
         raise ValueError("normalize_train needs values (the caller handles empty batches)")
     stats = _stats(x, geo, weight, bias, eps, keep)
@@ -287,25 +360,35 @@ def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, runni
 
 def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weight: Any,
                    bias: Any, eps: float, residual: Any = None, relu: bool = False,
-                   keep: bool = True) -> tuple[Any, Any, None, None, Any]:
+                   keep: bool = True, plan: Plan | None = None,
+                   ) -> tuple[Any, Any, None, None, Any]:
     """One launch: apply with coefficients from the running statistics (its first threads also
     write them into the statistics buffer for a backward pass). Returns as
     :func:`normalize_train`."""
-    x = _contiguous(x)
-    residual = _like(residual, x)
-    geo = _geometry(x, axis, residual)
-    acc = geo.acc
-    rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
-    weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
-    stats = _with_stats(0, (), geo.channels, acc, keep)[-1]
+    if plan is not None and plan.direct:
+        geo = plan.geometry(x, residual)
+        rm, rv = running_mean, running_var
+    else:
+        if not x.flags.c_contiguous:
+            x = require().ascontiguousarray(x)
+        if residual is not None:
+            residual = _like(residual, x)
+        geo = _geometry(x, axis, residual)
+        acc = geo.acc
+        rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
+        weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
+    if keep:
+        stats = _cuda._runtime.xp.empty((STAT_ROWS, geo.channels), geo.acc)
+    else:
+        stats = _workspace(0, geo.stats_temp[-1:])[-1]
     y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, 0.0, True, relu)
     return y, stats, None, None, stats
 
 
 def _mean_parts(mean: Any, acc: np.dtype) -> tuple[Any, Any]:
     """(center, lo) of a mean: a statistics buffer's rows, or a given vector (lo null)."""
-    if mean.ndim == 2:
-        return mean[_CENTER], mean[_LO]
+    if mean.ndim == 2:  # the buffer itself is its first row's pointer (_CENTER = 0): no view
+        return mean, mean[_LO]
     if mean.dtype.itemsize > acc.itemsize:  # a float64 mean of float32 data: split
         center = mean.astype(acc)
         return center, (mean - center).astype(acc)
@@ -319,34 +402,44 @@ def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd
     the statistics buffer ``mean``'s."""
     acc = geo.acc
     center, lo = _mean_parts(mean, acc)
-    if invstd is None:
-        invstd = mean[_INVSTD]
+    invstd = mean[_INVSTD] if invstd is None else _per_channel(invstd, acc)
+    weight = _per_channel(weight, acc)
     counters, partials, coef = _workspace(geo.counters, geo.grad_scratch)
-    grads = _cuda.runtime().xp.empty((2, geo.channels), acc)
+    grads = _cuda._runtime.xp.empty((2, geo.channels), acc)
     geo.launch_reduce("backward_reduce", geo.reduce_blocks, (
-        dy, x, _ptr(residual), *geo.reduce_shape, partials, counters, center, _ptr(lo),
-        _per_channel(invstd, acc), _ptr(_per_channel(weight, acc)), _ptr(fwd), geo.count,
-        np.int32(training), grads, coef))
+        dy, x, NULL if residual is None else residual, *geo.reduce_shape, partials, counters,
+        center, NULL if lo is None else lo, invstd, NULL if weight is None else weight,
+        NULL if fwd is None else fwd, geo.count, _FLAGS[training], grads, coef))
     return grads, coef
 
 
 def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, training: bool,
-             fused: tuple | None = None) -> tuple[Any, Any, Any, Any]:
+             fused: tuple | None = None, plan: Plan | None = None,
+             ) -> tuple[Any, Any, Any, Any]:
     """Two launches: the deterministic reduction and the elementwise dx.
 
     ``mean`` is a statistics buffer (a forward's, precise) or a vector; ``fused`` is a fused
     forward's ``(coefficients, residual)``: the ReLU mask is applied to ``dy`` inline. Returns
-    dx, grad_weight, grad_bias and, with a fused residual, its gradient (else None).
+    dx, grad_weight, grad_bias and, with a fused residual, its gradient (else None). ``plan``:
+    the call signature's (:func:`plan` of ``x``, ``(dy, residual)`` and
+    ``(weight, mean, invstd)``).
     """
-    x = _contiguous(x)
     fwd, residual = fused if fused is not None else (None, None)
-    dy, residual = _like(dy, x), _like(residual, x)
-    geo = _geometry(x, axis, dy, residual)
-    grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, training, fwd, residual)
+    if plan is not None and plan.direct:
+        geo = plan.geometry(x, dy, residual)
+    else:
+        if not x.flags.c_contiguous:
+            x = require().ascontiguousarray(x)
+        dy = _like(dy, x)
+        if residual is not None:
+            residual = _like(residual, x)
+        geo = _geometry(x, axis, dy, residual)
+    grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, bool(training), fwd, residual)
     dx = _output_like(x)
     g = _output_like(x) if fwd is not None and residual is not None else None
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
-        dy, x, _ptr(residual), dx, _ptr(g), *geo.apply_shape, coef, _ptr(fwd)))
+        dy, x, NULL if residual is None else residual, dx, NULL if g is None else g,
+        *geo.apply_shape, coef, NULL if fwd is None else fwd))
     return dx, grads[0], grads[1], g
 
 
@@ -447,9 +540,9 @@ class _GroupGeometry:
             for k in ("group_apply", "group_backward_apply")}
         self.names.update({k: f"bncupy::{k}<{ctype}, {self.row_width}, {self.index}>"
                            for k in ("row_forward", "row_backward")})
-        # row_norm per residual-stream type (see _cuda.sum_types)
-        self.names.update({("row_norm", h): f"bncupy::row_norm<{ctype}, {_cuda.CTYPES[h]}, "
-                                             f"{self.row_width}, {self.index}>"
+        # row_norm per residual-stream dtype (see _cuda.sum_types)
+        self.names.update({("row_norm", np.dtype(h)): f"bncupy::row_norm<{ctype}, "
+                           f"{_cuda.CTYPES[h]}, {self.row_width}, {self.index}>"
                            for h in {self.dtype, "float32"}})
         acc = "double" if self.dtype == "float64" else "float"
         self.names.update({k: f"bncupy::{k}<{acc}>" for k in (
@@ -473,6 +566,10 @@ class _GroupGeometry:
         elif group_vecs <= held * 1024 and many:
             self.stats_mode = "regs"
             self.regs = _RowPlan(self.groups, group_vecs, held, sms, 0)
+            it = itype
+            self.regs_shape = (it(self.groups), it(group_vecs), np.int32(self.regs.height),
+                               it(lay.s // self.row_width if lay.kind != "rows" else 0),
+                               it(lay.c // lay.k), it(lay.k))
         elif lay.kind == "cf" and group_vecs <= _ROWS_MAX_VECS and many:
             self.stats_mode = "rows"
             self.row_height = _row_height(group_vecs)
@@ -490,6 +587,11 @@ class _GroupGeometry:
             if group_vecs <= held_back * 1024:
                 self.back = _RowPlan(lay.n, group_vecs, held_back, sms, merge)
                 self.back_sum = _RowPlan(lay.n, group_vecs, 2 * held_back, sms, merge, 512)
+                # launch arguments that depend on the plan only, made once
+                self.back_args = {s: (itype(lay.n), itype(group_vecs), np.int32(p.height))
+                                  for s, p in ((False, self.back), (True, self.back_sum))}
+                self.sums_args = {s: (np.int32(p.grid), np.uint64(lay.c))
+                                  for s, p in ((False, self.back), (True, self.back_sum))}
             for sum_, flag in ((False, "false"), (True, "true")):
                 self.names["row_norm_backward", sum_] = (
                     f"bncupy::row_norm_backward<{ctype}, {self.row_width}, {self.index}, {flag}>")
@@ -502,6 +604,7 @@ class _GroupGeometry:
             self._name("cell_grad_planes", self.row_width if self.cell_height else
                        self.cell_split.width)
         self.coef_blocks = -(-max(self.groups, lay.c) // _THREADS)
+        self.coef_blocks_columns = -(-lay.c // _THREADS)
 
     def _name(self, kernel: str, width: int) -> None:
         self.names[kernel] = (f"bncupy::{kernel}<{_cuda.CTYPES[self.dtype]}, {width}, "
@@ -566,12 +669,9 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
         plan = geo.regs
         held = h if h is not None else residual if residual is not None else x
-        stream = held.dtype.name
-        _launch(geo.dtype, geo.names["row_norm", stream], plan.grid, (
-            x, y, it(geo.groups), it(lay.size // geo.row_width), np.int32(plan.height),
-            it(lay.s // geo.row_width if lay.kind != "rows" else 0), it(lay.c // lay.k),
-            it(lay.k), _ptr(weight), _ptr(bias), eps_, stats, _ptr(residual), _ptr(h),
-            np.int32(rms)), plan.block)
+        _launch(geo.dtype, geo.names["row_norm", held.dtype], plan.grid, (
+            x, y, *geo.regs_shape, _ptr(weight), _ptr(bias), eps_, stats, _ptr(residual),
+            _ptr(h), _FLAGS[rms]), plan.block)
         return stats, True
     if geo.stats_mode == "rows":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
@@ -634,6 +734,8 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     for target, value in zip(targets, (rm, rv), strict=True):
         if target is not None and value is not target:
             target[...] = value
+    if not keep:  # a y-only call: no statistics views to make
+        return y, None, None, stats, h
     return y, stats[_CENTER], stats[_INVSTD], stats, h
 
 
@@ -677,11 +779,10 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         (partials,) = _workspace(0, ((acc, 2 * lay.c * plan.grid),))[1:]
         grads = xp.empty((2, lay.c), acc)
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
-            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(plan.height),
-            _ptr(center), _ptr(lo), invstd, _ptr(weight), partials, _ptr(grad_sum),
-            np.int32(rms)), plan.block)
-        _launch(geo.dtype, geo.names["column_sums"], -(-lay.c // _THREADS), (
-            partials, np.int32(plan.grid), np.uint64(lay.c), grads))
+            dy, x, dx, *geo.back_args[has_sum], _ptr(center), _ptr(lo), invstd, _ptr(weight),
+            partials, _ptr(grad_sum), _FLAGS[rms]), plan.block)
+        _launch(geo.dtype, geo.names["column_sums"], geo.coef_blocks_columns, (
+            partials, *geo.sums_args[has_sum], grads))
         return dx, grads[0], grads[1]
     if lay.kind == "rows":
         cols = geo.columns

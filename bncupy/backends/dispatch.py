@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from . import _cuda
 from . import cupy as cupy_backend
 from . import numpy as numpy_backend
 
@@ -87,7 +88,17 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-_kinds: dict[tuple[type, int], str | None] = {}
+_kinds: dict[type, str | None] = {}
+_kinds_runtime: list[Any] = [None]  # the runtime whose answers _kinds holds
+
+
+def known_kinds() -> dict[type, str | None]:
+    """The types :func:`array_kind` has classified under the current runtime, and their kinds
+    (a lookup table for hot paths; a type missing from it is not classified yet)."""
+    if _kinds_runtime[0] is not _cuda._runtime:
+        _kinds.clear()
+        _kinds_runtime[0] = _cuda._runtime
+    return _kinds
 
 
 def array_kind(value: Any) -> str | None:
@@ -96,24 +107,30 @@ def array_kind(value: Any) -> str | None:
     Device arrays are recognised by the CuPy backend's runtime (CuPy's by type, so no CuPy
     import or GPU is needed to classify arrays); the answer is cached per type and runtime.
     """
-    key = (type(value), id(cupy_backend.runtime()))
-    kind = _kinds.get(key, "?")
-    if kind == "?":
-        if isinstance(value, numpy_backend.np.ndarray):
-            kind = "numpy"
-        elif cupy_backend.is_array(value):
-            kind = "cupy"
-        else:
-            kind = None
-        if len(_kinds) > 256:
-            _kinds.clear()
-        _kinds[key] = kind
+    cls = type(value)
+    kind = _kinds.get(cls, "?")
+    if kind != "?" and _kinds_runtime[0] is _cuda._runtime:
+        return kind
+    if _kinds_runtime[0] is not _cuda._runtime:
+        _kinds.clear()
+        _kinds_runtime[0] = _cuda._runtime
+    if isinstance(value, numpy_backend.np.ndarray):
+        kind = "numpy"
+    elif cupy_backend.is_array(value):
+        kind = "cupy"
+    else:
+        kind = None
+    if len(_kinds) > 256:
+        _kinds.clear()
+    _kinds[cls] = kind
     return kind
 
 
-def backend_for(kind: str) -> ModuleType:
-    """The backend module that computes for input of array kind ``kind`` under the current setting."""
-    name = configured_backend()
+def backend_for(kind: str, name: str | None = None) -> ModuleType:
+    """The backend module that computes for input of array kind ``kind`` under the current setting
+    (``name``: :func:`configured_backend`, when the caller has it already)."""
+    if name is None:
+        name = configured_backend()
     if name == "auto":
         name = kind
     if name == "cupy":

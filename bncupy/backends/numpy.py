@@ -260,17 +260,270 @@ def _saved(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray) -> tuple[np.ndar
     return mean.astype(dtype), invstd.astype(dtype)
 
 
+# --- small tensors ---------------------------------------------------------------------------
+#
+# Below SMALL_ELEMENTS values an op is a few whole-array NumPy operations: no tiles, no thread
+# pool, no engine. The statistics are two-pass in float64 over the whole array (at least as
+# precise as the engines' unit-wise two-pass sums); the coefficients are the same functions of
+# them, and the elementwise passes the same operations in the compute dtype as the engines'
+# (so a fused ReLU's backward recomputes exactly the forward's pre-activation).
+
+SMALL_ELEMENTS = 1024
+_PLAIN_FLOATS = frozenset(np.dtype(d) for d in (np.float16, np.float32, np.float64))
+_WIDE_FLOATS = frozenset(np.dtype(d) for d in (np.float32, np.float64))
+
+
+class Small:
+    """The plan of a signature the small path takes: the ``(A, C, B)`` shape, whether the
+    compiled engine's one-call kernels may run it (float32/float64 input-shaped arrays), and
+    which per-channel vectors they take as float64 copies (not contiguous float32/float64)."""
+
+    __slots__ = ("shape3", "compiled", "convert")
+
+    def __init__(self, shape3: tuple[int, int, int], compiled: bool,
+                 convert: tuple[bool, ...]) -> None:
+        self.shape3, self.compiled, self.convert = shape3, compiled, convert
+
+
+def plan(x: np.ndarray, axis: int, arrays: tuple = (), vectors: tuple = ()) -> Small | None:
+    """What a call signature fixes for this backend (see the CuPy backend's ``plan``): a
+    :class:`Small` when ``x`` (the input as the backend gets it), the input-shaped ``arrays``
+    and the per-channel ``vectors`` take the small path: under :data:`SMALL_ELEMENTS` values,
+    not empty, contiguous, float16/32/64 throughout."""
+    if not 0 < x.size < SMALL_ELEMENTS or x.ndim < 2:
+        return None
+    wide = True
+    for a in (x, *arrays):
+        if a is not None:
+            if a.dtype not in _PLAIN_FLOATS or not a.flags.c_contiguous:
+                return None
+            wide &= a.dtype in _WIDE_FLOATS
+    if any(v is not None and (v.dtype not in _PLAIN_FLOATS or v.ndim != 1) for v in vectors):
+        return None
+    convert = tuple(v is not None and (v.dtype not in _WIDE_FLOATS or not v.flags.c_contiguous)
+                    for v in vectors)
+    shape3 = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:]))
+    return Small(shape3, wide, convert)
+
+
+# os.environ's own table and key for BNCUPY_CPU_ENGINE (see _validation.check_environment)
+_ENVIRON = getattr(os.environ, "_data", None)
+try:
+    _ENGINE_KEY: Any = os.environ.encodekey("BNCUPY_CPU_ENGINE")
+except (AttributeError, TypeError):
+    _ENVIRON = None
+
+
+def _small_kernels(plan: Small) -> Any:
+    """The compiled engine's module when it runs ``plan`` (Numba loaded, not turned off)."""
+    if not plan.compiled:
+        return None
+    if _ENVIRON is not None and not _ENVIRON.get(_ENGINE_KEY):
+        compiled = _compiled_engine()
+    else:
+        compiled = None if _engine_off() else _compiled_engine()
+    kernels = None if compiled is None else compiled.k
+    return kernels if hasattr(kernels, "small_forward") else None
+
+
+_EMPTY = {np.dtype(d): (np.empty(0, d), np.empty((0, 0, 0), d)) for d in (np.float32,
+                                                                         np.float64)}
+
+
+def _compiled_train(k: Any, plan: Small, x: np.ndarray, weight: Any, bias: Any, eps: float,
+                    running_mean: Any, running_var: Any, momentum: float, residual: Any,
+                    relu: bool, keep: bool, training: bool) -> tuple:
+    """The compiled engine's one-call small forward (training or eval)."""
+    x3 = x.reshape(plan.shape3)
+    c = plan.shape3[1]
+    one, three = _EMPTY[x.dtype]
+    targets = (running_mean, running_var)
+    if any(plan.convert):  # vectors the kernel takes as contiguous float64 copies
+        running_mean, running_var, weight, bias = (
+            np.ascontiguousarray(v, np.float64) if change else v
+            for v, change in zip((running_mean, running_var, weight, bias), plan.convert,
+                                 strict=True))
+    y = np.empty(x.shape, x.dtype)
+    stats = np.empty((4, c))
+    center = np.empty(c, x.dtype)
+    flags = ((weight is not None) * k.SMALL_WEIGHT | (bias is not None) * k.SMALL_BIAS
+             | (running_mean is not None) * k.SMALL_RUNNING
+             | (residual is not None) * k.SMALL_RESIDUAL | relu * k.SMALL_RELU
+             | training * k.SMALL_TRAIN)
+    k.small_forward(x3, three if residual is None else residual.reshape(plan.shape3),
+                    y.reshape(plan.shape3), one if weight is None else weight,
+                    one if bias is None else bias, one if running_mean is None else running_mean,
+                    one if running_var is None else running_var, flags, eps, momentum, stats,
+                    center)
+    if training and targets[0] is not None:
+        for target, value in zip(targets, (running_mean, running_var), strict=True):
+            if value is not target:
+                target[...] = value
+    mean, invstd, scale, shift = stats
+    coef = (center, scale, shift)
+    if not keep:
+        return y, mean, None, None, coef
+    return y, mean, center, invstd.astype(x.dtype), coef
+
+
+def _sums(a: np.ndarray) -> np.ndarray:
+    """Per-channel sums of an ``(A, C, B)`` array."""
+    return np.add.reduce(a, axis=(0, 2))  # type: ignore[call-overload]
+
+
+def _small_moments(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float64 mean and biased variance of an ``(A, C, B)`` array: two passes about
+    a centre in the compute dtype (so a constant channel's mean is exactly its value)."""
+    a, c, b = x3.shape
+    n = a * b
+    d = x3.astype(np.float64)
+    centre = _sums(d)
+    centre /= n
+    centre = centre.astype(compute_dtype(x3.dtype)).astype(np.float64)
+    np.subtract(d, centre.reshape(c, 1), out=d)
+    s1 = _sums(d)
+    m2 = _sums(np.square(d, out=d))
+    m2 -= s1 * s1 / n
+    np.maximum(m2, 0.0, out=m2)
+    s1 /= n
+    return centre + s1, m2 / n
+
+
+def _small_apply(x: np.ndarray, x3: np.ndarray, coef: tuple, residual: Any, relu: bool,
+                 ) -> np.ndarray:
+    """:func:`apply` on a small contiguous ``x`` (``x3``: its ``(A, C, B)`` view): the engines'
+    operations in the compute dtype on the whole array."""
+    center, scale, shift = coef
+    cd = center.dtype
+    c = x3.shape[1]
+    if x3.dtype == cd:
+        y3 = np.subtract(x3, center.reshape(c, 1))
+    else:
+        y3 = x3.astype(cd)
+        y3 -= center.reshape(c, 1)
+    y3 *= scale.astype(cd).reshape(c, 1)
+    y3 += shift.astype(cd).reshape(c, 1)
+    if residual is not None:
+        y3 += residual.reshape(x3.shape).astype(cd, copy=False)
+    if relu:
+        np.maximum(y3, 0, out=y3)
+    return (y3 if y3.dtype == x.dtype else y3.astype(x.dtype)).reshape(x.shape)
+
+
+def _small_coefficients(mean: np.ndarray, invstd: np.ndarray, weight: Any, bias: Any,
+                        cd: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`forward_coefficients` of float64 ``mean`` and ``invstd`` (the same values)."""
+    center = mean.astype(cd)
+    scale = invstd if weight is None else invstd * weight
+    shift = mean - center
+    shift *= scale
+    np.negative(shift, out=shift)
+    if bias is not None:
+        shift += bias
+    return center, scale, shift
+
+
 @quiet
+def _small_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
+                 running_mean: Any, running_var: Any, momentum: float, residual: Any,
+                 relu: bool, keep: bool) -> tuple:
+    x3 = view3(x, axis)
+    count = x3.shape[0] * x3.shape[2]
+    mean, var = _small_moments(x3)
+    invstd = var + eps
+    np.sqrt(invstd, out=invstd)
+    np.divide(1.0, invstd, out=invstd)
+    cd = compute_dtype(x.dtype)
+    coef = _small_coefficients(mean, invstd, weight, bias, cd)
+    y = _small_apply(x, x3, coef, residual, relu)
+    if running_mean is not None:
+        unbiased = var * (count / (count - 1))
+        new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+        new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
+        running_mean[...] = new_mean
+        running_var[...] = new_var
+    if not keep:
+        return y, mean, None, None, coef
+    return y, mean, mean.astype(cd), invstd.astype(cd), coef
+
+
+@quiet
+def _small_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_var: np.ndarray,
+                weight: Any, bias: Any, eps: float, residual: Any, relu: bool,
+                keep: bool) -> tuple:
+    mean = running_mean.astype(np.float64)
+    invstd = running_var.astype(np.float64)
+    invstd += eps
+    np.sqrt(invstd, out=invstd)
+    np.divide(1.0, invstd, out=invstd)
+    cd = compute_dtype(x.dtype)
+    coef = _small_coefficients(mean, invstd, weight, bias, cd)
+    y = _small_apply(x, view3(x, axis), coef, residual, relu)
+    if not keep:
+        return y, mean, None, None, coef
+    return y, mean, mean.astype(cd), invstd.astype(cd), coef
+
+
+@quiet
+def _small_backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
+                    invstd: np.ndarray, training: bool, fused: tuple | None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    g = dy if fused is None else relu_grad(dy, x, axis, *fused)
+    x3 = view3(x, axis)
+    a, c, b = x3.shape
+    cd = compute_dtype(x.dtype)
+    mean = mean.astype(np.float64)
+    center = mean.astype(cd)
+    g64 = g.reshape(a, c, b).astype(np.float64)
+    e = x3.astype(np.float64)
+    e -= center.reshape(c, 1)
+    sum_dy = _sums(g64)
+    sum_dy_xc = _sums(np.multiply(e, g64, out=e))
+    center, ka, kb, kc, grad_weight, grad_bias = backward_coefficients(
+        mean, invstd, weight, sum_dy, sum_dy_xc - (mean - center) * sum_dy, a * b, training,
+        x.dtype)
+    # backward_apply's operations: (x - center) * b + c + a * dy in the compute dtype
+    if x3.dtype == cd:
+        dx3 = np.subtract(x3, center.reshape(c, 1))
+    else:
+        dx3 = x3.astype(cd)
+        dx3 -= center.reshape(c, 1)
+    dx3 *= kb.astype(cd).reshape(c, 1)
+    dx3 += kc.astype(cd).reshape(c, 1)
+    dx3 += np.multiply(g.reshape(a, c, b).astype(cd, copy=False), ka.astype(cd).reshape(c, 1))
+    dx = (dx3 if dx3.dtype == x.dtype else dx3.astype(x.dtype)).reshape(x.shape)
+    residual_grad = g if fused is not None and fused[1] is not None else None
+    return dx, grad_weight, grad_bias, residual_grad
+
+
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float,
                     residual: np.ndarray | None = None, relu: bool = False, keep: bool = True,
+                    plan: Any = None,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with batch statistics; update the running ones in place (after everything else).
-    (``keep``: whether the caller keeps the statistics; they are always fresh arrays here.)
 
-    Returns ``y``, the float64 batch mean, ``save_mean``/``save_invstd`` in the stat dtype, and
-    the apply coefficients (for a fused activation's backward).
+    Returns ``y``, the float64 batch mean, ``save_mean``/``save_invstd`` in the stat dtype (None
+    for the small path unless ``keep``), and the apply coefficients (for a fused activation's
+    backward). ``plan``: the call signature's (:func:`plan`).
     """
+    if plan is not None:
+        k = _small_kernels(plan)
+        if k is not None:
+            return _compiled_train(k, plan, x, weight, bias, eps, running_mean, running_var,
+                                   momentum, residual, relu, keep, True)
+        return _small_train(x, axis, weight, bias, eps, running_mean, running_var, momentum,
+                            residual, relu, keep)
+    return _normalize_train(x, axis, weight, bias, eps, running_mean, running_var, momentum,
+                            residual, relu)
+
+
+@quiet
+def _normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
+                     running_mean: Any, running_var: Any, momentum: float,
+                     residual: np.ndarray | None = None, relu: bool = False,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """:func:`normalize_train` through the engine."""
     count, mean, m2 = stats(x, axis)
     var = m2 / count
     invstd = 1.0 / np.sqrt(var + eps)
@@ -285,12 +538,26 @@ def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float
     return (y, mean, *_saved(x, mean, invstd), coef)
 
 
-@quiet
 def normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray, running_var: np.ndarray,
                    weight: Any, bias: Any, eps: float, residual: np.ndarray | None = None,
-                   relu: bool = False, keep: bool = True,
+                   relu: bool = False, keep: bool = True, plan: Any = None,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Normalize with the running statistics; same returns as :func:`normalize_train`."""
+    if plan is not None:
+        k = _small_kernels(plan)
+        if k is not None:
+            return _compiled_train(k, plan, x, weight, bias, eps, running_mean, running_var, 0.0,
+                                   residual, relu, keep, False)
+        return _small_eval(x, axis, running_mean, running_var, weight, bias, eps, residual, relu,
+                           keep)
+    return _normalize_eval(x, axis, running_mean, running_var, weight, bias, eps, residual, relu)
+
+
+@quiet
+def _normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray,
+                    running_var: np.ndarray, weight: Any, bias: Any, eps: float,
+                    residual: np.ndarray | None = None, relu: bool = False,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     mean = running_mean.astype(np.float64)
     invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
     coef = forward_coefficients(mean, invstd, weight, bias, x.dtype)
@@ -354,13 +621,35 @@ def backward_sums(dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray,
     return sum_dy, sum_dy_xc - (mean - center) * sum_dy
 
 
-@quiet
 def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
-             invstd: np.ndarray, training: bool, fused: tuple | None = None,
+             invstd: np.ndarray, training: bool, fused: tuple | None = None, plan: Any = None,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """``grad_input`` (``x.dtype``), float64 ``grad_weight`` and ``grad_bias``, and the gradient
     of a fused residual. ``fused`` is a fused ReLU forward's ``(coefficients, residual)``: dy is
-    masked where its output was not positive."""
+    masked where its output was not positive. ``plan``: the call signature's (:func:`plan`)."""
+    if plan is not None and x.size:
+        k = _small_kernels(plan)
+        if k is not None and fused is None:
+            if any(plan.convert):
+                weight, mean, invstd = (np.ascontiguousarray(v, np.float64) if change else v
+                                        for v, change in zip((weight, mean, invstd),
+                                                             plan.convert, strict=True))
+            dx = np.empty(x.shape, x.dtype)
+            grads = np.empty((2, plan.shape3[1]))
+            k.small_backward(dy.reshape(plan.shape3), x.reshape(plan.shape3),
+                             dx.reshape(plan.shape3), weight if weight is not None else
+                             _EMPTY[x.dtype][0], mean, invstd,
+                             (weight is not None) * k.SMALL_WEIGHT | bool(training) * k.SMALL_TRAIN,
+                             grads)
+            return dx, grads[0], grads[1], None
+        return _small_backward(dy, x, axis, weight, mean, invstd, training, fused)
+    return _backward(dy, x, axis, weight, mean, invstd, training, fused)
+
+
+@quiet
+def _backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
+              invstd: np.ndarray, training: bool, fused: tuple | None = None,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     g = dy if fused is None else relu_grad(dy, x, axis, *fused)
     count = x.size // x.shape[axis] if x.shape[axis] else 0
     sum_dy, sum_dy_xmu = backward_sums(g, x, axis, mean, invstd)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from bncupy._dtypes import BFLOAT16
 from bncupy.backends import cupy as cupy_backend
 
 from . import device
@@ -28,7 +27,11 @@ from .build import build
 _SCALARS = {"u32": (np.uint32, ctypes.c_uint32), "u64": (np.uint64, ctypes.c_uint64),
             "i32": (np.int32, ctypes.c_int32), "i64": (np.int64, ctypes.c_int64),
             "f32": (np.float32, ctypes.c_float), "f64": (np.float64, ctypes.c_double)}
-_ELEMENTS = {"f16": np.float16, "bf16": BFLOAT16, "f32": np.float32, "f64": np.float64,
+try:  # ml_dtypes directly: the host-overhead benchmark runs this with older bncupy checkouts too
+    from ml_dtypes import bfloat16 as _bfloat16
+except ImportError:
+    _bfloat16 = None
+_ELEMENTS = {"f16": np.float16, "bf16": _bfloat16, "f32": np.float32, "f64": np.float64,
              "u32": np.uint32, "u64": np.uint64, "i32": np.int32, "i64": np.int64}
 # What CuPy passes for Python scalars (cupy/_core/_kernel: int -> long long, float -> double).
 _PYTHON_SCALARS = {int: "i64", float: "f64"}
