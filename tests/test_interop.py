@@ -119,6 +119,16 @@ def test_read_only_input_is_used_and_read_only_running_stats_are_refused():
     np.testing.assert_array_equal(frozen_stats, rm)
 
 
+def test_read_only_running_stats_serve_eval():
+    # JAX exports running statistics read-only; eval only reads them (every NumPy engine)
+    x = _data()
+    rm, rv = np.full(3, 0.25, np.float32), np.full(3, 2.0, np.float32)
+    expected = bn.batch_norm(x, rm, rv, training=False)
+    for a in (rm, rv):
+        a.flags.writeable = False
+    np.testing.assert_array_equal(bn.batch_norm(x, rm, rv, training=False), expected)
+
+
 def test_unsupported_device_and_refused_export_name_the_argument():
     x = _data()
     with pytest.raises(TypeError, match="weight .*DLPack device type 4"):

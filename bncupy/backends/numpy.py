@@ -343,6 +343,10 @@ def _compiled_train(k: Any, plan: Small, x: np.ndarray, weight: Any, bias: Any, 
             np.ascontiguousarray(v, np.float64) if change else v
             for v, change in zip((running_mean, running_var, weight, bias), plan.convert,
                                  strict=True))
+    if not training and running_mean is not None and not (running_mean.flags.writeable
+                                                          and running_var.flags.writeable):
+        # read-only imports (JAX): the kernel's signature writes the running statistics
+        running_mean, running_var = running_mean.copy(), running_var.copy()
     y = np.empty(x.shape, x.dtype)
     stats = np.empty((4, c))
     center = np.empty(c, x.dtype)

@@ -171,7 +171,9 @@ def _register_shared(lib: ctypes.CDLL, path: Path) -> list[str]:
         parts = line.split()
         if len(parts) == 4:
             symbols[parts[3]] = (int(parts[0], 16), int(parts[1], 16), parts[2])
-    base = ctypes.cast(lib.bncupy_emu_count, ctypes.c_void_p).value - symbols["bncupy_emu_count"][0]
+    address = ctypes.cast(lib.bncupy_emu_count, ctypes.c_void_p).value
+    assert address is not None
+    base = address - symbols["bncupy_emu_count"][0]
     names = []
     for name, (value, size, kind) in symbols.items():
         if name.startswith("_ZZ") and not name.startswith(_NOT_DEVICE) and kind in "bBdDuV" \

@@ -91,7 +91,8 @@ class Faults:
     :meth:`disarm` or after it fires."""
 
     def __init__(self) -> None:
-        self.disarm()
+        self.kind: str | None = None
+        self.left = 0
 
     def arm(self, kind: str, k: int) -> None:
         if kind not in ("allocation", "launch"):
@@ -281,7 +282,7 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
         raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use "
                         "`.get()` to construct a NumPy array explicitly.")
 
-    def get(self, stream: Any = None, order: str = "C", out: Any = None) -> np.ndarray:
+    def get(self, stream: Any = None, order: Any = "C", out: Any = None) -> np.ndarray:
         SEAM.sync()
         return np.array(self._host, order=order)
 
@@ -331,13 +332,13 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
                 "data": (host.ctypes.data, False),
                 "strides": None if host.flags.c_contiguous else host.strides}
 
-    def astype(self, dtype: Any, order: str = "K", copy: bool = True, **kw: Any) -> ndarray:
+    def astype(self, dtype: Any, order: Any = "K", copy: bool = True, **kw: Any) -> ndarray:
         if not copy and np.dtype(dtype) == self.dtype:
             return self
         _operation("ndarray.astype")
         return _to_device(self._host.astype(dtype, order=order))
 
-    def copy(self, order: str = "C") -> ndarray:
+    def copy(self, order: Any = "C") -> ndarray:
         _operation("ndarray.copy")
         return _to_device(self._host.copy(order=order))
 
