@@ -77,7 +77,8 @@ def check(actual: Any, expected: Any, bound: Any, name: str, scale: Any = None) 
     assert largest == 0 or widest < largest, (
         f"{name}: the bound {widest:.3g} is as wide as the quantity it bounds ({largest:.3g}); "
         f"a zero result would pass")
-    error = np.abs(actual - expected)
+    with np.errstate(invalid="ignore"):  # inf - inf where both overflowed, masked below
+        error = np.abs(actual - expected)
     bad = ~nan & ~(error <= bound)
     if bad.any():
         worst = np.unravel_index(np.argmax(np.where(nan, -np.inf, error - bound)), error.shape)
