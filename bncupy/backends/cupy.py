@@ -352,8 +352,10 @@ def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, runni
         raise ValueError("normalize_train needs values (the caller handles empty batches)")
     stats = _stats(x, geo, weight, bias, eps, keep)
     y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, momentum, False, relu)
-    if rm is not running_mean:  # a non-contiguous or differently typed running-stat array
+    # a non-contiguous or differently typed running-stat array was copied: write it back
+    if rm is not running_mean:
         running_mean[...] = rm
+    if rv is not running_var:
         running_var[...] = rv
     return y, stats, None, None, stats
 
