@@ -224,9 +224,6 @@ def test_workspaces_are_per_stream_and_per_thread_on_the_per_thread_stream(xp, m
     assert len({b.data.ptr for b in _threads(counters)}) == 4  # one per thread, none shared
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backends/cupy.py normalize_train writes the running statistics back only when "
-    "running_mean needed a copy, so a copied running_var (another dtype) is never updated"))
 @pytest.mark.parametrize("mean_dtype, var_dtype", [(np.float32, np.float16),
                                                    (np.float32, np.float64)])
 def test_running_statistics_of_different_dtypes_are_both_updated(xp, mean_dtype, var_dtype):
