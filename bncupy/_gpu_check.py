@@ -91,7 +91,7 @@ def phase_suite(out: Path, limit: float, rehearse: bool) -> dict[str, Any]:
     targets = ["tests/test_kernels.py", "-k", "every_path and float32"] if rehearse \
         else ["tests"]
     result = _run(_python("pytest", *args, *targets), out / "suite.log", limit,
-                  {"BNCUPY_EMULATED": "1"} if rehearse else None)
+                  {"BNCUPY_EMULATED": "1"} if rehearse else {"BNCUPY_REQUIRE": "gpu"})
     counts = _junit_counts(xml)
     return {**result, "command": "python3 -m pytest -m gpu tests", **(counts or {}),
             "ok": counts is not None and counts["failed"] == 0 and not result["timed_out"]}

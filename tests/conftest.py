@@ -1,14 +1,18 @@
-"""Shared fixtures: Hypothesis profiles, the backend parametrisation, array helpers."""
+"""Shared fixtures: Hypothesis profiles and the run's seed, the backend parametrisation,
+requirements that a tox env turns from skips into failures, array helpers."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import time
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, seed, settings
 
 from bncupy.backends import cupy as cupy_backend
 from tests.arrays import to_numpy
@@ -16,11 +20,82 @@ from tests.arrays import to_numpy
 # "ci" replaces Hypothesis's own profile of that name (loaded when CI=true) with ours on top of it.
 settings.register_profile("dev", max_examples=25, deadline=None)
 settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=40, deadline=None,
-                          derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
                                      "ci" if os.environ.get("CI") else "dev"))
+
+# Every run draws new examples; BNCUPY_TEST_SEED (printed in the header) draws a run's again.
+SEED = int(os.environ.get("BNCUPY_TEST_SEED") or time.time_ns() % 2**32)
+
+# BNCUPY_REQUIRE names what a tox env exists to test (comma-separated: nvrtc, mpi, torch, jax,
+# demo, gpu): there, a test that would skip because its subject is missing fails instead. An env
+# that expects the compiled CPU engine (BNCUPY_EXPECT_ENGINE=numba) requires numba.
+REQUIRED = frozenset(part.strip() for part in os.environ.get("BNCUPY_REQUIRE", "").split(",")
+                     if part.strip()) | (
+    {"numba"} if os.environ.get("BNCUPY_EXPECT_ENGINE") == "numba" else set())
+
+
+def requirement(subject: str, reason: str) -> NoReturn:
+    """Skip the current test (or module) for ``reason``, or fail it where ``subject`` is
+    required."""
+    if subject in REQUIRED:
+        pytest.fail(f"BNCUPY_REQUIRE={subject}, but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def needs(module: str, subject: str, reason: str) -> Any:
+    """``import module``, or :func:`requirement` (skip, or fail where ``subject`` is required)
+    if it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        requirement(subject, f"{reason} ({exc})")
+
+
+def compiled_engine_missing() -> str | None:
+    """Why the NumPy backend's compiled (Numba) engine does not load here, or None."""
+    from bncupy.backends import numpy as nb
+
+    try:
+        if nb._load_compiled() is not None:
+            return None
+        importlib.import_module("bncupy.backends._compiled")  # the loader keeps the error
+    except Exception as exc:
+        return f"the compiled engine does not load: {exc!r}"
+    return "the compiled engine does not load (bncupy.backends.numpy._load_compiled)"
+
+
+def requires(subject: str, reason: str | None) -> pytest.MarkDecorator:
+    """A mark that skips for ``reason`` (None: runs), or fails where ``subject`` is required."""
+    if reason is not None and subject in REQUIRED:
+        return pytest.mark.unmet_requirement(f"BNCUPY_REQUIRE={subject}, but {reason}")
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unmet_requirement(reason): fails the test (a subject "
+                                       "BNCUPY_REQUIRE names is missing)")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (f"bncupy test seed: {SEED} (BNCUPY_TEST_SEED={SEED} repeats this run's Hypothesis "
+            f"examples); required: {', '.join(sorted(REQUIRED)) or 'nothing'}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("hypothesis_seed", None) is not None:
+        return  # an explicit --hypothesis-seed wins
+    for item in items:
+        test = getattr(item, "obj", None)
+        if getattr(test, "is_hypothesis_test", False):
+            seed(SEED ^ zlib.crc32(f"{test.__module__}.{test.__qualname__}".encode()))(test)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("unmet_requirement"):
+        pytest.fail(mark.args[0], pytrace=False)
 
 # BNCUPY_EMULATED=1 (tox env "emulated"): the CuPy backend runs its kernels on the CPU, and every
 # test that needs the CuPy backend runs there instead of skipping.
@@ -32,13 +107,10 @@ if os.environ.get("BNCUPY_EMULATED"):
 EMULATED = not isinstance(cupy_backend.runtime(), cupy_backend.CupyRuntime)
 GPU_REASON = cupy_backend.unavailable_reason()
 REAL_GPU_REASON = cupy_backend.CupyRuntime().unavailable_reason()
-requires_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"no GPU: {GPU_REASON}")
-requires_real_gpu = pytest.mark.skipif(
-    REAL_GPU_REASON is not None,
-    reason=f"needs a real GPU: {REAL_GPU_REASON or 'the CPU execution target is in use'}")
-if EMULATED:
-    requires_real_gpu = pytest.mark.skip(reason="needs a real GPU (running on the CPU execution "
-                                                "target)")
+requires_gpu = requires("gpu", None if GPU_REASON is None else f"no GPU: {GPU_REASON}")
+_REAL_GPU_MISSING = REAL_GPU_REASON or ("running on the CPU execution target" if EMULATED
+                                         else None)
+requires_real_gpu = requires("gpu", _REAL_GPU_MISSING and f"needs a real GPU: {_REAL_GPU_MISSING}")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,42 @@ def _bcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return np.asarray(v, np.float64).reshape(shape)
 
 
+def total(a, axes, keepdims=False):
+    """Sum over ``axes`` by pairwise summation (error O(eps log n)): NumPy sums pairwise only
+    along a contiguous last axis, so the summed axes are moved there first. A strided float64
+    sum is recursive, and its error (up to eps n) would be the oracle's own."""
+    a = np.asarray(a, np.float64)
+    axes = tuple(sorted(i % a.ndim for i in axes))
+    kept = [i for i in range(a.ndim) if i not in axes]
+    rows = np.ascontiguousarray(a.transpose(*kept, *axes)).reshape(
+        *[a.shape[i] for i in kept], -1)
+    out = rows.sum(axis=-1)
+    if keepdims:
+        out = out.reshape([1 if i in axes else a.shape[i] for i in range(a.ndim)])
+    return out
+
+
+def average(a, axes, keepdims=False):
+    """Mean over ``axes`` (see :func:`total`)."""
+    a = np.asarray(a, np.float64)
+    count = int(np.prod([a.shape[i] for i in axes]))
+    return total(a, axes, keepdims) / count
+
+
+def moments(x, axes, keepdims=False):
+    """Mean and biased variance over ``axes`` in float64 by the corrected two-pass algorithm
+    (Chan, Golub and LeVeque 1983): the mean of the deviations from a first mean corrects it,
+    so values far from zero keep the mean to about one ulp."""
+    x = np.asarray(x, np.float64)
+    first = average(x, axes, keepdims=True)
+    d = x - first
+    correction = average(d, axes, keepdims=True)
+    mu, var = first + correction, average(np.square(d - correction), axes, keepdims=True)
+    if keepdims:
+        return mu, var
+    return np.squeeze(mu, axes), np.squeeze(var, axes)
+
+
 def forward(x, axis=1, weight=None, bias=None, eps=1e-5, training=True, running_mean=None,
             running_var=None, momentum=0.1):
     """Return (y, mean, invstd, new_running_mean, new_running_var), all float64."""
@@ -26,8 +62,7 @@ def forward(x, axis=1, weight=None, bias=None, eps=1e-5, training=True, running_
     b = np.zeros(c) if bias is None else np.asarray(bias, np.float64)
     new_rm = new_rv = None
     if training:
-        mean = x.mean(axis=axes)
-        var = x.var(axis=axes)
+        mean, var = moments(x, axes)
         n = x.size // c
         if running_mean is not None:
             new_rm = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean
@@ -50,13 +85,13 @@ def backward(dy, x, axis=1, weight=None, eps=1e-5, training=True, running_mean=N
     c = x.shape[axis % x.ndim]
     w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
     if training:
-        mean, var = x.mean(axis=axes), x.var(axis=axes)
+        mean, var = moments(x, axes)
     else:
         mean, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
     invstd = 1.0 / np.sqrt(var + eps)
     xhat = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd, x.ndim, axis)
-    dbias = dy.sum(axis=axes)
-    dweight = (dy * xhat).sum(axis=axes)
+    dbias = total(dy, axes)
+    dweight = total(dy * xhat, axes)
     g = dy * _bcast(w * invstd, x.ndim, axis)
     if training:
         n = x.size // c
@@ -76,14 +111,14 @@ def grouped(x, dy, weight=None, bias=None, eps=1e-5):
     w = np.ones((g_, k_)) if weight is None else np.asarray(weight, np.float64).reshape(g_, k_)
     b = np.zeros((g_, k_)) if bias is None else np.asarray(bias, np.float64).reshape(g_, k_)
     w4, b4 = w[None, :, :, None], b[None, :, :, None]
-    mean = x.mean(axis=(2, 3), keepdims=True)
-    invstd = 1.0 / np.sqrt(x.var(axis=(2, 3), keepdims=True) + eps)
-    xhat = (x - mean) * invstd
+    mu, var = moments(x, (2, 3), keepdims=True)
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mu) * invstd
     y = xhat * w4 + b4
     g = dy * w4
-    dx = invstd * (g - g.mean(axis=(2, 3), keepdims=True)
-                   - xhat * (g * xhat).mean(axis=(2, 3), keepdims=True))
-    return y, (dx, (dy * xhat).sum(axis=(0, 3)), dy.sum(axis=(0, 3)))
+    dx = invstd * (g - average(g, (2, 3), keepdims=True)
+                   - xhat * average(g * xhat, (2, 3), keepdims=True))
+    return y, (dx, total(dy * xhat, (0, 3)), total(dy, (0, 3)))
 
 
 def numerical_gradient(f, x, direction, h=1e-6):
@@ -100,7 +135,7 @@ def batch_renorm(x, dy, axis, weight, bias, running_mean, running_var, eps, rmax
     x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
     axes = _axes(x.ndim, axis)
     m = x.size // x.shape[axis % x.ndim]
-    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    mean, var = moments(x, axes)
     sigma = np.sqrt(var + eps)
     running_sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
     r = np.clip(sigma / running_sigma, 1 / rmax, rmax)
@@ -108,8 +143,8 @@ def batch_renorm(x, dy, axis, weight, bias, running_mean, running_var, eps, rmax
     x_hat = (x - _bcast(mean, x.ndim, axis)) / _bcast(sigma, x.ndim, axis) * _bcast(
         r, x.ndim, axis) + _bcast(d, x.ndim, axis)
     y = x_hat * _bcast(weight, x.ndim, axis) + _bcast(bias, x.ndim, axis)
-    gbeta = dy.sum(axis=axes)
-    ggamma = (dy * x_hat).sum(axis=axes)
+    gbeta = total(dy, axes)
+    ggamma = total(dy * x_hat, axes)
     # Chainer: gx = gamma * r / sigma * (gy - (x_hat - d) * (ggamma - d * gbeta) / (m * r**2)
     #                                    - gbeta / m), with x_hat0 = (x_hat - d) / r.
     x_hat0 = (x_hat - _bcast(d, x.ndim, axis)) / _bcast(r, x.ndim, axis)

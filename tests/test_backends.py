@@ -14,7 +14,7 @@ import pytest
 import bncupy as bn
 from bncupy.backends import _cuda, dispatch
 from bncupy.backends import cupy as cupy_backend
-from tests.conftest import REAL_GPU_REASON, requires_gpu
+from tests.conftest import REAL_GPU_REASON, needs, requires_gpu
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +127,7 @@ def test_explicit_cupy_with_numpy_input_never_falls_back(monkeypatch, cuda_runti
 ])
 def test_probe_distinguishes_driver_and_device(monkeypatch, driver, runtime, count_error,
                                               expected):
-    cupy = pytest.importorskip("cupy")
+    cupy = needs("cupy", "gpu", "CuPy is not installed")
     rt = cupy.cuda.runtime
 
     def fail():

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sklearn", reason="the demo extra (scikit-learn, matplotlib) is not installed")
-pytest.importorskip("matplotlib", reason="the demo extra is not installed")
+from tests.conftest import needs
+
+needs("sklearn", "demo", "the demo extra (scikit-learn, matplotlib) is not installed")
+needs("matplotlib", "demo", "the demo extra is not installed")
 
 FILES = {"summary.json", "history.json", "accuracy.png", "sigmoid_percentiles.png",
          "distributions.png", "explorer.html"}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import bncupy as bn
-from tests import oracle
+from tests import agreement, oracle
 from tests.arrays import assign
-from tests.test_properties import TOL, cases, close, make, params
+from tests.test_properties import cases, make, put, representable
+from tests.tolerances import Bounds, channels, check, overflowing
 
 LAYERS = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d, 5: bn.BatchNorm3d}
 
@@ -19,26 +20,31 @@ LAYERS = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d, 5: bn.BatchNo
 def test_fused_relu_residual_forward_matches_oracle(backend, case, training, with_residual):
     x = make(case)
     z = make({**case, "offset": 0.0}, seed_shift=11) if with_residual else None
-    w, b, rm, rv = params(case, backend)
-    rm0, rv0 = backend.to_numpy(rm).copy(), backend.to_numpy(rv).copy()
-    y = bn.batch_norm(backend.asarray(x), rm, rv, w, b, training, axis=case["axis"],
-                      activation="relu", residual=None if z is None else backend.asarray(z))
-    ref = oracle.forward(x, case["axis"], backend.to_numpy(w), backend.to_numpy(b), 1e-5,
-                         training, rm0, rv0)[0]
+    axis = case["axis"]
+    w, b, rm0, rv0 = agreement.parameters(x.shape[axis], x.dtype,
+                                          np.random.default_rng(case["seed"] + 1), case["params"])
+    arrange = put(case, backend)
+    rm, rv = backend.asarray(rm0.copy()), backend.asarray(rv0.copy())
+    y = bn.batch_norm(arrange(x), rm, rv, backend.asarray(w), backend.asarray(b), training,
+                      axis=axis, activation="relu", residual=None if z is None else arrange(z))
+    ref = oracle.forward(x, axis, w, b, 1e-5, training, rm0, rv0)[0]
     if z is not None:
         ref = ref + z.astype(np.float64)
     y = backend.to_numpy(y)
-    assert y.dtype == x.dtype
-    close(y, np.maximum(ref, 0.0), case["dtype"], scale=8 + case["offset"] * (not training))
-    assert (y >= 0).all()
+    assert y.dtype == x.dtype and (y >= 0).all()
+    bound = Bounds(channels(x, axis), x.dtype, w, b, None if z is None else channels(z, axis),
+                   stats=None if training else (rm0, rv0))
+    check(channels(y, axis), channels(overflowing(np.maximum(ref, 0.0), x.dtype), axis),
+          bound.y, "y")
 
 
 @given(case=cases(), training=st.booleans(), with_residual=st.booleans())
 def test_fused_layer_backward_matches_oracle(backend, case, training, with_residual):
-    case = {**case, "dtype": np.float64}
     axis = case["axis"]
     c = case["shape"][axis]
-    layer = LAYERS[len(case["shape"])](c, dtype=np.float64, channels_last=axis == -1,
+    dtype = case["dtype"]
+    pd = np.float64 if dtype == np.float64 else np.float32
+    layer = LAYERS[len(case["shape"])](c, dtype=pd, channels_last=axis == -1,
                                        activation="relu")
     assign(layer.weight, np.linspace(0.5, 2.0, c))
     assign(layer.bias, np.linspace(-0.5, 0.5, c))
@@ -46,18 +52,25 @@ def test_fused_layer_backward_matches_oracle(backend, case, training, with_resid
     layer(backend.asarray(make(case, seed_shift=5)))  # non-trivial running statistics
     layer.train(training)
     x = make(case)
+    assume(representable(case, x))
     z = make(case, seed_shift=11) if with_residual else None
     dy = make({**case, "offset": 0.0}, seed_shift=7)
     rm, rv = backend.to_numpy(layer.running_mean), backend.to_numpy(layer.running_var)
-    y = backend.to_numpy(layer(backend.asarray(x),
-                               residual=None if z is None else backend.asarray(z)))
-    dx = backend.to_numpy(layer.backward(backend.asarray(dy)))
+    arrange = put(case, backend)
+    y = backend.to_numpy(layer(arrange(x), residual=None if z is None else arrange(z)))
+    dx = backend.to_numpy(layer.backward(arrange(dy)))
     g = dy * (y > 0)  # ReLU's derivative at the layer's own output
     w = backend.to_numpy(layer.weight)
     ref_dx, ref_dw, ref_db = oracle.backward(g, x, axis, w, 1e-5, training, rm, rv)
-    np.testing.assert_allclose(dx, ref_dx, atol=1e-9)
-    np.testing.assert_allclose(backend.to_numpy(layer.grad_weight), ref_dw, atol=1e-9)
-    np.testing.assert_allclose(backend.to_numpy(layer.grad_bias), ref_db, atol=1e-9)
+    bound = Bounds(channels(x, axis), dtype, w, stats=None if training else (rm, rv))
+    bound_dx, bound_dw, bound_db = bound.backward(channels(g, axis), training,
+                                                  saved_mean=not training)
+    check(channels(dx, axis), channels(overflowing(ref_dx, dtype), axis), bound_dx, "dx",
+          bound.scales["dx"])
+    check(backend.to_numpy(layer.grad_weight), overflowing(ref_dw, pd), bound_dw,
+          "grad_weight", bound.scales["dw"])
+    check(backend.to_numpy(layer.grad_bias), overflowing(ref_db, pd), bound_db, "grad_bias",
+          bound.scales["db"])
     if z is None:
         assert layer.grad_residual is None
     else:
@@ -72,16 +85,17 @@ def test_channels_last_layer_equals_channels_first(backend, dtype):
     first, last = bn.BatchNorm2d(6), bn.BatchNorm2d(6, channels_last=True)
     y1 = backend.to_numpy(first(backend.asarray(x)))
     y2 = backend.to_numpy(last(backend.asarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))))
-    rtol, atol = TOL[dtype]
-    np.testing.assert_allclose(y2.transpose(0, 3, 1, 2).astype(np.float64), y1, rtol=rtol,
-                               atol=atol)
+    bound = Bounds(channels(x, 1), dtype)
+    check(channels(y2.transpose(0, 3, 1, 2), 1), channels(y1, 1), 2 * bound.y, "y")
     d1 = backend.to_numpy(first.backward(backend.asarray(dy)))
     d2 = backend.to_numpy(last.backward(backend.asarray(np.ascontiguousarray(
         dy.transpose(0, 2, 3, 1)))))
-    np.testing.assert_allclose(d2.transpose(0, 3, 1, 2).astype(np.float64), d1, rtol=rtol,
-                               atol=atol * 4)
-    np.testing.assert_allclose(backend.to_numpy(last.running_var),
-                               backend.to_numpy(first.running_var), rtol=1e-5)
+    bound_dx = bound.backward(channels(dy, 1))[0]
+    check(channels(d2.transpose(0, 3, 1, 2), 1), channels(d1, 1), 2 * bound_dx, "dx",
+          bound.scales["dx"])
+    bound_rv = bound.running(np.ones(6), np.ones(6), 0.1, np.float32, np.float32)[1]
+    check(backend.to_numpy(last.running_var), backend.to_numpy(first.running_var), 2 * bound_rv,
+          "running_var")
 
 
 def _conv(x, w, b):

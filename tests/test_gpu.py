@@ -1,5 +1,6 @@
-"""Checks that need a real GPU (skipped, and reported as skipped, without one): a tensor past
-2^31 elements, CuPy's memory pool, NCCL. Everything else about the kernels is in
+"""Checks that need a real GPU (skipped, and reported as skipped, without one; failed instead in
+the tox env ``gpu``, ``BNCUPY_REQUIRE=gpu``): a tensor past 2^31 elements, CuPy's memory pool,
+NCCL (skipped where CuPy was built without it; any error fails). Everything else about the kernels is in
 tests/test_kernels.py, which also runs on the CPU execution target.
 
 Runs with only CuPy, NumPy, Hypothesis and pytest (no network, no extra installs).
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import bncupy as bn
-from tests.conftest import requires_real_gpu
+from tests.conftest import requirement, requires_real_gpu
 
 pytestmark = [requires_real_gpu, pytest.mark.gpu]
 
@@ -56,13 +57,15 @@ def test_no_memory_pool_growth_over_1000_calls(cp):
 
 
 def test_nccl_exchange_and_sync_layer_world_of_one(cp):
-    try:
-        from cupyx.distributed import init_process_group
+    from cupy.cuda import nccl
 
-        comm = init_process_group(1, 0)
-    except Exception as exc:  # NCCL or its Python bindings missing
-        pytest.skip(f"NCCL unavailable: {exc}")
+    if not nccl.available:
+        requirement("nccl", "CuPy was built without NCCL (cupy.cuda.nccl.available is False)")
+    from cupyx.distributed import init_process_group
+
     from bncupy._comm import NCCLComm
+
+    comm = init_process_group(1, 0)
 
     vec = cp.arange(7, dtype=cp.float64)
     cp.testing.assert_array_equal(NCCLComm(comm).exchange(vec), vec[None])

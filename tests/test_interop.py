@@ -19,7 +19,7 @@ import bncupy as bn
 from bncupy.backends import cupy as cupy_backend
 from bncupy.backends import numpy as numpy_backend
 from tests import oracle
-from tests.conftest import GPU_REASON
+from tests.conftest import GPU_REASON, needs
 from tests.foreign import HostArray
 
 
@@ -175,7 +175,7 @@ def test_bncupy_never_imports_other_array_libraries():
 
 
 def test_jax_cpu_arrays():
-    jax = pytest.importorskip("jax", reason="JAX is not installed (tox -e jax runs this test)")
+    jax = needs("jax", "jax", "JAX is not installed (tox env 'jax' runs this test)")
     jnp = jax.numpy
     x, dy = _data(), _data(seed=3)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)

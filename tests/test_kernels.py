@@ -1,7 +1,9 @@
 """The CUDA kernels through the CuPy backend's launch plan, on a GPU or on the CPU execution
-target (tox env ``emulated``): agreement with the NumPy reference on every path the launch plan
-can pick (vector width, index type, layouts, splits per channel), bitwise determinism whatever the
-block order, streams. Skipped (and reported so) where neither can run."""
+target (tox env ``emulated``): every public operation against the float64 oracle
+(:mod:`tests.agreement`, within :mod:`tests.tolerances`' bounds) on every path the launch plan
+can pick (vector width, index type, layouts, splits per channel, rows per block), bitwise
+determinism whatever the block order and index type, streams. Skipped (and reported so) where
+neither can run."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import pytest
 import bncupy as bn
 from bncupy.backends import _cuda
 from bncupy.backends import cupy as cupy_backend
-from tests import oracle
+from tests import agreement, oracle
 from tests.arrays import to_numpy
 from tests.conftest import EMULATED, requires_gpu
-from tests.test_properties import TOL
+from tests.tolerances import Bounds, channels, check
 
 pytestmark = [requires_gpu, pytest.mark.gpu]
 
@@ -34,16 +36,17 @@ def _data(shape, dtype, seed=0, offset=5.0):
 _host = to_numpy
 
 
-def _run_all(xp, x, axis=1, seed=1):
+def _run_all(xp, x, axis=1, seed=1, put=None):
     """Every public path on device input; host copies of every output, in a fixed order."""
+    put = put or xp.asarray
     c = x.shape[axis]
     acc = np.float64 if x.dtype == np.float64 else np.float32
     rng = np.random.default_rng(seed)
-    xd = xp.asarray(x)
+    xd = put(x)
     w, b = xp.asarray(rng.uniform(0.5, 2, c).astype(acc)), xp.asarray(rng.standard_normal(c).astype(acc))
     rm, rv = xp.zeros(c, acc), xp.ones(c, acc)
-    dy = xp.asarray(rng.standard_normal(x.shape).astype(x.dtype))
-    z = xp.asarray(rng.standard_normal(x.shape).astype(x.dtype))
+    dy = put(rng.standard_normal(x.shape).astype(x.dtype))
+    z = put(rng.standard_normal(x.shape).astype(x.dtype))
     y, m, s = bn.batch_norm_forward(xd, rm, rv, w, b, True, axis=axis)
     fused = bn.batch_norm(xd, None, None, w, b, training=True, axis=axis, activation="relu",
                           residual=z)
@@ -53,76 +56,49 @@ def _run_all(xp, x, axis=1, seed=1):
     return [_host(a) for a in (y, m, s, rm, rv, fused, ev, dx, dw, db, mom.mean, mom.m2)]
 
 
+# (16, 8, 32, 32): two splits per channel at 132 SMs; (512, 48), (16, 12, 12, 64): channels
+# last over many splits; odd extents: width-1 loads; (2, 1, 1): one value per channel but two.
 CASES = [((16, 8, 32, 32), 1), ((8, 5, 7, 7), 1), ((5, 7, 33), 1), ((512, 48), 1),
          ((3, 5, 6, 7, 8), 1), ((16, 12, 12, 64), -1), ((4, 9, 9, 3), -1), ((2, 1, 1), 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", CASES)
-def test_every_path_agrees_with_the_numpy_reference(xp, shape, axis, dtype):
+def test_every_path_matches_the_oracle(xp, shape, axis, dtype):
     x = _data(shape, dtype)
-    dev = _run_all(xp, x, axis)
-    with bn.use_backend("numpy"):
-        ref = _run_all(np, x, axis)
-    names = ("y", "mean", "invstd", "running_mean", "running_var", "fused", "eval", "dx", "dw",
-             "db", "welford mean", "welford m2")
-    rtol, atol = TOL[dtype]
-    count = x.size // x.shape[axis]
-    for name, a, r in zip(names, dev, ref, strict=True):
-        scale = count * 4 if name in ("dw", "db", "welford m2") else 8
-        np.testing.assert_allclose(a.astype(np.float64), r.astype(np.float64), rtol=rtol,
-                                   atol=atol * scale, err_msg=name)
+    agreement.batch_norm(xp, x, axis, seed=1)
+
+
+def _misaligned(xp, a):
+    """A device copy of ``a`` starting one element into its allocation (unaligned loads)."""
+    flat = xp.empty(a.size + 1, a.dtype)
+    flat[1:] = xp.asarray(np.ascontiguousarray(a).ravel())
+    return flat[1:].reshape(a.shape)
 
 
 @pytest.mark.parametrize("sms", [1, 132, 1000])
-@pytest.mark.parametrize("index64", [False, True])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_launch_geometries_give_the_same_bits(xp, monkeypatch, sms, index64, aligned):
-    """One split per channel up to many, 32- and 64-bit indexing, vector and width-1 loads: the
-    reference result is the default geometry's, bit for bit (the merge order is fixed by the
-    grid, so only the statistics may differ, within rounding)."""
-    if not EMULATED and (sms != 132 or not index64):
-        pytest.skip("SM count and index type are forced on the CPU execution target only")
+def test_launch_geometries_match_the_oracle_and_index_types_give_the_same_bits(
+        xp, monkeypatch, sms, aligned):
+    """One split per channel up to many, aligned and unaligned data: every result against the
+    oracle; and 32- or 64-bit indexing changes no bit (the index type changes no order)."""
+    # The split count and index type are the launch plan's (cupy_backend._geometry(...).splits,
+    # cupy_backend._INDEX64_FROM), forced here through the runtime's SM count and the threshold.
+    monkeypatch.setattr(cupy_backend.runtime(), "sm_count", lambda: sms)
     shape = (16, 4, 48, 48)
     x = _data(shape, np.float32, seed=3)
-    flat = np.empty(x.size + 1, np.float32)
-    if not aligned:  # a view one element into its allocation: 3 single values, then vectors
-        flat[1:] = x.ravel()
-    reference = _run_all(xp, x)
-    monkeypatch.setattr(cupy_backend.runtime(), "sms", sms, raising=False)
-    if index64:
-        monkeypatch.setattr(cupy_backend, "_INDEX64_FROM", 0)
-    xd = xp.asarray(flat)[1:].reshape(shape) if not aligned else xp.asarray(x)
-    geometry = cupy_backend._geometry(xd, 1)
-    assert geometry.index == ("unsigned long long" if index64 else "unsigned int")
+    put = xp.asarray if aligned else (lambda a: _misaligned(xp, a))
+    geometry = cupy_backend._geometry(put(x), 1)
     assert geometry.width == 4  # 16-byte loads after `head` single values, aligned or not
     assert geometry.head == (0 if aligned else 3)
     if sms == 1000:
         assert geometry.splits > 1
-    with bn.use_backend("numpy"):
-        ref = _run_all(np, x)
-    # The device path on the unaligned view.
-    got = _run_all(xp, x) if aligned else _run_all_view(xp, xd)
-    for a, r, d in zip(got, ref, reference, strict=True):
-        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(a, d, rtol=1e-5, atol=1e-5)
-
-
-def _run_all_view(xp, xd):
-    """:func:`_run_all` on an existing device array (kept as it is, unaligned)."""
-    c = xd.shape[1]
-    rng = np.random.default_rng(1)
-    w = xp.asarray(rng.uniform(0.5, 2, c).astype(np.float32))
-    b = xp.asarray(rng.standard_normal(c).astype(np.float32))
-    rm, rv = xp.zeros(c, np.float32), xp.ones(c, np.float32)
-    dy = xp.asarray(rng.standard_normal(xd.shape).astype(np.float32))
-    z = xp.asarray(rng.standard_normal(xd.shape).astype(np.float32))
-    y, m, s = bn.batch_norm_forward(xd, rm, rv, w, b, True)
-    fused = bn.batch_norm(xd, None, None, w, b, training=True, activation="relu", residual=z)
-    ev = bn.batch_norm(xd, rm, rv, w, b, training=False, activation="relu")
-    dx, dw, db = bn.batch_norm_backward(dy, xd, w, m, s)
-    mom = bn.welford(xd)
-    return [_host(a) for a in (y, m, s, rm, rv, fused, ev, dx, dw, db, mom.mean, mom.m2)]
+    agreement.batch_norm(xp, x, 1, seed=1, put=put)
+    narrow = _run_all(xp, x, put=put)
+    monkeypatch.setattr(cupy_backend, "_INDEX64_FROM", 0)
+    assert cupy_backend._geometry(put(x), 1).index == "unsigned long long"
+    for a, b in zip(narrow, _run_all(xp, x, put=put), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
@@ -153,7 +129,8 @@ def test_float16_near_its_largest_values(xp):
     x = (6.0e4 + rng.standard_normal((16, 4, 16, 16)) * 256).clip(-65504, 65504).astype(np.float16)
     y = _host(bn.batch_norm(xp.asarray(x), None, None, training=True))
     assert np.isfinite(y).all()
-    np.testing.assert_allclose(y.astype(np.float64), oracle.forward(x)[0], atol=2e-2)
+    check(channels(y, 1), channels(oracle.forward(x)[0], 1), Bounds(channels(x, 1), x.dtype).y,
+          "y")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -247,6 +224,22 @@ def test_workspaces_are_per_stream_and_per_thread_on_the_per_thread_stream(xp, m
     assert len({b.data.ptr for b in _threads(counters)}) == 4  # one per thread, none shared
 
 
+@pytest.mark.parametrize("mean_dtype, var_dtype", [(np.float32, np.float16),
+                                                   (np.float32, np.float64)])
+def test_running_statistics_of_different_dtypes_are_both_updated(xp, mean_dtype, var_dtype):
+    """float32 input, running_mean in the accumulator dtype, running_var in another: both are
+    updated (found by tests/test_properties.py's mixed parameter dtypes)."""
+    x = _data((4, 3, 5), np.float32, seed=8)
+    rm0, rv0 = np.zeros(3, mean_dtype), np.full(3, 1.5, var_dtype)
+    rm, rv = xp.asarray(rm0.copy()), xp.asarray(rv0.copy())
+    bn.batch_norm(xp.asarray(x), rm, rv, None, None, True, 0.1)
+    _, _, _, ref_rm, ref_rv = oracle.forward(x, 1, None, None, 1e-5, True, rm0, rv0, 0.1)
+    bound = Bounds(channels(x, 1), x.dtype)
+    bound_rm, bound_rv = bound.running(rm0, rv0, 0.1)
+    check(_host(rm), ref_rm, bound_rm, "running_mean")
+    check(_host(rv), ref_rv, bound_rv, "running_var")
+
+
 FAMILY_CASES = [  # (function, shape): warp/partial-block/block per row, split rows, layouts
     ("layer", (64, 96)), ("layer", (32, 768)), ("layer", (8, 4096)), ("layer", (3, 40000)),
     ("layer", (5, 7, 11)), ("group-cf", (4, 8, 14, 14)), ("group-cf", (2, 4, 70000)),
@@ -254,39 +247,19 @@ FAMILY_CASES = [  # (function, shape): warp/partial-block/block per row, split r
 ]
 
 
-def _family(name, x, dy, w, b):
-    axis = -1 if name.endswith("-cl") else 1
-    if name == "layer":
-        y, m, s = bn.layer_norm_forward(x, x.shape[-1], w, b)
-        return (y, m, s, *bn.layer_norm_backward(dy, x, x.shape[-1], m, s, w))
-    if name.startswith("group"):
-        y, m, s = bn.group_norm_forward(x, 2, w, b, axis=axis)
-        return (y, m, s, *bn.group_norm_backward(dy, x, 2, m, s, w, axis=axis))
-    y, m, s = bn.instance_norm_forward(x, None, None, w, b, axis=axis)
-    return (y, m, s, *bn.instance_norm_backward(dy, x, m, s, w, axis=axis))
-
-
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("name, shape", FAMILY_CASES)
 @pytest.mark.parametrize("index64", [False, True])
-def test_normalization_family_paths_agree_with_numpy(xp, monkeypatch, name, shape, dtype,
-                                                      index64):
-    if index64:
-        if not EMULATED:
-            pytest.skip("the index type is forced on the CPU execution target only")
+def test_normalization_family_paths_match_the_oracle(xp, monkeypatch, name, shape, dtype,
+                                                     index64):
+    if index64:  # the launch plan's threshold (cupy_backend._INDEX64_FROM), forced
         monkeypatch.setattr(cupy_backend, "_INDEX64_FROM", 0)
-    c = shape[-1] if name in ("layer",) or name.endswith("-cl") else shape[1]
-    acc = np.float64 if dtype == np.float64 else np.float32
-    x = _data(shape, dtype, seed=11, offset=3.0)
-    dy = _data(shape, dtype, seed=12, offset=0.0)
-    w = np.random.default_rng(13).uniform(0.5, 2, c).astype(acc)
-    b = np.random.default_rng(14).standard_normal(c).astype(acc)
-    got = _family(name, xp.asarray(x), xp.asarray(dy), xp.asarray(w), xp.asarray(b))
-    with bn.use_backend("numpy"):
-        ref = _family(name, x, dy, w, b)
-    rtol, atol = TOL[dtype]
-    groups = max(1, x.size // c)
-    for label, a, r, scale in zip(("y", "mean", "rstd", "dx", "dw", "db"), got, ref,
-                                  (8, 8, 8, 16, groups * 8, groups * 4), strict=True):
-        np.testing.assert_allclose(_host(a).astype(np.float64), r.astype(np.float64),
-                                   rtol=rtol, atol=atol * scale, err_msg=label)
+    agreement.family(xp, name, _data(shape, dtype, seed=11, offset=3.0), seed=13)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", [((16, 8, 32, 32), 1), ((64, 12, 12, 16), -1)])
+def test_renorm_and_ghost_batches_match_the_oracle(xp, shape, axis, dtype):
+    x = _data(shape, dtype, seed=5)
+    agreement.batch_renorm(xp, x, axis, seed=6)
+    agreement.ghost_batch_norm(xp, x, axis, size=5, seed=7)

@@ -3,21 +3,23 @@ gradients against finite differences; the numerics bar; the layers' torch semant
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import bncupy as bn
-from tests import oracle
+from tests import agreement, oracle
 from tests.arrays import to_numpy
-from tests.test_properties import TOL
+from tests.tolerances import Bounds, channels, check, compute_dtype
 
 DTYPES = [np.float16, np.float32, np.float64]
 
 
 def _pd(dtype):
-    return np.float64 if dtype == np.float64 else np.float32
+    return compute_dtype(dtype).type
 
 
 def _data(shape, dtype, seed, offset=0.0, scale=2.0):
@@ -25,31 +27,7 @@ def _data(shape, dtype, seed, offset=0.0, scale=2.0):
     return (rng.standard_normal(shape) * scale + offset).astype(dtype)
 
 
-def _as4(a, kind, groups=1):
-    """The (n, G, K, S) view the oracle takes: LayerNorm rows of the last ``groups`` axes
-    (``kind`` "ln"), or channel groups of (N, C, *) / (N, *, C) data ("cf" / "cl")."""
-    a = np.asarray(a, np.float64)
-    if kind == "ln":
-        lead = a.shape[:a.ndim - groups]
-        return a.reshape(int(np.prod(lead, dtype=int)), 1, -1, 1)
-    if kind == "cl":
-        a = np.moveaxis(a, -1, 1)
-    return a.reshape(a.shape[0], groups, a.shape[1] // groups, -1)
-
-
-def _oracle(x, dy, w, b, kind, groups, eps=1e-5):
-    y4, (dx4, dw, db) = oracle.grouped(_as4(x, kind, groups), _as4(dy, kind, groups), w, b, eps)
-    shape = x.shape if kind != "cl" else (x.shape[0], x.shape[-1], *x.shape[1:-1])
-    y, dx = y4.reshape(shape), dx4.reshape(shape)
-    if kind == "cl":
-        y, dx = np.moveaxis(y, 1, -1), np.moveaxis(dx, 1, -1)
-    return y, dx, dw.reshape(-1), db.reshape(-1)
-
-
-def _close(actual, expected, dtype, scale=1.0):
-    rtol, atol = TOL[dtype]
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol,
-                               atol=atol * scale)
+LAYOUTS = ["contiguous", "reversed", "offset", "strided"]
 
 
 @st.composite
@@ -58,7 +36,8 @@ def ln_cases(draw):
     lead = [draw(st.integers(1, 5)) for _ in range(draw(st.integers(1, 2)))]
     return {"shape": (*lead, *[draw(st.integers(1, 9)) for _ in range(k)]), "k": k,
             "dtype": draw(st.sampled_from(DTYPES)), "seed": draw(st.integers(0, 2**32 - 1)),
-            "offset": draw(st.sampled_from([0.0, 30.0])), "affine": draw(st.booleans())}
+            "offset": draw(st.sampled_from([0.0, 30.0, 1e3])), "affine": draw(st.booleans()),
+            "layout": draw(st.sampled_from(LAYOUTS))}
 
 
 @st.composite
@@ -69,7 +48,8 @@ def gn_cases(draw):
     shape = (n, g * k, *spatial) if axis == 1 else (n, *spatial, g * k)
     return {"shape": shape, "groups": g, "c": g * k, "axis": axis,
             "dtype": draw(st.sampled_from(DTYPES)), "seed": draw(st.integers(0, 2**32 - 1)),
-            "offset": draw(st.sampled_from([0.0, 30.0])), "affine": draw(st.booleans())}
+            "offset": draw(st.sampled_from([0.0, 30.0, 1e3])), "affine": draw(st.booleans()),
+            "layout": draw(st.sampled_from(LAYOUTS))}
 
 
 def _params(shape, dtype, seed, affine):
@@ -78,24 +58,38 @@ def _params(shape, dtype, seed, affine):
     return _data(shape, _pd(dtype), seed + 2, 1.0, 0.5), _data(shape, _pd(dtype), seed + 3)
 
 
+def _compare(backend, x, dy, w, b, kind, groups, outputs, names):
+    """``outputs`` (y, mean, rstd, dx, dw, db) against the oracle on the (n, G, K, S) view."""
+    x4, dy4 = agreement.groups(x, kind, groups), agreement.groups(dy, kind, groups)
+    ref_y, (ref_dx, ref_dw, ref_db) = oracle.grouped(x4, dy4, w, b)
+    ref_mean, ref_var = oracle.moments(x4, (2, 3))
+    bound = Bounds(x4, x.dtype, w, b)
+    bound_dx, bound_dw, bound_db = bound.backward(dy4)
+    y, mean, rstd, dx, dw, db = (to_numpy(a).astype(np.float64) for a in outputs)
+    check(agreement.groups(y, kind, groups), ref_y, bound.y, names[0])
+    check(mean.ravel(), ref_mean.ravel(), bound.saved_mean.ravel(), names[1])
+    check(rstd.ravel(), (1 / np.sqrt(ref_var + 1e-5)).ravel(), bound.saved_invstd.ravel(),
+          names[2])
+    check(agreement.groups(dx, kind, groups), ref_dx, bound_dx, names[3], bound.scales["dx"])
+    check(dw.ravel(), ref_dw.ravel(), bound_dw, names[4], bound.scales["dw"])
+    check(db.ravel(), ref_db.ravel(), bound_db, names[5], bound.scales["db"])
+
+
 @given(case=ln_cases())
 def test_layer_norm_matches_oracle(backend, case):
     shape, k, dtype = case["shape"], case["k"], case["dtype"]
     ns = shape[len(shape) - k:]
     x, dy = _data(shape, dtype, case["seed"], case["offset"]), _data(shape, dtype, case["seed"] + 1)
     w, b = _params(ns, dtype, case["seed"], case["affine"])
-    dev = [None if a is None else backend.asarray(a) for a in (x, dy, w, b)]
+    arrange = partial(agreement.arrange, backend.xp, layout=case["layout"], axis=-1)
+    dev = [arrange(x), arrange(dy)] + [None if a is None else backend.asarray(a) for a in (w, b)]
     y, mean, rstd = bn.layer_norm_forward(dev[0], ns, dev[2], dev[3])
     assert y.dtype == x.dtype and y.shape == x.shape and type(y) is type(dev[0])
     assert mean.shape == rstd.shape == shape[:len(shape) - k]
     dx, dw, db = bn.layer_norm_backward(dev[1], dev[0], ns, mean, rstd, dev[2])
     assert dw.shape == db.shape == ns
-    ref_y, ref_dx, ref_dw, ref_db = _oracle(x, dy, w, b, "ln", k)
-    rows = x.size // int(np.prod(ns))
-    _close(backend.to_numpy(y), ref_y, dtype, scale=4)
-    _close(backend.to_numpy(dx), ref_dx, dtype, scale=16)
-    _close(backend.to_numpy(dw).ravel(), ref_dw, dtype, scale=8 * rows)
-    _close(backend.to_numpy(db).ravel(), ref_db, dtype, scale=4 * rows)
+    _compare(backend, x, dy, w, b, "rows", k, (y, mean, rstd, dx, dw, db),
+             ("y", "mean", "rstd", "dx", "dw", "db"))
 
 
 @given(case=gn_cases(), instance=st.booleans())
@@ -104,7 +98,8 @@ def test_group_and_instance_norm_match_oracle(backend, case, instance):
     groups = case["c"] if instance else case["groups"]
     x, dy = _data(shape, dtype, case["seed"], case["offset"]), _data(shape, dtype, case["seed"] + 1)
     w, b = _params((case["c"],), dtype, case["seed"], case["affine"])
-    dev = [None if a is None else backend.asarray(a) for a in (x, dy, w, b)]
+    arrange = partial(agreement.arrange, backend.xp, layout=case["layout"], axis=axis)
+    dev = [arrange(x), arrange(dy)] + [None if a is None else backend.asarray(a) for a in (w, b)]
     spatial = x.size // (shape[0] * case["c"])
     if instance and spatial < 2:
         with pytest.raises(ValueError, match="more than 1 spatial element"):
@@ -117,11 +112,8 @@ def test_group_and_instance_norm_match_oracle(backend, case, instance):
         y, mean, rstd = bn.group_norm_forward(dev[0], groups, dev[2], dev[3], axis=axis)
         dx, dw, db = bn.group_norm_backward(dev[1], dev[0], groups, mean, rstd, dev[2], axis=axis)
     assert mean.shape == (shape[0], groups) and y.shape == x.shape and y.dtype == x.dtype
-    ref_y, ref_dx, ref_dw, ref_db = _oracle(x, dy, w, b, "cf" if axis == 1 else "cl", groups)
-    _close(backend.to_numpy(y), ref_y, dtype, scale=4)
-    _close(backend.to_numpy(dx), ref_dx, dtype, scale=16)
-    _close(backend.to_numpy(dw), ref_dw, dtype, scale=8 * x.size)
-    _close(backend.to_numpy(db), ref_db, dtype, scale=4 * x.size)
+    _compare(backend, x, dy, w, b, "cf" if axis == 1 else "cl", groups,
+             (y, mean, rstd, dx, dw, db), ("y", "mean", "rstd", "dx", "dw", "db"))
 
 
 @pytest.mark.parametrize("which", ["layer", "group", "instance"])
@@ -173,9 +165,10 @@ def test_float32_offsets_keep_variance_and_output_precision(backend, which, offs
     y, _, rstd = call(backend.asarray(x))
     var = 1.0 / backend.to_numpy(rstd).astype(np.float64) ** 2 - 1e-5
     assert np.abs(var.reshape(truth.shape) / truth - 1).max() <= 1e-5
-    ref = (x64 - x64.mean(axis=axes, keepdims=True)) / np.sqrt(truth.reshape(
-        x64.mean(axis=axes, keepdims=True).shape) + 1e-5)
-    np.testing.assert_allclose(backend.to_numpy(y), ref, atol=2e-5)
+    kind, count = ("rows", 1) if which == "layer" else (which[-2:], 6)
+    x4 = agreement.groups(x, kind, count)
+    check(agreement.groups(backend.to_numpy(y), kind, count), oracle.grouped(x4, x4)[0],
+          Bounds(x4, x.dtype).y, "y")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -206,8 +199,11 @@ def test_layers_follow_torch_semantics(backend):
     np.testing.assert_allclose(rm, expected, rtol=1e-5)
     layer.eval()
     y = to_numpy(layer(x))  # running statistics
-    ref = bn.batch_norm(to_numpy(x), rm, to_numpy(layer.running_var), training=False)
-    np.testing.assert_allclose(y, ref, atol=1e-5)
+    stats = (rm, to_numpy(layer.running_var))
+    weight, bias = to_numpy(layer.weight), to_numpy(layer.bias)
+    ref = oracle.forward(to_numpy(x), 1, weight, bias, 1e-5, False, *stats)[0]
+    check(channels(y, 1), channels(ref, 1),
+          Bounds(channels(to_numpy(x), 1), np.float32, weight, bias, stats=stats).y, "eval y")
     unbatched = bn.InstanceNorm1d(6)(x[0, :, :, 0])
     assert unbatched.shape == (6, 5)
     assert repr(bn.GroupNorm(2, 6)) == "GroupNorm(2, 6, eps=1e-05, affine=True, bias=True)"
@@ -231,13 +227,18 @@ def test_layer_backward_matches_functional(backend, layer, shape):
     dx = lay.backward(dy)
     assert type(dx) is type(x) and dx.shape == x.shape and lay.grad_weight.shape == \
         lay.weight.shape
-    xs, dys = backend.to_numpy(x).astype(np.float64), backend.to_numpy(dy).astype(np.float64)
-    kind = "ln" if isinstance(lay, bn.LayerNorm) else (
+    kind = "rows" if isinstance(lay, bn.LayerNorm) else (
         "cl" if getattr(lay, "channels_last", False) else "cf")
-    groups = 2 if kind == "ln" else getattr(lay, "num_groups", 6)
-    ref_y, ref_dx, ref_dw, ref_db = _oracle(xs, dys, backend.to_numpy(lay.weight), None, kind,
-                                            groups)
-    np.testing.assert_allclose(backend.to_numpy(y), ref_y, atol=1e-4)
-    np.testing.assert_allclose(backend.to_numpy(dx), ref_dx, atol=1e-4)
-    np.testing.assert_allclose(backend.to_numpy(lay.grad_weight).ravel(), ref_dw, atol=1e-3)
-    np.testing.assert_allclose(backend.to_numpy(lay.grad_bias).ravel(), ref_db, atol=1e-3)
+    groups = 2 if kind == "rows" else getattr(lay, "num_groups", 6)
+    x4, dy4 = (agreement.groups(backend.to_numpy(a), kind, groups) for a in (x, dy))
+    weight = backend.to_numpy(lay.weight)
+    ref_y, (ref_dx, ref_dw, ref_db) = oracle.grouped(x4, dy4, weight)
+    bound = Bounds(x4, np.float32, weight)
+    bound_dx, bound_dw, bound_db = bound.backward(dy4)
+    check(agreement.groups(backend.to_numpy(y), kind, groups), ref_y, bound.y, "y")
+    check(agreement.groups(backend.to_numpy(dx), kind, groups), ref_dx, bound_dx, "dx",
+          bound.scales["dx"])
+    check(backend.to_numpy(lay.grad_weight).ravel(), ref_dw.ravel(), bound_dw, "grad_weight",
+          bound.scales["dw"])
+    check(backend.to_numpy(lay.grad_bias).ravel(), ref_db.ravel(), bound_db, "grad_bias",
+          bound.scales["db"])

@@ -14,10 +14,10 @@ import pytest
 import bncupy as bn
 from bncupy.backends import _pool
 from bncupy.backends import numpy as nb
+from tests.conftest import compiled_engine_missing, requires
 
 DTYPES = [np.float16, np.float32, np.float64]
-NUMBA = pytest.param("numba", marks=pytest.mark.skipif(
-    nb._load_compiled() is None, reason="numba is not installed (the default tox envs have it)"))
+NUMBA = pytest.param("numba", marks=requires("numba", compiled_engine_missing()))
 ENGINES = ["numpy", NUMBA]
 # (A, C, B) shapes, each named by the compiled path it selects
 SHAPES = {
@@ -179,36 +179,48 @@ def test_results_do_not_depend_on_the_thread_count(engine, monkeypatch, axis):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_work_runs_on_at_most_bncupy_num_threads(monkeypatch, threads):
+    """Every range waits at a barrier for ``threads`` parties: it is passed only if that many
+    ranges run at once, on as many threads (a broken barrier raises instead of hanging)."""
     monkeypatch.setenv("BNCUPY_NUM_THREADS", str(threads))
     seen: set[int] = set()
     lock = threading.Lock()
+    barrier = threading.Barrier(threads, timeout=10)
 
     def work(lo, hi):
         with lock:
             seen.add(threading.get_ident())
-        threading.Event().wait(0.01)  # long enough for every thread to take a range
+        barrier.wait()
 
+    # _pool.PARALLEL_MIN: the element count from which the backend hands work to threads
     _pool.run(work, 12, _pool.PARALLEL_MIN)
     assert len(seen) == threads
     assert threading.get_ident() in seen  # the caller works too
     seen.clear()
+    barrier = threading.Barrier(1)
     _pool.run(work, 12, _pool.PARALLEL_MIN - 1)  # small work stays on the caller
     assert seen == {threading.get_ident()}
 
 
 def test_a_failing_range_raises_after_every_range_has_finished(monkeypatch):
+    """The caller's range fails at once; the other range finishes only when the failure has
+    been seen by the test, or after a timeout. So ``done`` holds it at the ``raises`` exactly
+    when the backend waits for every range before raising."""
     monkeypatch.setenv("BNCUPY_NUM_THREADS", "2")
     done = []
+    seen_failure = threading.Event()
 
     def work(lo, hi):
         if lo == 0:
             raise ValueError("first range")
-        threading.Event().wait(0.05)
+        seen_failure.wait(timeout=0.5)
         done.append(lo)
 
-    with pytest.raises(ValueError, match="first range"):
-        _pool.run(work, 2, _pool.PARALLEL_MIN)
-    assert done == [1]
+    try:
+        with pytest.raises(ValueError, match="first range"):
+            _pool.run(work, 2, _pool.PARALLEL_MIN)
+        assert done == [1]
+    finally:
+        seen_failure.set()
 
 
 def test_non_contiguous_and_mixed_dtype_operands(engine):

@@ -1,6 +1,7 @@
 """Compile every kernel specialisation with NVRTC for sm_75, sm_80 and sm_90 (no GPU needed).
 
-Needs ``nvidia-cuda-nvrtc`` and CuPy's NVRTC bindings (the ``nvrtc`` extra); skipped without them.
+Needs ``nvidia-cuda-nvrtc`` and CuPy's NVRTC bindings (the ``nvrtc`` extra); skipped without them,
+except in the tox env ``nvrtc`` (``BNCUPY_REQUIRE=nvrtc``), where their absence fails.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import pytest
 
 from bncupy._kernels import kernel_dir
 from bncupy.backends import cupy as cupy_backend
-from tests.conftest import NVRTC_REPORTS
+from tests.conftest import NVRTC_REPORTS, needs, requirement
 
-nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy's NVRTC bindings")
+nvrtc = needs("cupy_backends.cuda.libs.nvrtc", "nvrtc", "CuPy's NVRTC bindings are not installed")
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -24,7 +25,7 @@ def _compile(arch: str) -> tuple[str, dict[str, str]]:
     try:
         version = nvrtc.getVersion()
     except Exception as exc:  # libnvrtc not found
-        pytest.skip(f"libnvrtc not loadable: {exc}")
+        requirement("nvrtc", f"libnvrtc is not loadable: {exc}")
     prog = nvrtc.createProgram(cupy_backend.program_source(), "bncupy.cu", [], [])
     names = cupy_backend.name_expressions()
     for name in names:

@@ -1,22 +1,24 @@
 """Every ```python block of README.md and of the user guide (docs/**/*.md) runs as written, each
 in a fresh interpreter.
 
-Blocks that need CuPy and a GPU, or mpi4py, are skipped with the reason where those are missing
-(the GPU suite and the tox env 'mpi' run them); bash blocks are not run.
+A block that needs CuPy and a GPU, mpi4py (and ``mpiexec``) or torch is skipped where those are
+missing, and fails instead in the tox env that requires them (``BNCUPY_REQUIRE``: ``gpu``,
+``mpi``, ``torch``); :func:`test_every_block_runs_in_some_tox_env` checks that such an env
+exists and runs this file. Bash blocks are not run.
 """
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REAL_GPU_REASON
+from tests.conftest import REAL_GPU_REASON, needs, requirement
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -34,26 +36,25 @@ def _python_blocks(path: Path) -> list[tuple[str, str]]:
 BLOCKS = [block for path in DOCUMENTS for block in _python_blocks(path)]
 
 
-def _mpi4py_missing() -> str | None:
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return "mpi4py is not installed (the tox env 'mpi' runs this block)"
-    return None
-
-
-def _needs(code: str) -> str | None:
-    """Why ``code`` cannot run here, or None."""
-    if re.search(r"^import cupy|^from cupy", code, re.M) and REAL_GPU_REASON is not None:
-        return f"needs CuPy and a GPU: {REAL_GPU_REASON}"
+def _subject(code: str) -> str | None:
+    """What ``code`` needs that not every environment has (a ``BNCUPY_REQUIRE`` subject)."""
+    if re.search(r"^import cupy|^from cupy", code, re.M):
+        return "gpu"
     if "mpi4py" in code:
-        return _mpi4py_missing()
+        return "mpi"
     if re.search(r"^import torch|^from torch", code, re.M):
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            return "torch is not installed (the tox env 'torch' runs this block)"
+        return "torch"
     return None
+
+
+def _require(subject: str | None) -> None:
+    """Skip (or, where required, fail) unless what ``subject`` names is here."""
+    if subject == "gpu" and REAL_GPU_REASON is not None:
+        requirement("gpu", f"needs CuPy and a GPU: {REAL_GPU_REASON}")
+    if subject == "mpi":
+        needs("mpi4py", "mpi", "mpi4py is not installed (the tox env 'mpi' runs this block)")
+    if subject == "torch":
+        needs("torch", "torch", "torch is not installed (the tox env 'torch' runs this block)")
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -65,31 +66,57 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
 def test_readme_has_the_blocks_this_test_knows_about():
     assert len(BLOCKS) >= 4
     assert any("bn.fold_into" in code for _, code in BLOCKS)  # the Quickstart
+    assert {_subject(code) for _, code in BLOCKS} >= {None, "gpu", "mpi", "torch"}
+
+
+def _tox_envs() -> dict[str, tuple[set[str], bool]]:
+    """Each tox env's ``BNCUPY_REQUIRE`` subjects and whether its commands run this file."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(ROOT / "tox.ini")
+    base = config["testenv"]
+    envs = {}
+    for section in config.sections():
+        if not section.startswith("testenv:"):
+            continue
+        env = config[section]
+        set_env = env.get("set_env", base.get("set_env", ""))
+        match = re.search(r"BNCUPY_REQUIRE\s*=\s*(\S+)", set_env)
+        subjects = set(match.group(1).split(",")) if match else set()
+        commands = env.get("commands", base.get("commands", ""))
+        runs = [line for line in commands.splitlines() if "pytest" in line]
+        whole_suite = any("tests/" not in line for line in runs)
+        envs[section.split(":", 1)[1]] = (subjects, whole_suite or "tests/test_readme.py" in
+                                          commands)
+    return envs
+
+
+def test_every_block_runs_in_some_tox_env():
+    envs = _tox_envs()
+    for block, code in BLOCKS:
+        subject = _subject(code)
+        if subject is None:
+            continue  # every env runs it
+        where = [name for name, (subjects, runs) in envs.items() if subject in subjects and runs]
+        assert where, (f"{block} needs {subject}: no tox env both requires it (BNCUPY_REQUIRE) "
+                       f"and runs tests/test_readme.py")
 
 
 @pytest.mark.parametrize("code", [code for _, code in BLOCKS],
                          ids=[where for where, _ in BLOCKS])
 def test_readme_python_block_runs(code):
-    reason = _needs(code)
-    if reason:
-        pytest.skip(reason)
+    _require(_subject(code))
     out = _run([sys.executable, "-c", code])
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.slow
 def test_readme_syncbatchnorm_block_under_mpiexec(tmp_path):
+    from tests.test_sync import _mpiexec
+
     code = next(code for _, code in BLOCKS if "SyncBatchNorm" in code and "mpi4py" in code)
-    reason = _mpi4py_missing()
-    if reason:
-        pytest.skip(reason)
-    local = Path(sys.executable).parent / "mpiexec"
-    mpiexec = str(local) if local.exists() else shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH")
     script = tmp_path / "readme_sync.py"
     script.write_text(code)
-    out = _run([mpiexec, "-n", "2", sys.executable, str(script)])
+    out = _run([_mpiexec(), "-n", "2", sys.executable, str(script)])
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import bncupy as bn
 from tests import oracle
 from tests.arrays import to_numpy
+from tests.conftest import needs, requirement
 from tests.sync_world import CountingComm, ThreadWorld, check_rank, split_points
 
 
@@ -160,18 +161,21 @@ def test_comm_type_is_checked():
         bn.SyncBatchNorm(3, comm=object())
 
 
-def _mpiexec() -> str | None:
+def _mpiexec() -> str:
+    """The ``mpiexec`` next to this interpreter (the MPICH wheel's) or on PATH; skips without
+    mpi4py or mpiexec (fails in the tox env ``mpi``)."""
+    needs("mpi4py", "mpi", "mpi4py is not installed (tox env 'mpi' has it)")
     local = Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.exists() else shutil.which("mpiexec")
+    found = str(local) if local.exists() else shutil.which("mpiexec")
+    if found is None:
+        requirement("mpi", "no mpiexec next to the interpreter or on PATH")
+    return found
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [2, 3, 4])
 def test_real_processes_under_mpiexec(size):
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (tox env 'mpi' has it)")
     mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH")
     script = Path(__file__).with_name("mpi_sync_check.py")
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
     proc = subprocess.run([mpiexec, "-n", str(size), sys.executable, str(script)],
@@ -186,10 +190,7 @@ def test_real_processes_under_mpiexec(size):
 
 @pytest.mark.slow
 def test_example_trains_identically_on_one_and_three_processes():
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (tox env 'mpi' has it)")
     mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH")
     script = Path(__file__).parents[1] / "examples" / "sync_data_parallel.py"
     finals = []
     for n in (1, 3):

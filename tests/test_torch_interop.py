@@ -11,10 +11,10 @@ import pytest
 
 import bncupy as bn
 from tests.arrays import to_numpy
-from tests.conftest import REAL_GPU_REASON
+from tests.conftest import REAL_GPU_REASON, needs
 
-torch = pytest.importorskip("torch")
-bt = pytest.importorskip("bncupy.torch")
+torch = needs("torch", "torch", "torch is not installed (tox env 'torch' has it)")
+bt = needs("bncupy.torch", "torch", "bncupy.torch does not import")
 F = torch.nn.functional
 
 _CUDA_REASON = (REAL_GPU_REASON or ("torch has no CUDA device (a CPU build)"

@@ -7,8 +7,9 @@ import pytest
 
 import bncupy as bn
 from tests.arrays import to_numpy
+from tests.conftest import needs
 
-torch = pytest.importorskip("torch")
+torch = needs("torch", "torch", "torch is not installed (tox env 'torch' has it)")
 F = torch.nn.functional
 
 
