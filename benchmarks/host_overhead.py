@@ -128,11 +128,14 @@ def numpy_table(bn: Any, calls: int, blocks: int) -> list[tuple]:
     rows = rng.standard_normal((4, 16)).astype(np.float32)
     lw, lb = np.ones(16, np.float32), np.zeros(16, np.float32)
     _, m, s = bn.batch_norm_forward(x, rm, rv, w, b, True)
+    _, lm, ls = bn.layer_norm_forward(rows, 16, lw, lb)
     ours = {
         "batch_norm train (4, 3, 5, 5)": lambda: bn.batch_norm(x, rm, rv, w, b, True),
         "batch_norm eval (4, 3, 5, 5)": lambda: bn.batch_norm(x, rm, rv, w, b, False),
         "batch_norm_backward (4, 3, 5, 5)": lambda: bn.batch_norm_backward(x, x, w, m, s),
         "layer_norm (4, 16)": lambda: bn.layer_norm(rows, 16, lw, lb),
+        "layer_norm_backward (4, 16)": lambda: bn.layer_norm_backward(rows, rows, 16, lm, ls,
+                                                                      lw),
     }
     theirs: dict[str, Callable[[], Any]] = {}
     try:
@@ -158,6 +161,11 @@ def numpy_table(bn: Any, calls: int, blocks: int) -> list[tuple]:
             }
         theirs["batch_norm_backward (4, 3, 5, 5)"] = lambda: torch.autograd.grad(
             ty, (tx, tw, tb), tdy, retain_graph=True)
+        tr, tlw, tlb = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (rows, lw, lb))
+        tly = F.layer_norm(tr, (16,), tlw, tlb)
+        tldy = torch.from_numpy(rows)
+        theirs["layer_norm_backward (4, 16)"] = lambda: torch.autograd.grad(
+            tly, (tr, tlw, tlb), tldy, retain_graph=True)
     fns = {**{("bncupy", k): f for k, f in ours.items()},
            **{("torch", k): f for k, f in theirs.items()}}
     times = _time(fns, calls, blocks)  # type: ignore[arg-type]

@@ -134,13 +134,20 @@ class _Module:
 
     def _follow(self, kind: str) -> None:
         """Move the state to the array kind of a call's input (after every check of the call):
-        the kind of its first array (:meth:`_state_kind`) decides."""
-        for name in self._array_names():
-            value = getattr(self, name, None)
-            if value is not None:
-                if (dispatch.array_kind(value) or "numpy") != kind:
-                    self.to(kind)
+        the kind of its first array (:meth:`_state_kind`) decides; its name is remembered
+        (the state moves as a whole, so any of its arrays would decide alike)."""
+        name = self.__dict__.get("_first_array")
+        value = None if name is None else getattr(self, name, None)
+        if value is None:
+            for name in self._array_names():
+                value = getattr(self, name, None)
+                if value is not None:
+                    self.__dict__["_first_array"] = name
+                    break
+            else:
                 return
+        if (dispatch.array_kind(value) or "numpy") != kind:
+            self.to(kind)
 
     # ------------------------------------------------------------------ state
     def reset_running_stats(self) -> None:

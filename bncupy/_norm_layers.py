@@ -12,6 +12,7 @@ from ._functional import _caller
 from ._functional import backward as _bn_backward
 from ._interop import accepts
 from ._module import _Module, channel_state
+from ._norms import _shaped, _typed
 
 
 class _GroupNormalization(_Module):
@@ -39,10 +40,10 @@ class _GroupNormalization(_Module):
             dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
         weight = getattr(self, "weight", None)
         if weight is not None:
-            self.grad_weight = dw.reshape(param_shape).astype(weight.dtype, copy=False)
+            self.grad_weight = _typed(_shaped(dw, param_shape), weight.dtype)
         bias = getattr(self, "bias", None)
         if bias is not None:
-            self.grad_bias = db.reshape(param_shape).astype(bias.dtype, copy=False)
+            self.grad_bias = _typed(_shaped(db, param_shape), bias.dtype)
         return dx
 
     def _axis(self, x: Any) -> int:

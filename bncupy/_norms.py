@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _validation as v
 from ._docstrings import parameters_from
-from ._functional import _backend, _caller, _native
+from ._functional import _backend, _caller
 from ._functional import backward as _bn_backward
 from ._functional import forward as _bn_forward
 from ._interop import accepts
@@ -45,8 +45,11 @@ def group_backward(grad_output: Any, input: Any, out: GroupForward, weight: Any,
     """Backend-native ``dx`` (input's shape), ``dweight``, ``dbias`` of a :class:`GroupForward`
     (of ``input``, or of ``out.sum`` when the forward normalized a residual sum; ``grad_sum``:
     the gradient that sum receives from elsewhere, checked by the caller)."""
-    v.check_same_kind({"input": out.kind,
-                       "grad_output": v.check_like_input(grad_output, "grad_output", input)})
+    key = _CHECKED.key((grad_output, input), ("layer backward", out.kind), "")
+    if _CHECKED.get(key) is None:
+        v.check_same_kind({"input": out.kind,
+                           "grad_output": v.check_like_input(grad_output, "grad_output", input)})
+        _CHECKED.put(key, True)
     be = out.backend
     source = input if out.sum is None else out.sum
     dx, dw, db = be.group_backward(
@@ -78,14 +81,33 @@ def _grads_out(kind: str, be: ModuleType, dx: Any, dw: Any, db: Any, shape: tupl
                input: Any, weight: Any) -> tuple[Any, Any, Any]:
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
     return (_caller(kind, be, _shaped(dx, input.shape)),
-            _caller(kind, be, _shaped(dw, shape).astype(gd, copy=False)),
-            _caller(kind, be, _shaped(db, shape).astype(gd, copy=False)))
+            _caller(kind, be, _typed(_shaped(dw, shape), gd)),
+            _caller(kind, be, _typed(_shaped(db, shape), gd)))
+
+
+def _typed(a: Any, dtype: Any) -> Any:
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+# (backend name, array type) pairs whose arrays the backend's asarray returns as they are
+_AS_THEY_ARE: set[tuple[str, type]] = set()
+
+
+def _own(be: ModuleType, a: Any) -> Any:
+    """``a`` as an array of the backend (``a`` itself when it is one, known by its type after
+    the first call), or None."""
+    if a is None or (be.name, a.__class__) in _AS_THEY_ARE:
+        return a
+    native = be.asarray(a)
+    if native is a:
+        _AS_THEY_ARE.add((be.name, a.__class__))
+    return native
 
 
 def _contiguous(be: ModuleType, a: Any) -> Any:
     """``a`` as a C-contiguous array of the backend, in its own shape (the backends read any
     contiguous array by its group layout, so no reshape is needed)."""
-    a = _native(be, a)
+    a = _own(be, a)
     return a if a.flags.c_contiguous else be.xp.ascontiguousarray(a)
 
 
@@ -154,7 +176,7 @@ def _backward(grad_output: Any, input: Any, mean: Any, rstd: Any, weight: Any, g
 def _flat(be: ModuleType, value: Any) -> Any:
     if value is None:
         return None
-    value = be.asarray(value)
+    value = _own(be, value)
     return value if value.ndim == 1 else value.reshape(-1)
 
 
@@ -248,7 +270,7 @@ def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps:
     (kind, lay, canonical), be = _checked("group_norm", (input, weight, bias),
                                           (num_groups, axis), check)
     eps = v.check_eps(eps)
-    return _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
+    return _run_forward(be, kind, input, lay, canonical, _own(be, weight), _own(be, bias),
                         eps, keep=keep)
 
 
@@ -433,8 +455,8 @@ def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weigh
                            {"input": input, "weight": weight, "bias": bias})
     running = None
     if running_mean is not None:
-        running = (_native(be, running_mean), _native(be, running_var), momentum_value)
-    out = _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
+        running = (_own(be, running_mean), _own(be, running_var), momentum_value)
+    out = _run_forward(be, kind, input, lay, canonical, _own(be, weight), _own(be, bias),
                        eps, running, keep)
     if running is not None and be.name != kind:  # computed on copies: write them back
         for target, value in zip((running_mean, running_var), running[:2], strict=False):

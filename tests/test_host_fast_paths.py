@@ -190,3 +190,35 @@ def test_layer_follows_changed_state_on_a_cached_signature(backend):
     ref = oracle.forward(backend.to_numpy(x), 1, training=False, running_mean=rm,
                          running_var=rv)[0]
     np.testing.assert_allclose(backend.to_numpy(y), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("params", ["none", "float32", "float64", "strided float16"])
+@pytest.mark.parametrize("rms", [False, True])
+def test_small_rows_agree_with_the_engines(small_engine, monkeypatch, dtype, params, rms):
+    """LayerNorm and RMSNorm under SMALL_ELEMENTS (one compiled call with Numba) give what the
+    engines' passes give, whatever the parameters' dtype and strides."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, 5, 8)) * 2 + 50).astype(dtype)
+    assert x.size < nb.SMALL_ELEMENTS
+    if params == "none":
+        w = b = None
+    else:
+        pd = np.float16 if params.startswith("strided") else params
+        w, b = (rng.uniform(0.5, 2, 16).astype(pd) for _ in range(2))
+        w, b = (w[::2], b[::2]) if params.startswith("strided") else (w[:8], b[:8])
+
+    def run():
+        if rms:
+            return bn.rms_norm_forward(x, 8, w)
+        return bn.layer_norm_forward(x, 8, w, b)
+
+    small = run()
+    monkeypatch.setattr(nb, "SMALL_ELEMENTS", 0)
+    general = run()
+    for name, a, c in zip(("y", "mean", "rstd") if not rms else ("y", "rstd"), small, general,
+                          strict=True):
+        assert a.dtype == c.dtype and a.shape == c.shape, name
+        eps = np.finfo(dtype).eps  # y = xhat * w + b may cancel: a few ulps at y's scale
+        np.testing.assert_allclose(a, c, rtol=4 * eps, atol=8 * eps * np.abs(c).max(),
+                                   err_msg=name)

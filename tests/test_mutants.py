@@ -71,6 +71,10 @@ MUTANTS = [
            '    """Per row segment float64 ``sum(g)`` and ``sum(g * (x - center))``."""\n'
            "    nseg = x2.shape[1] // seg",
            (SCALE, "-k", "numba-")),
+    Mutant("compiled small rows: the centring's offset dropped from y",
+           "bncupy/backends/_compiled.py",
+           "v = ((np.float64(x2[i, j]) - pilot) - offset) * scale",
+           "v = (np.float64(x2[i, j]) - pilot) * scale", (SCALE, "-k", "numba-")),
     Mutant("compiled merge across units: the spread of the unit means dropped",
            "bncupy/backends/_compiled.py",
            "out_m2[k] += m2[i, k] + delta * delta * n[k] * w", "out_m2[k] += m2[i, k]",

@@ -17,6 +17,7 @@ each other. The CUDA kernels' paths are in :mod:`tests.test_kernels`.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -126,6 +127,19 @@ def test_renorm_and_ghost_batches_at_scale(engine, name, dtype):
     x = agreement.data(shape, dtype, seed=2, axis=axis, offset=10.0)
     agreement.batch_renorm(np, x, axis, seed=3)
     agreement.ghost_batch_norm(np, x, axis, size=-(-shape[0] // 2), seed=4)
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (2, 3, 5), (5, 1), "under", "at"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_small_rows_match_the_oracle(engine, shape, dtype):
+    """LayerNorm rows under ``SMALL_ELEMENTS`` values (the compiled engine's one-call kernel)
+    and at it (the engines' passes)."""
+    if isinstance(shape, str):  # the last row count under the threshold, and the first not
+        under = shape == "under"
+        shape = (-(-nb.SMALL_ELEMENTS // 32) - under, 32)
+        assert (math.prod(shape) < nb.SMALL_ELEMENTS) == under
+    x = agreement.data(shape, dtype, seed=5, axis=-1, offset=300.0)
+    agreement.family(np, "layer", x, seed=6)
 
 
 def test_the_cases_take_the_paths_they_name():

@@ -436,6 +436,40 @@ def small_backward(g3, x3, dx3, w, mean, invstd, flags, grads):
         grads[1, k] = sum_dy
 
 
+SMALL_RMS = 64  # small_rows' flag (with SMALL_WEIGHT, SMALL_BIAS)
+
+
+@_kernel()
+def small_rows(x2, y2, w, b, flags, eps, mean, invstd):
+    """LayerNorm (RMSNorm with ``SMALL_RMS``: about 0) of each row of a small ``(rows, C)``
+    array in one call, as ``numpy_groups.group_forward``: float64 moments of ``x`` minus the
+    row's first value (a constant row gives exactly ``bias``), ``y`` rounded once. Writes the
+    float64 per-row ``mean`` and ``invstd``. ``flags``: SMALL_WEIGHT, SMALL_BIAS, SMALL_RMS."""
+    n, c = x2.shape
+    rms = flags & SMALL_RMS
+    for i in range(n):
+        pilot = 0.0 if rms else np.float64(x2[i, 0])
+        offset = 0.0
+        if not rms:
+            s = 0.0
+            for j in range(c):
+                s += np.float64(x2[i, j]) - pilot
+            offset = s / c
+        q = 0.0
+        for j in range(c):
+            d = (np.float64(x2[i, j]) - pilot) - offset
+            q += d * d
+        inv = 1.0 / np.sqrt(q / c + eps)
+        for j in range(c):
+            scale = inv * np.float64(w[j]) if flags & SMALL_WEIGHT else inv
+            v = ((np.float64(x2[i, j]) - pilot) - offset) * scale
+            if flags & SMALL_BIAS:
+                v += np.float64(b[j])
+            y2[i, j] = v
+        mean[i] = pilot + offset
+        invstd[i] = inv
+
+
 def cache_dir() -> str | None:
     """The directory the compiled loops are cached in, or None when they are not cached."""
     return getattr(row_moments._cache, "cache_path", None)

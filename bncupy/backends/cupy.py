@@ -607,6 +607,32 @@ class _GroupGeometry:
                        self.cell_split.width)
         self.coef_blocks = -(-max(self.groups, lay.c) // _THREADS)
         self.coef_blocks_columns = -(-lay.c // _THREADS)
+        # launch arguments that depend on the layout only, made once
+        self.groups_arg = itype(self.groups)
+        self.coef_args = (np.uint64(self.groups), np.uint64(lay.c), np.int32(lay.k),
+                          np.float64(lay.size))
+        self.unbias_arg = np.float64(1.0 / max(lay.s - 1, 1))
+        if lay.kind == "cl":
+            cells = self.cells
+            self.cell_args = (itype(lay.s), itype(cells.inner_arg), np.int32(cells.splits),
+                              np.int32(cells.lanes))
+            self.merge_args = (np.uint64(self.groups), np.int32(lay.k), np.float64(lay.s))
+            self.k_arg, self.cells_arg = itype(lay.k), itype(lay.n * lay.c)
+            self.stats_scratch = ((self.acc, 3 * cells.partials), ("float64", lay.n * lay.c),
+                                  ("float64", lay.n * lay.c))
+            self.grad_scratch = ((self.acc, 2 * cells.partials), ("float64", 2 * lay.n * lay.c),
+                                 (self.acc, 2 * self.groups))
+        elif lay.kind == "cf":
+            split, height = self.cell_split, self.cell_height
+            cells = lay.n * lay.c
+            self.plane_blocks = -(-cells // (_THREADS // height)) if height else \
+                split.reduce_blocks
+            self.plane_args = (itype(cells), itype(lay.s),
+                               itype(0 if height else split.head_reduce),
+                               np.int32(split.splits), np.int32(height))
+            self.plane_tail = (itype(lay.c), itype(lay.k))
+            self.grad_scratch = ((self.acc, 2 * split.partials), ("float64", 2 * cells),
+                                 (self.acc, 2 * self.groups))
 
     def _name(self, kernel: str, width: int) -> None:
         self.names[kernel] = (f"bncupy::{kernel}<{_cuda.CTYPES[self.dtype]}, {width}, "
@@ -659,13 +685,11 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
     if geo.stats_mode == "cells":
         cells = geo.cells
         counters, partials, mean, m2, stats = _with_stats(
-            cells.counters, ((acc, 3 * cells.partials), ("float64", lay.n * lay.c),
-                             ("float64", lay.n * lay.c)), geo.groups, acc, keep)
+            cells.counters, geo.stats_scratch, geo.groups, acc, keep)
         _launch(geo.dtype, geo.names["cell_stats"], cells.reduce_blocks, (
-            x, it(lay.s), it(cells.inner_arg), np.int32(cells.splits), np.int32(cells.lanes),
-            partials, counters, mean, m2))
+            x, *geo.cell_args, partials, counters, mean, m2))
         _launch(geo.dtype, geo.names["group_merge"], -(-geo.groups // _THREADS), (
-            mean, m2, np.uint64(geo.groups), np.int32(lay.k), np.float64(lay.s), eps_, stats))
+            mean, m2, *geo.merge_args, eps_, stats))
         return stats, False
     if geo.stats_mode == "regs":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
@@ -730,9 +754,8 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
         shape = geo.shape_args if not done else (geo.itype(0), *geo.shape_args[1:])
         _launch(geo.dtype, geo.names["group_apply"], geo.blocks, (
             x, y, *shape, stats[_CENTER], stats[_LO], stats[_INVSTD],
-            _ptr(weight), _ptr(bias), geo.itype(geo.groups), stats[_M2], _ptr(rm), _ptr(rv),
-            np.float64(0.0 if running is None else running[2]),
-            np.float64(1.0 / max(lay.s - 1, 1))))
+            _ptr(weight), _ptr(bias), geo.groups_arg, stats[_M2], _ptr(rm), _ptr(rv),
+            np.float64(0.0 if running is None else running[2]), geo.unbias_arg))
     for target, value in zip(targets, (rm, rv), strict=True):
         if target is not None and value is not target:
             target[...] = value
@@ -798,29 +821,21 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
             dy, x, it(lay.n), it(cols.inner_arg), np.int32(cols.splits), np.int32(cols.lanes),
             partials, counters, _ptr(center), _ptr(lo), invstd, grads))
         return dx, grads[0], grads[1]
-    cells = lay.n * lay.c
     if lay.kind == "cf":
-        split = geo.cell_split
-        counters, partials, sums, coef = _workspace(split.counters, (
-            (acc, 2 * split.partials), ("float64", 2 * cells), (acc, 2 * geo.groups)))
-        height = geo.cell_height
-        blocks = -(-cells // (_THREADS // height)) if height else split.reduce_blocks
-        _launch(geo.dtype, geo.names["cell_grad_planes"], blocks, (
-            dy, x, it(cells), it(lay.s), it(0 if height else split.head_reduce),
-            np.int32(split.splits), np.int32(height), partials, counters, center, _ptr(lo),
-            it(lay.c), it(lay.k), sums))
+        counters, partials, sums, coef = _workspace(geo.cell_split.counters, geo.grad_scratch)
+        _launch(geo.dtype, geo.names["cell_grad_planes"], geo.plane_blocks, (
+            dy, x, *geo.plane_args, partials, counters, center, _ptr(lo), *geo.plane_tail,
+            sums))
     else:
         cl = geo.cells
-        counters, partials, sums, coef = _workspace(cl.counters, (
-            (acc, 2 * cl.partials), ("float64", 2 * cells), (acc, 2 * geo.groups)))
+        counters, partials, sums, coef = _workspace(cl.counters, geo.grad_scratch)
         _launch(geo.dtype, geo.names["cell_grad_cl"], cl.reduce_blocks, (
-            dy, x, it(lay.s), it(cl.inner_arg), np.int32(cl.splits), np.int32(cl.lanes),
-            partials, counters, center, _ptr(lo), it(lay.k), sums, it(cells)))
+            dy, x, *geo.cell_args, partials, counters, center, _ptr(lo), geo.k_arg, sums,
+            geo.cells_arg))
     grads = xp.empty((2, lay.c), acc)
     _launch(geo.dtype, geo.names["group_grad_coefficients"], geo.coef_blocks, (
-        sums, invstd, np.uint64(geo.groups), np.uint64(lay.c), np.int32(lay.k),
-        np.float64(lay.size), _ptr(weight), coef, grads))
+        sums, invstd, *geo.coef_args, _ptr(weight), coef, grads))
     _launch(geo.dtype, geo.names["group_backward_apply"], geo.blocks, (
-        dy, x, dx, *geo.shape_args, center, _ptr(lo), invstd, it(geo.groups), _ptr(weight),
+        dy, x, dx, *geo.shape_args, center, _ptr(lo), invstd, geo.groups_arg, _ptr(weight),
         coef))
     return dx, grads[0], grads[1]

@@ -316,8 +316,11 @@ except (AttributeError, TypeError):
 
 def _small_kernels(plan: Small) -> Any:
     """The compiled engine's module when it runs ``plan`` (Numba loaded, not turned off)."""
-    if not plan.compiled:
-        return None
+    return _compiled_kernels() if plan.compiled else None
+
+
+def _compiled_kernels() -> Any:
+    """The compiled engine's module (Numba loaded, not turned off), or None."""
     if _ENVIRON is not None and not _ENVIRON.get(_ENGINE_KEY):
         compiled = _compiled_engine()
     else:
@@ -673,4 +676,34 @@ def normalize_with(x: np.ndarray, axis: int, mean: np.ndarray, invstd: np.ndarra
 
 
 # The normalizations over groups (LayerNorm, GroupNorm, InstanceNorm).
-from .numpy_groups import group_backward, group_forward  # noqa: E402, F401
+from . import numpy_groups as _groups  # noqa: E402
+from .numpy_groups import group_backward  # noqa: E402, F401
+
+
+def group_forward(x: np.ndarray, lay: Any, weight: Any, bias: Any, eps: float,
+                  running: tuple | None = None, keep: bool = True, rms: bool = False,
+                  residual: np.ndarray | None = None, sum_dtype: Any = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+    """:func:`.numpy_groups.group_forward`; small float32/float64 rows (LayerNorm, RMSNorm
+    without a residual) in one call of the compiled engine."""
+    if lay.kind == "rows" and residual is None and sum_dtype is None and \
+            0 < x.size < SMALL_ELEMENTS and x.dtype in _WIDE_FLOATS:
+        k = _compiled_kernels()
+        if k is not None:
+            return _small_rows(k, x, lay, weight, bias, eps, rms)
+    return _groups.group_forward(x, lay, weight, bias, eps, running, keep, rms, residual,
+                                 sum_dtype)
+
+
+def _small_rows(k: Any, x: np.ndarray, lay: Any, weight: Any, bias: Any, eps: float,
+                rms: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, None]:
+    one = _EMPTY[np.dtype(np.float64)][0]
+    weight, bias = (one if v is None else v if v.dtype in _WIDE_FLOATS and v.flags.c_contiguous
+                    else np.ascontiguousarray(v, np.float64) for v in (weight, bias))
+    flags = ((weight is not one) * k.SMALL_WEIGHT | (bias is not one) * k.SMALL_BIAS
+             | rms * k.SMALL_RMS)
+    y = np.empty(x.shape, x.dtype)
+    mean, invstd = np.empty(lay.n), np.empty(lay.n)
+    k.small_rows(x.reshape(lay.n, lay.c), y.reshape(lay.n, lay.c), weight, bias, flags, eps,
+                 mean, invstd)
+    return y, mean, invstd, mean, None

@@ -141,18 +141,27 @@ class Allocation:
 
 
 class _Bare(Allocation):
-    """An allocation without alignment padding or canaries (see :data:`POISON`)."""
+    """An allocation without alignment padding or canaries (see :data:`POISON`), from a pool of
+    freed ones by shape and dtype, as CuPy's memory pool serves a freed block again: O(1), where
+    a fresh host array over glibc's mmap threshold would cost two system calls per call."""
 
     __slots__ = ()
+    pool: dict[tuple, list[np.ndarray]] = {}
 
     @classmethod
     def array(cls, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, Allocation]:
         FAULTS.tick("allocation")
         SEAM.allocations += 1
         alloc = cls.__new__(cls)
-        host = np.empty(shape, dtype)
+        free = cls.pool.get((shape, np.dtype(dtype)))
+        host = free.pop() if free else np.empty(shape, dtype)
         alloc.buffer, alloc.nbytes, alloc.poisoned = host, host.nbytes, False
         return host, alloc
+
+    def __del__(self) -> None:
+        free = self.pool.setdefault((self.buffer.shape, self.buffer.dtype), [])
+        if len(free) < 8:
+            free.append(self.buffer)
 
 
 class _Pointer:
