@@ -624,14 +624,14 @@ class _GroupGeometry:
                                  (self.acc, 2 * self.groups))
         elif lay.kind == "cf":
             split, height = self.cell_split, self.cell_height
-            cells = lay.n * lay.c
-            self.plane_blocks = -(-cells // (_THREADS // height)) if height else \
+            planes = lay.n * lay.c
+            self.plane_blocks = -(-planes // (_THREADS // height)) if height else \
                 split.reduce_blocks
-            self.plane_args = (itype(cells), itype(lay.s),
+            self.plane_args = (itype(planes), itype(lay.s),
                                itype(0 if height else split.head_reduce),
                                np.int32(split.splits), np.int32(height))
             self.plane_tail = (itype(lay.c), itype(lay.k))
-            self.grad_scratch = ((self.acc, 2 * split.partials), ("float64", 2 * cells),
+            self.grad_scratch = ((self.acc, 2 * split.partials), ("float64", 2 * planes),
                                  (self.acc, 2 * self.groups))
 
     def _name(self, kernel: str, width: int) -> None:

@@ -329,8 +329,8 @@ def _compiled_kernels() -> Any:
     return kernels if hasattr(kernels, "small_forward") else None
 
 
-_EMPTY = {np.dtype(d): (np.empty(0, d), np.empty((0, 0, 0), d)) for d in (np.float32,
-                                                                         np.float64)}
+_EMPTY: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {
+    np.dtype(d): (np.empty(0, d), np.empty((0, 0, 0), d)) for d in (np.float32, np.float64)}
 
 
 def _compiled_train(k: Any, plan: Small, x: np.ndarray, weight: Any, bias: Any, eps: float,
