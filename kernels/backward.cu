@@ -64,8 +64,14 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
     }
 };
 
+// Blocks resident per SM (see reduce_blocks): two sums per value of a vector, the gate's
+// coefficients and the residual take more than 64 registers except for float32; bfloat16's
+// integer rounding, channels-last, more than 80.
+template <typename T, typename I, bool CL> struct backward_reduce_blocks
+    : reduce_blocks<I, sizeof(T) == 4 ? 4 : CL && is_bf16<T>::value ? 2 : 3> {};
+
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256, 2) backward_reduce(
+__global__ void __launch_bounds__(256, backward_reduce_blocks<T, I, CL>::value) backward_reduce(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     const I rows, const I channels, const I inner, const I head, const int splits,
     const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
@@ -163,7 +169,7 @@ template <typename TT> struct RowGradOp : SumOps<typename acc_of<TT>::type> {
 // the mean(w * dy) term drops. grad_sum (may be null) is the gradient reaching the pre-norm sum
 // h = x + residual from its other consumers (prenorm).
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, 2) row_backward(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) row_backward(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
     const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
     const typename acc_of<T>::type* __restrict__ lo,
@@ -363,7 +369,7 @@ template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
 };
 
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, 2) column_grads(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) column_grads(
     const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I cvecs,
     const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
@@ -407,7 +413,7 @@ template <typename TT> struct CellGradOp : SumOps<typename acc_of<TT>::type> {
 // `head` values in): split reduction (rows = 1, channels = cells) or, with height > 0, several
 // planes per block (reduce_rows; then plane is a multiple of V and head 0).
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, 2) cell_grad_planes(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) cell_grad_planes(
     const T* __restrict__ dy, const T* __restrict__ x, const I cells, const I plane,
     const I head, const int splits, const int height,
     SumPair<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
@@ -423,8 +429,13 @@ __global__ void __launch_bounds__(256, 2) cell_grad_planes(
 }
 
 // Channels-last cells: `samples` (rows, C) views (reduce_nhwc; cells = samples * C).
+// Blocks resident per SM (see reduce_blocks): 16-bit vectors' two sums of 8 values each take
+// more than 64 registers.
+template <typename T, typename I> struct cell_grad_blocks
+    : reduce_blocks<I, sizeof(T) == 2 ? 3 : 4> {};
+
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, 2) cell_grad_cl(
+__global__ void __launch_bounds__(256, cell_grad_blocks<T, I>::value) cell_grad_cl(
     const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I cvecs,
     const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,

@@ -48,7 +48,7 @@ template <typename TT> struct StatsOp : WelfordOps<typename acc_of<TT>::type> {
 // groups (GroupNorm, long LayerNorm and RMSNorm rows): rows = 1, channels = groups; rms != 0
 // for RMSNorm's moments (see moments_of).
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256, 2) forward_stats(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) forward_stats(
     const T* __restrict__ x, const I rows, const I channels, const I inner, const I head,
     const int splits, const int lanes, Welford<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* weight,
@@ -184,7 +184,7 @@ template <typename TT> struct CellStatsOp : WelfordOps<typename acc_of<TT>::type
 
 // Grid: samples * ceil(C / V / lanes) * splits blocks over (samples, rows, C) data.
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, 2) cell_stats(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) cell_stats(
     const T* __restrict__ x, const I rows, const I cvecs, const int splits, const int lanes,
     Welford<typename acc_of<T>::type>* __restrict__ partials, unsigned int* __restrict__ counters,
     double* mean, double* m2) {
@@ -232,7 +232,7 @@ template <typename TT> struct RowStatsOp : WelfordOps<typename acc_of<TT>::type>
 // and the STAT_CENTER/INVSTD/LO/M2 rows of `stats` (`rows` long). Grid: ceil(rows / (256 /
 // height)) blocks of 256 threads.
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, 2) row_forward(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) row_forward(
     const T* __restrict__ x, T* __restrict__ y, const I rows, const I row_vecs, const int height,
     const I plane_vecs, const I groups, const I group_channels,
     const typename acc_of<T>::type* __restrict__ weight,

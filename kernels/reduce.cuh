@@ -22,6 +22,15 @@
 
 namespace bncupy {
 
+// Blocks of 256 threads a reduction keeps resident per SM (its __launch_bounds__: at most
+// 65536 / (256 * blocks) registers a thread): Fit on the 32-bit index path, 2 on the 64-bit one
+// (whose indices and addresses take twice the registers). Fit is 4 (64 registers) wherever
+// that does not spill on sm_80 and sm_90; kernels that hold more name theirs (NVRTC
+// -Xptxas -v; tests/test_nvrtc.py checks every specialisation).
+template <typename I, int Fit = 4> struct reduce_blocks {
+    enum { value = sizeof(I) == 8 ? 2 : Fit };
+};
+
 // Vectors in flight per thread and loop trip: independent chains hide memory latency.
 template <int V> struct unroll_of {
     enum { value = V >= 8 ? 2 : 4 };
