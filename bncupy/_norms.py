@@ -55,7 +55,7 @@ def group_backward(grad_output: Any, input: Any, out: GroupForward, weight: Any,
     dx, dw, db = be.group_backward(
         _contiguous(be, grad_output), _contiguous(be, source), out.layout,
         _flat(be, weight), out.saved, out.invstd, out.rms,
-        None if grad_sum is None else _contiguous(be, grad_sum))
+        None if grad_sum is None else _contiguous(be, grad_sum), True)
     return _shaped(dx, input.shape), dw, db
 
 
@@ -162,15 +162,28 @@ def _backward(grad_output: Any, input: Any, mean: Any, rstd: Any, weight: Any, g
             _check_vector(mean, "mean", stats[0], kinds, stats[1], required=True)
         _check_vector(rstd, "rstd", stats[0], kinds, stats[1], required=True)
         _check_vector(weight, "weight", params[0], kinds, params[1])
-        return v.check_same_kind(kinds), lay, canonical, params[0]
+        kind = v.check_same_kind(kinds)
+        arrays = (grad_output, input, mean, rstd, weight, grad_sum)
+        return kind, lay, canonical, params[0], _as_they_are(_backend(kind), kind, arrays)
 
-    (kind, lay, canonical, params), be = _checked(
+    (kind, lay, canonical, params, direct), be = _checked(
         tag, (grad_output, input, mean, rstd, weight, grad_sum), options, check)
-    dx, dw, db = be.group_backward(
-        _contiguous(be, grad_output), _contiguous(be, input), lay, _flat(be, weight),
-        _flat(be, mean), _flat(be, rstd), rms,
-        None if grad_sum is None else _contiguous(be, grad_sum))
+    if direct:  # the backend reads these arrays as they are (any shape, by their group order)
+        dx, dw, db = be.group_backward(grad_output, input, lay, weight, mean, rstd, rms,
+                                       grad_sum)
+    else:
+        dx, dw, db = be.group_backward(
+            _contiguous(be, grad_output), _contiguous(be, input), lay, _flat(be, weight),
+            _flat(be, mean), _flat(be, rstd), rms,
+            None if grad_sum is None else _contiguous(be, grad_sum))
     return _grads_out(kind, be, dx, dw, db, params, input, weight)
+
+
+def _as_they_are(be: ModuleType, kind: str, arrays: tuple) -> bool:
+    """Whether the backend takes ``arrays`` (of a checked call signature) as they are: its own
+    kind, C-contiguous."""
+    return be.name == kind and all(a is None or (_own(be, a) is a and a.flags.c_contiguous)
+                                   for a in arrays)
 
 
 def _flat(be: ModuleType, value: Any) -> Any:

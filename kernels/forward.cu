@@ -404,21 +404,24 @@ template <typename T, int L, typename I> struct GroupApplyOp {
 };
 
 // The group apply over `total` values (`head` before the first 16-byte boundary); inner is the
-// columns (L = 0) or the positions S of a sample (L = 1, 2). InstanceNorm's running statistics (when given; one group per (sample,
-// channel)) move towards the batch average of the instance means and of m2 * unbias (the
-// unbiased variances), in the first C threads: the last launch of the step makes the only change
-// to the caller's state.
+// columns (L = 0) or the positions S of a sample (L = 1, 2); `stats` the groups' statistics
+// buffer (STAT_* rows of `groups` values: center, lo, invstd, m2). InstanceNorm's running
+// statistics (when given; one group per (sample, channel)) move towards the batch average of the
+// instance means and of m2 * unbias (the unbiased variances), in the first C threads: the last
+// launch of the step makes the only change to the caller's state.
 template <typename T, int V, typename I, int L>
 __global__ void __launch_bounds__(256, 4) group_apply(
     const T* __restrict__ x, T* __restrict__ y, const I total, const I head, const I channels,
-    const I inner, const I group_channels, const typename acc_of<T>::type* __restrict__ center,
-    const typename acc_of<T>::type* __restrict__ lo,
-    const typename acc_of<T>::type* __restrict__ invstd,
+    const I inner, const I group_channels, const typename acc_of<T>::type* __restrict__ stats,
     const typename acc_of<T>::type* __restrict__ weight,
     const typename acc_of<T>::type* __restrict__ bias, const I groups,
-    const typename acc_of<T>::type* __restrict__ m2, typename acc_of<T>::type* running_mean,
-    typename acc_of<T>::type* running_var, const double momentum, const double unbias) {
+    typename acc_of<T>::type* running_mean, typename acc_of<T>::type* running_var,
+    const double momentum, const double unbias) {
     typedef typename acc_of<T>::type A;
+    const A* center = stats + STAT_CENTER * groups;
+    const A* lo = stats + STAT_LO * groups;
+    const A* invstd = stats + STAT_INVSTD * groups;
+    const A* m2 = stats + STAT_M2 * groups;
     if (running_mean) {
         const I samples = groups / channels;
         const I stride = (I)gridDim.x * blockDim.x;

@@ -387,9 +387,10 @@ def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weigh
     return y, stats, None, None, stats
 
 
-def _mean_parts(mean: Any, acc: np.dtype) -> tuple[Any, Any]:
-    """(center, lo) of a mean: a statistics buffer's rows, or a given vector (lo null)."""
-    if mean.ndim == 2:  # the buffer itself is its first row's pointer (_CENTER = 0): no view
+def _mean_parts(mean: Any, acc: np.dtype, saved: bool) -> tuple[Any, Any]:
+    """(center, lo) of a mean: a statistics buffer's rows (``saved``), or a given vector of any
+    shape (lo null)."""
+    if saved:  # the buffer itself is its first row's pointer (_CENTER = 0): no view
         return mean, mean[_LO]
     if mean.dtype.itemsize > acc.itemsize:  # a float64 mean of float32 data: split
         center = mean.astype(acc)
@@ -403,7 +404,7 @@ def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd
     coefficients. Returns the (2, C) gradient buffer and the coefficients. ``invstd`` None:
     the statistics buffer ``mean``'s."""
     acc = geo.acc
-    center, lo = _mean_parts(mean, acc)
+    center, lo = _mean_parts(mean, acc, mean.ndim == 2)
     invstd = mean[_INVSTD] if invstd is None else _per_channel(invstd, acc)
     weight = _per_channel(weight, acc)
     counters, partials, coef = _workspace(geo.counters, geo.grad_scratch)
@@ -753,8 +754,7 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
         # rows already written: an empty elementwise range, the launch only moves running stats
         shape = geo.shape_args if not done else (geo.itype(0), *geo.shape_args[1:])
         _launch(geo.dtype, geo.names["group_apply"], geo.blocks, (
-            x, y, *shape, stats[_CENTER], stats[_LO], stats[_INVSTD],
-            _ptr(weight), _ptr(bias), geo.groups_arg, stats[_M2], _ptr(rm), _ptr(rv),
+            x, y, *shape, stats, _ptr(weight), _ptr(bias), geo.groups_arg, _ptr(rm), _ptr(rv),
             np.float64(0.0 if running is None else running[2]), geo.unbias_arg))
     for target, value in zip(targets, (rm, rv), strict=True):
         if target is not None and value is not target:
@@ -778,16 +778,18 @@ def _sum_first(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float, kee
 
 
 def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, invstd: Any,
-                   rms: bool = False, grad_sum: Any = None) -> tuple[Any, Any, Any]:
+                   rms: bool = False, grad_sum: Any = None, saved: bool = False,
+                   ) -> tuple[Any, Any, Any]:
     """``dx`` and per-channel (per-column for rows) ``dweight``, ``dbias``.
 
     LayerNorm and RMSNorm (``rms``; ``mean`` None): one launch over rows for dx, one reduction
     for the parameter gradients; ``grad_sum`` (rows; may be None) is added to dx (the gradient
     the pre-norm sum receives from its other consumers). Groups of channels: per-(sample,
     channel) sums, then per-group coefficients and the parameter gradients (one small launch),
-    then dx. ``mean`` is a statistics buffer (a forward's, precise) or a vector.
+    then dx. ``mean`` is a forward's statistics buffer (precise) with ``saved``, else a
+    contiguous array of the per-group means in group order, like ``invstd`` and ``weight``.
     """
-    xp = require()
+    xp = _cuda._runtime.xp
     x = _contiguous(x)
     dy, grad_sum = _like(dy, x), _like(grad_sum, x)
     dx = _output_like(x)
@@ -795,7 +797,7 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         return dx, xp.zeros(lay.c, _ACC[x.dtype]), xp.zeros(lay.c, _ACC[x.dtype])
     geo = _group_geometry(x, lay, dy, dx, grad_sum)
     acc, it = geo.acc, geo.itype
-    center, lo = (None, None) if mean is None else _mean_parts(mean, acc)
+    center, lo = (None, None) if mean is None else _mean_parts(mean, acc, saved)
     invstd = _per_channel(invstd, acc)
     weight = _per_channel(weight, acc)
     if lay.kind == "rows" and geo.back is not None:
