@@ -37,8 +37,19 @@ def _resolve(kinds: dict[str, str]) -> tuple[str, ModuleType]:
     return kind, _backend(kind)
 
 
+# (backend name, array type) pairs whose arrays the backend's asarray returns as they are
+_AS_THEY_ARE: set[tuple[str, type]] = set()
+
+
 def _native(backend: ModuleType, value: Any) -> Any:
-    return None if value is None else backend.asarray(value)
+    """``value`` as an array of the backend (``value`` itself when it is one, known by its type
+    after the first call), or None."""
+    if value is None or (backend.name, value.__class__) in _AS_THEY_ARE:
+        return value
+    native = backend.asarray(value)
+    if native is value:
+        _AS_THEY_ARE.add((backend.name, value.__class__))
+    return native
 
 
 def _caller(kind: str, backend: ModuleType, value: Any) -> Any:
@@ -376,7 +387,7 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
         layout = Layout.of(input, ax)
         arrays = (grad_output, input, weight, mean, invstd, residual)
         # the arrays go to the backend as they are (its own kind, no subclass to strip)
-        native = be.name == kind and all(a is None or be.asarray(a) is a for a in arrays)
+        native = be.name == kind and all(a is None or _native(be, a) is a for a in arrays)
         plan = be.plan(layout.view(input), layout.axis, (
             layout.view(grad_output), layout.view(residual)), (weight, mean, invstd)) \
             if native else None

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _validation as v
 from ._docstrings import parameters_from
-from ._functional import _backend, _caller
+from ._functional import _backend, _caller, _native
 from ._functional import backward as _bn_backward
 from ._functional import forward as _bn_forward
 from ._interop import accepts
@@ -89,25 +89,10 @@ def _typed(a: Any, dtype: Any) -> Any:
     return a if a.dtype == dtype else a.astype(dtype)
 
 
-# (backend name, array type) pairs whose arrays the backend's asarray returns as they are
-_AS_THEY_ARE: set[tuple[str, type]] = set()
-
-
-def _own(be: ModuleType, a: Any) -> Any:
-    """``a`` as an array of the backend (``a`` itself when it is one, known by its type after
-    the first call), or None."""
-    if a is None or (be.name, a.__class__) in _AS_THEY_ARE:
-        return a
-    native = be.asarray(a)
-    if native is a:
-        _AS_THEY_ARE.add((be.name, a.__class__))
-    return native
-
-
 def _contiguous(be: ModuleType, a: Any) -> Any:
     """``a`` as a C-contiguous array of the backend, in its own shape (the backends read any
     contiguous array by its group layout, so no reshape is needed)."""
-    a = _own(be, a)
+    a = _native(be, a)
     return a if a.flags.c_contiguous else be.xp.ascontiguousarray(a)
 
 
@@ -182,14 +167,14 @@ def _backward(grad_output: Any, input: Any, mean: Any, rstd: Any, weight: Any, g
 def _as_they_are(be: ModuleType, kind: str, arrays: tuple) -> bool:
     """Whether the backend takes ``arrays`` (of a checked call signature) as they are: its own
     kind, C-contiguous."""
-    return be.name == kind and all(a is None or (_own(be, a) is a and a.flags.c_contiguous)
+    return be.name == kind and all(a is None or (_native(be, a) is a and a.flags.c_contiguous)
                                    for a in arrays)
 
 
 def _flat(be: ModuleType, value: Any) -> Any:
     if value is None:
         return None
-    value = _own(be, value)
+    value = _native(be, value)
     return value if value.ndim == 1 else value.reshape(-1)
 
 
@@ -283,7 +268,7 @@ def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps:
     (kind, lay, canonical), be = _checked("group_norm", (input, weight, bias),
                                           (num_groups, axis), check)
     eps = v.check_eps(eps)
-    return _run_forward(be, kind, input, lay, canonical, _own(be, weight), _own(be, bias),
+    return _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
                         eps, keep=keep)
 
 
@@ -468,8 +453,8 @@ def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weigh
                            {"input": input, "weight": weight, "bias": bias})
     running = None
     if running_mean is not None:
-        running = (_own(be, running_mean), _own(be, running_var), momentum_value)
-    out = _run_forward(be, kind, input, lay, canonical, _own(be, weight), _own(be, bias),
+        running = (_native(be, running_mean), _native(be, running_var), momentum_value)
+    out = _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
                        eps, running, keep)
     if running is not None and be.name != kind:  # computed on copies: write them back
         for target, value in zip((running_mean, running_var), running[:2], strict=False):

@@ -327,6 +327,20 @@ def plan(x: Any, axis: int, arrays: tuple = (), vectors: tuple = ()) -> Plan:
     return Plan(x, axis, arrays, vectors)
 
 
+def _forward_operands(x: Any, axis: int, residual: Any, vectors: tuple,
+                      plan: Plan | None) -> tuple[Any, Any, _Geometry, tuple]:
+    """``x``, ``residual``, the geometry and the per-channel ``vectors`` as the kernels take
+    them: as they are when the call signature's plan says so, else contiguous and typed."""
+    if plan is not None and plan.direct:
+        return x, residual, plan.geometry(x, residual), vectors
+    if not x.flags.c_contiguous:
+        x = require().ascontiguousarray(x)
+    if residual is not None:
+        residual = _like(residual, x)
+    geo = _geometry(x, axis, residual)
+    return x, residual, geo, tuple(_per_channel(v, geo.acc) for v in vectors)
+
+
 def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, running_mean: Any,
                     running_var: Any, momentum: float, residual: Any = None,
                     relu: bool = False, keep: bool = True,
@@ -336,18 +350,8 @@ def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, runni
     save_mean and save_invstd in :func:`stat_rows`), None twice, and the buffer again (the
     apply coefficients); unless ``keep``, the buffer is the stream's workspace. ``plan``: the
     call signature's (:func:`plan` of ``x``, ``(residual,)`` and the four vectors)."""
-    if plan is not None and plan.direct:
-        geo = plan.geometry(x, residual)
-        rm, rv = running_mean, running_var
-    else:
-        if not x.flags.c_contiguous:
-            x = require().ascontiguousarray(x)
-        if residual is not None:
-            residual = _like(residual, x)
-        geo = _geometry(x, axis, residual)
-        acc = geo.acc
-        rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
-        weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
+    x, residual, geo, (rm, rv, weight, bias) = _forward_operands(
+        x, axis, residual, (running_mean, running_var, weight, bias), plan)
     if x.size == 0:
         raise ValueError("normalize_train needs values (the caller handles empty batches)")
     stats = _stats(x, geo, weight, bias, eps, keep)
@@ -367,18 +371,8 @@ def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weigh
     """One launch: apply with coefficients from the running statistics (its first threads also
     write them into the statistics buffer for a backward pass). Returns as
     :func:`normalize_train`."""
-    if plan is not None and plan.direct:
-        geo = plan.geometry(x, residual)
-        rm, rv = running_mean, running_var
-    else:
-        if not x.flags.c_contiguous:
-            x = require().ascontiguousarray(x)
-        if residual is not None:
-            residual = _like(residual, x)
-        geo = _geometry(x, axis, residual)
-        acc = geo.acc
-        rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
-        weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
+    x, residual, geo, (rm, rv, weight, bias) = _forward_operands(
+        x, axis, residual, (running_mean, running_var, weight, bias), plan)
     if keep:
         stats = _cuda._runtime.xp.empty((STAT_ROWS, geo.channels), geo.acc)
     else:

@@ -373,6 +373,16 @@ def _compiled_train(k: Any, plan: Small, x: np.ndarray, weight: Any, bias: Any, 
     return y, mean, center, invstd.astype(x.dtype), coef
 
 
+def _centred(x3: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """A new ``x3 - center`` (per channel of an ``(A, C, B)`` array) in ``center``'s dtype."""
+    c = x3.shape[1]
+    if x3.dtype == center.dtype:
+        return np.subtract(x3, center.reshape(c, 1))
+    out = x3.astype(center.dtype)
+    out -= center.reshape(c, 1)
+    return out
+
+
 def _sums(a: np.ndarray) -> np.ndarray:
     """Per-channel sums of an ``(A, C, B)`` array."""
     return np.add.reduce(a, axis=(0, 2))  # type: ignore[call-overload]
@@ -403,11 +413,7 @@ def _small_apply(x: np.ndarray, x3: np.ndarray, coef: tuple, residual: Any, relu
     center, scale, shift = coef
     cd = center.dtype
     c = x3.shape[1]
-    if x3.dtype == cd:
-        y3 = np.subtract(x3, center.reshape(c, 1))
-    else:
-        y3 = x3.astype(cd)
-        y3 -= center.reshape(c, 1)
+    y3 = _centred(x3, center)
     y3 *= scale.astype(cd).reshape(c, 1)
     y3 += shift.astype(cd).reshape(c, 1)
     if residual is not None:
@@ -490,11 +496,7 @@ def _small_backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean:
         mean, invstd, weight, sum_dy, sum_dy_xc - (mean - center) * sum_dy, a * b, training,
         x.dtype)
     # backward_apply's operations: (x - center) * b + c + a * dy in the compute dtype
-    if x3.dtype == cd:
-        dx3 = np.subtract(x3, center.reshape(c, 1))
-    else:
-        dx3 = x3.astype(cd)
-        dx3 -= center.reshape(c, 1)
+    dx3 = _centred(x3, center)
     dx3 *= kb.astype(cd).reshape(c, 1)
     dx3 += kc.astype(cd).reshape(c, 1)
     dx3 += np.multiply(g.reshape(a, c, b).astype(cd, copy=False), ka.astype(cd).reshape(c, 1))
