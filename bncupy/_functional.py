@@ -20,6 +20,7 @@ from .backends import dispatch
 from .backends._common import compute_dtype
 
 _NUMPY = dispatch.module_for("numpy")
+_CUPY = dispatch.module_for("cupy")
 _FORWARD_ARRAYS = ("input", "running_mean", "running_var", "weight", "bias", "residual")
 
 
@@ -50,6 +51,13 @@ def _native(backend: ModuleType, value: Any) -> Any:
     if native is value:
         _AS_THEY_ARE.add((backend.name, value.__class__))
     return native
+
+
+def _kept(backend: ModuleType, keep: Any) -> Any:
+    """``keep`` for ``backend``: True, False, or a layer's statistics buffers
+    (:class:`~bncupy.backends.cupy.StatBuffers`), which only the CuPy backend writes (the others
+    make new statistics)."""
+    return keep if keep.__class__ is bool or backend is _CUPY else True
 
 
 def _caller(kind: str, backend: ModuleType, value: Any) -> Any:
@@ -138,9 +146,10 @@ _FORWARD_CHECKED = v.CheckedCalls()
 
 def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
             training: Any, momentum: Any, eps: Any, axis: Any, activation: Any = None,
-            residual: Any = None, keep: bool = True) -> _Forward:
+            residual: Any = None, keep: Any = True) -> _Forward:
     """Validated forward pass on the resolved backend; ``keep`` False when the caller uses only
-    ``y`` (the statistics may then be temporaries of the backend's workspace).
+    ``y`` (the statistics may then be temporaries of the backend's workspace), or a layer's
+    statistics buffers (see :func:`_kept`).
 
     Array and option checks are cached by call signature; ``eps`` and ``momentum``, the backend
     and (in training) the memory overlap of the running statistics are checked on every call.
@@ -184,6 +193,8 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
     if be.name != kind:  # an explicit backend computes on copies of the arrays
         x, z, w, b, rm, rv = (_native(be, a) for a in (x, z, w, b, rm, rv))
         plan = None
+    if keep.__class__ is not bool:
+        keep = _kept(be, keep)
     if not training:
         y, mean, save_mean, save_invstd, coef = be.normalize_eval(x, layout.axis, rm, rv, w, b,
                                                                   eps, z, relu, keep, plan)

@@ -126,12 +126,14 @@ class _BatchNorm(_Module):
     def _batches(self) -> int:
         return 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
 
-    def _check_counter(self) -> None:
+    def _check_counter(self) -> int:
         """A training call counts one more batch: refuse before it updates anything when the
-        int64 counter is full."""
-        if self._batches() >= v.MAX_COUNT:
+        int64 counter is full; returns the count."""
+        batches = self._batches()
+        if batches >= v.MAX_COUNT:
             raise ValueError(f"num_batches_tracked is at its int64 maximum ({v.MAX_COUNT}) and "
                              f"cannot count another batch; reset it with load_state_dict")
+        return batches
 
     def _array_names(self) -> tuple[str, ...]:
         flags = (type(self), self.affine, self.has_bias, self._has_running)
@@ -191,17 +193,18 @@ class _BatchNorm(_Module):
         if use_batch_stats and count == 1:
             v.check_count(x, self.axis % x.ndim)
         update = self.training and self.track_running_stats and self.running_mean is not None
-        if update:
-            self._check_counter()
+        batches = self._check_counter() if update else 0
         self._follow(kind)  # after every check: a rejected call leaves the state where it was
         momentum = self._momentum(kind) if update else 0.0
         tracked = self.running_mean is not None and (update or not self.training)
         out = forward(x, self.running_mean if tracked else None,
                       self.running_var if tracked else None, self.weight, self.bias,
-                      use_batch_stats, momentum, self.eps, self.axis, self.activation, residual)
+                      use_batch_stats, momentum, self.eps, self.axis, self.activation, residual,
+                      buffers := cupy_backend.StatBuffers.of(self))
         if update:
-            self.num_batches_tracked = np.asarray(self._batches() + 1, np.int64)
+            self.num_batches_tracked = np.asarray(batches + 1, np.int64)
         self._saved = (x, residual, _Forward(None, *out[1:]), use_batch_stats)
+        buffers.saved = out.mean
         return out.y
 
     def _momentum(self, kind: str) -> float:

@@ -13,6 +13,7 @@ from ._functional import backward as _bn_backward
 from ._interop import accepts
 from ._module import _Module, channel_state
 from ._norms import _shaped, _typed
+from .backends import cupy as cupy_backend
 
 
 class _GroupNormalization(_Module):
@@ -22,6 +23,16 @@ class _GroupNormalization(_Module):
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self._saved: tuple[Any, Any] | None = None
+
+    def _buffers(self) -> Any:
+        """The statistics buffers a forward on the GPU writes (see ``StatBuffers``)."""
+        return cupy_backend.StatBuffers.of(self)
+
+    def _remember(self, x: Any, out: Any) -> None:
+        """Keep a forward that succeeded for the backward pass (and its statistics buffer from
+        the next forward's writes)."""
+        self._saved = (x, out)
+        self._buffers().saved = out.saved if isinstance(out, _norms.GroupForward) else out.mean
 
     def _backward_group(self, grad_output: Any, param_shape: tuple[int, ...],
                         grad_sum: Any = None) -> Any:
@@ -37,7 +48,8 @@ class _GroupNormalization(_Module):
                     grad_sum, "grad_prenorm", x)})
             dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None),
                                                grad_sum)
-            dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
+            if out.backend.name != out.kind:
+                dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
         weight = getattr(self, "weight", None)
         if weight is not None:
             self.grad_weight = _typed(_shaped(dw, param_shape), weight.dtype)
@@ -118,8 +130,9 @@ class _RowNormalization(_GroupNormalization):
         self._follow(kind)
         out = _row_norms.forward_rows(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                       rms=self._rms, residual=residual,
-                                      residual_in_fp32=residual_in_fp32, want_sum=True)
-        self._saved = (x, out)
+                                      residual_in_fp32=residual_in_fp32,
+                                      keep=self._buffers(), want_sum=True)
+        self._remember(x, out)
         return (out.y, _row_norms._sum_out(out, x)) if prenorm else out.y
 
     @accepts("grad_output", "grad_prenorm")
@@ -340,8 +353,8 @@ class GroupNorm(_GroupNormalization):
                              f"was built for num_channels={self.num_channels}")
         self._follow(kind)
         out = _norms.forward_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                        axis)
-        self._saved = (x, out)
+                                        axis, keep=self._buffers())
+        self._remember(x, out)
         return out.y
 
     @accepts("grad_output")
@@ -479,8 +492,9 @@ class _InstanceNorm(_GroupNormalization):
         self._follow(kind)
         out = _norms.forward_instance_norm(
             batched, self.running_mean if track else None, self.running_var if track else None,
-            self.weight, self.bias, use_input_stats, momentum, self.eps, axis)
-        self._saved = (batched, out)
+            self.weight, self.bias, use_input_stats, momentum, self.eps, axis,
+            keep=self._buffers())
+        self._remember(batched, out)
         return out.y.reshape(x.shape)
 
     @accepts("grad_output")

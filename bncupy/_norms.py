@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _validation as v
 from ._docstrings import parameters_from
-from ._functional import _backend, _caller, _native
+from ._functional import _backend, _caller, _kept, _native
 from ._functional import backward as _bn_backward
 from ._functional import forward as _bn_forward
 from ._interop import accepts
@@ -80,9 +80,11 @@ def _stats_out(kind: str, be: ModuleType, value: Any, shape: tuple[int, ...], dt
 def _grads_out(kind: str, be: ModuleType, dx: Any, dw: Any, db: Any, shape: tuple[int, ...],
                input: Any, weight: Any) -> tuple[Any, Any, Any]:
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-    return (_caller(kind, be, _shaped(dx, input.shape)),
-            _caller(kind, be, _typed(_shaped(dw, shape), gd)),
-            _caller(kind, be, _typed(_shaped(db, shape), gd)))
+    dx, dw, db = (_shaped(dx, input.shape), _typed(_shaped(dw, shape), gd),
+                  _typed(_shaped(db, shape), gd))
+    if be.name == kind:
+        return dx, dw, db
+    return _caller(kind, be, dx), _caller(kind, be, dw), _caller(kind, be, db)
 
 
 def _typed(a: Any, dtype: Any) -> Any:
@@ -115,11 +117,14 @@ def _checked(tag: str, arrays: tuple, options: tuple, check: Any) -> tuple[tuple
 
 def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
                  shape: tuple[int, ...], weight: Any, bias: Any, eps: float,
-                 running: tuple | None = None, keep: bool = True, rms: bool = False,
+                 running: tuple | None = None, keep: Any = True, rms: bool = False,
                  residual: Any = None, sum_dtype: Any = None) -> GroupForward:
     """The backend's forward over ``lay``; ``residual``/``sum_dtype``: see the backends'
-    ``group_forward`` (the sum is kept in the result when the backward pass needs it)."""
+    ``group_forward`` (the sum is kept in the result when the backward pass needs it);
+    ``keep``: see :func:`._functional.forward`."""
     native = None if residual is None else _contiguous(be, residual)
+    if keep.__class__ is not bool:
+        keep = _kept(be, keep)
     y, mean, invstd, saved, h = be.group_forward(
         _contiguous(be, input), lay, weight, bias, eps, running, keep, rms, native, sum_dtype)
     return GroupForward(_caller(kind, be, _shaped(y, input.shape)), mean, invstd, saved, kind,
@@ -254,7 +259,7 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
 
 
 def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps: Any,
-                       axis: Any, keep: bool = True) -> GroupForward:
+                       axis: Any, keep: Any = True) -> GroupForward:
     """Validated group normalization on the resolved backend."""
     def check() -> tuple:
         kinds: dict[str, str] = {}
@@ -416,7 +421,7 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
 
 def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weight: Any,
                           bias: Any, use_input_stats: Any, momentum: Any, eps: Any, axis: Any,
-                          keep: bool = True) -> Any:
+                          keep: Any = True) -> Any:
     """Validated instance normalization: a :class:`GroupForward` with input statistics (running
     statistics updated in place when given), else batch normalization's eval forward."""
     def check() -> tuple:

@@ -101,7 +101,7 @@ def _eps(eps: Any, input: Any, rms: bool) -> float:
 
 def forward_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any, *,
                  rms: bool, residual: Any = None, residual_in_fp32: Any = False,
-                 keep: bool = True, want_sum: bool = False) -> GroupForward:
+                 keep: Any = True, want_sum: bool = False) -> GroupForward:
     """Validated LayerNorm (RMSNorm with ``rms``) on the resolved backend; ``want_sum``: keep
     the residual sum in the result (``.sum``) whenever one is formed. ``keep``: see
     :func:`._functional.forward`."""

@@ -211,6 +211,85 @@ def test_launch_and_allocation_budget(dev, case):
     assert seam.allocations <= case.allocations + len(case.ops)
 
 
+def _layer_steps(dev: Any) -> list[tuple[str, Any, Any, Any, Any]]:
+    """(name, layer, x, another x, dy)."""
+    steps = []
+    for channels_last in (False, True):
+        shape = (4, 5, 7, 6) if channels_last else (4, 6, 5, 7)
+        x, x2, dy = (_data(dev, shape, "float32", s) for s in range(3))
+        for name, layer in (("BatchNorm2d", bn.BatchNorm2d(6, channels_last=channels_last)),
+                            ("GroupNorm", bn.GroupNorm(3, 6, channels_last=channels_last)),
+                            ("InstanceNorm2d", bn.InstanceNorm2d(
+                                6, affine=True, channels_last=channels_last))):
+            steps.append((f"{name}{' NHWC' if channels_last else ''}", layer, x, x2, dy))
+    x, x2, dy = (_data(dev, (8, 40), "float32", s) for s in range(3))
+    steps += [("LayerNorm", bn.LayerNorm(40), x, x2, dy), ("RMSNorm", bn.RMSNorm(40), x, x2, dy)]
+    return steps
+
+
+def test_a_layer_step_allocates_only_its_outputs(dev):
+    """From the second step on, a layer's forward writes its statistics into buffers of its own
+    (no allocation, no views of them made): a step allocates y, dx and the parameter gradients'
+    buffer."""
+    with bn.use_backend("cupy"):
+        for name, layer, x, _, dy in _layer_steps(dev):
+            for _ in range(3):
+                layer(x)
+                layer.backward(dy)
+            dev.SEAM.reset()
+            layer(x)
+            layer.backward(dy)
+            assert dev.SEAM.allocations == 3, name
+
+
+def test_a_failed_layer_forward_keeps_the_last_forwards_statistics(dev):
+    """A forward that fails at any launch or allocation must not write the statistics the
+    layer's last forward left for its backward pass: the backward after it gives what it gives
+    without the failed call (the layer's two buffers are taken in turn, never the saved one)."""
+    checked = 0
+    with bn.use_backend("cupy"):
+        for name, layer, x, x2, dy in _layer_steps(dev):
+            layer(x2)
+            layer(x)
+            expected = [to_numpy(a).copy() for a in (layer.backward(dy), layer.grad_weight)]
+            dev.SEAM.reset()
+            layer(x2)
+            counts = {"allocation": dev.SEAM.allocations, "launch": dev.SEAM.launches}
+            layer(x)
+            for kind, total in counts.items():
+                for k in range(1, total + 1):
+                    dev.FAULTS.arm(kind, k)
+                    with pytest.raises((dev.OutOfMemoryError, dev.CUDADriverError)):
+                        layer(x2)
+                    dev.FAULTS.disarm()
+                    got = [layer.backward(dy), layer.grad_weight]
+                    for g, want in zip(got, expected, strict=True):
+                        np.testing.assert_array_equal(to_numpy(g), want,
+                                                      err_msg=f"{name}: {kind} {k}")
+                    checked += 1
+    assert checked > 20
+
+
+def test_a_copied_layer_has_statistics_buffers_of_its_own(dev):
+    """A shallow copy of a layer shares its parameters (as ``copy.copy`` does) but not its
+    statistics buffers: interleaved steps of three copies give each its own gradients."""
+    import copy
+
+    with bn.use_backend("cupy"):
+        layer = bn.BatchNorm2d(6)
+        xs = [_data(dev, (4, 6, 5, 7), "float32", s) for s in range(3)]
+        dy = _data(dev, (4, 6, 5, 7), "float32", 9)
+        layer(xs[0])  # its buffers exist when it is copied
+        layers = [layer, copy.copy(layer), copy.copy(layer)]
+        for one, x in zip(layers, xs, strict=True):
+            one(x)
+        got = [to_numpy(one.backward(dy)) for one in layers]
+        for x, g in zip(xs, got, strict=True):
+            fresh = bn.BatchNorm2d(6)
+            fresh(x)
+            np.testing.assert_array_equal(g, to_numpy(fresh.backward(dy)))
+
+
 # ------------------------------------------------------------------------------ streams
 
 def test_kernels_launch_on_cupys_current_stream(dev):

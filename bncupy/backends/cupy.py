@@ -119,6 +119,7 @@ class _Geometry:
 
     def __init__(self, shape: tuple[int, ...], axis: int, dtype: np.dtype, offset: int,
                  sms: int, samples: int = 1) -> None:
+        self.offset = offset  # every array's when >= 0 (then outputs are made at it)
         self.rows = math.prod(shape[:axis])
         self.channels = shape[axis]
         inner = math.prod(shape[axis + 1:])
@@ -216,12 +217,13 @@ def _geometry(x: Any, axis: int, *others: Any) -> _Geometry:
     return geo
 
 
-def _output_like(x: Any) -> Any:
+def _output_like(x: Any, lag: int | None = None) -> Any:
     """A new array like contiguous ``x`` at the same offset from a 16-byte boundary, so that the
     kernels read and write both 16 bytes at a time (a view into a slightly larger allocation
-    when ``x`` is a view off the boundary)."""
+    when ``x`` is a view off the boundary). ``lag``: that offset, when the caller has it."""
     xp = _cuda._runtime.xp
-    lag = x.data.ptr % 16
+    if lag is None:
+        lag = x.data.ptr % 16
     if lag == 0:
         return xp.empty_like(x)
     flat = xp.empty(x.size + 16 // x.itemsize, x.dtype)
@@ -259,7 +261,7 @@ _FLAGS = (np.int32(0), np.int32(1))  # int32 kernel flags, made once
 def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
            running_var: Any, weight: Any, bias: Any, eps: float, momentum: float,
            evaluate: bool, relu: bool) -> Any:
-    y = _output_like(x)
+    y = _output_like(x, geo.offset if geo.offset >= 0 else None)
     geo.launch_reduce("apply", geo.apply_blocks, (
         x, y, NULL if residual is None else residual, *geo.apply_shape, stats,
         NULL if running_mean is None else running_mean,
@@ -270,19 +272,78 @@ def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
 
 
 def _with_stats(counters: int, layout: tuple, width: int, acc: np.dtype,
-                keep: bool, temp: tuple | None = None) -> tuple[Any, ...]:
+                keep: Any, temp: tuple | None = None) -> tuple[Any, ...]:
     """The workspace's counters and views of ``layout``, and a (STAT_ROWS, width) statistics
-    buffer: a fresh array when the caller keeps it, else the workspace's (a temporary must not
-    be an allocation freed after the call: a CUDA graph capturing the call would keep writing
-    it). ``temp``: ``layout`` with that buffer appended, when the caller has it made."""
-    if keep:
-        return (*_workspace(counters, layout),
-                _cuda._runtime.xp.empty((STAT_ROWS, width), acc))
-    return _workspace(counters, temp or (*layout, (acc, (STAT_ROWS, width))))
+    buffer: a fresh array when the caller keeps it (True), one of a layer's
+    :class:`StatBuffers` (given as ``keep``), else the workspace's (a temporary must not be an
+    allocation freed after the call: a CUDA graph capturing the call would keep writing it).
+    ``temp``: ``layout`` with that buffer appended, when the caller has it made."""
+    if not keep:
+        return _workspace(counters, temp or (*layout, (acc, (STAT_ROWS, width))))
+    stats = _cuda._runtime.xp.empty((STAT_ROWS, width), acc) if keep is True else \
+        keep.take(width, acc)
+    if counters == 0 and not layout:  # nothing of the workspace wanted
+        return (None, stats)
+    return (*_workspace(counters, layout), stats)
+
+
+class StatBuffers:
+    """A layer's own statistics buffers: a forward pass given them as ``keep`` writes one of
+    them instead of a new array. Two per (runtime, device, width, dtype), taken in turn: never
+    the one the layer's last forward filled (``saved``, set by the layer after a call that
+    succeeded), so a call that fails half-way leaves that forward's statistics whole. Their row
+    views are made once (:func:`_row`): a layer's step allocates no statistics and makes no
+    views of them."""
+
+    __slots__ = ("owner", "pairs", "saved")
+
+    def __init__(self, owner: int = 0) -> None:
+        self.owner = owner  # id() of the layer (a shallow copy of it must not share them)
+        self.pairs: dict[tuple, list] = {}
+        self.saved: Any = None
+
+    def take(self, width: int, acc: np.dtype) -> Any:
+        rt = _cuda._runtime
+        key = (rt, rt.device_id(), width, acc)
+        pair = self.pairs.get(key)
+        if pair is None:
+            pair = self.pairs[key] = []
+        for buf in pair:
+            if buf is not self.saved:
+                return buf
+        buf = rt.xp.empty((STAT_ROWS, width), acc)
+        _ROWS[id(buf)] = (buf, tuple(buf[k] for k in range(STAT_ROWS)))
+        pair.append(buf)
+        return buf
+
+    def __reduce__(self) -> tuple:  # a copied or pickled layer starts with buffers of its own
+        return (StatBuffers, ())
+
+    @staticmethod
+    def of(layer: Any) -> StatBuffers:
+        """``layer``'s own (made on first use, and again for a copy of the layer)."""
+        found = layer.__dict__.get("_stat_buffers")
+        if found is None or found.owner != id(layer):
+            found = layer.__dict__["_stat_buffers"] = StatBuffers(id(layer))
+        return found
+
+    def __del__(self) -> None:
+        for pair in self.pairs.values():
+            for buf in pair:
+                _ROWS.pop(id(buf), None)
+
+
+_ROWS: dict[int, tuple[Any, tuple]] = {}  # StatBuffers' buffers by id: (buffer, row views)
+
+
+def _row(stats: Any, k: int) -> Any:
+    """Row ``k`` of a statistics buffer: a view made once for a layer's :class:`StatBuffers`."""
+    found = _ROWS.get(id(stats))
+    return found[1][k] if found is not None and found[0] is stats else stats[k]
 
 
 def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float,
-           keep: bool = True) -> Any:
+           keep: Any = True) -> Any:
     """Launch ``forward_stats``; returns its STAT-row buffer (STAT_ROWS, C)."""
     counters, partials, stats = _with_stats(geo.counters, geo.stats_scratch, geo.channels,
                                             geo.acc, keep, geo.stats_temp)
@@ -294,7 +355,7 @@ def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float,
 
 def stat_rows(stats: Any) -> tuple[Any, Any]:
     """save_mean and save_invstd: rows of a forward's statistics buffer."""
-    return stats[_CENTER], stats[_INVSTD]
+    return _row(stats, _CENTER), _row(stats, _INVSTD)
 
 
 class Plan:
@@ -312,9 +373,15 @@ class Plan:
             v is None or (v.dtype == acc and v.flags.c_contiguous) for v in vectors)
         self.geometries: dict[tuple, _Geometry] = {}
 
-    def geometry(self, x: Any, *others: Any) -> _Geometry:
-        """:func:`_geometry` of ``x`` (of the signature's shape and dtype) by its alignment."""
-        key = (_offset(x, *others), _cuda._runtime.sm_count(), _INDEX64_FROM)
+    def geometry(self, x: Any, *others: Any, lag: int | None = None) -> _Geometry:
+        """:func:`_geometry` of ``x`` (of the signature's shape and dtype) by its alignment
+        (``lag``: x's offset from a 16-byte boundary, when the caller has it)."""
+        offset = x.data.ptr % 16 if lag is None else lag
+        for a in others:
+            if a is not None and a.data.ptr % 16 != offset:
+                offset = -1
+                break
+        key = (offset, _cuda._runtime.sm_count(), _INDEX64_FROM)
         geo = self.geometries.get(key)
         if geo is None:
             geo = self.geometries[key] = _geometry(x, self.axis, *others)
@@ -343,7 +410,7 @@ def _forward_operands(x: Any, axis: int, residual: Any, vectors: tuple,
 
 def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, running_mean: Any,
                     running_var: Any, momentum: float, residual: Any = None,
-                    relu: bool = False, keep: bool = True,
+                    relu: bool = False, keep: Any = True,
                     plan: Plan | None = None) -> tuple[Any, Any, None, None, Any]:
     """Two launches: statistics, then apply (whose first threads also move the running
     statistics). Returns ``y``, the statistics buffer (the precise mean for a backward pass,
@@ -366,17 +433,14 @@ def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, runni
 
 def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weight: Any,
                    bias: Any, eps: float, residual: Any = None, relu: bool = False,
-                   keep: bool = True, plan: Plan | None = None,
+                   keep: Any = True, plan: Plan | None = None,
                    ) -> tuple[Any, Any, None, None, Any]:
     """One launch: apply with coefficients from the running statistics (its first threads also
     write them into the statistics buffer for a backward pass). Returns as
     :func:`normalize_train`."""
     x, residual, geo, (rm, rv, weight, bias) = _forward_operands(
         x, axis, residual, (running_mean, running_var, weight, bias), plan)
-    if keep:
-        stats = _cuda._runtime.xp.empty((STAT_ROWS, geo.channels), geo.acc)
-    else:
-        stats = _workspace(0, geo.stats_temp[-1:])[-1]
+    stats = _with_stats(0, (), geo.channels, geo.acc, keep, geo.stats_temp[-1:])[-1]
     y = _apply(x, geo, stats, residual, rm, rv, weight, bias, eps, 0.0, True, relu)
     return y, stats, None, None, stats
 
@@ -385,7 +449,7 @@ def _mean_parts(mean: Any, acc: np.dtype, saved: bool) -> tuple[Any, Any]:
     """(center, lo) of a mean: a statistics buffer's rows (``saved``), or a given vector of any
     shape (lo null)."""
     if saved:  # the buffer itself is its first row's pointer (_CENTER = 0): no view
-        return mean, mean[_LO]
+        return mean, _row(mean, _LO)
     if mean.dtype.itemsize > acc.itemsize:  # a float64 mean of float32 data: split
         center = mean.astype(acc)
         return center, (mean - center).astype(acc)
@@ -399,7 +463,7 @@ def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd
     the statistics buffer ``mean``'s."""
     acc = geo.acc
     center, lo = _mean_parts(mean, acc, mean.ndim == 2)
-    invstd = mean[_INVSTD] if invstd is None else _per_channel(invstd, acc)
+    invstd = _row(mean, _INVSTD) if invstd is None else _per_channel(invstd, acc)
     weight = _per_channel(weight, acc)
     counters, partials, coef = _workspace(geo.counters, geo.grad_scratch)
     grads = _cuda._runtime.xp.empty((2, geo.channels), acc)
@@ -423,7 +487,8 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
     """
     fwd, residual = fused if fused is not None else (None, None)
     if plan is not None and plan.direct:
-        geo = plan.geometry(x, dy, residual)
+        lag = x.data.ptr % 16
+        geo = plan.geometry(x, dy, residual, lag=lag)
     else:
         if not x.flags.c_contiguous:
             x = require().ascontiguousarray(x)
@@ -431,9 +496,10 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
         if residual is not None:
             residual = _like(residual, x)
         geo = _geometry(x, axis, dy, residual)
+        lag = None
     grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, bool(training), fwd, residual)
-    dx = _output_like(x)
-    g = _output_like(x) if fwd is not None and residual is not None else None
+    dx = _output_like(x, lag)
+    g = _output_like(x, lag) if fwd is not None and residual is not None else None
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
         dy, x, NULL if residual is None else residual, dx, NULL if g is None else g,
         *geo.apply_shape, coef, NULL if fwd is None else fwd))
@@ -589,6 +655,8 @@ class _GroupGeometry:
                                   for s, p in ((False, self.back), (True, self.back_sum))}
                 self.sums_args = {s: (np.int32(p.grid), np.uint64(lay.c))
                                   for s, p in ((False, self.back), (True, self.back_sum))}
+                self.back_scratch = {s: ((self.acc, 2 * lay.c * p.grid),)
+                                     for s, p in ((False, self.back), (True, self.back_sum))}
             for sum_, flag in ((False, "false"), (True, "true")):
                 self.names["row_norm_backward", sum_] = (
                     f"bncupy::row_norm_backward<{ctype}, {self.row_width}, {self.index}, {flag}>")
@@ -662,13 +730,30 @@ def _group_geometry_cached(lay: GroupLayout, dtype: np.dtype, offset: int, sms: 
     return _GroupGeometry(lay, dtype, offset, sms)
 
 
-def _group_geometry(x: Any, lay: GroupLayout, *others: Any) -> _GroupGeometry:
-    return _group_geometry_cached(lay, x.dtype, _offset(x, *others),
-                                  _cuda.runtime().sm_count(), _INDEX64_FROM)
+_GROUP_GEOMETRIES: dict[tuple, _GroupGeometry] = {}  # the hot path's lookup in front of the cache
+
+
+def _group_geometry(x: Any, lay: GroupLayout, *others: Any, lag: int | None = None,
+                    ) -> _GroupGeometry:
+    """The cached geometry of ``x`` over ``lay`` with ``others`` walked alongside (``lag``: x's
+    offset from a 16-byte boundary, when the caller has it)."""
+    offset = x.data.ptr % 16 if lag is None else lag
+    for a in others:
+        if a is not None and a.data.ptr % 16 != offset:
+            offset = -1
+            break
+    key = (lay, x.dtype, offset, _cuda._runtime.sm_count(), _INDEX64_FROM)
+    geo = _GROUP_GEOMETRIES.get(key)
+    if geo is None:
+        geo = _group_geometry_cached(*key)
+        if len(_GROUP_GEOMETRIES) >= 1024:
+            _GROUP_GEOMETRIES.clear()
+        _GROUP_GEOMETRIES[key] = geo
+    return geo
 
 
 def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float, y: Any,
-                 keep: bool, rms: bool = False, residual: Any = None, h: Any = None,
+                 keep: Any, rms: bool = False, residual: Any = None, h: Any = None,
                  ) -> tuple[Any, bool]:
     """The group statistics (STAT rows, ``groups`` long; the workspace's unless ``keep``); for
     rows (LayerNorm, short channel-first groups) the same launch also writes ``y``: returns
@@ -712,7 +797,7 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
 
 
 def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
-                  running: tuple | None = None, keep: bool = True, rms: bool = False,
+                  running: tuple | None = None, keep: Any = True, rms: bool = False,
                   residual: Any = None, sum_dtype: Any = None,
                   ) -> tuple[Any, Any, Any, Any, Any]:
     """LayerNorm rows and short channel-first groups: one launch; other groups: statistics,
@@ -729,20 +814,22 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     x, residual = _contiguous(x), _contiguous(residual)
     stream = sum_dtype if sum_dtype is not None else \
         residual.dtype if residual is not None else None
-    y = _output_like(x)
+    lag = x.data.ptr % 16
+    y = _output_like(x, lag)  # at x's offset: left out of the geometry's walk
     h = None
     if sum_dtype is not None:
-        h = _output_like(x) if sum_dtype == x.dtype else xp.empty(x.shape, sum_dtype)
+        h = _output_like(x, lag) if sum_dtype == x.dtype else xp.empty(x.shape, sum_dtype)
     if x.size == 0:
         nan = xp.full(lay.groups, np.nan, _ACC[x.dtype])
         return y, nan, nan, None, h
-    geo = _group_geometry(x, lay, y, residual, h)
+    geo = _group_geometry(x, lay, residual, None if h is None or h.dtype == x.dtype else h,
+                          lag=lag)
     if stream is not None and geo.stats_mode != "regs":
         return _sum_first(x, lay, weight, bias, eps, keep, rms, residual, stream, h)
     acc = geo.acc
     weight, bias = _per_channel(weight, acc), _per_channel(bias, acc)
     targets = (None, None) if running is None else running[:2]
-    rm, rv = (_per_channel(r, acc) for r in targets)
+    rm, rv = (None, None) if running is None else (_per_channel(r, acc) for r in targets)
     stats, done = _group_stats(x, geo, weight, bias, eps, y, keep, rms, residual, h)
     if not done or rm is not None:
         # rows already written: an empty elementwise range, the launch only moves running stats
@@ -755,10 +842,10 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
             target[...] = value
     if not keep:  # a y-only call: no statistics views to make
         return y, None, None, stats, h
-    return y, stats[_CENTER], stats[_INVSTD], stats, h
+    return y, _row(stats, _CENTER), _row(stats, _INVSTD), stats, h
 
 
-def _sum_first(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float, keep: bool,
+def _sum_first(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float, keep: Any,
                rms: bool, residual: Any, stream: Any, h: Any) -> tuple[Any, Any, Any, Any, Any]:
     """Rows too long to hold in registers (over 16384 values): the residual sum as its own
     pass (CuPy operations), then the plain normalization of it."""
@@ -786,10 +873,11 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     xp = _cuda._runtime.xp
     x = _contiguous(x)
     dy, grad_sum = _like(dy, x), _like(grad_sum, x)
-    dx = _output_like(x)
+    lag = x.data.ptr % 16
+    dx = _output_like(x, lag)  # at x's offset: left out of the geometry's walk
     if x.size == 0:
         return dx, xp.zeros(lay.c, _ACC[x.dtype]), xp.zeros(lay.c, _ACC[x.dtype])
-    geo = _group_geometry(x, lay, dy, dx, grad_sum)
+    geo = _group_geometry(x, lay, dy, grad_sum, lag=lag)
     acc, it = geo.acc, geo.itype
     center, lo = (None, None) if mean is None else _mean_parts(mean, acc, saved)
     invstd = _per_channel(invstd, acc)
@@ -797,7 +885,7 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     if lay.kind == "rows" and geo.back is not None:
         has_sum = grad_sum is not None
         plan = geo.back_sum if has_sum and geo.back_sum is not None else geo.back
-        (partials,) = _workspace(0, ((acc, 2 * lay.c * plan.grid),))[1:]
+        (partials,) = _workspace(0, geo.back_scratch[has_sum])[1:]
         grads = xp.empty((2, lay.c), acc)
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
             dy, x, dx, *geo.back_args[has_sum], _ptr(center), _ptr(lo), invstd, _ptr(weight),
