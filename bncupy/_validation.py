@@ -338,16 +338,17 @@ def apart(arrays: tuple, written: int, spans: tuple | None = None) -> bool:
     if spans is None:
         return False
     ranges: list = []
-    for i, (a, span) in enumerate(zip(arrays, spans, strict=True)):
-        if span is None:
-            continue
-        ptr = a.data.ptr
-        lo, hi = ptr + span[0], ptr + span[1]
-        for mine in ranges:
-            if lo < mine[1] and mine[0] < hi:
-                return False
-        if i < written:
-            ranges.append((lo, hi))
+    i = 0
+    for a, span in zip(arrays, spans, strict=True):
+        if span is not None:
+            ptr = a.data.ptr
+            lo, hi = ptr + span[0], ptr + span[1]
+            for mine_lo, mine_hi in ranges:
+                if lo < mine_hi and mine_lo < hi:
+                    return False
+            if i < written:
+                ranges.append((lo, hi))
+        i += 1
     return True
 
 

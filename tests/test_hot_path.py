@@ -270,6 +270,28 @@ def test_a_failed_layer_forward_keeps_the_last_forwards_statistics(dev):
     assert checked > 20
 
 
+def test_a_layer_keeps_statistics_buffers_for_its_last_width_only(dev):
+    """LayerNorm's statistics are as wide as the batch has rows: a layer called with a new row
+    count each time keeps the pair of the last one and the buffer its backward pass needs."""
+    from bncupy.backends.cupy import _ROWS, StatBuffers
+
+    with bn.use_backend("cupy"):
+        layer = bn.LayerNorm(40)
+        before = len(_ROWS)
+        for rows in range(2, 12):
+            layer(_data(dev, (rows, 40), "float32", rows))
+            held = [buf for pair in StatBuffers.of(layer).pairs.values() for buf in pair]
+            assert len(held) <= 2 and len(_ROWS) <= before + 2
+        dy = _data(dev, (11, 40), "float32", 0)
+        x = _data(dev, (11, 40), "float32", 11)
+        fresh = bn.LayerNorm(40)
+        fresh(x)
+        np.testing.assert_array_equal(to_numpy(layer.backward(dy)),
+                                      to_numpy(fresh.backward(dy)))
+        del layer, fresh
+        assert len(_ROWS) == before
+
+
 def test_a_copied_layer_has_statistics_buffers_of_its_own(dev):
     """A shallow copy of a layer shares its parameters (as ``copy.copy`` does) but not its
     statistics buffers: interleaved steps of three copies give each its own gradients."""

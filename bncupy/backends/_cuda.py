@@ -66,18 +66,22 @@ class CupyRuntime:
     def unavailable_reason(self) -> str | None:
         return _probe()[0]
 
-    def require(self) -> Any:
-        reason, cause = _probe()
-        if reason is not None:
-            raise BackendUnavailableError(f"the cupy backend cannot run: {reason}") from cause
-        import cupy
+    _cupy: Any = None  # the module, once require() found it usable (it stays so)
 
-        return cupy
+    def require(self) -> Any:
+        if self._cupy is None:
+            reason, cause = _probe()
+            if reason is not None:
+                raise BackendUnavailableError(f"the cupy backend cannot run: {reason}") from cause
+            import cupy
+
+            self._cupy = cupy
+        return self._cupy
 
     @property
     def xp(self) -> Any:
         """The array module (for the launch plan, after the backend was resolved)."""
-        return self.require()
+        return self._cupy or self.require()
 
     @staticmethod
     def is_array(value: Any) -> bool:
@@ -92,10 +96,10 @@ class CupyRuntime:
         return _sm_count(self.device_id())
 
     def device_id(self) -> int:
-        return int(self.require().cuda.runtime.getDevice())
+        return (self._cupy or self.require()).cuda.runtime.getDevice()
 
     def current_stream(self) -> Any:
-        return self.require().cuda.get_current_stream()
+        return (self._cupy or self.require()).cuda.get_current_stream()
 
     def external_stream(self, ptr: int, device_id: int) -> Any:
         """A CuPy stream object for another library's stream ``ptr`` (no copy, no new stream)."""

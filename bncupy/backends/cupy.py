@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -292,8 +293,9 @@ class StatBuffers:
     them instead of a new array. Two per (runtime, device, width, dtype), taken in turn: never
     the one the layer's last forward filled (``saved``, set by the layer after a call that
     succeeded), so a call that fails half-way leaves that forward's statistics whole. Their row
-    views are made once (:func:`_row`): a layer's step allocates no statistics and makes no
-    views of them."""
+    views are made once (:func:`_row`), so a layer's steps allocate no statistics and make no
+    views of them. Only the last width's pair and the saved buffer's are kept (LayerNorm's
+    width is the number of rows, which may change every call)."""
 
     __slots__ = ("owner", "pairs", "saved")
 
@@ -307,14 +309,22 @@ class StatBuffers:
         key = (rt, rt.device_id(), width, acc)
         pair = self.pairs.get(key)
         if pair is None:
+            self._drop(lambda pair: all(buf is not self.saved for buf in pair))
             pair = self.pairs[key] = []
         for buf in pair:
             if buf is not self.saved:
                 return buf
         buf = rt.xp.empty((STAT_ROWS, width), acc)
-        _ROWS[id(buf)] = (buf, tuple(buf[k] for k in range(STAT_ROWS)))
+        _ROWS[id(buf)] = (buf, [None] * STAT_ROWS)
         pair.append(buf)
         return buf
+
+    def _drop(self, which: Callable[[list], bool]) -> None:
+        for key, pair in list(self.pairs.items()):
+            if which(pair):
+                del self.pairs[key]
+                for buf in pair:
+                    _ROWS.pop(id(buf), None)
 
     def __reduce__(self) -> tuple:  # a copied or pickled layer starts with buffers of its own
         return (StatBuffers, ())
@@ -328,18 +338,22 @@ class StatBuffers:
         return found
 
     def __del__(self) -> None:
-        for pair in self.pairs.values():
-            for buf in pair:
-                _ROWS.pop(id(buf), None)
+        self._drop(lambda pair: True)
 
 
-_ROWS: dict[int, tuple[Any, tuple]] = {}  # StatBuffers' buffers by id: (buffer, row views)
+_ROWS: dict[int, tuple[Any, list]] = {}  # StatBuffers' buffers by id: (buffer, row views)
 
 
 def _row(stats: Any, k: int) -> Any:
-    """Row ``k`` of a statistics buffer: a view made once for a layer's :class:`StatBuffers`."""
+    """Row ``k`` of a statistics buffer (a view made once for a layer's :class:`StatBuffers`)."""
     found = _ROWS.get(id(stats))
-    return found[1][k] if found is not None and found[0] is stats else stats[k]
+    if found is None or found[0] is not stats:
+        return stats[k]
+    rows = found[1]
+    row = rows[k]
+    if row is None:
+        row = rows[k] = stats[k]
+    return row
 
 
 def _stats(x: Any, geo: _Geometry, weight: Any, bias: Any, eps: float,

@@ -133,9 +133,13 @@ def backend_for(kind: str, name: str | None = None) -> ModuleType:
         name = configured_backend()
     if name == "auto":
         name = kind
-    if name == "cupy":
+    if name == "cupy" and _cuda._runtime is not _usable[0]:
         cupy_backend.require()
+        _usable[0] = _cuda._runtime  # a runtime that could run once always can
     return _MODULES[name]
+
+
+_usable: list[Any] = [None]  # the runtime the cupy backend last found usable
 
 
 def module_for(kind: str) -> ModuleType:
