@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -118,6 +119,24 @@ def test_explicit_cupy_with_numpy_input_never_falls_back(monkeypatch, cuda_runti
     with pytest.raises(bn.BackendUnavailableError, match="no CUDA device"):
         bn.batch_norm(x, rm, np.ones(3), training=True)
     assert (rm == 0).all()
+
+
+def test_a_usable_cupy_runtime_is_not_probed_again(monkeypatch):
+    """Once CuPy ran, a launch asks the runtime for the module, the device and the stream
+    without probing or importing again (they are on every launch's path)."""
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 3),
+                                      get_current_stream=lambda: "stream")
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    probes = []
+    monkeypatch.setattr(_cuda, "_probe", lambda: probes.append(1) or (None, None))
+    runtime = cupy_backend.CupyRuntime()
+    assert runtime.require() is fake and runtime.xp is fake
+    assert (runtime.device_id(), runtime.current_stream()) == (3, "stream")
+    assert probes == [1]
+    monkeypatch.setattr(_cuda, "_probe", lambda: ("no CUDA device is available", None))
+    with pytest.raises(bn.BackendUnavailableError):  # a new runtime probes
+        cupy_backend.CupyRuntime().require()
 
 
 @pytest.mark.parametrize("driver, runtime, count_error, expected", [
