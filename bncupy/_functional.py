@@ -54,10 +54,10 @@ def _native(backend: ModuleType, value: Any) -> Any:
 
 
 def _kept(backend: ModuleType, keep: Any) -> Any:
-    """``keep`` for ``backend``: True, False, or a layer's statistics buffers
-    (:class:`~bncupy.backends.cupy.StatBuffers`), which only the CuPy backend writes (the others
-    make new statistics)."""
-    return keep if keep.__class__ is bool or backend is _CUPY else True
+    """A ``keep`` that is a layer's statistics buffers
+    (:class:`~bncupy.backends.cupy.StatBuffers`) for ``backend``: only the CuPy backend writes
+    them; the others make new statistics (True)."""
+    return keep if backend is _CUPY else True
 
 
 def _caller(kind: str, backend: ModuleType, value: Any) -> Any:
