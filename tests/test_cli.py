@@ -26,7 +26,8 @@ def test_self_check_detects_a_wrong_backend(monkeypatch):
 
     real = nb.apply
     monkeypatch.setattr(nb, "apply", lambda *a: real(*a) * 1.001)
-    monkeypatch.setattr(nb, "SMALL_ELEMENTS", 0)  # the engines' path, which calls apply
+    monkeypatch.setattr(nb, "SMALL_ELEMENTS", 0)  # the engines' unfused path, which calls apply
+    monkeypatch.setattr(nb, "_fused_kernels", lambda *a: None)
     _functional._FORWARD_CHECKED.table.clear()  # plans made for the small path
     assert _cli.self_check("numpy") > 1e-6
     monkeypatch.undo()

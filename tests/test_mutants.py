@@ -60,8 +60,8 @@ MUTANTS = [
            "return sum_dy, sum_dy_xc - (mean - center) * sum_dy",
            "return sum_dy, sum_dy_xc + (mean - center) * sum_dy", (SCALE, "-k", "numpy-")),
     Mutant("compiled row segments: the short last segment counted as full",
-           "bncupy/backends/numpy.py", "counts[-1] = b - length * (nseg - 1)",
-           "counts[-1] = length", (SCALE, "-k", "numba-")),
+           "bncupy/backends/numpy.py", "counts[-1] = b - seg * (nseg - 1)",
+           "counts[-1] = seg", (SCALE, "-k", "numba-")),
     Mutant("compiled row segments: gradient sums of a partial last segment misplaced",
            "bncupy/backends/_compiled.py",
            "def row_grad_sums(g2, x2, seg, channels, center, lo, hi, sum_g, sum_gx):\n"

@@ -112,6 +112,33 @@ def test_each_compiled_path_runs_where_its_layout_says(engine, path):
                           prefix + "grad_sums", prefix + "grad_affine"]
 
 
+@requires("numba", compiled_engine_missing())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_a_fused_forward_is_bitwise_its_separate_passes(monkeypatch, dtype, path, training):
+    shape = SHAPES[path]
+    assert 0 < np.prod(shape) < _pool.PARALLEL_MIN  # the fused path's arrays
+    x = _data(shape, dtype, "offset")
+    rng = np.random.default_rng(3)
+    w, b = rng.uniform(0.5, 2, shape[1]), rng.standard_normal(shape[1]).astype(np.float32)
+    monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
+    assert nb._fused_kernels(x, None, w, b) is not None
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(nb, "_fused_kernels", lambda *args: None)
+        rm, rv = np.full(shape[1], 5.0, np.float32), np.full(shape[1], 2.0, np.float32)
+        if training:
+            out = nb.normalize_train(x, 1, w, b, 1e-5, rm, rv, 0.1, relu=True)
+        else:
+            out = nb.normalize_eval(x, 1, rm, rv, w, b, 1e-5, relu=True)
+        runs.append((*out[:4], *out[4], rm, rv))
+    for fused, separate in zip(*runs, strict=True):
+        assert fused.dtype == separate.dtype
+        np.testing.assert_array_equal(fused, separate)
+
+
 @pytest.mark.parametrize("engine", [NUMBA], indirect=True)
 @pytest.mark.parametrize("kind", ["zero-mean", "offset", "huge offset", "post-relu"])
 def test_the_data_never_selects_a_different_path(engine, kind):

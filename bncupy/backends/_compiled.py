@@ -343,6 +343,27 @@ SMALL_WEIGHT, SMALL_BIAS, SMALL_RUNNING, SMALL_RESIDUAL, SMALL_RELU, SMALL_TRAIN
     1, 2, 4, 8, 16, 32)  # small_forward's flags
 
 
+@njit(inline="always")
+def _coefficients(like, mean, var, eps, w, b, k, flags):
+    """Channel ``k``'s ``invstd`` and ``forward_coefficients`` (float64 ``mean`` and ``var``;
+    ``center`` in the compute dtype of ``like``), the same operations as the Python code's."""
+    invstd = 1.0 / np.sqrt(var + eps)
+    ck = compute(like, mean)
+    scale = invstd * np.float64(w[k]) if flags & SMALL_WEIGHT else invstd
+    shift = -(mean - np.float64(ck)) * scale
+    if flags & SMALL_BIAS:
+        shift = shift + np.float64(b[k])
+    return invstd, ck, scale, shift
+
+
+@njit(inline="always")
+def _update_running(rm, rv, k, mean, var, n, momentum):
+    """The running statistics' update of channel ``k``, as ``normalize_train`` makes it."""
+    unbiased = var * (n / (n - 1))
+    rm[k] = (1.0 - momentum) * np.float64(rm[k]) + momentum * mean
+    rv[k] = (1.0 - momentum) * np.float64(rv[k]) + momentum * unbiased
+
+
 @_kernel()
 def small_forward(x3, z3, y3, w, b, rm, rv, flags, eps, momentum, stats, center):
     """Batch-norm forward of a small ``(A, C, B)`` array: per channel the float64 two-pass
@@ -376,12 +397,7 @@ def small_forward(x3, z3, y3, w, b, rm, rv, flags, eps, momentum, stats, center)
         else:
             mean = np.float64(rm[k])
             var = np.float64(rv[k])
-        invstd = 1.0 / np.sqrt(var + eps)
-        ck = compute(x3, mean)
-        scale = invstd * np.float64(w[k]) if flags & SMALL_WEIGHT else invstd
-        shift = -(mean - np.float64(ck)) * scale
-        if flags & SMALL_BIAS:
-            shift = shift + np.float64(b[k])
+        invstd, ck, scale, shift = _coefficients(x3, mean, var, eps, w, b, k, flags)
         sc, sh = compute(x3, scale), compute(x3, shift)
         for i in range(a):
             for j in range(n_b):
@@ -394,9 +410,59 @@ def small_forward(x3, z3, y3, w, b, rm, rv, flags, eps, momentum, stats, center)
         stats[0, k], stats[1, k], stats[2, k], stats[3, k] = mean, invstd, scale, shift
         center[k] = ck
         if flags & SMALL_TRAIN and flags & SMALL_RUNNING:
-            unbiased = var * (n / (n - 1))
-            rm[k] = (1.0 - momentum) * np.float64(rm[k]) + momentum * mean
-            rv[k] = (1.0 - momentum) * np.float64(rv[k]) + momentum * unbiased
+            _update_running(rm, rv, k, mean, var, n, momentum)
+
+
+@_kernel()
+def fused_forward(x2, y2, by_rows, length, units, counts, parts, c, w, b, rm, rv, flags, eps,
+                  momentum, stats, center):
+    """A whole batch-norm forward in one call, for arrays too small to share among threads:
+    the passes of :class:`CompiledPasses` (``moments``: ``row_moments`` or ``column_moments``
+    and ``merge_moments`` in the same order, then ``affine``) and the Python code's per-channel
+    arithmetic between them, so the results are bitwise those of the separate calls. ``x2``,
+    ``y2``: the ``_flat`` views; ``parts``: partials per channel and row or block; ``flags``
+    as :func:`small_forward`'s (no residual); ``stats`` and ``center`` as there."""
+    n = x2.size // c
+    means = m2s = np.zeros(c)
+    if flags & SMALL_TRAIN:
+        if by_rows:
+            um, uq = np.empty(units), np.empty(units)
+            row_moments(x2, length, 0, units, um, uq)
+        else:
+            um2, uq2 = np.empty((units, c * parts)), np.empty((units, c * parts))
+            column_moments(x2, length, 0, units, um2, uq2)
+            um, uq = um2.reshape(-1), uq2.reshape(-1)
+        pm, pq = np.empty((counts.shape[0], c)), np.empty((counts.shape[0], c))
+        for u in range(um.shape[0]):  # (row or block, channel, part) -> (row or block, part)
+            i, ch, j = u // (c * parts), (u // parts) % c, u % parts
+            pm[i * parts + j, ch], pq[i * parts + j, ch] = um[u], uq[u]
+        means, m2s = merge_moments(pm, pq, counts)
+    cen = compute_empty(x2, c)
+    scale = compute_empty(x2, c)
+    shift = compute_empty(x2, c)
+    for k in range(c):
+        if flags & SMALL_TRAIN:
+            mean, m2 = means[k], m2s[k]
+            if m2 < 0.0:  # np.maximum(m2, 0.0): NaN stays NaN
+                m2 = 0.0
+            var = m2 / n
+        else:
+            mean, var = np.float64(rm[k]), np.float64(rv[k])
+        invstd, ck, sc, sh = _coefficients(x2, mean, var, eps, w, b, k, flags)
+        stats[0, k], stats[1, k], stats[2, k], stats[3, k] = mean, invstd, sc, sh
+        center[k] = cen[k] = ck
+        scale[k], shift[k] = compute(x2, sc), compute(x2, sh)
+        if flags & SMALL_TRAIN and flags & SMALL_RUNNING:
+            _update_running(rm, rv, k, mean, var, n, momentum)
+    relu = (flags & SMALL_RELU) != 0
+    if by_rows:
+        row_affine(x2, None, y2, length, c, cen, scale, shift, relu, 0, units)
+    else:
+        spread = x2.shape[1] // c
+        if spread > 1:
+            cen, scale, shift = (np.repeat(cen, spread), np.repeat(scale, spread),
+                                 np.repeat(shift, spread))
+        column_affine(x2, None, y2, length, cen, scale, shift, relu, 0, units)
 
 
 @_kernel()

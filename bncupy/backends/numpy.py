@@ -30,6 +30,7 @@ holding inf or NaN gives NaN in its channels, and no NumPy warning.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from types import ModuleType
@@ -39,6 +40,7 @@ import numpy as np
 
 from .._dtypes import BFLOAT16
 from ._common import backward_coefficients, compute_dtype, forward_coefficients, quiet
+from ._pool import PARALLEL_MIN
 from ._pool import run as _run
 from ._ufuncs import NumpyPasses, _tiles  # noqa: F401 (_tiles: tests/test_properties.py)
 
@@ -104,14 +106,24 @@ class CompiledPasses:
         self.k = kernels
 
     @staticmethod
-    def _units(shape: tuple[int, ...]) -> tuple[bool, int, int]:
-        """``(by_rows, unit_length, units)`` for an ``(A, C, B)`` shape."""
+    @functools.lru_cache(maxsize=256)
+    def _units(shape: tuple[int, ...]) -> tuple[bool, int, int, np.ndarray, int]:
+        """``(by_rows, unit_length, units, counts, k)`` for an ``(A, C, B)`` shape: ``counts``
+        are the values of each of the statistics' partials, ordered as :meth:`moments` hands
+        them to ``merge_moments``; ``k`` partials per channel and row or block (segments of a
+        row, or the ``B`` columns of a channel). Cached: a shape's plan is worked out once."""
         a, c, b = shape
         if b >= _ROW_MIN:
             seg = min(b, _UNIT_ELEMENTS)
-            return True, seg, a * c * -(-b // seg)
+            nseg = -(-b // seg)
+            counts = np.full(nseg, seg)
+            counts[-1] = b - seg * (nseg - 1)
+            return True, seg, a * c * nseg, np.tile(counts, a), nseg
         rows = max(16, _BLOCK_ELEMENTS // (c * b))
-        return False, rows, -(-a // rows)
+        units = -(-a // rows)
+        counts = np.full(units, rows)
+        counts[-1] = a - rows * (units - 1)
+        return False, rows, units, np.repeat(counts, b), b
 
     @staticmethod
     def _flat(a3: np.ndarray | None, by_rows: bool) -> Any:
@@ -121,45 +133,41 @@ class CompiledPasses:
         return _bits(a3.reshape(a * c, b) if by_rows else a3.reshape(a, c * b))
 
     def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        a, c, b = x3.shape
-        by_rows, length, units = self._units(x3.shape)
+        c = x3.shape[1]
+        by_rows, length, units, counts, k = self._units(x3.shape)
         x2 = self._flat(x3, by_rows)
         if by_rows:
             mean, m2 = np.empty(units), np.empty(units)
             _run(lambda lo, hi: self.k.row_moments(x2, length, lo, hi, mean, m2), units, x3.size)
-            nseg = units // (a * c)
-            counts = np.full(nseg, length)
-            counts[-1] = b - length * (nseg - 1)
-            counts = np.tile(counts, a)
         else:
-            mean, m2 = np.empty((units, c * b)), np.empty((units, c * b))
+            mean, m2 = np.empty((units, c * k)), np.empty((units, c * k))
             _run(lambda lo, hi: self.k.column_moments(x2, length, lo, hi, mean, m2), units,
                  x3.size)
-            nseg = b
-            counts = np.full(units, length)
-            counts[-1] = a - length * (units - 1)
-            counts = np.repeat(counts, b)
         # partials ordered (row or block, segment or column) for each channel
-        mean, m2 = (v.reshape(-1, c, nseg).transpose(0, 2, 1).reshape(-1, c) for v in (mean, m2))
-        return self.k.merge_moments(mean, m2, counts)
+        if k == 1:
+            parts = mean.reshape(-1, c), m2.reshape(-1, c)
+        else:
+            parts = tuple(v.reshape(-1, c, k).transpose(0, 2, 1).reshape(-1, c) for v in (mean, m2))
+        return self.k.merge_moments(*parts, counts)
 
     def affine(self, x3: np.ndarray, z3: np.ndarray | None, y3: np.ndarray,
                center: np.ndarray, scale: np.ndarray, shift: np.ndarray, relu: bool) -> None:
-        by_rows, length, units = self._units(x3.shape)
+        by_rows, length, units = self._units(x3.shape)[:3]
         x2, z2, y2 = (self._flat(v, by_rows) for v in (x3, z3, y3))
         c, b = x3.shape[1:]
         if by_rows:
             _run(lambda lo, hi: self.k.row_affine(x2, z2, y2, length, c, center, scale, shift,
                                                   relu, lo, hi), units, x3.size)
         else:
-            center, scale, shift = (np.repeat(v, b) for v in (center, scale, shift))
+            if b > 1:
+                center, scale, shift = (np.repeat(v, b) for v in (center, scale, shift))
             _run(lambda lo, hi: self.k.column_affine(x2, z2, y2, length, center, scale, shift,
                                                      relu, lo, hi), units, x3.size)
 
     def grad_sums(self, g3: np.ndarray, x3: np.ndarray, center: np.ndarray,
                   ) -> tuple[np.ndarray, np.ndarray]:
         c, b = x3.shape[1:]
-        by_rows, length, units = self._units(x3.shape)
+        by_rows, length, units, _, k = self._units(x3.shape)
         g2, x2 = self._flat(g3, by_rows), self._flat(x3, by_rows)
         if by_rows:
             sum_g, sum_gx = np.empty(units), np.empty(units)
@@ -167,23 +175,23 @@ class CompiledPasses:
                                                      sum_gx), units, x3.size)
         else:
             sum_g, sum_gx = np.empty((units, c * b)), np.empty((units, c * b))
-            spread = np.repeat(center, b)
+            spread = np.repeat(center, b) if b > 1 else center
             _run(lambda lo, hi: self.k.column_grad_sums(g2, x2, length, spread, lo, hi, sum_g,
                                                         sum_gx), units, x3.size)
         # (row or block, channel, segment or column), summed in that fixed order
-        k = units // (x3.shape[0] * c) if by_rows else b
         return sum_g.reshape(-1, c, k).sum(axis=(0, 2)), sum_gx.reshape(-1, c, k).sum(axis=(0, 2))
 
     def grad_affine(self, g3: np.ndarray, x3: np.ndarray, dx3: np.ndarray, center: np.ndarray,
                     a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
-        by_rows, length, units = self._units(x3.shape)
+        by_rows, length, units = self._units(x3.shape)[:3]
         g2, x2, dx2 = (self._flat(v, by_rows) for v in (g3, x3, dx3))
         ch, n = x3.shape[1:]
         if by_rows:
             _run(lambda lo, hi: self.k.row_grad_affine(g2, x2, dx2, length, ch, center, a, b, c,
                                                        lo, hi), units, x3.size)
         else:
-            center, a, b, c = (np.repeat(v, n) for v in (center, a, b, c))
+            if n > 1:
+                center, a, b, c = (np.repeat(v, n) for v in (center, a, b, c))
             _run(lambda lo, hi: self.k.column_grad_affine(g2, x2, dx2, length, center, a, b, c,
                                                           lo, hi), units, x3.size)
 
@@ -505,6 +513,45 @@ def _small_backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean:
     return dx, grad_weight, grad_bias, residual_grad
 
 
+def _fused_kernels(x: np.ndarray, residual: Any, *vectors: Any) -> Any:
+    """The compiled engine's module when a forward of ``x`` is one call of ``fused_forward``:
+    fewer than ``PARALLEL_MIN`` values (so one thread, whatever ``BNCUPY_NUM_THREADS``), no
+    residual, float16/32/64 data, per-channel vectors absent or contiguous writeable
+    float32/float64; else None."""
+    if residual is not None or not 0 < x.size < PARALLEL_MIN or x.dtype not in _PLAIN_FLOATS:
+        return None
+    for v in vectors:
+        if v is not None and (v.dtype not in _WIDE_FLOATS or v.ndim != 1
+                              or not (v.flags.c_contiguous and v.flags.writeable)):
+            return None
+    return _compiled_kernels()
+
+
+def _fused_forward(k: Any, x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
+                   running_mean: Any, running_var: Any, momentum: float, relu: bool,
+                   training: bool) -> tuple:
+    """:func:`_normalize_train` (``training``) or :func:`_normalize_eval` in one call of the
+    compiled engine (the same passes and arithmetic: bitwise the same results)."""
+    x3 = view3(x, axis)
+    c = x3.shape[1]
+    passes = CompiledPasses
+    by_rows, length, units, counts, parts = passes._units(x3.shape)
+    y = np.empty(x.shape, x.dtype)
+    stats = np.empty((4, c))
+    center = np.empty(c, compute_dtype(x.dtype))
+    one = _EMPTY[np.dtype(np.float64)][0]
+    flags = ((weight is not None) * k.SMALL_WEIGHT | (bias is not None) * k.SMALL_BIAS
+             | (running_mean is not None) * k.SMALL_RUNNING | relu * k.SMALL_RELU
+             | training * k.SMALL_TRAIN)
+    k.fused_forward(passes._flat(x3, by_rows), passes._flat(y.reshape(x3.shape), by_rows),
+                    by_rows, length, units, counts, parts, c, *(
+                        one if v is None else v
+                        for v in (weight, bias, running_mean, running_var)),
+                    flags, eps, momentum, stats, center)
+    mean, invstd, scale, shift = stats
+    return y, mean, center, invstd.astype(center.dtype), (center, scale, shift)
+
+
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float,
                     residual: np.ndarray | None = None, relu: bool = False, keep: bool = True,
@@ -533,6 +580,10 @@ def _normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: floa
                      residual: np.ndarray | None = None, relu: bool = False,
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """:func:`normalize_train` through the engine."""
+    k = _fused_kernels(x, residual, running_mean, running_var, weight, bias)
+    if k is not None:
+        return _fused_forward(k, x, axis, weight, bias, eps, running_mean, running_var,
+                              momentum, relu, True)
     count, mean, m2 = stats(x, axis)
     var = m2 / count
     invstd = 1.0 / np.sqrt(var + eps)
@@ -567,6 +618,10 @@ def _normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray,
                     running_var: np.ndarray, weight: Any, bias: Any, eps: float,
                     residual: np.ndarray | None = None, relu: bool = False,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
+    k = _fused_kernels(x, residual, running_mean, running_var, weight, bias)
+    if k is not None:
+        return _fused_forward(k, x, axis, weight, bias, eps, running_mean, running_var, 0.0,
+                              relu, False)
     mean = running_mean.astype(np.float64)
     invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
     coef = forward_coefficients(mean, invstd, weight, bias, x.dtype)
