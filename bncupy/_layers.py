@@ -9,7 +9,7 @@ import numpy as np
 from . import _renorm
 from . import _validation as v
 from ._docstrings import parameters_from
-from ._functional import _Forward, backward, forward
+from ._functional import backward, forward
 from ._interop import accepts
 from ._module import _Module, channel_state
 from .backends import cupy as cupy_backend
@@ -123,6 +123,17 @@ class _BatchNorm(_Module):
                              f"{self.num_features}")
         return kind
 
+    def _call_key(self, x: Any, residual: Any) -> tuple | None:
+        """What the checks of a call's input (and residual) against the layer depend on: their
+        types, shapes and dtypes (None where they are not arrays: the checks then run)."""
+        try:
+            key = (type(self), self.num_features, self.channels_last, x.__class__, x.shape,
+                   x.dtype)
+            return key if residual is None else (*key, residual.__class__, residual.shape,
+                                                 residual.dtype)
+        except AttributeError:
+            return None
+
     def _batches(self) -> int:
         return 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
 
@@ -177,10 +188,7 @@ class _BatchNorm(_Module):
         >>> y.shape, int(layer.num_batches_tracked)
         ((8, 3), 1)
         """
-        # the checks of the input against the layer, cached by signature
-        key = _CALL_CHECKED.key((x, residual), (type(self), self.num_features,
-                                                self.channels_last), "")
-        found = _CALL_CHECKED.get(key)
+        found = _CALL_CHECKED.get(key := self._call_key(x, residual))
         if found is None:
             kind = self._check_input(x, residual)
             axis = self.axis % x.ndim
@@ -203,7 +211,9 @@ class _BatchNorm(_Module):
                       buffers := cupy_backend.StatBuffers.of(self))
         if update:
             self.num_batches_tracked = np.asarray(batches + 1, np.int64)
-        self._saved = (x, residual, _Forward(None, *out[1:]), use_batch_stats)
+        # what the backward pass reads (not y: the layer would keep it alive)
+        self._saved = (x, residual, (out.mean, out.save_invstd, out.coefficients),
+                       use_batch_stats)
         buffers.saved = out.mean
         return out.y
 
@@ -305,9 +315,10 @@ class _BatchNorm(_Module):
         x, residual, out, use_batch_stats = self._saved
         if isinstance(out, list):
             return self._backward_corrected(grad_output, x, out)
-        fused = (out.coefficients, residual) if self.activation == "relu" else None
-        grads = backward(grad_output, x, self.weight, out.mean, out.save_invstd,
-                         use_batch_stats, self.axis, fused=fused, layer=True)
+        mean, invstd, coefficients = out
+        fused = (coefficients, residual) if self.activation == "relu" else None
+        grads = backward(grad_output, x, self.weight, mean, invstd, use_batch_stats, self.axis,
+                         fused=fused, layer=True)
         if self.affine:
             self.grad_weight = grads[1]
             self.grad_bias = grads[2] if self.bias is not None else None

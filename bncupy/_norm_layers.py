@@ -76,6 +76,18 @@ class _RowNormalization(_GroupNormalization):
     weight: Any
     bias: Any = None
 
+    def _call_key(self, x: Any, residual: Any, prenorm: Any, residual_in_fp32: Any,
+                  ) -> tuple | None:
+        """What the checks of a call against the layer depend on: the options with their types,
+        and the arrays' types, shapes and dtypes (None where they are not arrays)."""
+        try:
+            key = (self.normalized_shape, prenorm.__class__, prenorm,
+                   residual_in_fp32.__class__, residual_in_fp32, x.__class__, x.shape, x.dtype)
+            return key if residual is None else (*key, residual.__class__, residual.shape,
+                                                 residual.dtype)
+        except AttributeError:
+            return None
+
     @accepts("x", "residual")
     def __call__(self, x: Any, residual: Any = None, prenorm: bool = False,
                  residual_in_fp32: bool = False) -> Any:
@@ -112,9 +124,7 @@ class _RowNormalization(_GroupNormalization):
         array([[2., 2., 2.],
                [2., 2., 2.]])
         """
-        options = (self.normalized_shape, prenorm, residual_in_fp32)
-        key = _LAYER_CHECKS.key((x, residual), options, "")
-        kind = _LAYER_CHECKS.get(key)
+        kind = _LAYER_CHECKS.get(key := self._call_key(x, residual, prenorm, residual_in_fp32))
         if kind is None:
             kinds = {"input": v.check_array(x, "input")}
             v.check_float(x, "input")
