@@ -64,14 +64,8 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
     }
 };
 
-// Blocks resident per SM (see reduce_blocks): two sums per value of a vector, the gate's
-// coefficients and the residual take more than 64 registers except for float32; bfloat16's
-// integer rounding, channels-last, more than 80.
-template <typename T, typename I, bool CL> struct backward_reduce_blocks
-    : reduce_blocks<I, sizeof(T) == 4 ? 4 : CL && is_bf16<T>::value ? 2 : 3> {};
-
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256, backward_reduce_blocks<T, I, CL>::value) backward_reduce(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) backward_reduce(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     const I rows, const I channels, const I inner, const I head, const int splits,
     const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
@@ -429,13 +423,8 @@ __global__ void __launch_bounds__(256, reduce_blocks<I>::value) cell_grad_planes
 }
 
 // Channels-last cells: `samples` (rows, C) views (reduce_nhwc; cells = samples * C).
-// Blocks resident per SM (see reduce_blocks): 16-bit vectors' two sums of 8 values each take
-// more than 64 registers.
-template <typename T, typename I> struct cell_grad_blocks
-    : reduce_blocks<I, sizeof(T) == 2 ? 3 : 4> {};
-
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, cell_grad_blocks<T, I>::value) cell_grad_cl(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) cell_grad_cl(
     const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I cvecs,
     const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,

@@ -54,17 +54,10 @@ SMALL = ("group_merge", "group_grad_coefficients", "column_sums")  # a few block
 
 def _reduction_blocks(kernel: str, name: str) -> int:
     """Blocks of 256 threads a reduction keeps resident (kernels/reduce.cuh, reduce_blocks): 4
-    on the 32-bit index path, except backward_reduce (3; 2 for channels-last bfloat16, float32
-    4) and cell_grad_cl on 16-bit data (3); 2 on the 64-bit index path."""
-    dtype, _, index, *rest = name[name.index("<") + 1:-1].split(", ")
-    if index == "unsigned long long":
-        return 2
-    if kernel == "backward_reduce":
-        return 4 if dtype == "float" else 2 if dtype == "bncupy::bf16_t" and rest == ["true"] \
-            else 3
-    if kernel == "cell_grad_cl" and dtype in ("bncupy::half_t", "bncupy::bf16_t"):
-        return 3
-    return 4
+    on the 32-bit index path, every dtype and layout (64 registers a thread, no spills); 2 on
+    the 64-bit index path (above 2^31 elements, whose indices take twice the registers)."""
+    index = name[name.index("<") + 1:-1].split(", ")[2]
+    return 2 if index == "unsigned long long" else 4
 
 
 def _resident(regs: int, threads: int) -> int:
