@@ -384,9 +384,9 @@ __device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* 
     if ((threadIdx.x & (height - 1)) == 0 && active) op.finalize(s, row, ctx);
 }
 
-// Vectors of a row each thread keeps in registers in the single-read row kernels: E values
-// (forward 16, backward 8: it also keeps x's and dy's column sums), so rows of up to 16384 values
-// (forward) or 8192 (backward) are read once.
+// Vectors of a row each thread keeps in the single-read row kernels: E values (forward 16 in
+// registers; backward 8 in registers, as it also keeps x's and dy's column sums there, or 16 in
+// shared memory), so rows of up to 16384 values are read once (1024 threads a row).
 template <int V, int E> struct row_regs {
     enum { value = V >= E ? 1 : E / V };
 };

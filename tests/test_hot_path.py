@@ -594,3 +594,41 @@ def test_each_op_moves_the_bytes_of_its_traffic_model(dev, dtype, layout):
             # a pilot value per channel (or row) is read besides the passes
             assert read <= reads * nbytes + nbytes // 64, (name, label, read / nbytes)
             assert written == writes * nbytes, (name, label, written / nbytes)
+
+
+@pytest.mark.parametrize("hidden", [12288, 16384])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows_backward_reads_x_and_dy_once(dev, dtype, hidden):
+    """LayerNorm's and RMSNorm's backward over rows longer than registers hold (kernels:
+    row_norm_backward_shared, the rows in shared memory) read x and dy once and write dx once,
+    with and without the pre-norm sum's gradient (read once too); float64 rows of half the
+    length (up to 8192 values a row in shared memory)."""
+    if dtype == "float64":
+        hidden //= 2
+    acc = _acc(dtype)
+    x, dy, g = (_data(dev, (8, hidden), dtype, s) for s in range(3))
+    w = _data(dev, (hidden,), acc, 3)
+    _, mean, rstd = bn.layer_norm_forward(x, hidden, w, w)
+    _, rms_rstd = bn.rms_norm_forward(x, hidden, w)
+    out: dict[str, Any] = {}
+    cases = {
+        "layer_norm_backward": lambda: bn.layer_norm_backward(dy, x, hidden, mean, rstd, w),
+        "layer_norm_backward grad_prenorm": lambda: bn.layer_norm_backward(
+            dy, x, hidden, mean, rstd, w, grad_prenorm=g),
+        "rms_norm_backward": lambda: bn.rms_norm_backward(dy, x, hidden, rms_rstd, w),
+        "rms_norm_backward grad_prenorm": lambda: bn.rms_norm_backward(
+            dy, x, hidden, rms_rstd, w, grad_prenorm=g),
+    }
+    for name, call in cases.items():
+        call()  # the workspace of the stream exists
+        dev.SEAM.reset()
+        out["dx"] = call()[0]
+        kernels = [k for k, _ in dev.SEAM.traffic]
+        assert any("row_norm_backward_shared" in k for k in kernels), (name, kernels)
+        model = {"x": (x, 1, 0), "dy": (dy, 1, 0), "dx": (out["dx"], 0, 1)}
+        if "grad_prenorm" in name:
+            model["grad_prenorm"] = (g, 1, 0)
+        for label, (array, reads, writes) in model.items():
+            read, written = dev.SEAM.bytes(array)
+            assert (read, written) == (reads * array.nbytes, writes * array.nbytes), (
+                name, label, read / array.nbytes, written / array.nbytes)

@@ -39,6 +39,9 @@ _ACC = ACC
 _INDEX64_FROM = 2**31  # elements from which kernels index with 64 bits
 _THREADS = 256
 _ROWS_MAX_VECS = 8192  # longer channel-first groups are split over several blocks
+# Dynamic shared memory of row_norm_backward_shared (every type; kernels/backward.cu), and a
+# bound of its static shared memory
+_ROW_SHARED, _SHARED_STATIC = 131072, 1024
 STAT_ROWS = 7  # rows of a statistics buffer (kernels/reduce.cuh, STAT_*)
 _CENTER, _INVSTD, _LO, _M2 = 0, 1, 2, 6
 _FLAGS = (np.int32(0), np.int32(1))  # int kernel flags, made once
@@ -84,8 +87,14 @@ def _ptr(a: Any) -> Any:
     return NULL if a is None else a
 
 
-def _launch(dtype: str, name: str, grid: int, args: tuple, block: int = _THREADS) -> None:
-    _cuda.runtime().kernel(dtype, name)((grid,), (block,), args)
+def _launch(dtype: str, name: str, grid: int, args: tuple, block: int = _THREADS,
+            shared: int = 0) -> None:
+    if shared > _cuda.SHARED_DEFAULT:
+        _cuda.kernel_with_shared(dtype, name)((grid,), (block,), args, shared_mem=shared)
+    elif shared:
+        _cuda.runtime().kernel(dtype, name)((grid,), (block,), args, shared_mem=shared)
+    else:
+        _cuda.runtime().kernel(dtype, name)((grid,), (block,), args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +522,8 @@ class _GroupGeometry:
     every tensor has the same misalignment (see :class:`_Geometry`).
     """
 
-    def __init__(self, lay: GroupLayout, dtype: np.dtype, offset: int, sms: int) -> None:
+    def __init__(self, lay: GroupLayout, dtype: np.dtype, offset: int, sms: int,
+                 shared_optin: int = 0) -> None:
         self.lay, self.dtype, self.acc = lay, dtype.name, _ACC[dtype]
         self.acc_type = self.acc.type
         ctype = _cuda.CTYPES[self.dtype]
@@ -554,6 +564,8 @@ class _GroupGeometry:
                    // self.row_width)
         held_back = max(1, (2 if self.acc.itemsize == 8 else 4 if self.row_width == 1 else 8)
                         // self.row_width)
+        # longer rows' backward in shared memory (row_norm_backward_shared)
+        held_shared = max(1, (8 if self.acc.itemsize == 8 else 16) // self.row_width)
         many = self.groups >= sms or group_vecs <= 1024
         if lay.kind == "cl":
             self.cells = _Geometry((lay.s, lay.c), 1, dtype, offset, sms, samples=lay.n)
@@ -574,24 +586,35 @@ class _GroupGeometry:
         else:
             self.stats_mode = "split"
             self.split = _Geometry((1, self.groups, lay.size), 1, dtype, offset, sms)
-        # Backward: LayerNorm rows in registers (row_norm_backward + column_sums) or, longer than
-        # that, row_backward + column_grads; groups of channels: cell sums.
+        # Backward: LayerNorm rows in registers (row_norm_backward + column_sums), in shared
+        # memory where the device has enough (row_norm_backward_shared + column_sums: up to
+        # 16384 values, double 8192) or, longer than that, row_backward + column_grads; groups of
+        # channels: cell sums.
         # (with grad_sum: 512 threads holding twice as much, see kernels/backward.cu)
         if lay.kind == "rows":
             merge = 2 * lay.c * self.acc.itemsize
             self.back: _RowPlan | None = None
             self.back_sum: _RowPlan | None = None
+            kernels = {s: f"row_norm_backward<{ctype}, {self.row_width}, {self.index}, {f}>"
+                       for s, f in ((False, "false"), (True, "true"))}
             if group_vecs <= held_back * 1024:
                 self.back = _RowPlan(lay.n, group_vecs, held_back, sms, merge)
                 self.back_sum = _RowPlan(lay.n, group_vecs, 2 * held_back, sms, merge, 512)
+            elif group_vecs <= held_shared * 1024 and \
+                    _ROW_SHARED + _SHARED_STATIC <= shared_optin:
+                self.back = self.back_sum = _RowPlan(lay.n, group_vecs, held_shared, sms, merge,
+                                                     shared=_ROW_SHARED)
+                kernels = dict.fromkeys(
+                    (False, True),
+                    f"row_norm_backward_shared<{ctype}, {self.row_width}, {self.index}>")
+            if self.back is not None and self.back_sum is not None:
                 # launch arguments that depend on the plan only, made once
                 self.back_args = {s: (itype(lay.n), itype(group_vecs), np.int32(p.height))
                                   for s, p in ((False, self.back), (True, self.back_sum))}
                 self.sums_args = {s: (np.int32(p.grid), np.uint64(lay.c))
                                   for s, p in ((False, self.back), (True, self.back_sum))}
-            for sum_, flag in ((False, "false"), (True, "true")):
-                self.names["row_norm_backward", sum_] = (
-                    f"bncupy::row_norm_backward<{ctype}, {self.row_width}, {self.index}, {flag}>")
+            for sum_, kernel in kernels.items():
+                self.names["row_norm_backward", sum_] = f"bncupy::{kernel}"
             self.columns = _Geometry((lay.n, lay.c), 1, dtype, offset, sms)
             self._name("column_grads", self.columns.width)
         elif lay.kind == "cf":
@@ -635,18 +658,22 @@ class _GroupGeometry:
 
 
 class _RowPlan:
-    """A launch of the register-held row kernels: `height` threads per row (a power of two from
+    """A launch of the single-read row kernels: `height` threads per row (a power of two from
     32 to ``threads``), slots of rows per block, a grid from the SM count. ``merge_bytes``
-    (backward: the slots' column sums in shared memory) above 32 KB keeps one row per block."""
+    (backward: the slots' column sums in shared memory) above 32 KB keeps one row per block, and
+    so does ``shared``, the dynamic shared memory a row takes (backward rows held there)."""
 
     def __init__(self, rows: int, row_vecs: int, held: int, sms: int, merge_bytes: int,
-                 threads: int = 1024) -> None:
+                 threads: int = 1024, shared: int = 0) -> None:
         self.height = min(threads, max(32, 1 << max(0, (-(-row_vecs // held) - 1).bit_length())))
         self.block = max(self.height, _THREADS)
-        if merge_bytes > 32768:
+        self.shared = shared
+        if merge_bytes > 32768 or shared:
             self.block = self.height
         slots = self.block // self.height
-        self.grid = max(1, min(-(-rows // slots), sms * max(1, 2048 // self.block)))
+        # blocks resident per SM: threads, or with a row in shared memory 64 registers a thread
+        resident = max(1, (1024 if shared else 2048) // self.block)
+        self.grid = max(1, min(-(-rows // slots), sms * resident))
         if merge_bytes:  # every block writes its column partials: a few rows per block at least
             self.grid = max(1, min(self.grid, rows // (slots * 8)))
 
@@ -658,13 +685,14 @@ def _row_height(vecs: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _group_geometry_cached(lay: GroupLayout, dtype: np.dtype, offset: int, sms: int,
-                           index64_from: int) -> _GroupGeometry:
-    return _GroupGeometry(lay, dtype, offset, sms)
+                           index64_from: int, shared_optin: int = 0) -> _GroupGeometry:
+    return _GroupGeometry(lay, dtype, offset, sms, shared_optin)
 
 
 def _group_geometry(x: Any, lay: GroupLayout, *others: Any) -> _GroupGeometry:
-    return _group_geometry_cached(lay, x.dtype, _offset(x, *others),
-                                  _cuda.runtime().sm_count(), _INDEX64_FROM)
+    rt = _cuda.runtime()
+    return _group_geometry_cached(lay, x.dtype, _offset(x, *others), rt.sm_count(),
+                                  _INDEX64_FROM, rt.shared_memory_optin())
 
 
 def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float, y: Any,
@@ -801,7 +829,7 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         grads = xp.empty((2, lay.c), acc)
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
             dy, x, dx, *geo.back_args[has_sum], _ptr(center), _ptr(lo), invstd, _ptr(weight),
-            partials, _ptr(grad_sum), _FLAGS[rms]), plan.block)
+            partials, _ptr(grad_sum), _FLAGS[rms]), plan.block, plan.shared)
         _launch(geo.dtype, geo.names["column_sums"], geo.coef_blocks_columns, (
             partials, *geo.sums_args[has_sum], grads))
         return dx, grads[0], grads[1]
