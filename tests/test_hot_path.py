@@ -596,6 +596,46 @@ def test_each_op_moves_the_bytes_of_its_traffic_model(dev, dtype, layout):
             assert written == writes * nbytes, (name, label, written / nbytes)
 
 
+@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_takes_1_over_sqrt_once_per_block_and_channel(dev, dtype, layout, lag, monkeypatch):
+    """Evaluation computes each channel's coefficients once per block (1/sqrt counted by the CPU
+    target: C per block, and C for the statistics it stores), not per value, and its output is
+    bit for bit the per-value computation's (which more channels than the table holds take),
+    with and without the fused residual and ReLU, on and off a 16-byte boundary."""
+    shape, axis = ((8, 16, 24, 20), 1) if layout == "NCHW" else ((8, 24, 20, 16), 3)
+    c, size = 16, int(np.prod(shape))
+    acc = _acc(dtype)
+    x, z = (_data(dev, (size + lag,), dtype, s)[lag:].reshape(shape) for s in (0, 1))
+    w, b, rm = (_data(dev, (c,), acc, s, 0.0) for s in (2, 3, 4))
+    rv = dev.asarray(np.random.default_rng(5).uniform(0.5, 2.0, c).astype(acc))
+
+    def run(residual: Any, relu: bool) -> tuple[np.ndarray, int]:
+        dev.SEAM.reset()
+        y = cupy_backend.normalize_eval(x, axis, rm, rv, w, b, 1e-5, residual, relu)[0]
+        (kernel, rsqrts), = dev.SEAM.rsqrts
+        assert "apply<" in kernel
+        return y.get(), rsqrts
+
+    def fresh_geometries() -> None:
+        cupy_backend._GEOMETRIES.clear()
+        cupy_backend._geometry_cached.cache_clear()
+
+    fresh_geometries()
+    blocks = cupy_backend._geometry(x, axis).eval_blocks
+    fused = [(None, False), (z, True)]
+    once = [run(*f) for f in fused]
+    monkeypatch.setattr(cupy_backend, "_EVAL_TABLE", 0)  # the per-value path
+    fresh_geometries()
+    for (residual, relu), (y, rsqrts) in zip(fused, once, strict=True):
+        assert rsqrts == c * (blocks + 1) < size // 16
+        y_each, rsqrts_each = run(residual, relu)
+        assert rsqrts_each == size + c
+        np.testing.assert_array_equal(y.view(np.uint8), y_each.view(np.uint8))
+    fresh_geometries()
+
+
 @pytest.mark.parametrize("hidden", [12288, 16384])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_rows_backward_reads_x_and_dy_once(dev, dtype, hidden):

@@ -101,6 +101,9 @@ def _launch(dtype: str, name: str, grid: int, args: tuple, block: int = _THREADS
 # Batch norm: per-channel statistics over a contiguous (rows, C, inner) or (rows, C) view.
 
 _CLUSTER = 32  # splits merged per cluster in channels-last reductions (kernels/reduce.cuh)
+# Shared memory of the evaluation apply's per-block coefficients (3 rows of C): at most 2048
+# channels in float (1024 in double), 4 blocks of 256 threads still resident per SM
+_EVAL_TABLE = 24576
 
 
 def _offset(*arrays: Any) -> int:
@@ -172,6 +175,14 @@ class _Geometry:
             self.partials, self.counters = cells * self.splits, cells
         self.apply_blocks = max(1, min(-(-max(size // self.apply_width, self.channels)
                                          // _THREADS), sms * 32))
+        # Evaluation: every block first computes every channel's coefficients into shared memory
+        # (kernels: apply, eval = 2) where they fit _EVAL_TABLE, on a grid of 4 * C values a
+        # block or more (unless that leaves SMs idle); else per value (eval = 1).
+        table = 3 * (-(-self.channels // 4) * 4) * self.acc.itemsize
+        self.eval_shared = table if table <= _EVAL_TABLE else 0
+        self.eval_mode = np.int32(2 if self.eval_shared else 1)
+        self.eval_blocks = min(self.apply_blocks, max(sms, -(-size // (4 * self.channels)))) \
+            if self.eval_shared else self.apply_blocks
         it = self.itype
         self.reduce_shape = (it(self.rows), it(self.channels), it(self.inner_arg),
                              it(self.head_reduce), np.int32(self.splits), np.int32(self.lanes))
@@ -199,8 +210,12 @@ class _Geometry:
         self.eps = (eps, arg)
         return arg
 
-    def launch_reduce(self, kernel: str, grid: int, args: tuple) -> None:
-        _cuda._runtime.kernel(self.dtype, self.names[kernel])((grid,), (_THREADS,), args)
+    def launch_reduce(self, kernel: str, grid: int, args: tuple, shared: int = 0) -> None:
+        if shared:
+            _cuda._runtime.kernel(self.dtype, self.names[kernel])((grid,), (_THREADS,), args,
+                                                                 shared_mem=shared)
+        else:
+            _cuda._runtime.kernel(self.dtype, self.names[kernel])((grid,), (_THREADS,), args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -269,12 +284,13 @@ def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
            running_var: Any, weight: Any, bias: Any, eps: float, momentum: float,
            evaluate: bool, relu: bool) -> Any:
     y = _output_like(x)
-    geo.launch_reduce("apply", geo.apply_blocks, (
+    geo.launch_reduce("apply", geo.eval_blocks if evaluate else geo.apply_blocks, (
         x, y, NULL if residual is None else residual, *geo.apply_shape, stats,
         NULL if running_mean is None else running_mean,
         NULL if running_var is None else running_var, NULL if weight is None else weight,
         NULL if bias is None else bias, geo.eps_arg(eps), np.float64(momentum),
-        _FLAGS[evaluate], _FLAGS[relu]))
+        geo.eval_mode if evaluate else _FLAGS[0], _FLAGS[relu]),
+        geo.eval_shared if evaluate else 0)
     return y
 
 

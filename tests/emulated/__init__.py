@@ -128,6 +128,7 @@ class Kernel:
                 ctypes.c_double(rt.timeout), error, len(error), ranges, len(buffers), counts)
             device.SEAM.traffic.append((self.name, [(a, *counts[3 * i:3 * i + 3])
                                                     for i, a in enumerate(buffers)]))
+            device.SEAM.rsqrts.append((self.name, rt.lib.bncupy_emu_rsqrts()))
             if failed:
                 raise KernelFault(f"{self.name} grid={g} block={b}: {error.value.decode()}")
             for i, alloc in allocations:
@@ -248,6 +249,7 @@ class EmulatedRuntime:
         self.lib = ctypes.CDLL(str(library))
         self.lib.bncupy_emu_name.restype = ctypes.c_char_p
         self.lib.bncupy_emu_signature.restype = ctypes.c_char_p
+        self.lib.bncupy_emu_rsqrts.restype = ctypes.c_ulonglong
         self.entries = {}
         for i in range(self.lib.bncupy_emu_count()):
             sig = self.lib.bncupy_emu_signature(i).decode()

@@ -340,8 +340,17 @@ inline void __syncthreads() {
 }
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+namespace bncupy_emu {
+inline unsigned long long rsqrts = 0;  // 1/sqrt evaluations of the current launch
+}
+inline float rsqrtf(float x) {
+    ++bncupy_emu::rsqrts;
+    return 1.0f / std::sqrt(x);
+}
+inline double rsqrt(double x) {
+    ++bncupy_emu::rsqrts;
+    return 1.0 / std::sqrt(x);
+}
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline double __drcp_rn(double x) { return 1.0 / x; }
@@ -599,6 +608,7 @@ extern "C" void bncupy_emu_add_shared(void* p, unsigned long long size) {
     bncupy_emu::shared_regions.emplace_back(static_cast<char*>(p), (std::size_t)size);
 }
 extern "C" const char* bncupy_emu_name(int i) { return bncupy_emu_table[i].name; }
+extern "C" unsigned long long bncupy_emu_rsqrts() { return bncupy_emu::rsqrts; }
 extern "C" const char* bncupy_emu_signature(int i) { return bncupy_emu_table[i].signature.c_str(); }
 
 // Runs kernel `index` over grid x block with `shared_bytes` of dynamic shared memory; order 0:
@@ -614,6 +624,7 @@ extern "C" int bncupy_emu_launch(int index, const unsigned* grid, const unsigned
                                  unsigned long long* counts) {
     std::lock_guard<std::mutex> lock(bncupy_emu::launch_mutex);
     bncupy_emu::regions.clear();
+    bncupy_emu::rsqrts = 0;
     for (int i = 0; i < n_ranges; ++i)
         bncupy_emu::regions.push_back({reinterpret_cast<const char*>(ranges[2 * i]),
                                        reinterpret_cast<const char*>(ranges[2 * i + 1]), 0, 0, 0});
