@@ -30,13 +30,13 @@ template <typename I> struct reduce_blocks {
     enum { value = sizeof(I) == 8 ? 2 : 4 };
 };
 
-// Vectors of each tensor in flight per thread and loop trip (independent chains hide memory
-// latency): 4, or 2 of 16-bit data; the gradient reductions, which load dy (and the residual)
-// too, hold half as many where a vector of the accumulator type takes 4 registers or more
-// (16-bit: 8 values; double), so they fit 64 registers: 4 blocks of 256 threads per SM still
-// keep 3 x 16 bytes per thread, 48 KB per SM, in flight.
-template <int V, int NeedsDy = 0> struct unroll_of {
-    enum { value = V >= 8 ? (NeedsDy ? 1 : 2) : V == 2 && NeedsDy ? 2 : 4 };
+// Vectors of each tensor of type T in flight per thread and loop trip (independent chains hide
+// memory latency): 4, or 2 of 16-bit data; the gradient reductions, which load dy (and the
+// residual) too, hold half as many of float64 and of bfloat16 (whose rounding is integer
+// arithmetic), so they fit 64 registers: 4 blocks of 256 threads per SM still keep at least
+// 2 x 16 bytes per thread, 32 KB per SM, in flight.
+template <typename T, int V, int NeedsDy = 0> struct unroll_of {
+    enum { value = (V >= 8 ? 2 : 4) / (NeedsDy && (V == 2 || is_bf16<T>::value) ? 2 : 1) };
 };
 
 // Ops without a fused activation in their gradient.
@@ -108,7 +108,7 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
     typedef typename Op::A A;
     typedef typename Op::State S;
     typedef vec_t<T, V> vec;
-    const int U = unroll_of<V, Op::needs_dy>::value;
+    const int U = unroll_of<T, V, Op::needs_dy>::value;
     __shared__ S scratch[32];
 
     const I c = blockIdx.x / splits;
@@ -234,7 +234,7 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
     typedef typename Op::State S;
     typedef vec_t<T, V> vec;
     // rows in flight per thread: V states per thread already hold registers (16-bit gradient
-    // sums: one row, see unroll_of)
+    // sums, with dy's vectors too: one row)
     const int U = V >= 8 && Op::needs_dy ? 1 : 2;
     __shared__ S sh[256];
 

@@ -16,6 +16,8 @@ struct __align__(2) half_t {
 struct __align__(2) bf16_t {
     unsigned short bits;
 };
+template <typename T> struct is_bf16 { enum { value = 0 }; };
+template <> struct is_bf16<bf16_t> { enum { value = 1 }; };
 
 // Accumulator type: float for float16/bfloat16/float32 data, double for float64.
 template <typename T> struct acc_of { typedef float type; };

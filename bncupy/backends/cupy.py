@@ -687,8 +687,8 @@ class _RowPlan:
         if merge_bytes > 32768 or shared:
             self.block = self.height
         slots = self.block // self.height
-        # blocks resident per SM: threads, or with a row in shared memory 64 registers a thread
-        resident = max(1, (1024 if shared else 2048) // self.block)
+        # blocks resident per SM: by threads, or one with a row in shared memory (128 KB)
+        resident = 1 if shared else max(1, 2048 // self.block)
         self.grid = max(1, min(-(-rows // slots), sms * resident))
         if merge_bytes:  # every block writes its column partials: a few rows per block at least
             self.grid = max(1, min(self.grid, rows // (slots * 8)))
