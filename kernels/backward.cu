@@ -64,14 +64,8 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
     }
 };
 
-// Blocks resident per SM (see reduce_blocks): two sums per value of a vector, the gate's
-// coefficients and the residual take more than 64 registers except for float32; bfloat16's
-// integer rounding, channels-last, more than 80.
-template <typename T, typename I, bool CL> struct backward_reduce_blocks
-    : reduce_blocks<I, sizeof(T) == 4 ? 4 : CL && is_bf16<T>::value ? 2 : 3> {};
-
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256, backward_reduce_blocks<T, I, CL>::value) backward_reduce(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) backward_reduce(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     const I rows, const I channels, const I inner, const I head, const int splits,
     const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
@@ -208,14 +202,154 @@ __global__ void __launch_bounds__(256, reduce_blocks<I>::value) row_backward(
     }
 }
 
-// LayerNorm's and RMSNorm's backward over rows held in registers (slots of `height` threads per
-// row as in row_norm): x and dy are read once and dx written once, with dx as in row_backward
-// (rms, grad_sum likewise). A thread owns the same columns in every row, so
-// it sums dy * xhat and dy of its columns over its rows in registers; several slots per block
-// are merged in slot order through shared memory (2 * columns values, at most 32 KB) and written
-// as the block's partials: partials[block][0 | 1][column], summed over blocks by column_sums.
-// Sum: grad_sum is read too (prenorm); that specialisation runs 512 threads with twice the
-// values per thread (128 registers each), so rows of the same length are read once.
+// Where a thread of the single-read row backward keeps its R vectors of x and of dy of a row and
+// the sums of dy over its columns: registers, or its own slots of (dynamic) shared memory, vector
+// r at x[r * step] and the sum of value k of it at sums[(r * V + k) * step], which no other
+// thread touches (no barrier); DbShared: the sums there too (else registers).
+template <typename vec, typename A, int R, int V> struct HeldInRegisters {
+    vec x[R], g[R];
+    A sums[R][V];
+    __device__ __forceinline__ vec& xs(const int r) { return x[r]; }
+    __device__ __forceinline__ vec& gs(const int r) { return g[r]; }
+    __device__ __forceinline__ A& db(const int r, const int k) { return sums[r][k]; }
+};
+template <typename vec, typename A, int R, int V, bool DbShared> struct HeldInShared {
+    enum { step = 1024 };  // a constant: ptxas folds the slots' offsets into the accesses
+    vec* x;
+    vec* g;
+    A* shared_sums;
+    A sums[DbShared ? 1 : R][V];
+    __device__ __forceinline__ vec& xs(const int r) { return x[r * step]; }
+    __device__ __forceinline__ vec& gs(const int r) { return g[r * step]; }
+    __device__ __forceinline__ A& db(const int r, const int k) {
+        if constexpr (DbShared)
+            return shared_sums[(r * V + k) * step];
+        else
+            return sums[r][k];
+    }
+};
+
+// LayerNorm's and RMSNorm's backward over rows whose values each thread holds (slots of
+// `height` threads per row as in row_norm): x and dy are read once and dx written once, with dx
+// as in row_backward (rms, grad_sum likewise; `sum`: grad_sum is read, prenorm). A thread owns
+// the same columns in every row, so it sums dy * xhat and dy of its columns over its rows in
+// registers; several slots per block are merged in slot order through shared memory
+// (2 * columns values, at most 32 KB) and written as the block's partials:
+// partials[block][0 | 1][column], summed over blocks by column_sums.
+template <typename T, int V, int R, int P, typename I, bool OneSlot, class Held>
+__device__ __forceinline__ void row_norm_backward_rows(
+    Held& held, const bool sum, const T* __restrict__ dy, const T* __restrict__ x,
+    T* __restrict__ dx, const I rows, const I row_vecs, const int height,
+    const typename acc_of<T>::type* __restrict__ center,
+    const typename acc_of<T>::type* __restrict__ lo,
+    const typename acc_of<T>::type* __restrict__ rstd,
+    const typename acc_of<T>::type* __restrict__ weight,
+    typename acc_of<T>::type* __restrict__ partials, const T* __restrict__ grad_sum,
+    const int rms) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    __shared__ SumPair<A> scratch[32];
+    const A inv_n = inv_of(A((double)row_vecs * V));
+    const I columns = row_vecs * V;
+    const int slots = OneSlot ? 1 : blockDim.x / height;
+    const int slot = OneSlot ? 0 : threadIdx.x / height, ty = threadIdx.x % height;
+    A dw[R][V];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int k = 0; k < V; ++k) dw[r][k] = held.db(r, k) = A(0);
+    for (I first = (I)blockIdx.x * slots; first < rows; first += (I)gridDim.x * slots) {
+        const I row = first + slot;
+        const bool active = row < rows;
+        const size_t base = (size_t)row * row_vecs;
+        const A m = active && center ? center[row] : A(0), l = active && lo ? lo[row] : A(0);
+        const A inv = active ? rstd[row] : A(0);
+        SumPair<A> s = {A(0), A(0)};
+        // P vectors of x and of dy in flight at a time (P < R: held in shared memory)
+#pragma unroll 1
+        for (int r0 = 0; r0 < R; r0 += P)
+#pragma unroll
+            for (int r = r0; r < r0 + P; ++r) {
+                const unsigned int j = ty + (unsigned int)r * height;
+                if (active && j < row_vecs) {
+                    const vec xi = ld(reinterpret_cast<const vec*>(x) + base + j);
+                    const vec gi = ld(reinterpret_cast<const vec*>(dy) + base + j);
+                    held.xs(r) = xi;
+                    held.gs(r) = gi;
+#pragma unroll
+                    for (int k = 0; k < V; ++k) {
+                        const A wg = (weight ? weight[j * V + k] : A(1)) * to_acc(gi.v[k]);
+                        s.dy += wg;
+                        s.dy_xmu += wg * ((to_acc(xi.v[k]) - m) - l);
+                    }
+                }
+            }
+        s = slot_sum(s, height, scratch);
+        if (!active) continue;
+        const A q = -inv * inv * inv * s.dy_xmu * inv_n;
+        const A k0 = rms ? A(0) : -inv * s.dy * inv_n;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const unsigned int j = ty + (unsigned int)r * height;
+            if (j < row_vecs) {
+                const vec xi = held.xs(r), gi = held.gs(r);
+                vec out;  // holds grad_sum first: no extra registers
+                if (sum) out = ld(reinterpret_cast<const vec*>(grad_sum) + base + j);
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A g = to_acc(gi.v[k]);
+                    const A centred = (to_acc(xi.v[k]) - m) - l;
+                    out.v[k] = from_acc<T>(inv * (weight ? weight[j * V + k] : A(1)) * g +
+                                           q * centred + k0 + (sum ? to_acc(out.v[k]) : A(0)));
+                    dw[r][k] += g * (centred * inv);
+                    held.db(r, k) += g;
+                }
+                st(reinterpret_cast<vec*>(dx) + base + j, out);
+            }
+        }
+    }
+    A* mine = partials + (size_t)blockIdx.x * 2 * columns;
+    if (OneSlot || slots == 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const unsigned int j = ty + (unsigned int)r * height;
+            if (j < row_vecs)
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    mine[j * V + k] = dw[r][k];
+                    mine[columns + j * V + k] = held.db(r, k);
+                }
+        }
+        return;
+    }
+    if constexpr (!OneSlot) {
+        // Slot by slot, each adding its sums to what the slots before it left in `merged`.
+        __shared__ A merged[32768 / sizeof(A)];
+        for (int turn = 0; turn < slots; ++turn) {
+            __syncthreads();
+            if (slot == turn)
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const unsigned int j = ty + (unsigned int)r * height;
+                    if (j < row_vecs)
+#pragma unroll
+                        for (int k = 0; k < V; ++k) {
+                            const I col = j * V + k;
+                            merged[col] = turn ? merged[col] + dw[r][k] : dw[r][k];
+                            merged[columns + col] = turn ? merged[columns + col] + held.db(r, k)
+                                                         : held.db(r, k);
+                        }
+                }
+        }
+        __syncthreads();
+        for (I col = threadIdx.x; col < 2 * columns; col += blockDim.x) mine[col] = merged[col];
+    }
+}
+
+// The backward of rows held in registers: up to 8192 values (double 2048, unvectorized 4096)
+// with 1024 threads of 64 registers. Sum: grad_sum is read too (prenorm); that specialisation
+// runs 512 threads with twice the values per thread (128 registers each), so rows of the same
+// length are read once.
 template <typename T, int V, typename I, bool Sum>
 __global__ void __launch_bounds__(Sum ? 512 : 1024, 1) row_norm_backward(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
@@ -226,99 +360,46 @@ __global__ void __launch_bounds__(Sum ? 512 : 1024, 1) row_norm_backward(
     typename acc_of<T>::type* __restrict__ partials, const T* __restrict__ grad_sum,
     const int rms) {
     typedef typename acc_of<T>::type A;
-    typedef vec_t<T, V> vec;
     // fewer values in double, and one at a time without vectors: the registers of 64 per thread
     // (128 with Sum)
     const int R = row_regs<V, (sizeof(A) == 8 ? 2 : V == 1 ? 4 : 8) * (Sum ? 2 : 1)>::value;
-    __shared__ SumPair<A> scratch[32];
-    const A inv_n = inv_of(A((double)row_vecs * V));
-    const I columns = row_vecs * V;
-    const int slots = blockDim.x / height;
-    const int slot = threadIdx.x / height, ty = threadIdx.x % height;
-    A dw[R][V], db[R][V];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int k = 0; k < V; ++k) dw[r][k] = db[r][k] = A(0);
-    for (I first = (I)blockIdx.x * slots; first < rows; first += (I)gridDim.x * slots) {
-        const I row = first + slot;
-        const bool active = row < rows;
-        const size_t base = (size_t)row * row_vecs;
-        const A m = active && center ? center[row] : A(0), l = active && lo ? lo[row] : A(0);
-        const A inv = active ? rstd[row] : A(0);
-        vec xr[R], gr[R];
-        SumPair<A> s = {A(0), A(0)};
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const unsigned int j = ty + (unsigned int)r * height;
-            if (active && j < row_vecs) {
-                xr[r] = ld(reinterpret_cast<const vec*>(x) + base + j);
-                gr[r] = ld(reinterpret_cast<const vec*>(dy) + base + j);
-#pragma unroll
-                for (int k = 0; k < V; ++k) {
-                    const A wg = (weight ? weight[j * V + k] : A(1)) * to_acc(gr[r].v[k]);
-                    s.dy += wg;
-                    s.dy_xmu += wg * ((to_acc(xr[r].v[k]) - m) - l);
-                }
-            }
-        }
-        s = slot_sum(s, height, scratch);
-        if (!active) continue;
-        const A q = -inv * inv * inv * s.dy_xmu * inv_n;
-        const A k0 = rms ? A(0) : -inv * s.dy * inv_n;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const unsigned int j = ty + (unsigned int)r * height;
-            if (j < row_vecs) {
-                vec out;  // holds grad_sum first: no extra registers
-                if (Sum) out = ld(reinterpret_cast<const vec*>(grad_sum) + base + j);
-#pragma unroll
-                for (int k = 0; k < V; ++k) {
-                    const A g = to_acc(gr[r].v[k]);
-                    const A centred = (to_acc(xr[r].v[k]) - m) - l;
-                    out.v[k] = from_acc<T>(inv * (weight ? weight[j * V + k] : A(1)) * g +
-                                           q * centred + k0 + (Sum ? to_acc(out.v[k]) : A(0)));
-                    dw[r][k] += g * (centred * inv);
-                    db[r][k] += g;
-                }
-                st(reinterpret_cast<vec*>(dx) + base + j, out);
-            }
-        }
-    }
-    A* mine = partials + (size_t)blockIdx.x * 2 * columns;
-    if (slots == 1) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const unsigned int j = ty + (unsigned int)r * height;
-            if (j < row_vecs)
-#pragma unroll
-                for (int k = 0; k < V; ++k) {
-                    mine[j * V + k] = dw[r][k];
-                    mine[columns + j * V + k] = db[r][k];
-                }
-        }
-        return;
-    }
-    // Slot by slot, each adding its sums to what the slots before it left in `merged`.
-    __shared__ A merged[32768 / sizeof(A)];
-    for (int turn = 0; turn < slots; ++turn) {
-        __syncthreads();
-        if (slot == turn)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const unsigned int j = ty + (unsigned int)r * height;
-                if (j < row_vecs)
-#pragma unroll
-                    for (int k = 0; k < V; ++k) {
-                        const I col = j * V + k;
-                        merged[col] = turn ? merged[col] + dw[r][k] : dw[r][k];
-                        merged[columns + col] = turn ? merged[columns + col] + db[r][k]
-                                                     : db[r][k];
-                    }
-            }
-    }
-    __syncthreads();
-    for (I col = threadIdx.x; col < 2 * columns; col += blockDim.x) mine[col] = merged[col];
+    HeldInRegisters<vec_t<T, V>, A, R, V> held;
+    row_norm_backward_rows<T, V, R, R, I, false>(held, Sum, dy, x, dx, rows, row_vecs, height,
+                                              center, lo, rstd, weight, partials, grad_sum, rms);
+}
+
+// Rows too long for registers, up to 16384 values (double 8192): each thread keeps its 16
+// values (double 8) of x and of dy, and with 16-bit data the sums of dy over its columns, in
+// dynamic shared memory, 128 KB a block for every type (slots of 1024 threads: R vectors of x,
+// R of dy, R * V sums), the sums of dy * xhat in registers; so no specialisation spills at 64
+// registers. One row per block of height = blockDim.x threads (1024, or 512 for unvectorized
+// rows of up to 8192 values), grid-stride over the rows; grad_sum may be null. One block is
+// resident per SM on sm_80 and sm_90: 1024 threads of 64 registers fill the register file, and
+// the 128 KB take most of the 164 KB (sm_80) or 228 KB (sm_90) of shared memory an SM has; the
+// launch raises the kernel's dynamic shared memory limit above the default 48 KB.
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(1024, 1) row_norm_backward_shared(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const I rows,
+    const I row_vecs, const int height, const typename acc_of<T>::type* __restrict__ center,
+    const typename acc_of<T>::type* __restrict__ lo,
+    const typename acc_of<T>::type* __restrict__ rstd,
+    const typename acc_of<T>::type* __restrict__ weight,
+    typename acc_of<T>::type* __restrict__ partials, const T* __restrict__ grad_sum,
+    const int rms) {
+    typedef typename acc_of<T>::type A;
+    typedef vec_t<T, V> vec;
+    const int R = row_regs<V, sizeof(A) == 8 ? 8 : 16>::value;
+    typedef HeldInShared<vec, A, R, V, (sizeof(T) < 4)> Held;
+    BNCUPY_DYNAMIC_SHARED(rows_held);
+    vec* const slots = reinterpret_cast<vec*>(rows_held);
+    Held held;
+    held.x = slots + threadIdx.x;
+    held.g = slots + R * Held::step + threadIdx.x;
+    held.shared_sums = reinterpret_cast<A*>(slots + 2 * R * Held::step) + threadIdx.x;
+    // pass one's loads: one vector of x and of dy at a time, 4 of single values
+    row_norm_backward_rows<T, V, R, (V == 1 ? 4 : 1), I, true>(
+        held, grad_sum != 0, dy, x, dx, rows, row_vecs, (int)blockDim.x, center, lo, rstd,
+        weight, partials, grad_sum, rms);
 }
 
 // The per-column sums of row_norm_backward's partials over its blocks, in block order:
@@ -429,13 +510,8 @@ __global__ void __launch_bounds__(256, reduce_blocks<I>::value) cell_grad_planes
 }
 
 // Channels-last cells: `samples` (rows, C) views (reduce_nhwc; cells = samples * C).
-// Blocks resident per SM (see reduce_blocks): 16-bit vectors' two sums of 8 values each take
-// more than 64 registers.
-template <typename T, typename I> struct cell_grad_blocks
-    : reduce_blocks<I, sizeof(T) == 2 ? 3 : 4> {};
-
 template <typename T, int V, typename I>
-__global__ void __launch_bounds__(256, cell_grad_blocks<T, I>::value) cell_grad_cl(
+__global__ void __launch_bounds__(256, reduce_blocks<I>::value) cell_grad_cl(
     const T* __restrict__ dy, const T* __restrict__ x, const I rows, const I cvecs,
     const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,

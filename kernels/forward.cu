@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(256, reduce_blocks<I>::value) forward_stats(
 template <typename A> __device__ __forceinline__ A relu(const A v) { return v < A(0) ? A(0) : v; }
 
 // Evaluation coefficients of channel c from the running statistics (the apply computes them per
-// value, and its first C threads store the same bits for a backward pass).
+// block and channel, or per value, and its first C threads store the same bits for a backward
+// pass).
 template <typename A>
 __device__ __forceinline__ void eval_coefficients(const A* running_mean, const A* running_var,
                                                   const A* weight, const A* bias, const A eps,
@@ -125,12 +126,69 @@ template <typename T, bool CL, typename I> struct ApplyOp {
     }
 };
 
+// The evaluation apply from coefficients computed once per block and channel: center, scale and
+// shift of channel c at coef[c], coef[stride + c], coef[2 * stride + c] (shared memory; stride a
+// multiple of 4, so each row starts on a 16-byte boundary). Channels-last vectors whose channels
+// start on a multiple of W take their coefficients as 16-byte vectors.
+template <typename T, bool CL, typename I> struct EvalApplyOp {
+    typedef typename acc_of<T>::type A;
+    enum { CW = 16 / sizeof(A) };  // coefficients per 16-byte load
+    const T* __restrict__ x;
+    T* __restrict__ y;
+    const T* __restrict__ residual;
+    const A* coef;
+    unsigned int stride;
+    int relu_flag;
+    I channels, inner;
+
+    template <int W> __device__ __forceinline__ void run(const I i) const {
+        typedef vec_t<T, W> vec;
+        const vec in = ld(reinterpret_cast<const vec*>(x + i));
+        vec z;
+        if (residual) z = ld(reinterpret_cast<const vec*>(residual + i));
+        ChannelWalk<CL, I> ch(i, channels, inner);
+        vec out;
+        if (CL && W % CW == 0 && ch.c % W == 0 && ch.c + W <= channels) {
+            A k[3][W];  // center, scale, shift of the W channels
+#pragma unroll
+            for (int row = 0; row < 3; ++row)
+#pragma unroll
+                for (int q = 0; q < W; q += CW) {
+                    const vec_t<A, CW> v = *reinterpret_cast<const vec_t<A, CW>*>(
+                        coef + row * stride + ch.c + q);
+#pragma unroll
+                    for (int e = 0; e < CW; ++e) k[row][q + e] = v.v[e];
+                }
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+                const A v = pre_activation(to_acc(in.v[e]), k[0][e], k[1][e], k[2][e],
+                                           residual != 0, residual ? to_acc(z.v[e]) : A(0));
+                out.v[e] = from_acc<T>(relu_flag ? relu(v) : v);
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+                const unsigned int c = ch.c;
+                const A v = pre_activation(to_acc(in.v[e]), coef[c], coef[stride + c],
+                                           coef[2 * stride + c], residual != 0,
+                                           residual ? to_acc(z.v[e]) : A(0));
+                out.v[e] = from_acc<T>(relu_flag ? relu(v) : v);
+                ch.next();
+            }
+        }
+        st(reinterpret_cast<vec*>(y + i), out);
+    }
+};
+
 // The apply over `total` values (`head` before the tensors' first 16-byte boundary); inner is
 // the values per channel plane (channel-first). Training (eval = 0): the first C threads move the
 // running statistics (when given) towards the batch's: the last launch of the step makes the only
 // change to the caller's state, so a step that fails earlier changes nothing. Evaluation
-// (eval = 1): the first C threads write the coefficients into `stats` (center, invstd, lo = 0,
-// scale, shift) for a later backward pass.
+// (eval != 0): the first C threads write the coefficients into `stats` (center, invstd, lo = 0,
+// scale, shift) for a later backward pass; with eval = 2 every block first computes every
+// channel's coefficients once into its dynamic shared memory (3 * round_up(C, 4) values: the
+// launch's shared_mem), so 1/sqrt is taken per block and channel, not per value; eval = 1 (more
+// channels than that holds) computes them per value.
 template <typename T, int V, typename I, bool CL>
 __global__ void __launch_bounds__(256, 4) apply(
     const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, const I total,
@@ -158,6 +216,24 @@ __global__ void __launch_bounds__(256, 4) apply(
             running_mean[c] = (A)((1.0 - momentum) * (double)running_mean[c] + momentum * m);
             running_var[c] = (A)((1.0 - momentum) * (double)running_var[c] + momentum * v);
         }
+    }
+    if (eval == 2) {
+        BNCUPY_DYNAMIC_SHARED(table);
+        A* coef = reinterpret_cast<A*>(table);
+        const unsigned int rows = ((unsigned int)channels + 3u) & ~3u;
+        for (unsigned int c = threadIdx.x; c < (unsigned int)channels; c += blockDim.x) {
+            A center, invstd, scale, shift;
+            eval_coefficients(running_mean, running_var, weight, bias, eps, c, center, invstd,
+                              scale, shift);
+            coef[c] = center;
+            coef[rows + c] = scale;
+            coef[2 * rows + c] = shift;
+        }
+        __syncthreads();
+        const EvalApplyOp<T, CL, I> op = {x, y, residual, coef, rows, relu_flag, channels,
+                                          inner};
+        elementwise<EvalApplyOp<T, CL, I>, V, I>(op, total, head);
+        return;
     }
     const ApplyOp<T, CL, I> op = {x,    y,    residual, stats,    running_mean, running_var,
                                   weight, bias, eps,    eval,     relu_flag,    channels,

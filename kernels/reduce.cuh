@@ -23,17 +23,20 @@
 namespace bncupy {
 
 // Blocks of 256 threads a reduction keeps resident per SM (its __launch_bounds__: at most
-// 65536 / (256 * blocks) registers a thread): Fit on the 32-bit index path, 2 on the 64-bit one
-// (whose indices and addresses take twice the registers). Fit is 4 (64 registers) wherever
-// that does not spill on sm_80 and sm_90; kernels that hold more name theirs (NVRTC
-// -Xptxas -v; tests/test_nvrtc.py checks every specialisation).
-template <typename I, int Fit = 4> struct reduce_blocks {
-    enum { value = sizeof(I) == 8 ? 2 : Fit };
+// 65536 / (256 * blocks) registers a thread): 4 on the 32-bit index path, 2 on the 64-bit one
+// (whose indices and addresses take twice the registers). No specialisation spills on sm_75,
+// sm_80 or sm_90 (NVRTC -Xptxas -v; tests/test_nvrtc.py checks every one).
+template <typename I> struct reduce_blocks {
+    enum { value = sizeof(I) == 8 ? 2 : 4 };
 };
 
-// Vectors in flight per thread and loop trip: independent chains hide memory latency.
-template <int V> struct unroll_of {
-    enum { value = V >= 8 ? 2 : 4 };
+// Vectors of each tensor of type T in flight per thread and loop trip (independent chains hide
+// memory latency): 4, or 2 of 16-bit data; the gradient reductions, which load dy (and the
+// residual) too, hold half as many of float64 and of bfloat16 (whose rounding is integer
+// arithmetic), so they fit 64 registers: 4 blocks of 256 threads per SM still keep at least
+// 2 x 16 bytes per thread, 32 KB per SM, in flight.
+template <typename T, int V, int NeedsDy = 0> struct unroll_of {
+    enum { value = (V >= 8 ? 2 : 4) / (NeedsDy && (V == 2 || is_bf16<T>::value) ? 2 : 1) };
 };
 
 // Ops without a fused activation in their gradient.
@@ -105,7 +108,7 @@ __device__ __forceinline__ void reduce_nchw(const Op& op, const typename Op::T* 
     typedef typename Op::A A;
     typedef typename Op::State S;
     typedef vec_t<T, V> vec;
-    const int U = unroll_of<V>::value;
+    const int U = unroll_of<T, V, Op::needs_dy>::value;
     __shared__ S scratch[32];
 
     const I c = blockIdx.x / splits;
@@ -230,7 +233,9 @@ __device__ __forceinline__ void reduce_nhwc(const Op& op, const typename Op::T* 
     typedef typename Op::A A;
     typedef typename Op::State S;
     typedef vec_t<T, V> vec;
-    const int U = 2;  // rows in flight per thread: V states per thread already hold registers
+    // rows in flight per thread: V states per thread already hold registers (16-bit gradient
+    // sums, with dy's vectors too: one row)
+    const int U = V >= 8 && Op::needs_dy ? 1 : 2;
     __shared__ S sh[256];
 
     const int tx = threadIdx.x % lanes;
@@ -379,9 +384,9 @@ __device__ __forceinline__ void reduce_rows(const Op& op, const typename Op::T* 
     if ((threadIdx.x & (height - 1)) == 0 && active) op.finalize(s, row, ctx);
 }
 
-// Vectors of a row each thread keeps in registers in the single-read row kernels: E values
-// (forward 16, backward 8: it also keeps x's and dy's column sums), so rows of up to 16384 values
-// (forward) or 8192 (backward) are read once.
+// Vectors of a row each thread keeps in the single-read row kernels: E values (forward 16 in
+// registers; backward 8 in registers, as it also keeps x's and dy's column sums there, or 16 in
+// shared memory), so rows of up to 16384 values are read once (1024 threads a row).
 template <int V, int E> struct row_regs {
     enum { value = V >= E ? 1 : E / V };
 };

@@ -79,6 +79,11 @@ template <typename T, int V> struct __align__(sizeof(T) * V) vec_t {
 #define BNCUPY_LOAD(p) (*(p))
 #define BNCUPY_STORE(p, v) (*(p) = (v))
 #endif
+// A kernel's dynamic shared memory (the launch's shared_mem bytes), 16-byte aligned; the CPU
+// execution target defines it first.
+#ifndef BNCUPY_DYNAMIC_SHARED
+#define BNCUPY_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 template <typename P> __device__ __forceinline__ P ld(const P* p) { return BNCUPY_LOAD(p); }
 template <typename P> __device__ __forceinline__ void st(P* p, const P& v) { BNCUPY_STORE(p, v); }
 

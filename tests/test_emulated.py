@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(not EMULATED, reason="the CPU execution target's
 
 PROBES = [f"shuffle_probe<{k}>" for k in range(4)] + [
     "shuffle_after_exit", "barrier_shuffle_deadlock", "barrier_after_exit", "block_order",
-    "spin_on_other_block", "read_unwritten_shared", "write_past_end", "axpb"]
+    "spin_on_other_block", "read_unwritten_shared", "write_past_end", "axpb",
+    "dynamic_shared_neighbours"]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,11 @@ def probes():
     return EmulatedRuntime(library=build(PROBES, HERE / "probes", ["probes.cu"], ""), seed=1)
 
 
-def _launch(rt, name, grid, block, *args, order="random", timeout=None):
+def _launch(rt, name, grid, block, *args, order="random", timeout=None, shared_mem=0):
     rt.order = order
     if timeout is not None:
         rt.timeout = timeout
-    rt.kernel("", name)(grid, block, args)
+    rt.kernel("", name)(grid, block, args, shared_mem=shared_mem)
 
 
 # ------------------------------------------------------------------------------ CUDA semantics
@@ -104,6 +105,36 @@ def test_unwritten_shared_memory_reads_as_nan(probes):
     _launch(probes, "read_unwritten_shared", 1, 256, out)
     got = out.get()
     assert got[0] == 1.0 and np.isnan(got[1:]).all()
+
+
+def test_dynamic_shared_memory_is_the_launchs_and_poisoned_before_each_block(probes):
+    out = device.empty(3 * 64, np.float32)
+    _launch(probes, "dynamic_shared_neighbours", 3, 64, out, shared_mem=64 * 4)
+    got = out.get().reshape(3, 64)
+    expected = np.arange(3)[:, None] * 1000 + (np.arange(1, 65) % 64)[None, :]
+    np.testing.assert_array_equal(np.delete(got, 62, 1), np.delete(expected, 62, 1))
+    assert np.isnan(got[:, 62]).all()  # float 63, unwritten: each block starts from poison
+
+
+def test_writing_past_the_dynamic_shared_memory_is_caught(probes):
+    with pytest.raises(KernelFault, match="past the launch's dynamic shared memory"):
+        _launch(probes, "dynamic_shared_neighbours", 1, 64, device.empty(64, np.float32),
+                shared_mem=32 * 4)
+
+
+def test_dynamic_shared_memory_above_48_kb_needs_the_kernels_limit_raised():
+    rt = EmulatedRuntime(library=build(PROBES, HERE / "probes", ["probes.cu"], ""), seed=1)
+    kernel = rt.kernel("", "dynamic_shared_neighbours")
+    out = device.empty(64, np.float32)
+    with pytest.raises(KernelFault, match="exceed the kernel's limit of 49152"):
+        kernel(1, 64, (out,), shared_mem=64 * 1024)
+    with pytest.raises(KernelFault, match="beyond the device's 232448"):
+        kernel.max_dynamic_shared_size_bytes = 232449
+    kernel.max_dynamic_shared_size_bytes = 64 * 1024
+    rt.kernel("", "dynamic_shared_neighbours")(1, 64, (out,), shared_mem=64 * 1024)  # per kernel
+    assert out.get()[0] == 1.0
+    with pytest.raises(KernelFault, match="exceed the kernel's limit of 65536"):
+        kernel(1, 64, (out,), shared_mem=64 * 1024 + 4)
 
 
 def test_writing_past_an_allocation_is_caught(probes):

@@ -695,3 +695,81 @@ def test_each_op_moves_the_bytes_of_its_traffic_model(dev, dtype, layout):
             # a pilot value per channel (or row) is read besides the passes
             assert read <= reads * nbytes + nbytes // 64, (name, label, read / nbytes)
             assert written == writes * nbytes, (name, label, written / nbytes)
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_takes_1_over_sqrt_once_per_block_and_channel(dev, dtype, layout, lag, monkeypatch):
+    """Evaluation computes each channel's coefficients once per block (1/sqrt counted by the CPU
+    target: C per block, and C for the statistics it stores), not per value, and its output is
+    bit for bit the per-value computation's (which more channels than the table holds take),
+    with and without the fused residual and ReLU, on and off a 16-byte boundary."""
+    shape, axis = ((8, 16, 24, 20), 1) if layout == "NCHW" else ((8, 24, 20, 16), 3)
+    c, size = 16, int(np.prod(shape))
+    acc = _acc(dtype)
+    x, z = (_data(dev, (size + lag,), dtype, s)[lag:].reshape(shape) for s in (0, 1))
+    w, b, rm = (_data(dev, (c,), acc, s, 0.0) for s in (2, 3, 4))
+    rv = dev.asarray(np.random.default_rng(5).uniform(0.5, 2.0, c).astype(acc))
+
+    def run(residual: Any, relu: bool) -> tuple[np.ndarray, int]:
+        dev.SEAM.reset()
+        y = cupy_backend.normalize_eval(x, axis, rm, rv, w, b, 1e-5, residual, relu)[0]
+        (kernel, rsqrts), = dev.SEAM.rsqrts
+        assert "apply<" in kernel
+        return y.get(), rsqrts
+
+    def fresh_geometries() -> None:
+        cupy_backend._GEOMETRIES.clear()
+        cupy_backend._geometry_cached.cache_clear()
+
+    fresh_geometries()
+    blocks = cupy_backend._geometry(x, axis).eval_blocks
+    fused = [(None, False), (z, True)]
+    once = [run(*f) for f in fused]
+    monkeypatch.setattr(cupy_backend, "_EVAL_TABLE", 0)  # the per-value path
+    fresh_geometries()
+    for (residual, relu), (y, rsqrts) in zip(fused, once, strict=True):
+        assert rsqrts == c * (blocks + 1) < size // 16
+        y_each, rsqrts_each = run(residual, relu)
+        assert rsqrts_each == size + c
+        np.testing.assert_array_equal(y.view(np.uint8), y_each.view(np.uint8))
+    fresh_geometries()
+
+
+@pytest.mark.parametrize("hidden", [12288, 16384])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows_backward_reads_x_and_dy_once(dev, dtype, hidden):
+    """LayerNorm's and RMSNorm's backward over rows longer than registers hold (kernels:
+    row_norm_backward_shared, the rows in shared memory) read x and dy once and write dx once,
+    with and without the pre-norm sum's gradient (read once too); float64 rows of half the
+    length (up to 8192 values a row in shared memory)."""
+    if dtype == "float64":
+        hidden //= 2
+    acc = _acc(dtype)
+    x, dy, g = (_data(dev, (8, hidden), dtype, s) for s in range(3))
+    w = _data(dev, (hidden,), acc, 3)
+    _, mean, rstd = bn.layer_norm_forward(x, hidden, w, w)
+    _, rms_rstd = bn.rms_norm_forward(x, hidden, w)
+    out: dict[str, Any] = {}
+    cases = {
+        "layer_norm_backward": lambda: bn.layer_norm_backward(dy, x, hidden, mean, rstd, w),
+        "layer_norm_backward grad_prenorm": lambda: bn.layer_norm_backward(
+            dy, x, hidden, mean, rstd, w, grad_prenorm=g),
+        "rms_norm_backward": lambda: bn.rms_norm_backward(dy, x, hidden, rms_rstd, w),
+        "rms_norm_backward grad_prenorm": lambda: bn.rms_norm_backward(
+            dy, x, hidden, rms_rstd, w, grad_prenorm=g),
+    }
+    for name, call in cases.items():
+        call()  # the workspace of the stream exists
+        dev.SEAM.reset()
+        out["dx"] = call()[0]
+        kernels = [k for k, _ in dev.SEAM.traffic]
+        assert any("row_norm_backward_shared" in k for k in kernels), (name, kernels)
+        model = {"x": (x, 1, 0), "dy": (dy, 1, 0), "dx": (out["dx"], 0, 1)}
+        if "grad_prenorm" in name:
+            model["grad_prenorm"] = (g, 1, 0)
+        for label, (array, reads, writes) in model.items():
+            read, written = dev.SEAM.bytes(array)
+            assert (read, written) == (reads * array.nbytes, writes * array.nbytes), (
+                name, label, read / array.nbytes, written / array.nbytes)

@@ -44,16 +44,32 @@ def test_resnet50_batch_norm_shapes_take_16_byte_vectors(n, channels_last, dtype
         assert all(f", {_vector(dtype)}, " in name for name in geo.names.values()), geo.names
 
 
+# Shared memory a block may take once its kernel opts in: T4, A100, H100/H200.
+SHARED_OPTIN = {"sm_75": 65536, "sm_80": 166912, "sm_90": 232448}
+
+
+@pytest.mark.parametrize("arch", SHARED_OPTIN)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", HIDDEN)
-def test_transformer_hidden_sizes_take_16_byte_vectors_and_single_read_rows(hidden, dtype):
+def test_transformer_hidden_sizes_take_16_byte_vectors_and_single_read_rows(hidden, dtype, arch):
     geo = cupy_backend._GroupGeometry(GroupLayout("rows", 8192, hidden), np.dtype(dtype), 0,
-                                      SMS)
+                                      SMS, SHARED_OPTIN[arch])
     assert (geo.row_width, geo.apply_width) == (_vector(dtype),) * 2
     assert geo.stats_mode == "regs"  # forward: the row read once, from registers
-    # backward reads x and dy once up to 8192 values a row; longer rows take a second pass
-    # for the parameter gradients (column_grads), also 16 bytes at a time
-    assert (geo.back is not None) == (hidden <= 8192)
+    # backward reads x and dy once: up to 8192 values a row from registers, up to 16384 from
+    # 128 KB of shared memory a block (sm_80's and sm_90's opt-in limits allow it, not sm_75's);
+    # rows the device cannot hold take a second pass for the parameter gradients
+    # (column_grads), also 16 bytes at a time
+    shared = hidden > 8192
+    held = not shared or arch != "sm_75"
+    assert (geo.back is not None) == held
+    if held:
+        assert geo.back is not None and geo.back_sum is not None
+        names = {geo.names["row_norm_backward", s] for s in (False, True)}
+        assert all(("_shared<" in n) == shared for n in names), names
+        assert (geo.back.shared, geo.back_sum.shared) == ((131072,) * 2 if shared else (0, 0))
+        if shared:
+            assert geo.back.block == geo.back.height == 1024
     assert geo.columns.width == _vector(dtype)
 
 

@@ -45,26 +45,20 @@ def _compile(arch: str) -> tuple[str, dict[str, str]]:
 # Blocks per SM each kernel must keep resident on sm_80/sm_90 (threads per block, blocks), as
 # its __launch_bounds__ promise: the elementwise kernels 4 blocks of 256 threads (64 registers),
 # backward_apply 3; the row kernels one block of 1024 threads (512 for the backward with
-# grad_prenorm, which holds twice as many values per thread); the reductions as _reduction_blocks.
+# grad_prenorm, which holds twice as many values per thread; the backward holding rows in shared
+# memory 1024 either way); the reductions as _reduction_blocks.
 OCCUPANCY = {"apply": (256, 4), "group_apply": (256, 4), "group_backward_apply": (256, 4),
              "backward_apply": (256, 3), "row_norm": (1024, 1), "row_norm_backward": (1024, 1),
-             "row_norm_backward+sum": (512, 1)}
+             "row_norm_backward+sum": (512, 1), "row_norm_backward_shared": (1024, 1)}
 SMALL = ("group_merge", "group_grad_coefficients", "column_sums")  # a few blocks: no bound
 
 
 def _reduction_blocks(kernel: str, name: str) -> int:
     """Blocks of 256 threads a reduction keeps resident (kernels/reduce.cuh, reduce_blocks): 4
-    on the 32-bit index path, except backward_reduce (3; 2 for channels-last bfloat16, float32
-    4) and cell_grad_cl on 16-bit data (3); 2 on the 64-bit index path."""
-    dtype, _, index, *rest = name[name.index("<") + 1:-1].split(", ")
-    if index == "unsigned long long":
-        return 2
-    if kernel == "backward_reduce":
-        return 4 if dtype == "float" else 2 if dtype == "bncupy::bf16_t" and rest == ["true"] \
-            else 3
-    if kernel == "cell_grad_cl" and dtype in ("bncupy::half_t", "bncupy::bf16_t"):
-        return 3
-    return 4
+    on the 32-bit index path, every dtype and layout (64 registers a thread, no spills); 2 on
+    the 64-bit index path (above 2^31 elements, whose indices take twice the registers)."""
+    index = name[name.index("<") + 1:-1].split(", ")[2]
+    return 2 if index == "unsigned long long" else 4
 
 
 def _resident(regs: int, threads: int) -> int:

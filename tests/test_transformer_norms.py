@@ -163,6 +163,22 @@ def test_rms_and_layer_norm_with_residual_match_oracle(backend, case):
         _close(backend.to_numpy(gb).ravel(), ref_db, pd, rows, "dbias")
 
 
+@pytest.mark.parametrize("stream", ["none", "same"])
+@pytest.mark.parametrize("hidden", [12288, 12290, 16384])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_rows_match_oracle(backend, dtype, hidden, stream):
+    """Rows longer than a GPU thread's registers hold (the backward keeps them in shared memory:
+    up to 16384 values, float64 8192, vectorized or not), as the cases above: LayerNorm and
+    RMSNorm, the residual add, prenorm's gradient."""
+    if dtype == np.float64:
+        hidden //= 2
+    inner = test_rms_and_layer_norm_with_residual_match_oracle.hypothesis.inner_test
+    for rms in (False, True):
+        inner(backend, {"rows": 3, "lead": 1, "hidden": hidden, "dtype": dtype,
+                        "stream": stream, "rms": rms, "affine": True, "prenorm": True,
+                        "fp32": False, "offset": 3.0, "seed": hidden + rms})
+
+
 def test_rms_norm_eps_none_is_the_input_dtypes_machine_epsilon(backend):
     x = backend.asarray(_data((3, 16), BFLOAT16, 0) * 0.01)
     for dtype in DTYPES:

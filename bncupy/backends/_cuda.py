@@ -95,6 +95,11 @@ class CupyRuntime:
     def sm_count(self) -> int:
         return _sm_count(self.device_id())
 
+    def shared_memory_optin(self) -> int:
+        """Shared memory one block may take once its kernel opts in (sm_80: 163 KB, sm_90:
+        227 KB)."""
+        return _shared_optin(self.device_id())
+
     def device_id(self) -> int:
         return (self._cupy or self.require()).cuda.runtime.getDevice()
 
@@ -132,6 +137,7 @@ def set_runtime(new: Any) -> Any:
     global _runtime
     previous, _runtime = _runtime, new
     _bindings.clear()
+    _shared_raised.clear()
     return previous
 
 
@@ -144,7 +150,7 @@ SOURCES = ("forward.cu", "backward.cu")
 INDEX_TYPES = ("unsigned int", "unsigned long long")
 _LAYOUT_KERNELS = ("forward_stats", "apply", "backward_reduce", "backward_apply")
 _ROW_KERNELS = ("cell_stats", "row_forward", "row_backward", "column_grads",
-                "cell_grad_planes", "cell_grad_cl")
+                "cell_grad_planes", "cell_grad_cl", "row_norm_backward_shared")
 _GROUP_KERNELS = ("group_apply", "group_backward_apply")
 _ACC_KERNELS = ("group_merge", "group_grad_coefficients", "column_sums")
 GROUP_LAYOUTS = {"rows": 0, "cf": 1, "cl": 2}
@@ -219,6 +225,31 @@ def _sm_count(device_id: int) -> int:
     import cupy
 
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+@functools.cache
+def _shared_optin(device_id: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+SHARED_DEFAULT = 48 * 1024  # dynamic shared memory a launch may take without opting in
+_shared_raised: set[tuple] = set()
+
+
+def kernel_with_shared(dtype: str, name: str) -> Any:
+    """Kernel ``name`` allowed more than 48 KB of dynamic shared memory: its limit
+    (``max_dynamic_shared_size_bytes``, cudaFuncAttributeMaxDynamicSharedMemorySize) raised to
+    all the device allows a block besides the kernel's static shared memory, once per kernel,
+    device and runtime."""
+    kernel = _runtime.kernel(dtype, name)
+    key = (id(_runtime), _runtime.device_id(), name)
+    if key not in _shared_raised:
+        kernel.max_dynamic_shared_size_bytes = (_runtime.shared_memory_optin()
+                                                - kernel.shared_size_bytes)
+        _shared_raised.add(key)
+    return kernel
 
 
 @functools.lru_cache(maxsize=64)

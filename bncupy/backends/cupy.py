@@ -40,6 +40,9 @@ _ACC = ACC
 _INDEX64_FROM = 2**31  # elements from which kernels index with 64 bits
 _THREADS = 256
 _ROWS_MAX_VECS = 8192  # longer channel-first groups are split over several blocks
+# Dynamic shared memory of row_norm_backward_shared (every type; kernels/backward.cu), and a
+# bound of its static shared memory
+_ROW_SHARED, _SHARED_STATIC = 131072, 1024
 STAT_ROWS = 7  # rows of a statistics buffer (kernels/reduce.cuh, STAT_*)
 _CENTER, _INVSTD, _LO, _M2 = 0, 1, 2, 6
 _FLAGS = (np.int32(0), np.int32(1))  # int kernel flags, made once
@@ -85,14 +88,23 @@ def _ptr(a: Any) -> Any:
     return NULL if a is None else a
 
 
-def _launch(dtype: str, name: str, grid: int, args: tuple, block: int = _THREADS) -> None:
-    _cuda.runtime().kernel(dtype, name)((grid,), (block,), args)
+def _launch(dtype: str, name: str, grid: int, args: tuple, block: int = _THREADS,
+            shared: int = 0) -> None:
+    if shared > _cuda.SHARED_DEFAULT:
+        _cuda.kernel_with_shared(dtype, name)((grid,), (block,), args, shared_mem=shared)
+    elif shared:
+        _cuda.runtime().kernel(dtype, name)((grid,), (block,), args, shared_mem=shared)
+    else:
+        _cuda.runtime().kernel(dtype, name)((grid,), (block,), args)
 
 
 # ---------------------------------------------------------------------------------------------
 # Batch norm: per-channel statistics over a contiguous (rows, C, inner) or (rows, C) view.
 
 _CLUSTER = 32  # splits merged per cluster in channels-last reductions (kernels/reduce.cuh)
+# Shared memory of the evaluation apply's per-block coefficients (3 rows of C): at most 2048
+# channels in float (1024 in double), 4 blocks of 256 threads still resident per SM
+_EVAL_TABLE = 24576
 
 
 def _offset(*arrays: Any) -> int:
@@ -165,6 +177,14 @@ class _Geometry:
             self.partials, self.counters = cells * self.splits, cells
         self.apply_blocks = max(1, min(-(-max(size // self.apply_width, self.channels)
                                          // _THREADS), sms * 32))
+        # Evaluation: every block first computes every channel's coefficients into shared memory
+        # (kernels: apply, eval = 2) where they fit _EVAL_TABLE, on a grid of 4 * C values a
+        # block or more (unless that leaves SMs idle); else per value (eval = 1).
+        table = 3 * (-(-self.channels // 4) * 4) * self.acc.itemsize
+        self.eval_shared = table if table <= _EVAL_TABLE else 0
+        self.eval_mode = np.int32(2 if self.eval_shared else 1)
+        self.eval_blocks = min(self.apply_blocks, max(sms, -(-size // (4 * self.channels)))) \
+            if self.eval_shared else self.apply_blocks
         it = self.itype
         self.reduce_shape = (it(self.rows), it(self.channels), it(self.inner_arg),
                              it(self.head_reduce), np.int32(self.splits), np.int32(self.lanes))
@@ -192,8 +212,12 @@ class _Geometry:
         self.eps = (eps, arg)
         return arg
 
-    def launch_reduce(self, kernel: str, grid: int, args: tuple) -> None:
-        _cuda._runtime.kernel(self.dtype, self.names[kernel])((grid,), (_THREADS,), args)
+    def launch_reduce(self, kernel: str, grid: int, args: tuple, shared: int = 0) -> None:
+        if shared:
+            _cuda._runtime.kernel(self.dtype, self.names[kernel])((grid,), (_THREADS,), args,
+                                                                 shared_mem=shared)
+        else:
+            _cuda._runtime.kernel(self.dtype, self.names[kernel])((grid,), (_THREADS,), args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -263,12 +287,13 @@ def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
            running_var: Any, weight: Any, bias: Any, eps: float, momentum: float,
            evaluate: bool, relu: bool) -> Any:
     y = _output_like(x, geo.offset if geo.offset >= 0 else None)
-    geo.launch_reduce("apply", geo.apply_blocks, (
+    geo.launch_reduce("apply", geo.eval_blocks if evaluate else geo.apply_blocks, (
         x, y, NULL if residual is None else residual, *geo.apply_shape, stats,
         NULL if running_mean is None else running_mean,
         NULL if running_var is None else running_var, NULL if weight is None else weight,
         NULL if bias is None else bias, geo.eps_arg(eps), np.float64(momentum),
-        _FLAGS[evaluate], _FLAGS[relu]))
+        geo.eval_mode if evaluate else _FLAGS[0], _FLAGS[relu]),
+        geo.eval_shared if evaluate else 0)
     return y
 
 
@@ -593,7 +618,8 @@ class _GroupGeometry:
     every tensor has the same misalignment (see :class:`_Geometry`).
     """
 
-    def __init__(self, lay: GroupLayout, dtype: np.dtype, offset: int, sms: int) -> None:
+    def __init__(self, lay: GroupLayout, dtype: np.dtype, offset: int, sms: int,
+                 shared_optin: int = 0) -> None:
         self.lay, self.dtype, self.acc = lay, dtype.name, _ACC[dtype]
         self.acc_type = self.acc.type
         ctype = _cuda.CTYPES[self.dtype]
@@ -634,6 +660,8 @@ class _GroupGeometry:
                    // self.row_width)
         held_back = max(1, (2 if self.acc.itemsize == 8 else 4 if self.row_width == 1 else 8)
                         // self.row_width)
+        # longer rows' backward in shared memory (row_norm_backward_shared)
+        held_shared = max(1, (8 if self.acc.itemsize == 8 else 16) // self.row_width)
         many = self.groups >= sms or group_vecs <= 1024
         if lay.kind == "cl":
             self.cells = _Geometry((lay.s, lay.c), 1, dtype, offset, sms, samples=lay.n)
@@ -654,16 +682,28 @@ class _GroupGeometry:
         else:
             self.stats_mode = "split"
             self.split = _Geometry((1, self.groups, lay.size), 1, dtype, offset, sms)
-        # Backward: LayerNorm rows in registers (row_norm_backward + column_sums) or, longer than
-        # that, row_backward + column_grads; groups of channels: cell sums.
+        # Backward: LayerNorm rows in registers (row_norm_backward + column_sums), in shared
+        # memory where the device has enough (row_norm_backward_shared + column_sums: up to
+        # 16384 values, double 8192) or, longer than that, row_backward + column_grads; groups of
+        # channels: cell sums.
         # (with grad_sum: 512 threads holding twice as much, see kernels/backward.cu)
         if lay.kind == "rows":
             merge = 2 * lay.c * self.acc.itemsize
             self.back: _RowPlan | None = None
             self.back_sum: _RowPlan | None = None
+            kernels = {s: f"row_norm_backward<{ctype}, {self.row_width}, {self.index}, {f}>"
+                       for s, f in ((False, "false"), (True, "true"))}
             if group_vecs <= held_back * 1024:
                 self.back = _RowPlan(lay.n, group_vecs, held_back, sms, merge)
                 self.back_sum = _RowPlan(lay.n, group_vecs, 2 * held_back, sms, merge, 512)
+            elif group_vecs <= held_shared * 1024 and \
+                    _ROW_SHARED + _SHARED_STATIC <= shared_optin:
+                self.back = self.back_sum = _RowPlan(lay.n, group_vecs, held_shared, sms, merge,
+                                                     shared=_ROW_SHARED)
+                kernels = dict.fromkeys(
+                    (False, True),
+                    f"row_norm_backward_shared<{ctype}, {self.row_width}, {self.index}>")
+            if self.back is not None and self.back_sum is not None:
                 # launch arguments that depend on the plan only, made once
                 self.back_args = {s: (itype(lay.n), itype(group_vecs), np.int32(p.height))
                                   for s, p in ((False, self.back), (True, self.back_sum))}
@@ -671,9 +711,8 @@ class _GroupGeometry:
                                   for s, p in ((False, self.back), (True, self.back_sum))}
                 self.back_scratch = {s: ((self.acc, 2 * lay.c * p.grid),)
                                      for s, p in ((False, self.back), (True, self.back_sum))}
-            for sum_, flag in ((False, "false"), (True, "true")):
-                self.names["row_norm_backward", sum_] = (
-                    f"bncupy::row_norm_backward<{ctype}, {self.row_width}, {self.index}, {flag}>")
+            for sum_, kernel in kernels.items():
+                self.names["row_norm_backward", sum_] = f"bncupy::{kernel}"
             self.columns = _Geometry((lay.n, lay.c), 1, dtype, offset, sms)
             self._name("column_grads", self.columns.width)
         elif lay.kind == "cf":
@@ -717,18 +756,22 @@ class _GroupGeometry:
 
 
 class _RowPlan:
-    """A launch of the register-held row kernels: `height` threads per row (a power of two from
+    """A launch of the single-read row kernels: `height` threads per row (a power of two from
     32 to ``threads``), slots of rows per block, a grid from the SM count. ``merge_bytes``
-    (backward: the slots' column sums in shared memory) above 32 KB keeps one row per block."""
+    (backward: the slots' column sums in shared memory) above 32 KB keeps one row per block, and
+    so does ``shared``, the dynamic shared memory a row takes (backward rows held there)."""
 
     def __init__(self, rows: int, row_vecs: int, held: int, sms: int, merge_bytes: int,
-                 threads: int = 1024) -> None:
+                 threads: int = 1024, shared: int = 0) -> None:
         self.height = min(threads, max(32, 1 << max(0, (-(-row_vecs // held) - 1).bit_length())))
         self.block = max(self.height, _THREADS)
-        if merge_bytes > 32768:
+        self.shared = shared
+        if merge_bytes > 32768 or shared:
             self.block = self.height
         slots = self.block // self.height
-        self.grid = max(1, min(-(-rows // slots), sms * max(1, 2048 // self.block)))
+        # blocks resident per SM: by threads, or one with a row in shared memory (128 KB)
+        resident = 1 if shared else max(1, 2048 // self.block)
+        self.grid = max(1, min(-(-rows // slots), sms * resident))
         if merge_bytes:  # every block writes its column partials: a few rows per block at least
             self.grid = max(1, min(self.grid, rows // (slots * 8)))
 
@@ -740,8 +783,8 @@ def _row_height(vecs: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _group_geometry_cached(lay: GroupLayout, dtype: np.dtype, offset: int, sms: int,
-                           index64_from: int) -> _GroupGeometry:
-    return _GroupGeometry(lay, dtype, offset, sms)
+                           index64_from: int, shared_optin: int = 0) -> _GroupGeometry:
+    return _GroupGeometry(lay, dtype, offset, sms, shared_optin)
 
 
 _GROUP_GEOMETRIES: dict[tuple, _GroupGeometry] = {}  # the hot path's lookup in front of the cache
@@ -756,7 +799,8 @@ def _group_geometry(x: Any, lay: GroupLayout, *others: Any, lag: int | None = No
         if a is not None and a.data.ptr % 16 != offset:
             offset = -1
             break
-    key = (lay, x.dtype, offset, _cuda._runtime.sm_count(), _INDEX64_FROM)
+    rt = _cuda._runtime
+    key = (lay, x.dtype, offset, rt.sm_count(), _INDEX64_FROM, rt.shared_memory_optin())
     geo = _GROUP_GEOMETRIES.get(key)
     if geo is None:
         geo = _group_geometry_cached(*key)
@@ -903,7 +947,7 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         grads = xp.empty((2, lay.c), acc)
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
             dy, x, dx, *geo.back_args[has_sum], _ptr(center), _ptr(lo), invstd, _ptr(weight),
-            partials, _ptr(grad_sum), _FLAGS[rms]), plan.block)
+            partials, _ptr(grad_sum), _FLAGS[rms]), plan.block, plan.shared)
         _launch(geo.dtype, geo.names["column_sums"], geo.coef_blocks_columns, (
             partials, *geo.sums_args[has_sum], grads))
         return dx, grads[0], grads[1]

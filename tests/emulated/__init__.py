@@ -42,8 +42,20 @@ class KernelFault(RuntimeError):
     allocation, a deadlock, a shuffle naming absent lanes, a hung block."""
 
 
+# Dynamic shared memory a launch may take unless the kernel's limit was raised
+# (cudaFuncAttributeMaxDynamicSharedMemorySize).
+SHARED_DEFAULT = 48 * 1024
+
+
 class Kernel:
-    """One kernel specialisation, called as CuPy's ``RawKernel``: ``k(grid, block, args)``."""
+    """One kernel specialisation, called as CuPy's ``RawKernel``: ``k(grid, block, args)``.
+
+    ``max_dynamic_shared_size_bytes`` is the kernel's (on its runtime, as a GPU keeps it per
+    function), 48 KB until raised; raising it beyond the device's opt-in limit fails as CUDA
+    does. The emulator keeps no static shared memory per kernel: ``shared_size_bytes`` is 0.
+    """
+
+    shared_size_bytes = 0
 
     def __init__(self, runtime: EmulatedRuntime, name: str) -> None:
         if name not in runtime.entries:
@@ -53,6 +65,18 @@ class Kernel:
         self.name = name
         self.index, self.signature = runtime.entries[name]
 
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        return self.runtime.dynamic_limits.get(self.name, SHARED_DEFAULT)
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        if not 0 <= value <= self.runtime.shared_memory_optin() - self.shared_size_bytes:
+            raise KernelFault(f"{self.name}: a dynamic shared memory limit of {value} bytes is "
+                              f"beyond the device's {self.runtime.shared_memory_optin()} "
+                              "(cudaErrorInvalidValue)")
+        self.runtime.dynamic_limits[self.name] = int(value)
+
     def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any],
                  shared_mem: int = 0, stream: Any = None) -> None:
         g, b = _dims(grid, "grid", self.name), _dims(block, "block", self.name)
@@ -61,6 +85,13 @@ class Kernel:
                               "(x < 2^31, y and z <= 65535)")
         if b[0] * b[1] * b[2] > 1024 or b[2] > 64:
             raise KernelFault(f"{self.name}: block {b} has more than 1024 threads or z > 64")
+        if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
+            raise KernelFault(f"{self.name}: shared_mem must be a byte count, got {shared_mem!r}")
+        if shared_mem > self.max_dynamic_shared_size_bytes:
+            raise KernelFault(f"{self.name}: {shared_mem} bytes of dynamic shared memory exceed "
+                              f"the kernel's limit of {self.max_dynamic_shared_size_bytes} "
+                              "(raise max_dynamic_shared_size_bytes first; "
+                              "CUDA_ERROR_INVALID_VALUE)")
         if not isinstance(args, tuple):
             raise TypeError(f"{self.name}: args must be a tuple, got {type(args).__name__}")
         if len(args) != len(self.signature):
@@ -91,11 +122,13 @@ class Kernel:
             error = ctypes.create_string_buffer(1024)
             seed = rt.seed * 1_000_003 + next(rt.launches)
             failed = rt.lib.bncupy_emu_launch(
-                self.index, (ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), argv,
+                self.index, (ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b),
+                ctypes.c_ulonglong(int(shared_mem)), argv,
                 1 if rt.order == "random" else 0, ctypes.c_ulonglong(seed),
                 ctypes.c_double(rt.timeout), error, len(error), ranges, len(buffers), counts)
             device.SEAM.traffic.append((self.name, [(a, *counts[3 * i:3 * i + 3])
                                                     for i, a in enumerate(buffers)]))
+            device.SEAM.rsqrts.append((self.name, rt.lib.bncupy_emu_rsqrts()))
             if failed:
                 raise KernelFault(f"{self.name} grid={g} block={b}: {error.value.decode()}")
             for i, alloc in allocations:
@@ -199,19 +232,24 @@ class EmulatedRuntime:
     null : bool
         Launches check their arguments but run nothing (with :data:`device.POISON` off,
         allocations are O(1) too): what the launch plan does, counted through the seam.
+    shared_optin : int
+        Shared memory a block may take once a kernel opts in (an H200's 227 KB by default).
     """
 
     def __init__(self, sms: int = 132, order: str = "random", seed: int = 0,
                  library: Path | None = None, timeout: float = 120.0, null: bool = False,
-                 ) -> None:
+                 shared_optin: int = 232448) -> None:
         if order not in ("random", "index"):
             raise ValueError(f"order must be 'random' or 'index', got {order!r}")
         self.sms, self.order, self.seed, self.timeout = sms, order, seed, timeout
+        self.shared_optin = shared_optin
+        self.dynamic_limits: dict[str, int] = {}  # kernels' raised dynamic shared memory limits
         self.null = null
         library = Path(library or build())
         self.lib = ctypes.CDLL(str(library))
         self.lib.bncupy_emu_name.restype = ctypes.c_char_p
         self.lib.bncupy_emu_signature.restype = ctypes.c_char_p
+        self.lib.bncupy_emu_rsqrts.restype = ctypes.c_ulonglong
         self.entries = {}
         for i in range(self.lib.bncupy_emu_count()):
             sig = self.lib.bncupy_emu_signature(i).decode()
@@ -236,6 +274,9 @@ class EmulatedRuntime:
     def sm_count(self) -> int:
         return self.sms
 
+    def shared_memory_optin(self) -> int:
+        return self.shared_optin
+
     def device_id(self) -> int:
         return 0
 
@@ -257,6 +298,8 @@ class _NullKernel:
     """A launch that only counts (the host-overhead benchmark's: no argument checks either)."""
 
     __slots__ = ()
+    shared_size_bytes = 0
+    max_dynamic_shared_size_bytes = property(lambda self: 0, lambda self, value: None)
 
     def __call__(self, grid: Any, block: Any, args: Any, shared_mem: int = 0,
                  stream: Any = None) -> None:
@@ -270,6 +313,7 @@ class NullRuntime(EmulatedRuntime):
 
     def __init__(self, sms: int = 132) -> None:
         self.sms, self.null, self.xp = sms, True, device
+        self.shared_optin, self.dynamic_limits = 232448, {}
         self.order, self.seed = "index", 0
 
     def kernel(self, dtype: str, name: str) -> Any:

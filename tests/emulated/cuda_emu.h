@@ -53,6 +53,9 @@
 #define BNCUPY_FLOAT_TO_HALF(h, f) ((h) = ::bncupy_emu::float_to_half(f))
 #define BNCUPY_BITS_TO_FLOAT(u) (::bncupy_emu::bits_to_float(u))
 #define BNCUPY_FLOAT_TO_BITS(f) (::bncupy_emu::float_to_bits(f))
+// A kernel's dynamic shared memory: the launch's shared_mem bytes, poisoned before each block
+// like __shared__ storage (null when the launch asked for none).
+#define BNCUPY_DYNAMIC_SHARED(name) unsigned char* const name = ::bncupy_emu::dynamic_shared()
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
@@ -337,8 +340,17 @@ inline void __syncthreads() {
 }
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+namespace bncupy_emu {
+inline unsigned long long rsqrts = 0;  // 1/sqrt evaluations of the current launch
+}
+inline float rsqrtf(float x) {
+    ++bncupy_emu::rsqrts;
+    return 1.0f / std::sqrt(x);
+}
+inline double rsqrt(double x) {
+    ++bncupy_emu::rsqrts;
+    return 1.0 / std::sqrt(x);
+}
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline double __drcp_rn(double x) { return 1.0 / x; }
@@ -445,10 +457,15 @@ inline void* initial_sp(Runtime& r, int t) {
 }
 
 inline std::vector<std::pair<char*, std::size_t>> shared_regions;
+inline std::vector<unsigned char> dynamic_bytes;  // the launch's dynamic shared memory + 16
+inline unsigned char* dynamic_base = nullptr;
+inline std::size_t dynamic_size = 0;
+inline unsigned char* dynamic_shared() { return dynamic_base; }
 inline std::mutex launch_mutex;  // one launch at a time: __shared__ storage is static
 
 inline void run_block(Runtime& r, const dim3& block) {
     for (const auto& region : shared_regions) std::memset(region.first, 0xff, region.second);
+    if (dynamic_base) std::memset(dynamic_base, 0xff, dynamic_size);
     r.threads = (int)(block.x * block.y * block.z);
     r.live = r.threads;
     r.at_barrier = 0;
@@ -591,19 +608,23 @@ extern "C" void bncupy_emu_add_shared(void* p, unsigned long long size) {
     bncupy_emu::shared_regions.emplace_back(static_cast<char*>(p), (std::size_t)size);
 }
 extern "C" const char* bncupy_emu_name(int i) { return bncupy_emu_table[i].name; }
+extern "C" unsigned long long bncupy_emu_rsqrts() { return bncupy_emu::rsqrts; }
 extern "C" const char* bncupy_emu_signature(int i) { return bncupy_emu_table[i].signature.c_str(); }
 
-// Runs kernel `index` over grid x block; order 0: blocks in index order, 1: a random permutation
-// drawn from `seed` (which also orders the threads' turns). Returns 0, or 1 with `error` set.
+// Runs kernel `index` over grid x block with `shared_bytes` of dynamic shared memory; order 0:
+// blocks in index order, 1: a random permutation drawn from `seed` (which also orders the
+// threads' turns). Returns 0, or 1 with `error` set.
 // `ranges` holds n_ranges buffers (pairs lo, hi) whose traffic the launch counts into `counts`
 // (triples: bytes read, bytes written, bytes of those moved by accesses under 16 bytes).
 extern "C" int bncupy_emu_launch(int index, const unsigned* grid, const unsigned* block,
-                                 void** args, int order, unsigned long long seed,
+                                 unsigned long long shared_bytes, void** args, int order,
+                                 unsigned long long seed,
                                  double seconds, char* error, int error_size,
                                  const unsigned long long* ranges, int n_ranges,
                                  unsigned long long* counts) {
     std::lock_guard<std::mutex> lock(bncupy_emu::launch_mutex);
     bncupy_emu::regions.clear();
+    bncupy_emu::rsqrts = 0;
     for (int i = 0; i < n_ranges; ++i)
         bncupy_emu::regions.push_back({reinterpret_cast<const char*>(ranges[2 * i]),
                                        reinterpret_cast<const char*>(ranges[2 * i + 1]), 0, 0, 0});
@@ -627,6 +648,12 @@ extern "C" int bncupy_emu_launch(int index, const unsigned* grid, const unsigned
     r.error.clear();
     r.rng.seed(seed);
     r.deadline = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(seconds));
+    // the launch's dynamic shared memory, 16-byte aligned, then canary bytes checked after it
+    bncupy_emu::dynamic_size = (std::size_t)shared_bytes;
+    bncupy_emu::dynamic_bytes.assign(shared_bytes ? shared_bytes + 16 + 64 : 0, 0xa5);
+    unsigned char* const raw = bncupy_emu::dynamic_bytes.data();
+    bncupy_emu::dynamic_base =
+        shared_bytes ? raw + (16 - reinterpret_cast<std::uintptr_t>(raw) % 16) % 16 : nullptr;
     gridDim.x = grid[0], gridDim.y = grid[1], gridDim.z = grid[2];
     blockDim.x = block[0], blockDim.y = block[1], blockDim.z = block[2];
     const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
@@ -640,6 +667,13 @@ extern "C" int bncupy_emu_launch(int index, const unsigned* grid, const unsigned
         bncupy_emu::run_block(r, blockDim);
         if (r.failed) break;
     }
+    if (!r.failed && bncupy_emu::dynamic_base)
+        for (int i = 0; i < 64; ++i)
+            if (bncupy_emu::dynamic_base[bncupy_emu::dynamic_size + i] != 0xa5) {
+                r.failed = true;
+                r.error = "a block wrote past the launch's dynamic shared memory";
+                break;
+            }
     if (r.failed) {
         std::snprintf(error, (std::size_t)error_size, "%s", r.error.c_str());
         return 1;

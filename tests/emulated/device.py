@@ -59,6 +59,8 @@ class Seam:
         # per executed launch: (kernel, [(allocation, bytes read, bytes written, bytes of those
         # moved by accesses under 16 bytes), ...]) of the tensors it accessed through ld/st
         self.traffic: list[tuple[str, list]] = []
+        # per executed launch: (kernel, 1/sqrt evaluations: rsqrtf and rsqrt calls)
+        self.rsqrts: list[tuple[str, int]] = []
 
     def bytes(self, array: Any) -> tuple[int, int]:
         """Bytes read from and written to ``array``'s allocation by the launches counted."""

@@ -58,6 +58,16 @@ __global__ void read_unwritten_shared(float* out) {
     out[threadIdx.x] = s[threadIdx.x];
 }
 
+// Dynamic shared memory: thread t writes float t of it, except the last, and reads float t + 1
+// (the last thread float 0) after a barrier: float 63, unwritten, reads as NaN.
+__global__ void dynamic_shared_neighbours(float* out) {
+    BNCUPY_DYNAMIC_SHARED(bytes);
+    float* s = reinterpret_cast<float*>(bytes);
+    if (threadIdx.x + 1 < blockDim.x) s[threadIdx.x] = (float)(blockIdx.x * 1000 + threadIdx.x);
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
 // Writes one element past n.
 __global__ void write_past_end(float* out, const unsigned int n) {
     const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
