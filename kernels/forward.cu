@@ -82,63 +82,20 @@ __device__ __forceinline__ void eval_coefficients(const A* running_mean, const A
 }
 
 // y = act((x - center[c]) * scale[c] + shift[c] + residual), act = ReLU when relu != 0; residual
-// may be null. Training: the coefficients are the STAT rows of `stats`. Evaluation: from the
-// running statistics.
+// may be null. The channel's coefficients are in three rows (the statistics buffer's STAT rows in
+// training, a block's shared table in evaluation); where `vectors` (each row on a 16-byte
+// boundary), channels-last vectors whose channels start on a multiple of W take them 16 bytes at
+// a time.
 template <typename T, bool CL, typename I> struct ApplyOp {
-    typedef typename acc_of<T>::type A;
-    const T* __restrict__ x;
-    T* __restrict__ y;
-    const T* __restrict__ residual;
-    const A* __restrict__ stats;
-    const A* running_mean;
-    const A* running_var;
-    const A* __restrict__ weight;
-    const A* __restrict__ bias;
-    A eps;
-    int eval, relu_flag;
-    I channels, inner;
-
-    template <int W> __device__ __forceinline__ void run(const I i) const {
-        typedef vec_t<T, W> vec;
-        const vec in = ld(reinterpret_cast<const vec*>(x + i));
-        vec z;
-        if (residual) z = ld(reinterpret_cast<const vec*>(residual + i));
-        ChannelWalk<CL, I> ch(i, channels, inner);
-        vec out;
-#pragma unroll
-        for (int k = 0; k < W; ++k) {
-            A center, scale, shift;
-            if (eval) {
-                A invstd;
-                eval_coefficients(running_mean, running_var, weight, bias, eps, ch.c, center,
-                                  invstd, scale, shift);
-            } else {
-                center = stats[STAT_CENTER * channels + ch.c];
-                scale = stats[STAT_SCALE * channels + ch.c];
-                shift = stats[STAT_SHIFT * channels + ch.c];
-            }
-            const A v = pre_activation(to_acc(in.v[k]), center, scale, shift, residual != 0,
-                                       residual ? to_acc(z.v[k]) : A(0));
-            out.v[k] = from_acc<T>(relu_flag ? relu(v) : v);
-            ch.next();
-        }
-        st(reinterpret_cast<vec*>(y + i), out);
-    }
-};
-
-// The evaluation apply from coefficients computed once per block and channel: center, scale and
-// shift of channel c at coef[c], coef[stride + c], coef[2 * stride + c] (shared memory; stride a
-// multiple of 4, so each row starts on a 16-byte boundary). Channels-last vectors whose channels
-// start on a multiple of W take their coefficients as 16-byte vectors.
-template <typename T, bool CL, typename I> struct EvalApplyOp {
     typedef typename acc_of<T>::type A;
     enum { CW = 16 / sizeof(A) };  // coefficients per 16-byte load
     const T* __restrict__ x;
     T* __restrict__ y;
     const T* __restrict__ residual;
-    const A* coef;
-    unsigned int stride;
-    int relu_flag;
+    const A* center;
+    const A* scale;
+    const A* shift;
+    int vectors, relu_flag;
     I channels, inner;
 
     template <int W> __device__ __forceinline__ void run(const I i) const {
@@ -148,14 +105,15 @@ template <typename T, bool CL, typename I> struct EvalApplyOp {
         if (residual) z = ld(reinterpret_cast<const vec*>(residual + i));
         ChannelWalk<CL, I> ch(i, channels, inner);
         vec out;
-        if (CL && W % CW == 0 && ch.c % W == 0 && ch.c + W <= channels) {
+        if (CL && W % CW == 0 && vectors && ch.c % W == 0 && ch.c + W <= channels) {
+            const A* rows[3] = {center, scale, shift};
             A k[3][W];  // center, scale, shift of the W channels
 #pragma unroll
             for (int row = 0; row < 3; ++row)
 #pragma unroll
                 for (int q = 0; q < W; q += CW) {
-                    const vec_t<A, CW> v = *reinterpret_cast<const vec_t<A, CW>*>(
-                        coef + row * stride + ch.c + q);
+                    const vec_t<A, CW> v =
+                        *reinterpret_cast<const vec_t<A, CW>*>(rows[row] + ch.c + q);
 #pragma unroll
                     for (int e = 0; e < CW; ++e) k[row][q + e] = v.v[e];
                 }
@@ -168,13 +126,48 @@ template <typename T, bool CL, typename I> struct EvalApplyOp {
         } else {
 #pragma unroll
             for (int e = 0; e < W; ++e) {
-                const unsigned int c = ch.c;
-                const A v = pre_activation(to_acc(in.v[e]), coef[c], coef[stride + c],
-                                           coef[2 * stride + c], residual != 0,
-                                           residual ? to_acc(z.v[e]) : A(0));
+                const I c = ch.c;
+                const A v = pre_activation(to_acc(in.v[e]), center[c], scale[c], shift[c],
+                                           residual != 0, residual ? to_acc(z.v[e]) : A(0));
                 out.v[e] = from_acc<T>(relu_flag ? relu(v) : v);
                 ch.next();
             }
+        }
+        st(reinterpret_cast<vec*>(y + i), out);
+    }
+};
+
+// The evaluation apply with each value's coefficients computed from the running statistics
+// (channels too many for a block's shared table).
+template <typename T, bool CL, typename I> struct EvalPerValueOp {
+    typedef typename acc_of<T>::type A;
+    const T* __restrict__ x;
+    T* __restrict__ y;
+    const T* __restrict__ residual;
+    const A* running_mean;
+    const A* running_var;
+    const A* __restrict__ weight;
+    const A* __restrict__ bias;
+    A eps;
+    int relu_flag;
+    I channels, inner;
+
+    template <int W> __device__ __forceinline__ void run(const I i) const {
+        typedef vec_t<T, W> vec;
+        const vec in = ld(reinterpret_cast<const vec*>(x + i));
+        vec z;
+        if (residual) z = ld(reinterpret_cast<const vec*>(residual + i));
+        ChannelWalk<CL, I> ch(i, channels, inner);
+        vec out;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            A center, invstd, scale, shift;
+            eval_coefficients(running_mean, running_var, weight, bias, eps, ch.c, center, invstd,
+                              scale, shift);
+            const A v = pre_activation(to_acc(in.v[k]), center, scale, shift, residual != 0,
+                                       residual ? to_acc(z.v[k]) : A(0));
+            out.v[k] = from_acc<T>(relu_flag ? relu(v) : v);
+            ch.next();
         }
         st(reinterpret_cast<vec*>(y + i), out);
     }
@@ -230,15 +223,29 @@ __global__ void __launch_bounds__(256, 4) apply(
             coef[2 * rows + c] = shift;
         }
         __syncthreads();
-        const EvalApplyOp<T, CL, I> op = {x, y, residual, coef, rows, relu_flag, channels,
-                                          inner};
-        elementwise<EvalApplyOp<T, CL, I>, V, I>(op, total, head);
-        return;
+        const ApplyOp<T, CL, I> op = {x, y, residual, coef, coef + rows, coef + 2 * rows, 1,
+                                      relu_flag, channels, inner};
+        elementwise<ApplyOp<T, CL, I>, V, I>(op, total, head);
+    } else if (eval) {
+        const EvalPerValueOp<T, CL, I> op = {x,    y,   residual,  running_mean, running_var,
+                                             weight, bias, eps, relu_flag, channels, inner};
+        elementwise<EvalPerValueOp<T, CL, I>, V, I>(op, total, head);
+    } else {
+        // the rows start on 16-byte boundaries when C is a multiple of the 16-byte count
+        const int vectors = channels % ApplyOp<T, CL, I>::CW == 0 &&
+                            (unsigned long long)stats % 16 == 0;
+        const ApplyOp<T, CL, I> op = {x,
+                                      y,
+                                      residual,
+                                      stats + STAT_CENTER * channels,
+                                      stats + STAT_SCALE * channels,
+                                      stats + STAT_SHIFT * channels,
+                                      vectors,
+                                      relu_flag,
+                                      channels,
+                                      inner};
+        elementwise<ApplyOp<T, CL, I>, V, I>(op, total, head);
     }
-    const ApplyOp<T, CL, I> op = {x,    y,    residual, stats,    running_mean, running_var,
-                                  weight, bias, eps,    eval,     relu_flag,    channels,
-                                  inner};
-    elementwise<ApplyOp<T, CL, I>, V, I>(op, total, head);
 }
 
 // Per-cell Welford moments of channels-last groups (GroupNorm, InstanceNorm over (n, S, C)): the
