@@ -496,14 +496,20 @@ def _mean_parts(mean: Any, acc: np.dtype, saved: bool) -> tuple[Any, Any]:
 
 
 def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd: Any,
-                 training: bool, fwd: Any, residual: Any) -> tuple[Any, Any]:
+                 training: bool, fwd: Any, residual: Any, direct: bool) -> tuple[Any, Any]:
     """The deterministic reduction; its last blocks write grad_weight/grad_bias and the dx
     coefficients. Returns the (2, C) gradient buffer and the coefficients. ``invstd`` None:
-    the statistics buffer ``mean``'s."""
+    the statistics buffer ``mean``'s. ``direct``: the call signature's plan found the vectors
+    contiguous and accumulator-typed."""
     acc = geo.acc
-    center, lo = _mean_parts(mean, acc, mean.ndim == 2)
-    invstd = _row(mean, _INVSTD) if invstd is None else _per_channel(invstd, acc)
-    weight = _per_channel(weight, acc)
+    center, lo = _mean_parts(mean, acc, mean.ndim == 2) if not direct or mean.ndim == 2 else \
+        (mean, None)
+    if invstd is None:
+        invstd = _row(mean, _INVSTD)
+    elif not direct:
+        invstd = _per_channel(invstd, acc)
+    if not direct:
+        weight = _per_channel(weight, acc)
     counters, partials, coef = _workspace(geo.counters, geo.grad_scratch)
     grads = _cuda._runtime.xp.empty((2, geo.channels), acc)
     geo.launch_reduce("backward_reduce", geo.reduce_blocks, (
@@ -536,7 +542,8 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
             residual = _like(residual, x)
         geo = _geometry(x, axis, dy, residual)
         lag = None
-    grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, bool(training), fwd, residual)
+    grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, bool(training), fwd, residual,
+                               plan is not None and plan.direct)
     dx = _output_like(x, lag)
     g = _output_like(x, lag) if fwd is not None and residual is not None else None
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
@@ -575,7 +582,8 @@ def backward_sums(dy: Any, x: Any, axis: int, mean: Any, invstd: Any) -> tuple[A
     dy = _like(dy, x)
     geo = _geometry(x, axis, dy)
     ones = xp.ones(x.shape[axis], geo.acc)
-    grads, _ = _reduce_grad(dy, x, geo, None, mean.astype(xp.float64), ones, False, None, None)
+    grads, _ = _reduce_grad(dy, x, geo, None, mean.astype(xp.float64), ones, False, None, None,
+                            False)
     return grads[1].astype(xp.float64), grads[0].astype(xp.float64)
 
 
