@@ -106,24 +106,31 @@ template <typename T, bool CL, typename I> struct BackwardApplyOp {
         vec z;
         if (residual) z = ld(reinterpret_cast<const vec*>(residual + i));
         const T zero = from_acc<T>(A(0));
-        ChannelWalk<CL, I> ch(i, channels, inner);
-        vec out;
+        // the mask first, then dx: two loops keep fewer values live (4 blocks of 256 threads)
+        if (fwd) {
+            ChannelWalk<CL, I> ch(i, channels, inner);
 #pragma unroll
-        for (int k = 0; k < W; ++k) {
-            const I c = ch.c;
-            const A xk = to_acc(xi.v[k]);
-            if (fwd) {
-                const A v = pre_activation(xk, fwd[STAT_CENTER * channels + c],
+            for (int k = 0; k < W; ++k) {
+                const I c = ch.c;
+                const A v = pre_activation(to_acc(xi.v[k]), fwd[STAT_CENTER * channels + c],
                                            fwd[STAT_SCALE * channels + c],
                                            fwd[STAT_SHIFT * channels + c], residual != 0,
                                            residual ? to_acc(z.v[k]) : A(0));
                 if (!(to_acc(from_acc<T>(v)) > A(0))) gi.v[k] = zero;
+                ch.next();
             }
-            if (dx)
+        }
+        vec out;
+        if (dx) {
+            ChannelWalk<CL, I> ch(i, channels, inner);
+#pragma unroll
+            for (int k = 0; k < W; ++k) {
+                const I c = ch.c;
                 out.v[k] = from_acc<T>(coef[channels + c] * to_acc(gi.v[k]) +
-                                       coef[2 * channels + c] * (xk - coef[c]) +
+                                       coef[2 * channels + c] * (to_acc(xi.v[k]) - coef[c]) +
                                        coef[3 * channels + c]);
-            ch.next();
+                ch.next();
+            }
         }
         if (dx) st(reinterpret_cast<vec*>(dx + i), out);
         if (g_out) st(reinterpret_cast<vec*>(g_out + i), gi);
@@ -131,7 +138,7 @@ template <typename T, bool CL, typename I> struct BackwardApplyOp {
 };
 
 template <typename T, int V, typename I, bool CL>
-__global__ void __launch_bounds__(256, 3) backward_apply(
+__global__ void __launch_bounds__(256, sizeof(I) == 4 ? 4 : 3) backward_apply(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     T* __restrict__ dx, T* __restrict__ g_out, const I total, const I head, const I channels,
     const I inner, const typename acc_of<T>::type* __restrict__ coef,
