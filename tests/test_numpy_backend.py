@@ -139,6 +139,33 @@ def test_a_fused_forward_is_bitwise_its_separate_passes(monkeypatch, dtype, path
         np.testing.assert_array_equal(fused, separate)
 
 
+@requires("numba", compiled_engine_missing())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_a_fused_backward_is_bitwise_its_separate_passes(monkeypatch, dtype, path, training):
+    shape = SHAPES[path]
+    x, dy = _data(shape, dtype, "offset"), _data(shape, dtype, "zero-mean", seed=1)
+    mean = x.astype(np.float64).mean(axis=(0, 2)).astype(np.float32)
+    invstd = np.random.default_rng(3).uniform(0.5, 2, shape[1]).astype(np.float32)
+    monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
+    k = nb._fused_kernels(x, None, invstd, mean, invstd)
+    parts = nb.CompiledPasses._units(shape)[4]
+    assert (nb._fused_backward(k, dy, x, 1, invstd, mean, invstd, training) is not None) == (
+        parts == 1)  # one partial per channel and row or block: "rows", "columns", "wide columns"
+    for weight in (invstd.astype(np.float64), None):
+        runs = []
+        for fused in (True, False):
+            if not fused:
+                monkeypatch.setattr(nb, "_fused_backward", lambda *args: None)
+            runs.append(nb.backward(dy, x, 1, weight, mean, invstd, training)[:3])
+        monkeypatch.undo()
+        monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
+        for fused, separate in zip(*runs, strict=True):
+            assert fused.dtype == separate.dtype
+            np.testing.assert_array_equal(fused, separate)
+
+
 @pytest.mark.parametrize("engine", [NUMBA], indirect=True)
 @pytest.mark.parametrize("kind", ["zero-mean", "offset", "huge offset", "post-relu"])
 def test_the_data_never_selects_a_different_path(engine, kind):

@@ -465,6 +465,23 @@ def fused_forward(x2, y2, by_rows, length, units, counts, parts, c, w, b, rm, rv
         column_affine(x2, None, y2, length, cen, scale, shift, relu, 0, units)
 
 
+@njit(inline="always")
+def _grad_coefficients(like, m, ck, inv, w, k, flags, n, sum_dy, sum_dy_xc):
+    """Channel ``k``'s ``backward_coefficients`` (float64 ``a, b, c``) and ``sum(dy * (x -
+    mean))``, from float64 ``mean``, ``invstd`` and the sums about ``ck``, the mean in the
+    compute dtype of ``like``; the same operations as the Python code's."""
+    residual = m - np.float64(ck)
+    sum_dy_xmu = sum_dy_xc - residual * sum_dy
+    ka = inv * np.float64(w[k]) if flags & SMALL_WEIGHT else inv
+    if flags & SMALL_TRAIN and n > 0:
+        kb = -ka * inv * inv * sum_dy_xmu / n
+        kc = -ka * sum_dy / n - kb * residual
+    else:
+        kb = ka * 0.0
+        kc = ka * 0.0
+    return ka, kb, kc, sum_dy_xmu
+
+
 @_kernel()
 def small_backward(g3, x3, dx3, w, mean, invstd, flags, grads):
     """Batch-norm backward of a small ``(A, C, B)`` array: the float64 sums ``sum(dy)`` and
@@ -483,16 +500,9 @@ def small_backward(g3, x3, dx3, w, mean, invstd, flags, grads):
                 g = np.float64(g3[i, k, j])
                 sum_dy += g
                 sum_dy_xc += (np.float64(x3[i, k, j]) - np.float64(ck)) * g
-        residual = m - np.float64(ck)
-        sum_dy_xmu = sum_dy_xc - residual * sum_dy
         inv = np.float64(invstd[k])
-        ka = inv * np.float64(w[k]) if flags & SMALL_WEIGHT else inv
-        if flags & SMALL_TRAIN and n > 0:
-            kb = -ka * inv * inv * sum_dy_xmu / n
-            kc = -ka * sum_dy / n - kb * residual
-        else:
-            kb = ka * 0.0
-            kc = ka * 0.0
+        ka, kb, kc, sum_dy_xmu = _grad_coefficients(x3, m, ck, inv, w, k, flags, n, sum_dy,
+                                                    sum_dy_xc)
         ca, cb, cc = compute(x3, ka), compute(x3, kb), compute(x3, kc)
         for i in range(a_):
             for j in range(n_b):
@@ -500,6 +510,45 @@ def small_backward(g3, x3, dx3, w, mean, invstd, flags, grads):
                 dx3[i, k, j] = v + compute(x3, g3[i, k, j]) * ca
         grads[0, k] = sum_dy_xmu * inv
         grads[1, k] = sum_dy
+
+
+@_kernel()
+def fused_backward(g2, x2, dx2, by_rows, length, units, c, w, mean, invstd, flags, grads):
+    """A whole batch-norm backward in one call, for arrays too small to share among threads and
+    with one partial per channel and row or block (rows of at most one segment, or ``B == 1``):
+    ``row_grad_sums`` or ``column_grad_sums``, their partials added in order, the per-channel
+    arithmetic of ``backward_coefficients``, then ``row_grad_affine`` or ``column_grad_affine``,
+    bitwise the results of the separate calls. ``g2``, ``x2``, ``dx2``: the ``_flat`` views;
+    ``flags``, ``grads`` as :func:`small_backward`'s."""
+    n = x2.size // c
+    cen = compute_empty(x2, c)
+    for k in range(c):
+        cen[k] = compute(x2, np.float64(mean[k]))
+    if by_rows:
+        sg, sgx = np.empty(units), np.empty(units)
+        row_grad_sums(g2, x2, length, c, cen, 0, units, sg, sgx)
+    else:
+        sg2, sgx2 = np.empty((units, c)), np.empty((units, c))
+        column_grad_sums(g2, x2, length, cen, 0, units, sg2, sgx2)
+        sg, sgx = sg2.reshape(-1), sgx2.reshape(-1)
+    ka = compute_empty(x2, c)
+    kb = compute_empty(x2, c)
+    kc = compute_empty(x2, c)
+    for k in range(c):
+        sum_dy, sum_dy_xc = sg[k], sgx[k]
+        for i in range(k + c, sg.shape[0], c):  # as NumPy adds the (partial, channel) rows
+            sum_dy += sg[i]
+            sum_dy_xc += sgx[i]
+        m, inv = np.float64(mean[k]), np.float64(invstd[k])
+        a_, b_, c_, sum_dy_xmu = _grad_coefficients(x2, m, cen[k], inv, w, k, flags, n, sum_dy,
+                                                    sum_dy_xc)
+        ka[k], kb[k], kc[k] = compute(x2, a_), compute(x2, b_), compute(x2, c_)
+        grads[0, k] = sum_dy_xmu * inv
+        grads[1, k] = sum_dy
+    if by_rows:
+        row_grad_affine(g2, x2, dx2, length, c, cen, ka, kb, kc, 0, units)
+    else:
+        column_grad_affine(g2, x2, dx2, length, cen, ka, kb, kc, 0, units)
 
 
 SMALL_RMS = 64  # small_rows' flag (with SMALL_WEIGHT, SMALL_BIAS)

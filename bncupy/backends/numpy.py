@@ -514,7 +514,8 @@ def _small_backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean:
 
 
 def _fused_kernels(x: np.ndarray, residual: Any, *vectors: Any) -> Any:
-    """The compiled engine's module when a forward of ``x`` is one call of ``fused_forward``:
+    """The compiled engine's module when a forward of ``x`` is one call of ``fused_forward`` (a
+    backward, of ``fused_backward``, where :func:`_fused_backward` takes it):
     fewer than ``PARALLEL_MIN`` values (so one thread, whatever ``BNCUPY_NUM_THREADS``), no
     residual, float16/32/64 data, per-channel vectors absent or contiguous writeable
     float32/float64; else None."""
@@ -550,6 +551,28 @@ def _fused_forward(k: Any, x: np.ndarray, axis: int, weight: Any, bias: Any, eps
                     flags, eps, momentum, stats, center)
     mean, invstd, scale, shift = stats
     return y, mean, center, invstd.astype(center.dtype), (center, scale, shift)
+
+
+def _fused_backward(k: Any, dy: np.ndarray, x: np.ndarray, axis: int, weight: Any,
+                    mean: np.ndarray, invstd: np.ndarray, training: bool) -> tuple | None:
+    """:func:`_backward` without a fused activation in one call of the compiled engine's
+    ``fused_backward`` (bitwise the same results), or None where that does not apply: ``dy``
+    not of ``x``'s dtype, one channel, or more than one partial per channel and row or block
+    (NumPy adds those in an order of its own)."""
+    x3 = view3(x, axis)
+    c = x3.shape[1]
+    passes = CompiledPasses
+    by_rows, length, units, _, parts = passes._units(x3.shape)
+    if dy.dtype != x.dtype or c < 2 or parts != 1:
+        return None
+    dx = np.empty(x.shape, x.dtype)
+    grads = np.empty((2, c))
+    k.fused_backward(passes._flat(view3(dy, axis), by_rows), passes._flat(x3, by_rows),
+                     passes._flat(dx.reshape(x3.shape), by_rows), by_rows, length, units, c,
+                     _EMPTY[np.dtype(np.float64)][0] if weight is None else weight, mean, invstd,
+                     (weight is not None) * k.SMALL_WEIGHT | bool(training) * k.SMALL_TRAIN,
+                     grads)
+    return dx, grads[0], grads[1], None
 
 
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
@@ -714,6 +737,12 @@ def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.nda
 def _backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
               invstd: np.ndarray, training: bool, fused: tuple | None = None,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    if fused is None:
+        k = _fused_kernels(x, None, weight, mean, invstd)
+        done = None if k is None else _fused_backward(k, dy, x, axis, weight, mean, invstd,
+                                                      training)
+        if done is not None:
+            return done
     g = dy if fused is None else relu_grad(dy, x, axis, *fused)
     count = x.size // x.shape[axis] if x.shape[axis] else 0
     sum_dy, sum_dy_xmu = backward_sums(g, x, axis, mean, invstd)
