@@ -216,10 +216,12 @@ def test_float32_variance_keeps_1e_5_at_huge_mean_over_std(engine, axis, ratio):
 
 
 @pytest.mark.parametrize("axis", [1, -1])
-def test_results_do_not_depend_on_the_thread_count(engine, monkeypatch, axis):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_results_do_not_depend_on_the_thread_count(engine, monkeypatch, axis, dtype):
+    # one thread: one call of fused_forward and of fused_backward; more: the separate passes
     shape = (8, 16, 64, 64) if axis == 1 else (8, 64, 64, 16)
     assert np.prod(shape) >= _pool.PARALLEL_MIN
-    x = _data(shape, np.float32, "offset")
+    x = _data(shape, dtype, "offset")
     outs = []
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("BNCUPY_NUM_THREADS", threads)

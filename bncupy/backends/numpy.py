@@ -42,6 +42,7 @@ from .._dtypes import BFLOAT16
 from ._common import backward_coefficients, compute_dtype, forward_coefficients, quiet
 from ._pool import PARALLEL_MIN
 from ._pool import run as _run
+from ._pool import threads as _threads
 from ._ufuncs import NumpyPasses, _tiles  # noqa: F401 (_tiles: tests/test_properties.py)
 
 name = "numpy"
@@ -516,10 +517,11 @@ def _small_backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean:
 def _fused_kernels(x: np.ndarray, residual: Any, *vectors: Any) -> Any:
     """The compiled engine's module when a forward of ``x`` is one call of ``fused_forward`` (a
     backward, of ``fused_backward``, where :func:`_fused_backward` takes it):
-    fewer than ``PARALLEL_MIN`` values (so one thread, whatever ``BNCUPY_NUM_THREADS``), no
+    one thread (fewer than ``PARALLEL_MIN`` values, or ``BNCUPY_NUM_THREADS=1``), no
     residual, float16/32/64 data, per-channel vectors absent or contiguous writeable
     float32/float64; else None."""
-    if residual is not None or not 0 < x.size < PARALLEL_MIN or x.dtype not in _PLAIN_FLOATS:
+    if residual is not None or x.size == 0 or x.dtype not in _PLAIN_FLOATS or (
+            x.size >= PARALLEL_MIN and _threads() > 1):
         return None
     for v in vectors:
         if v is not None and (v.dtype not in _WIDE_FLOATS or v.ndim != 1
