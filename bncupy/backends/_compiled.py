@@ -27,6 +27,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 _SUMS = {"reassoc"}  # lets LLVM vectorize float64 sums; the order is still fixed by the code
@@ -60,6 +61,32 @@ def _float_to_half(typingctx, value):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, flat, index):
+    """Ask for the cache line holding ``flat[index]`` into L2 (x86 ``prefetcht1``; never
+    faults)."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [byte, ir.IntType(32), ir.IntType(32),
+                                               ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        i32 = ir.IntType(32)  # read, locality 2 (into L2, as the hardware prefetcher would), data
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), byte), i32(0), i32(2),
+                          i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(flat, types.intp), codegen
+
+
+@njit(inline="always")
+def _prefetch_rows(xf, start, stop):
+    """Prefetch ``xf[start:stop]`` (clipped to ``xf``), one request per 64-byte line."""
+    step = 64 // xf.itemsize
+    for i in range(start, min(stop, xf.shape[0]), step):
+        _prefetch(xf, i)
 
 
 def widen(value):  # pragma: no cover - replaced by the overload inside compiled code
@@ -140,9 +167,12 @@ def column_moments(x2, rows, lo, hi, mean, m2):
     """Two-pass per-channel mean and M2 of each block ``u`` of ``rows`` rows.
 
     Eight rows at a time are summed in the compute dtype (at most 8 ulps) and added to float64
-    accumulators, which are so loaded and stored once per eight values.
+    accumulators, which are so loaded and stored once per eight values. On float16 (twice
+    the arithmetic per byte) the second pass, on a block in cache, prefetches the next block,
+    so that its reading from memory overlaps the arithmetic.
     """
     a, c = x2.shape
+    xf = x2.reshape(-1)
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
     t1 = compute_empty(x2, c)
@@ -170,6 +200,8 @@ def column_moments(x2, rows, lo, hi, mean, m2):
         s1[:] = 0.0
         s2[:] = 0.0
         for r in range(r0, r8, 8):
+            if x2.itemsize == 2 and u + 1 < hi:  # float16 (float32: measured no faster)
+                _prefetch_rows(xf, (r + n) * c, (r + n + 8) * c)
             x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
                                                x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
