@@ -464,10 +464,13 @@ def fused_forward(x2, y2, by_rows, length, units, counts, parts, c, w, b, rm, rv
             um2, uq2 = np.empty((units, c * parts)), np.empty((units, c * parts))
             column_moments(x2, length, 0, units, um2, uq2)
             um, uq = um2.reshape(-1), uq2.reshape(-1)
-        pm, pq = np.empty((counts.shape[0], c)), np.empty((counts.shape[0], c))
-        for u in range(um.shape[0]):  # (row or block, channel, part) -> (row or block, part)
-            i, ch, j = u // (c * parts), (u // parts) % c, u % parts
-            pm[i * parts + j, ch], pq[i * parts + j, ch] = um[u], uq[u]
+        if parts == 1:  # already (row or block, channel)
+            pm, pq = um.reshape(-1, c), uq.reshape(-1, c)
+        else:
+            pm, pq = np.empty((counts.shape[0], c)), np.empty((counts.shape[0], c))
+            for u in range(um.shape[0]):  # (row or block, channel, part) -> (row or block, part)
+                i, ch, j = u // (c * parts), (u // parts) % c, u % parts
+                pm[i * parts + j, ch], pq[i * parts + j, ch] = um[u], uq[u]
         means, m2s = merge_moments(pm, pq, counts)
     cen = compute_empty(x2, c)
     scale = compute_empty(x2, c)
