@@ -468,9 +468,12 @@ def fused_forward(x2, y2, by_rows, length, units, counts, parts, c, w, b, rm, rv
             pm, pq = um.reshape(-1, c), uq.reshape(-1, c)
         else:
             pm, pq = np.empty((counts.shape[0], c)), np.empty((counts.shape[0], c))
-            for u in range(um.shape[0]):  # (row or block, channel, part) -> (row or block, part)
-                i, ch, j = u // (c * parts), (u // parts) % c, u % parts
-                pm[i * parts + j, ch], pq[i * parts + j, ch] = um[u], uq[u]
+            u = 0  # (row or block, channel, part) -> (row or block, part): no integer divisions
+            for i in range(0, counts.shape[0], parts):
+                for ch in range(c):
+                    for j in range(i, i + parts):
+                        pm[j, ch], pq[j, ch] = um[u], uq[u]
+                        u += 1
         means, m2s = merge_moments(pm, pq, counts)
     cen = compute_empty(x2, c)
     scale = compute_empty(x2, c)
