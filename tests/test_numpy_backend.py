@@ -123,7 +123,7 @@ def test_a_fused_forward_is_bitwise_its_separate_passes(monkeypatch, dtype, path
     rng = np.random.default_rng(3)
     w, b = rng.uniform(0.5, 2, shape[1]), rng.standard_normal(shape[1]).astype(np.float32)
     monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
-    assert nb._fused_kernels(x, None, w, b) is not None
+    assert nb._fused_kernels(x, 1, None, w, b) is not None
     runs = []
     for fused in (True, False):
         if not fused:
@@ -149,7 +149,7 @@ def test_a_fused_backward_is_bitwise_its_separate_passes(monkeypatch, dtype, pat
     mean = x.astype(np.float64).mean(axis=(0, 2)).astype(np.float32)
     invstd = np.random.default_rng(3).uniform(0.5, 2, shape[1]).astype(np.float32)
     monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
-    k = nb._fused_kernels(x, None, invstd, mean, invstd)
+    k = nb._fused_kernels(x, 1, None, invstd, mean, invstd)
     parts = nb.CompiledPasses._units(shape)[4]
     assert (nb._fused_backward(k, dy, x, 1, invstd, mean, invstd, training) is not None) == (
         parts == 1)  # one partial per channel and row or block: "rows", "columns", "wide columns"

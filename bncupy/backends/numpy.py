@@ -514,14 +514,16 @@ def _small_backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean:
     return dx, grad_weight, grad_bias, residual_grad
 
 
-def _fused_kernels(x: np.ndarray, residual: Any, *vectors: Any) -> Any:
+def _fused_kernels(x: np.ndarray, axis: int, residual: Any, *vectors: Any) -> Any:
     """The compiled engine's module when a forward of ``x`` is one call of ``fused_forward`` (a
-    backward, of ``fused_backward``, where :func:`_fused_backward` takes it):
-    one thread (fewer than ``PARALLEL_MIN`` values, or ``BNCUPY_NUM_THREADS=1``), no
-    residual, float16/32/64 data, per-channel vectors absent or contiguous writeable
-    float32/float64; else None."""
-    if residual is not None or x.size == 0 or x.dtype not in _PLAIN_FLOATS or (
-            x.size >= PARALLEL_MIN and _threads() > 1):
+    backward, of ``fused_backward``, where :func:`_fused_backward` takes it): one thread (fewer
+    than ``PARALLEL_MIN`` values; or ``BNCUPY_NUM_THREADS=1`` and one partial per channel and
+    row or block, where the fused call is measured no slower), no residual, float16/32/64
+    data, per-channel vectors absent or contiguous writeable float32/float64; else None."""
+    if residual is not None or x.size == 0 or x.dtype not in _PLAIN_FLOATS:
+        return None
+    if x.size >= PARALLEL_MIN and (_threads() > 1
+                                   or CompiledPasses._units(view3(x, axis).shape)[4] != 1):
         return None
     for v in vectors:
         if v is not None and (v.dtype not in _WIDE_FLOATS or v.ndim != 1
@@ -605,7 +607,7 @@ def _normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: floa
                      residual: np.ndarray | None = None, relu: bool = False,
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """:func:`normalize_train` through the engine."""
-    k = _fused_kernels(x, residual, running_mean, running_var, weight, bias)
+    k = _fused_kernels(x, axis, residual, running_mean, running_var, weight, bias)
     if k is not None:
         return _fused_forward(k, x, axis, weight, bias, eps, running_mean, running_var,
                               momentum, relu, True)
@@ -643,7 +645,7 @@ def _normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray,
                     running_var: np.ndarray, weight: Any, bias: Any, eps: float,
                     residual: np.ndarray | None = None, relu: bool = False,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
-    k = _fused_kernels(x, residual, running_mean, running_var, weight, bias)
+    k = _fused_kernels(x, axis, residual, running_mean, running_var, weight, bias)
     if k is not None:
         return _fused_forward(k, x, axis, weight, bias, eps, running_mean, running_var, 0.0,
                               relu, False)
@@ -740,7 +742,7 @@ def _backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.nd
               invstd: np.ndarray, training: bool, fused: tuple | None = None,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     if fused is None:
-        k = _fused_kernels(x, None, weight, mean, invstd)
+        k = _fused_kernels(x, axis, None, weight, mean, invstd)
         done = None if k is None else _fused_backward(k, dy, x, axis, weight, mean, invstd,
                                                       training)
         if done is not None:
