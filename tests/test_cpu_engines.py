@@ -106,8 +106,8 @@ from bncupy.backends import _compiled as k
 from bncupy.backends import numpy as nb
 x = np.random.default_rng(0).standard_normal((4, 3, 100)).astype(np.float32)  # not small
 bn.batch_norm(x, None, None, training=True)  # one call of the fused forward
-bn.batch_norm_backward(x, x, None, np.zeros(3, np.float32), np.ones(3, np.float32))
-kernels = (k.fused_forward, k.row_grad_sums)
+bn.batch_norm_backward(x, x, None, np.zeros(3, np.float32), np.ones(3, np.float32))  # fused too
+kernels = (k.fused_forward, k.fused_backward)
 hits = sum(sum(f.stats.cache_hits.values()) for f in kernels)
 misses = sum(sum(f.stats.cache_misses.values()) for f in kernels)
 print(json.dumps({"engine": nb.engine_status(), "cache": k.cache_dir(), "hits": hits,

@@ -123,7 +123,7 @@ def test_a_fused_forward_is_bitwise_its_separate_passes(monkeypatch, dtype, path
     rng = np.random.default_rng(3)
     w, b = rng.uniform(0.5, 2, shape[1]), rng.standard_normal(shape[1]).astype(np.float32)
     monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
-    assert nb._fused_kernels(x, None, w, b) is not None
+    assert nb._fused_kernels(x, 1, None, w, b) is not None
     runs = []
     for fused in (True, False):
         if not fused:
@@ -137,6 +137,33 @@ def test_a_fused_forward_is_bitwise_its_separate_passes(monkeypatch, dtype, path
     for fused, separate in zip(*runs, strict=True):
         assert fused.dtype == separate.dtype
         np.testing.assert_array_equal(fused, separate)
+
+
+@requires("numba", compiled_engine_missing())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_a_fused_backward_is_bitwise_its_separate_passes(monkeypatch, dtype, path, training):
+    shape = SHAPES[path]
+    x, dy = _data(shape, dtype, "offset"), _data(shape, dtype, "zero-mean", seed=1)
+    mean = x.astype(np.float64).mean(axis=(0, 2)).astype(np.float32)
+    invstd = np.random.default_rng(3).uniform(0.5, 2, shape[1]).astype(np.float32)
+    monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
+    k = nb._fused_kernels(x, 1, None, invstd, mean, invstd)
+    parts = nb.CompiledPasses._units(shape)[4]
+    assert (nb._fused_backward(k, dy, x, 1, invstd, mean, invstd, training) is not None) == (
+        parts == 1)  # one partial per channel and row or block: "rows", "columns", "wide columns"
+    for weight in (invstd.astype(np.float64), None):
+        runs = []
+        for fused in (True, False):
+            if not fused:
+                monkeypatch.setattr(nb, "_fused_backward", lambda *args: None)
+            runs.append(nb.backward(dy, x, 1, weight, mean, invstd, training)[:3])
+        monkeypatch.undo()
+        monkeypatch.delenv("BNCUPY_CPU_ENGINE", raising=False)
+        for fused, separate in zip(*runs, strict=True):
+            assert fused.dtype == separate.dtype
+            np.testing.assert_array_equal(fused, separate)
 
 
 @pytest.mark.parametrize("engine", [NUMBA], indirect=True)
@@ -189,10 +216,12 @@ def test_float32_variance_keeps_1e_5_at_huge_mean_over_std(engine, axis, ratio):
 
 
 @pytest.mark.parametrize("axis", [1, -1])
-def test_results_do_not_depend_on_the_thread_count(engine, monkeypatch, axis):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_results_do_not_depend_on_the_thread_count(engine, monkeypatch, axis, dtype):
+    # one thread: one call of fused_forward and of fused_backward; more: the separate passes
     shape = (8, 16, 64, 64) if axis == 1 else (8, 64, 64, 16)
     assert np.prod(shape) >= _pool.PARALLEL_MIN
-    x = _data(shape, np.float32, "offset")
+    x = _data(shape, dtype, "offset")
     outs = []
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("BNCUPY_NUM_THREADS", threads)

@@ -27,6 +27,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 _SUMS = {"reassoc"}  # lets LLVM vectorize float64 sums; the order is still fixed by the code
@@ -60,6 +61,32 @@ def _float_to_half(typingctx, value):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, flat, index):
+    """Ask for the cache line holding ``flat[index]`` into L2 (x86 ``prefetcht1``; never
+    faults)."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [byte, ir.IntType(32), ir.IntType(32),
+                                               ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        i32 = ir.IntType(32)  # read, locality 2 (into L2, as the hardware prefetcher would), data
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), byte), i32(0), i32(2),
+                          i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(flat, types.intp), codegen
+
+
+@njit(inline="always")
+def _prefetch_rows(xf, start, stop):
+    """Prefetch ``xf[start:stop]`` (clipped to ``xf``), one request per 64-byte line."""
+    step = 64 // xf.itemsize
+    for i in range(start, min(stop, xf.shape[0]), step):
+        _prefetch(xf, i)
 
 
 def widen(value):  # pragma: no cover - replaced by the overload inside compiled code
@@ -140,9 +167,12 @@ def column_moments(x2, rows, lo, hi, mean, m2):
     """Two-pass per-channel mean and M2 of each block ``u`` of ``rows`` rows.
 
     Eight rows at a time are summed in the compute dtype (at most 8 ulps) and added to float64
-    accumulators, which are so loaded and stored once per eight values.
+    accumulators, which are so loaded and stored once per eight values. On float16 (twice
+    the arithmetic per byte) the second pass, on a block in cache, prefetches the next block,
+    so that its reading from memory overlaps the arithmetic.
     """
     a, c = x2.shape
+    xf = x2.reshape(-1)
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
     t1 = compute_empty(x2, c)
@@ -170,6 +200,8 @@ def column_moments(x2, rows, lo, hi, mean, m2):
         s1[:] = 0.0
         s2[:] = 0.0
         for r in range(r0, r8, 8):
+            if x2.itemsize == 2 and u + 1 < hi:  # float16 (float32: measured no faster)
+                _prefetch_rows(xf, (r + n) * c, (r + n + 8) * c)
             x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
                                                x2[r + 5], x2[r + 6], x2[r + 7])
             for k in range(c):
@@ -432,10 +464,16 @@ def fused_forward(x2, y2, by_rows, length, units, counts, parts, c, w, b, rm, rv
             um2, uq2 = np.empty((units, c * parts)), np.empty((units, c * parts))
             column_moments(x2, length, 0, units, um2, uq2)
             um, uq = um2.reshape(-1), uq2.reshape(-1)
-        pm, pq = np.empty((counts.shape[0], c)), np.empty((counts.shape[0], c))
-        for u in range(um.shape[0]):  # (row or block, channel, part) -> (row or block, part)
-            i, ch, j = u // (c * parts), (u // parts) % c, u % parts
-            pm[i * parts + j, ch], pq[i * parts + j, ch] = um[u], uq[u]
+        if parts == 1:  # already (row or block, channel)
+            pm, pq = um.reshape(-1, c), uq.reshape(-1, c)
+        else:
+            pm, pq = np.empty((counts.shape[0], c)), np.empty((counts.shape[0], c))
+            u = 0  # (row or block, channel, part) -> (row or block, part): no integer divisions
+            for i in range(0, counts.shape[0], parts):
+                for ch in range(c):
+                    for j in range(i, i + parts):
+                        pm[j, ch], pq[j, ch] = um[u], uq[u]
+                        u += 1
         means, m2s = merge_moments(pm, pq, counts)
     cen = compute_empty(x2, c)
     scale = compute_empty(x2, c)
@@ -465,6 +503,23 @@ def fused_forward(x2, y2, by_rows, length, units, counts, parts, c, w, b, rm, rv
         column_affine(x2, None, y2, length, cen, scale, shift, relu, 0, units)
 
 
+@njit(inline="always")
+def _grad_coefficients(like, m, ck, inv, w, k, flags, n, sum_dy, sum_dy_xc):
+    """Channel ``k``'s ``backward_coefficients`` (float64 ``a, b, c``) and ``sum(dy * (x -
+    mean))``, from float64 ``mean``, ``invstd`` and the sums about ``ck``, the mean in the
+    compute dtype of ``like``; the same operations as the Python code's."""
+    residual = m - np.float64(ck)
+    sum_dy_xmu = sum_dy_xc - residual * sum_dy
+    ka = inv * np.float64(w[k]) if flags & SMALL_WEIGHT else inv
+    if flags & SMALL_TRAIN and n > 0:
+        kb = -ka * inv * inv * sum_dy_xmu / n
+        kc = -ka * sum_dy / n - kb * residual
+    else:
+        kb = ka * 0.0
+        kc = ka * 0.0
+    return ka, kb, kc, sum_dy_xmu
+
+
 @_kernel()
 def small_backward(g3, x3, dx3, w, mean, invstd, flags, grads):
     """Batch-norm backward of a small ``(A, C, B)`` array: the float64 sums ``sum(dy)`` and
@@ -483,16 +538,9 @@ def small_backward(g3, x3, dx3, w, mean, invstd, flags, grads):
                 g = np.float64(g3[i, k, j])
                 sum_dy += g
                 sum_dy_xc += (np.float64(x3[i, k, j]) - np.float64(ck)) * g
-        residual = m - np.float64(ck)
-        sum_dy_xmu = sum_dy_xc - residual * sum_dy
         inv = np.float64(invstd[k])
-        ka = inv * np.float64(w[k]) if flags & SMALL_WEIGHT else inv
-        if flags & SMALL_TRAIN and n > 0:
-            kb = -ka * inv * inv * sum_dy_xmu / n
-            kc = -ka * sum_dy / n - kb * residual
-        else:
-            kb = ka * 0.0
-            kc = ka * 0.0
+        ka, kb, kc, sum_dy_xmu = _grad_coefficients(x3, m, ck, inv, w, k, flags, n, sum_dy,
+                                                    sum_dy_xc)
         ca, cb, cc = compute(x3, ka), compute(x3, kb), compute(x3, kc)
         for i in range(a_):
             for j in range(n_b):
@@ -500,6 +548,45 @@ def small_backward(g3, x3, dx3, w, mean, invstd, flags, grads):
                 dx3[i, k, j] = v + compute(x3, g3[i, k, j]) * ca
         grads[0, k] = sum_dy_xmu * inv
         grads[1, k] = sum_dy
+
+
+@_kernel()
+def fused_backward(g2, x2, dx2, by_rows, length, units, c, w, mean, invstd, flags, grads):
+    """A whole batch-norm backward in one call, for arrays too small to share among threads and
+    with one partial per channel and row or block (rows of at most one segment, or ``B == 1``):
+    ``row_grad_sums`` or ``column_grad_sums``, their partials added in order, the per-channel
+    arithmetic of ``backward_coefficients``, then ``row_grad_affine`` or ``column_grad_affine``,
+    bitwise the results of the separate calls. ``g2``, ``x2``, ``dx2``: the ``_flat`` views;
+    ``flags``, ``grads`` as :func:`small_backward`'s."""
+    n = x2.size // c
+    cen = compute_empty(x2, c)
+    for k in range(c):
+        cen[k] = compute(x2, np.float64(mean[k]))
+    if by_rows:
+        sg, sgx = np.empty(units), np.empty(units)
+        row_grad_sums(g2, x2, length, c, cen, 0, units, sg, sgx)
+    else:
+        sg2, sgx2 = np.empty((units, c)), np.empty((units, c))
+        column_grad_sums(g2, x2, length, cen, 0, units, sg2, sgx2)
+        sg, sgx = sg2.reshape(-1), sgx2.reshape(-1)
+    ka = compute_empty(x2, c)
+    kb = compute_empty(x2, c)
+    kc = compute_empty(x2, c)
+    for k in range(c):
+        sum_dy, sum_dy_xc = sg[k], sgx[k]
+        for i in range(k + c, sg.shape[0], c):  # as NumPy adds the (partial, channel) rows
+            sum_dy += sg[i]
+            sum_dy_xc += sgx[i]
+        m, inv = np.float64(mean[k]), np.float64(invstd[k])
+        a_, b_, c_, sum_dy_xmu = _grad_coefficients(x2, m, cen[k], inv, w, k, flags, n, sum_dy,
+                                                    sum_dy_xc)
+        ka[k], kb[k], kc[k] = compute(x2, a_), compute(x2, b_), compute(x2, c_)
+        grads[0, k] = sum_dy_xmu * inv
+        grads[1, k] = sum_dy
+    if by_rows:
+        row_grad_affine(g2, x2, dx2, length, c, cen, ka, kb, kc, 0, units)
+    else:
+        column_grad_affine(g2, x2, dx2, length, cen, ka, kb, kc, 0, units)
 
 
 SMALL_RMS = 64  # small_rows' flag (with SMALL_WEIGHT, SMALL_BIAS)

@@ -42,6 +42,7 @@ from .._dtypes import BFLOAT16
 from ._common import backward_coefficients, compute_dtype, forward_coefficients, quiet
 from ._pool import PARALLEL_MIN
 from ._pool import run as _run
+from ._pool import threads as _threads
 from ._ufuncs import NumpyPasses, _tiles  # noqa: F401 (_tiles: tests/test_properties.py)
 
 name = "numpy"
@@ -513,12 +514,16 @@ def _small_backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean:
     return dx, grad_weight, grad_bias, residual_grad
 
 
-def _fused_kernels(x: np.ndarray, residual: Any, *vectors: Any) -> Any:
-    """The compiled engine's module when a forward of ``x`` is one call of ``fused_forward``:
-    fewer than ``PARALLEL_MIN`` values (so one thread, whatever ``BNCUPY_NUM_THREADS``), no
-    residual, float16/32/64 data, per-channel vectors absent or contiguous writeable
-    float32/float64; else None."""
-    if residual is not None or not 0 < x.size < PARALLEL_MIN or x.dtype not in _PLAIN_FLOATS:
+def _fused_kernels(x: np.ndarray, axis: int, residual: Any, *vectors: Any) -> Any:
+    """The compiled engine's module when a forward of ``x`` is one call of ``fused_forward`` (a
+    backward, of ``fused_backward``, where :func:`_fused_backward` takes it): one thread (fewer
+    than ``PARALLEL_MIN`` values; or ``BNCUPY_NUM_THREADS=1`` and one partial per channel and
+    row or block, where the fused call is measured no slower), no residual, float16/32/64
+    data, per-channel vectors absent or contiguous writeable float32/float64; else None."""
+    if residual is not None or x.size == 0 or x.dtype not in _PLAIN_FLOATS:
+        return None
+    if x.size >= PARALLEL_MIN and (_threads() > 1
+                                   or CompiledPasses._units(view3(x, axis).shape)[4] != 1):
         return None
     for v in vectors:
         if v is not None and (v.dtype not in _WIDE_FLOATS or v.ndim != 1
@@ -552,6 +557,28 @@ def _fused_forward(k: Any, x: np.ndarray, axis: int, weight: Any, bias: Any, eps
     return y, mean, center, invstd.astype(center.dtype), (center, scale, shift)
 
 
+def _fused_backward(k: Any, dy: np.ndarray, x: np.ndarray, axis: int, weight: Any,
+                    mean: np.ndarray, invstd: np.ndarray, training: bool) -> tuple | None:
+    """:func:`_backward` without a fused activation in one call of the compiled engine's
+    ``fused_backward`` (bitwise the same results), or None where that does not apply: ``dy``
+    not of ``x``'s dtype, one channel, or more than one partial per channel and row or block
+    (NumPy adds those in an order of its own)."""
+    x3 = view3(x, axis)
+    c = x3.shape[1]
+    passes = CompiledPasses
+    by_rows, length, units, _, parts = passes._units(x3.shape)
+    if dy.dtype != x.dtype or c < 2 or parts != 1:
+        return None
+    dx = np.empty(x.shape, x.dtype)
+    grads = np.empty((2, c))
+    k.fused_backward(passes._flat(view3(dy, axis), by_rows), passes._flat(x3, by_rows),
+                     passes._flat(dx.reshape(x3.shape), by_rows), by_rows, length, units, c,
+                     _EMPTY[np.dtype(np.float64)][0] if weight is None else weight, mean, invstd,
+                     (weight is not None) * k.SMALL_WEIGHT | bool(training) * k.SMALL_TRAIN,
+                     grads)
+    return dx, grads[0], grads[1], None
+
+
 def normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float,
                     residual: np.ndarray | None = None, relu: bool = False, keep: bool = True,
@@ -580,7 +607,7 @@ def _normalize_train(x: np.ndarray, axis: int, weight: Any, bias: Any, eps: floa
                      residual: np.ndarray | None = None, relu: bool = False,
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
     """:func:`normalize_train` through the engine."""
-    k = _fused_kernels(x, residual, running_mean, running_var, weight, bias)
+    k = _fused_kernels(x, axis, residual, running_mean, running_var, weight, bias)
     if k is not None:
         return _fused_forward(k, x, axis, weight, bias, eps, running_mean, running_var,
                               momentum, relu, True)
@@ -618,7 +645,7 @@ def _normalize_eval(x: np.ndarray, axis: int, running_mean: np.ndarray,
                     running_var: np.ndarray, weight: Any, bias: Any, eps: float,
                     residual: np.ndarray | None = None, relu: bool = False,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
-    k = _fused_kernels(x, residual, running_mean, running_var, weight, bias)
+    k = _fused_kernels(x, axis, residual, running_mean, running_var, weight, bias)
     if k is not None:
         return _fused_forward(k, x, axis, weight, bias, eps, running_mean, running_var, 0.0,
                               relu, False)
@@ -714,6 +741,12 @@ def backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.nda
 def _backward(dy: np.ndarray, x: np.ndarray, axis: int, weight: Any, mean: np.ndarray,
               invstd: np.ndarray, training: bool, fused: tuple | None = None,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    if fused is None:
+        k = _fused_kernels(x, axis, None, weight, mean, invstd)
+        done = None if k is None else _fused_backward(k, dy, x, axis, weight, mean, invstd,
+                                                      training)
+        if done is not None:
+            return done
     g = dy if fused is None else relu_grad(dy, x, axis, *fused)
     count = x.size // x.shape[axis] if x.shape[axis] else 0
     sum_dy, sum_dy_xmu = backward_sums(g, x, axis, mean, invstd)
