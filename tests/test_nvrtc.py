@@ -44,9 +44,10 @@ def _compile(arch: str) -> tuple[str, dict[str, str]]:
 
 # Blocks per SM each kernel must keep resident on sm_80/sm_90 (threads per block, blocks), as
 # its __launch_bounds__ promise: the elementwise kernels 4 blocks of 256 threads (64 registers;
-# backward_apply 3 on the 64-bit index path, whose fused float16 form would spill); the row kernels one block of 1024 threads (512 for the backward with
-# grad_prenorm, which holds twice as many values per thread; the backward holding rows in shared
-# memory 1024 either way); the reductions as _reduction_blocks.
+# backward_apply 3 on the 64-bit index path, whose fused float16 form would spill); the row
+# kernels one block of 1024 threads (512 for the backward with grad_prenorm, which holds twice as
+# many values per thread; the backward holding rows in shared memory 1024 either way); the
+# reductions as _reduction_blocks.
 OCCUPANCY = {"apply": (256, 4), "group_apply": (256, 4), "group_backward_apply": (256, 4),
              "backward_apply": (256, 4), "row_norm": (1024, 1), "row_norm_backward": (1024, 1),
              "row_norm_backward+sum": (512, 1), "row_norm_backward_shared": (1024, 1)}
