@@ -107,18 +107,24 @@ _CLUSTER = 32  # splits merged per cluster in channels-last reductions (kernels/
 _EVAL_TABLE = 24576
 
 
-def _offset(*arrays: Any) -> int:
-    """The common byte offset of the arrays' addresses from a 16-byte boundary, or -1 when they
-    differ (then nothing is loaded 16 bytes at a time)."""
-    offset = -1
-    for a in arrays:
-        if a is not None:
-            mine = a.data.ptr % 16
-            if offset < 0:
-                offset = mine
-            elif mine != offset:
-                return -1
+def _offset(x: Any, *others: Any, lag: int | None = None) -> int:
+    """The common byte offset of the arrays' addresses from a 16-byte boundary (``lag``: x's,
+    when the caller has it; None among ``others`` skipped), or -1 when they differ (then nothing
+    is loaded 16 bytes at a time)."""
+    offset = x.data.ptr % 16 if lag is None else lag
+    for a in others:
+        if a is not None and a.data.ptr % 16 != offset:
+            return -1
     return offset
+
+
+def _remember(table: dict, key: tuple, make: Callable[..., Any]) -> Any:
+    """``make(*key)`` kept in ``table`` (a hot path's lookup in front of a cache; cleared when it
+    holds 1024)."""
+    if len(table) >= 1024:
+        table.clear()
+    made = table[key] = make(*key)
+    return made
 
 
 class _Geometry:
@@ -233,13 +239,7 @@ def _geometry(x: Any, axis: int, *others: Any) -> _Geometry:
     """The cached geometry of ``x`` (with ``others`` of its shape walked alongside)."""
     key = (x.shape, axis, x.dtype, _offset(x, *others), _cuda._runtime.sm_count(),
            _INDEX64_FROM)
-    geo = _GEOMETRIES.get(key)
-    if geo is None:
-        geo = _geometry_cached(*key)
-        if len(_GEOMETRIES) >= 1024:
-            _GEOMETRIES.clear()
-        _GEOMETRIES[key] = geo
-    return geo
+    return _GEOMETRIES.get(key) or _remember(_GEOMETRIES, key, _geometry_cached)
 
 
 def _output_like(x: Any, lag: int | None = None) -> Any:
@@ -415,12 +415,7 @@ class Plan:
     def geometry(self, x: Any, *others: Any, lag: int | None = None) -> _Geometry:
         """:func:`_geometry` of ``x`` (of the signature's shape and dtype) by its alignment
         (``lag``: x's offset from a 16-byte boundary, when the caller has it)."""
-        offset = x.data.ptr % 16 if lag is None else lag
-        for a in others:
-            if a is not None and a.data.ptr % 16 != offset:
-                offset = -1
-                break
-        key = (offset, _cuda._runtime.sm_count(), _INDEX64_FROM)
+        key = (_offset(x, *others, lag=lag), _cuda._runtime.sm_count(), _INDEX64_FROM)
         geo = self.geometries.get(key)
         if geo is None:
             geo = self.geometries[key] = _geometry(x, self.axis, *others)
@@ -802,20 +797,11 @@ def _group_geometry(x: Any, lay: GroupLayout, *others: Any, lag: int | None = No
                     ) -> _GroupGeometry:
     """The cached geometry of ``x`` over ``lay`` with ``others`` walked alongside (``lag``: x's
     offset from a 16-byte boundary, when the caller has it)."""
-    offset = x.data.ptr % 16 if lag is None else lag
-    for a in others:
-        if a is not None and a.data.ptr % 16 != offset:
-            offset = -1
-            break
     rt = _cuda._runtime
-    key = (lay, x.dtype, offset, rt.sm_count(), _INDEX64_FROM, rt.shared_memory_optin())
-    geo = _GROUP_GEOMETRIES.get(key)
-    if geo is None:
-        geo = _group_geometry_cached(*key)
-        if len(_GROUP_GEOMETRIES) >= 1024:
-            _GROUP_GEOMETRIES.clear()
-        _GROUP_GEOMETRIES[key] = geo
-    return geo
+    key = (lay, x.dtype, _offset(x, *others, lag=lag), rt.sm_count(), _INDEX64_FROM,
+           rt.shared_memory_optin())
+    return _GROUP_GEOMETRIES.get(key) or _remember(_GROUP_GEOMETRIES, key,
+                                                   _group_geometry_cached)
 
 
 def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float, y: Any,
