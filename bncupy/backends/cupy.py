@@ -245,9 +245,10 @@ def _geometry(x: Any, axis: int, *others: Any) -> _Geometry:
 def _output_like(x: Any, lag: int | None = None) -> Any:
     """A new array like contiguous ``x`` at the same offset from a 16-byte boundary, so that the
     kernels read and write both 16 bytes at a time (a view into a slightly larger allocation
-    when ``x`` is a view off the boundary). ``lag``: that offset, when the caller has it."""
+    when ``x`` is a view off the boundary). ``lag``: that offset, when the caller has it (a
+    geometry's: -1 where its arrays' offsets differ)."""
     xp = _cuda._runtime.xp
-    if lag is None:
+    if lag is None or lag < 0:
         lag = x.data.ptr % 16
     if lag == 0:
         return xp.empty_like(x)
@@ -280,13 +281,10 @@ def _workspace(counters: int, layout: tuple) -> tuple[Any, ...]:
     return _cuda.bind(_cuda._runtime.current_stream(), counters, layout)
 
 
-_FLAGS = (np.int32(0), np.int32(1))  # int32 kernel flags, made once
-
-
 def _apply(x: Any, geo: _Geometry, stats: Any, residual: Any, running_mean: Any,
            running_var: Any, weight: Any, bias: Any, eps: float, momentum: float,
            evaluate: bool, relu: bool) -> Any:
-    y = _output_like(x, geo.offset if geo.offset >= 0 else None)
+    y = _output_like(x, geo.offset)
     geo.launch_reduce("apply", geo.eval_blocks if evaluate else geo.apply_blocks, (
         x, y, NULL if residual is None else residual, *geo.apply_shape, stats,
         NULL if running_mean is None else running_mean,
@@ -412,10 +410,9 @@ class Plan:
             v is None or (v.dtype == acc and v.flags.c_contiguous) for v in vectors)
         self.geometries: dict[tuple, _Geometry] = {}
 
-    def geometry(self, x: Any, *others: Any, lag: int | None = None) -> _Geometry:
-        """:func:`_geometry` of ``x`` (of the signature's shape and dtype) by its alignment
-        (``lag``: x's offset from a 16-byte boundary, when the caller has it)."""
-        key = (_offset(x, *others, lag=lag), _cuda._runtime.sm_count(), _INDEX64_FROM)
+    def geometry(self, x: Any, *others: Any) -> _Geometry:
+        """:func:`_geometry` of ``x`` (of the signature's shape and dtype) by its alignment."""
+        key = (_offset(x, *others), _cuda._runtime.sm_count(), _INDEX64_FROM)
         geo = self.geometries.get(key)
         if geo is None:
             geo = self.geometries[key] = _geometry(x, self.axis, *others)
@@ -479,11 +476,14 @@ def normalize_eval(x: Any, axis: int, running_mean: Any, running_var: Any, weigh
     return y, stats, None, None, stats
 
 
-def _mean_parts(mean: Any, acc: np.dtype, saved: bool) -> tuple[Any, Any]:
+def _mean_parts(mean: Any, acc: np.dtype, saved: bool, direct: bool = False,
+                ) -> tuple[Any, Any]:
     """(center, lo) of a mean: a statistics buffer's rows (``saved``), or a given vector of any
-    shape (lo null)."""
+    shape (lo null; as it is when the call signature's plan vouches for it, ``direct``)."""
     if saved:  # the buffer itself is its first row's pointer (_CENTER = 0): no view
         return mean, _row(mean, _LO)
+    if direct:
+        return mean, None
     if mean.dtype.itemsize > acc.itemsize:  # a float64 mean of float32 data: split
         center = mean.astype(acc)
         return center, (mean - center).astype(acc)
@@ -497,8 +497,7 @@ def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd
     the statistics buffer ``mean``'s. ``direct``: the call signature's plan found the vectors
     contiguous and accumulator-typed."""
     acc = geo.acc
-    center, lo = _mean_parts(mean, acc, mean.ndim == 2) if not direct or mean.ndim == 2 else \
-        (mean, None)
+    center, lo = _mean_parts(mean, acc, mean.ndim == 2, direct)
     if invstd is None:
         invstd = _row(mean, _INVSTD)
     elif not direct:
@@ -527,8 +526,7 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
     """
     fwd, residual = fused if fused is not None else (None, None)
     if plan is not None and plan.direct:
-        lag = x.data.ptr % 16
-        geo = plan.geometry(x, dy, residual, lag=lag)
+        geo = plan.geometry(x, dy, residual)
     else:
         if not x.flags.c_contiguous:
             x = require().ascontiguousarray(x)
@@ -536,11 +534,10 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
         if residual is not None:
             residual = _like(residual, x)
         geo = _geometry(x, axis, dy, residual)
-        lag = None
     grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, bool(training), fwd, residual,
                                plan is not None and plan.direct)
-    dx = _output_like(x, lag)
-    g = _output_like(x, lag) if fwd is not None and residual is not None else None
+    dx = _output_like(x, geo.offset)
+    g = _output_like(x, geo.offset) if fwd is not None and residual is not None else None
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
         dy, x, NULL if residual is None else residual, dx, NULL if g is None else g,
         *geo.apply_shape, coef, NULL if fwd is None else fwd))
