@@ -10,9 +10,11 @@ depend on the thread count). Two layouts of a contiguous ``(A, C, B)`` array:
   rows, and per-column vectors (a channel's values spread over its ``B`` columns) run along the
   contiguous axis.
 
-Statistics of a unit are two-pass while the unit is in cache: its sum gives a centre (the unit's
-mean rounded to the compute dtype), then ``sum(x - centre)`` and ``sum((x - centre)^2)`` are
-accumulated in float64 (column blocks add eight rows in the compute dtype first). Elementwise
+Statistics of a unit are centred sums, ``sum(x - centre)`` and ``sum((x - centre)^2)``
+accumulated in float64 (column blocks add eight rows in the compute dtype first). A row
+segment's centre is its mean (a first pass while it is in cache); a column block's is the mean of
+its first 16 rows, and where that is more than a standard deviation from the block's mean in some
+channel (sorted or trending data) the block, still in cache, is summed again about its mean. Elementwise
 passes compute in the compute dtype exactly as the pure-NumPy passes do, operation for
 operation, so the two give bitwise-equal outputs. float16 arrays come in as ``uint16`` views and
 are widened per value with the CPU's half-precision conversion.
@@ -164,64 +166,76 @@ def _sum8(v0, v1, v2, v3, v4, v5, v6, v7):
 
 @_kernel()
 def column_moments(x2, rows, lo, hi, mean, m2):
-    """Two-pass per-channel mean and M2 of each block ``u`` of ``rows`` rows.
+    """Per-channel mean and M2 of each block ``u`` of ``rows`` rows, about a centre: the mean
+    of the block's first 16 rows, or (where that is more than a standard deviation from the
+    block's mean in some channel, which costs the sums ``1 + (mean - centre)^2 / var`` times
+    their rounding) the block's mean, in a second pass over the block in cache.
 
     Eight rows at a time are summed in the compute dtype (at most 8 ulps) and added to float64
     accumulators, which are so loaded and stored once per eight values. On float16 (twice
-    the arithmetic per byte) the second pass, on a block in cache, prefetches the next block,
-    so that its reading from memory overlaps the arithmetic.
+    the arithmetic per byte) the pass prefetches the next block, so that its reading from
+    memory overlaps the arithmetic.
     """
     a, c = x2.shape
-    xf = x2.reshape(-1)
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
-    t1 = compute_empty(x2, c)
-    t2 = compute_empty(x2, c)
     centre = compute_empty(x2, c)
     for u in range(lo, hi):
         r0, r1 = u * rows, min((u + 1) * rows, a)
         n = r1 - r0
-        r8 = r0 + n - n % 8
         s1[:] = 0.0
-        for r in range(r0, r8, 8):
-            x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
-                                               x2[r + 5], x2[r + 6], x2[r + 7])
-            for k in range(c):
-                t1[k] = _sum8(widen(x0[k]), widen(x1[k]), widen(x2_[k]), widen(x3[k]),
-                              widen(x4[k]), widen(x5[k]), widen(x6[k]), widen(x7[k]))
-            for k in range(c):
-                s1[k] += np.float64(t1[k])
-        for r in range(r8, r1):
+        for r in range(r0, min(r1, r0 + 16)):
             xr = x2[r]
             for k in range(c):
                 s1[k] += widen(xr[k])
         for k in range(c):
-            centre[k] = compute(x2, s1[k] / n)
-        s1[:] = 0.0
-        s2[:] = 0.0
-        for r in range(r0, r8, 8):
-            if x2.itemsize == 2 and u + 1 < hi:  # float16 (float32: measured no faster)
-                _prefetch_rows(xf, (r + n) * c, (r + n + 8) * c)
-            x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
-                                               x2[r + 5], x2[r + 6], x2[r + 7])
-            for k in range(c):
-                m = centre[k]
-                d0, d1, d2, d3 = widen(x0[k]) - m, widen(x1[k]) - m, widen(x2_[k]) - m, widen(x3[k]) - m
-                d4, d5, d6, d7 = widen(x4[k]) - m, widen(x5[k]) - m, widen(x6[k]) - m, widen(x7[k]) - m
-                t1[k] = _sum8(d0, d1, d2, d3, d4, d5, d6, d7)
-                t2[k] = _sum8(d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7)
-            for k in range(c):
-                s1[k] += np.float64(t1[k])
-                s2[k] += np.float64(t2[k])
-        for r in range(r8, r1):
-            xr = x2[r]
-            for k in range(c):
-                d = np.float64(widen(xr[k]) - centre[k])
-                s1[k] += d
-                s2[k] += d * d
+            centre[k] = compute(x2, s1[k] / min(n, 16))
+        _centred_sums(x2, r0, r1, u + 1 < hi, centre, s1, s2)
+        far = False
+        for k in range(c):
+            if s1[k] * s1[k] > s2[k] * (n / 2):  # (mean - centre)^2 > var; NaN: False
+                centre[k] = compute(x2, centre[k] + s1[k] / n)
+                far = True
+        if far:
+            _centred_sums(x2, r0, r1, False, centre, s1, s2)
         for k in range(c):
             mean[u, k] = centre[k] + s1[k] / n
             m2[u, k] = s2[k] - s1[k] * s1[k] / n
+
+
+@njit(inline="always")
+def _centred_sums(x2, r0, r1, prefetch, centre, s1, s2):
+    """float64 ``s1 = sum(x - centre)``, ``s2 = sum((x - centre)^2)`` per channel over rows
+    ``[r0, r1)``; with ``prefetch``, float16 rows ``[r1, 2 * r1 - r0)`` are asked into cache
+    meanwhile (float32: measured no faster)."""
+    c = x2.shape[1]
+    xf = x2.reshape(-1)
+    n = r1 - r0
+    r8 = r0 + n - n % 8
+    t1 = compute_empty(x2, c)
+    t2 = compute_empty(x2, c)
+    s1[:] = 0.0
+    s2[:] = 0.0
+    for r in range(r0, r8, 8):
+        if x2.itemsize == 2 and prefetch:
+            _prefetch_rows(xf, (r + n) * c, (r + n + 8) * c)
+        x0, x1, x2_, x3, x4, x5, x6, x7 = (x2[r], x2[r + 1], x2[r + 2], x2[r + 3], x2[r + 4],
+                                           x2[r + 5], x2[r + 6], x2[r + 7])
+        for k in range(c):
+            m = centre[k]
+            d0, d1, d2, d3 = widen(x0[k]) - m, widen(x1[k]) - m, widen(x2_[k]) - m, widen(x3[k]) - m
+            d4, d5, d6, d7 = widen(x4[k]) - m, widen(x5[k]) - m, widen(x6[k]) - m, widen(x7[k]) - m
+            t1[k] = _sum8(d0, d1, d2, d3, d4, d5, d6, d7)
+            t2[k] = _sum8(d0 * d0, d1 * d1, d2 * d2, d3 * d3, d4 * d4, d5 * d5, d6 * d6, d7 * d7)
+        for k in range(c):
+            s1[k] += np.float64(t1[k])
+            s2[k] += np.float64(t2[k])
+    for r in range(r8, r1):
+        xr = x2[r]
+        for k in range(c):
+            d = np.float64(widen(xr[k]) - centre[k])
+            s1[k] += d
+            s2[k] += d * d
 
 
 @_kernel()
