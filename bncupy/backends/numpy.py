@@ -3,11 +3,13 @@
 Every operation sees its input as a C-contiguous ``(A, C, B)`` array, the channel axis in the
 middle (a non-contiguous input is copied once). Its passes over memory:
 
-* statistics: **one read** of ``x``. The array is cut into cache-sized units; while a unit is in
-  cache its sum gives a centre (the unit's mean in the compute dtype), then ``sum(x - centre)``
-  and ``sum((x - centre)^2)`` are accumulated in float64, after at most 16 values (or a
-  pairwise sum along a row) in the compute dtype: two passes over cache, so no cancellation
-  whatever the mean. The units' partials are Chan-merged in unit order;
+* statistics: **one read** of ``x``. The array is cut into cache-sized units; a unit's centre
+  (in the compute dtype) is the mean of a sample of it (or of all of it), then, while it is in
+  cache, ``sum(x - centre)`` and ``sum((x - centre)^2)`` are accumulated in float64, after at
+  most 16 values (or a pairwise sum along a row) in the compute dtype. A unit whose sample mean
+  is more than a standard deviation from its mean in some channel is summed again about that
+  mean, so there is no cancellation whatever the mean. The units' partials are Chan-merged in
+  unit order;
 * apply: **one read** of ``x`` (and the residual), **one write** of ``y``:
   ``act((x - center) * scale + shift + residual)`` in the compute dtype, with ``center`` the
   mean in the compute dtype; a constant channel gives ``0 * scale + shift``, exactly beta;
