@@ -2,7 +2,7 @@
 
 It runs where Numba is not installed and is the second reference for the compiled engine: its
 elementwise outputs are bitwise equal to the compiled loops', its statistics differ only in
-summation order. A C-contiguous ``(A, C, B)`` array is walked in one of two layouts, so that
+rounding (the order of the sums and the centres). A C-contiguous ``(A, C, B)`` array is walked in one of two layouts, so that
 ufunc loops run over long contiguous stretches:
 
 * rows (channel first: ``B >= ROW_MIN_SUMS`` for the passes that sum, ``B >= ROW_MIN`` for the
