@@ -2,8 +2,8 @@
 
 It runs where Numba is not installed and is the second reference for the compiled engine: its
 elementwise outputs are bitwise equal to the compiled loops', its statistics differ only in
-rounding (the order of the sums and the centres). A C-contiguous ``(A, C, B)`` array is walked in one of two layouts, so that
-ufunc loops run over long contiguous stretches:
+rounding (the order of the sums and the centres). A C-contiguous ``(A, C, B)`` array is walked
+in one of two layouts, so that ufunc loops run over long contiguous stretches:
 
 * rows (channel first: ``B >= ROW_MIN_SUMS`` for the passes that sum, ``B >= ROW_MIN`` for the
   elementwise ones): tiles of whole rows of ``B`` values (very long rows in segments),
@@ -25,8 +25,7 @@ is summed again about its mean. float16 is widened to float32 a tile at a time.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,7 +80,7 @@ def column_sums(a: np.ndarray) -> np.ndarray:
 class Rows:
     """The rows layout: tiles from :func:`_tiles`, per-channel vectors as columns."""
 
-    short_rows = True  # vectors broadcast over rows of fewer than 8192: see _short_buffers
+    short_rows = True  # vectors broadcast over rows of fewer than 8192: see _ShortBuffers
 
     def __init__(self, shape: tuple[int, int, int]) -> None:
         self.tiles: list[Any] = _tiles(shape)
@@ -208,9 +207,9 @@ def _layout(shape: tuple[int, int, int], sums: bool, *limits: int) -> Rows | Per
     return Periods(shape, 16 if sums else 1)
 
 
-@contextmanager
-def _short_buffers() -> Iterator[None]:
-    """NumPy's ufuncs with a buffer shorter than a row, in this thread.
+class _ShortBuffers:
+    """In a ``with`` block, NumPy's ufuncs with a buffer shorter than a row, in this thread,
+    when ``active`` (the layout's ``short_rows``).
 
     With the default buffer (8192 elements) a ufunc broadcasting a per-row vector over rows of
     fewer than 8192 values runs about 3x slower than on the same values with a scalar
@@ -218,11 +217,19 @@ def _short_buffers() -> Iterator[None]:
     a row it runs at 0.12-0.15. Reductions along rows go the other way (0.20 -> 0.23 ns), so only
     the broadcasting operations run under this.
     """
-    old = np.setbufsize(SHORT_BUFFER)
-    try:
-        yield
-    finally:
-        np.setbufsize(old)
+
+    __slots__ = ("active", "old")
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.old = np.setbufsize(SHORT_BUFFER)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            np.setbufsize(self.old)
 
 
 def _every_channel(ch: slice, c: int) -> bool:
@@ -232,21 +239,15 @@ def _every_channel(ch: slice, c: int) -> bool:
 def _over_tiles(lay: Rows | Periods, fn: Callable[[Any], Any], elements: int,
                 broadcasting: bool = False) -> list[Any]:
     """``[fn(tile) for tile in lay.tiles]``, tiles shared out among the threads; with
-    ``broadcasting`` (a pass of elementwise operations only) under :func:`_short_buffers`, and
+    ``broadcasting`` (a pass of elementwise operations only) under :class:`_ShortBuffers`, and
     each thread's tiles taken last first: an elementwise pass follows a pass that sums, whose
     last tiles are still in cache."""
     out: list[Any] = [None] * len(lay.tiles)
 
-    def tiles(lo: int, hi: int) -> None:
-        for i in range(hi - 1, lo - 1, -1) if broadcasting else range(lo, hi):
-            out[i] = fn(lay.tiles[i])
-
     def work(lo: int, hi: int) -> None:
-        if broadcasting and lay.short_rows:
-            with _short_buffers():
-                tiles(lo, hi)
-        else:
-            tiles(lo, hi)
+        with _ShortBuffers(broadcasting and lay.short_rows):
+            for i in range(hi - 1, lo - 1, -1) if broadcasting else range(lo, hi):
+                out[i] = fn(lay.tiles[i])
 
     run(work, len(lay.tiles), elements)
     return out
@@ -312,13 +313,8 @@ class NumpyPasses:
 
         def centred_sums(part: np.ndarray, xs: np.ndarray, centre: np.ndarray, tile: Any,
                          ) -> tuple[np.ndarray, np.ndarray]:
-            # the widened copy of a float16 tile is centred in place
-            out = None if xs is part else xs
-            if lay.short_rows:
-                with _short_buffers():
-                    d = np.subtract(xs, lay.local(centre, tile), out=out)
-            else:
-                d = np.subtract(xs, lay.local(centre, tile), out=out)
+            with _ShortBuffers(lay.short_rows):  # a float16 tile's widened copy: in place
+                d = np.subtract(xs, lay.local(centre, tile), out=None if xs is part else xs)
             return lay.sums(d, tile), lay.sums(np.square(d, out=d), tile)
 
         def tile_moments(tile: Any) -> tuple[int, np.ndarray, np.ndarray]:
@@ -375,7 +371,7 @@ class NumpyPasses:
 
         def work(tile: Any) -> tuple[np.ndarray, np.ndarray]:
             g = _widened(lay.part(g3, tile), cd)
-            with _short_buffers():
+            with _ShortBuffers(lay.short_rows):
                 e = _centred(lay.part(x3, tile), lay.spread(spread, tile), cd)
             return lay.sums(g, tile), lay.sums(np.multiply(e, g, out=e), tile)
 

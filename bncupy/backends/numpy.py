@@ -23,11 +23,11 @@ in float16 storage and is widened unit by unit as it is read.
 Two engines make these passes: compiled loops (:mod:`._compiled`, when Numba is importable, as
 the default install makes it where Numba has wheels; ``BNCUPY_CPU_ENGINE=numpy`` turns it off)
 and NumPy ufuncs on L2-sized tiles (:mod:`._ufuncs`); :func:`engine_status` says which runs and
-why. Their elementwise outputs are bitwise equal; their statistics differ only in rounding
-(the order of the sums, the centres). Work units go to at most ``BNCUPY_NUM_THREADS`` threads (:mod:`._pool`) counting the
-caller's; idle pool threads sleep, and no BLAS is called, so a call runs no threads of its own
-libraries. Partials are merged in unit order: results do not depend on the thread count. Data
-holding inf or NaN gives NaN in its channels, and no NumPy warning.
+why. Their elementwise outputs are bitwise equal; their statistics differ only in rounding (the
+order of the sums, the centres). Work units go to at most ``BNCUPY_NUM_THREADS`` threads
+(:mod:`._pool`) counting the caller's; idle pool threads sleep, and no BLAS is called, so a call
+runs no threads of its own libraries. Partials are merged in unit order: results do not depend
+on the thread count. Data holding inf or NaN gives NaN in its channels, and no NumPy warning.
 """
 
 from __future__ import annotations
