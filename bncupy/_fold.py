@@ -10,6 +10,7 @@ from . import _validation as v
 from ._interop import accepts
 from ._layers import _BatchNorm
 from .backends import dispatch
+from .backends._common import cast
 
 
 @accepts("weight", "bias")
@@ -89,4 +90,4 @@ def fold_into(weight: Any, bias: Any, layer: _BatchNorm) -> tuple[Any, Any]:
     if layer.bias is not None:
         shift = shift + f64(layer.bias)
     folded = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-    return folded.astype(weight.dtype), shift.astype(weight.dtype)
+    return cast(folded, weight.dtype), cast(shift, weight.dtype)

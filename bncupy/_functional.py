@@ -17,7 +17,7 @@ from ._interop import accepts
 from ._layout import Layout
 from ._moments import Moments
 from .backends import dispatch
-from .backends._common import compute_dtype
+from .backends._common import cast, compute_dtype
 
 _NUMPY = dispatch.module_for("numpy")
 _CUPY = dispatch.module_for("cupy")
@@ -65,7 +65,7 @@ def _caller(kind: str, backend: ModuleType, value: Any) -> Any:
 
 
 def _write_in_place(target: Any, value: Any, kind: str, backend: ModuleType) -> None:
-    target[...] = _caller(kind, backend, value.astype(target.dtype))
+    target[...] = _caller(kind, backend, cast(value, target.dtype))
 
 
 def _check_forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
@@ -427,7 +427,7 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
             _native(be, layout.view(grad_output)), _native(be, layout.view(input)),
             layout.axis, _native(be, weight), mean, invstd, training, fused)
     if grad_weight.dtype != gd:
-        grad_weight, grad_bias = grad_weight.astype(gd), grad_bias.astype(gd)
+        grad_weight, grad_bias = cast(grad_weight, gd), cast(grad_bias, gd)
     if be.name != kind:
         dx, grad_weight, grad_bias = (_caller(kind, be, a) for a in (dx, grad_weight, grad_bias))
         if grad_residual is not None:

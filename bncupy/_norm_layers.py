@@ -12,8 +12,9 @@ from ._functional import _caller
 from ._functional import backward as _bn_backward
 from ._interop import accepts
 from ._module import _Module, channel_state
-from ._norms import _shaped, _typed
+from ._norms import _shaped
 from .backends import cupy as cupy_backend
+from .backends._common import cast
 
 
 class _GroupNormalization(_Module):
@@ -52,10 +53,10 @@ class _GroupNormalization(_Module):
                 dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
         weight = getattr(self, "weight", None)
         if weight is not None:
-            self.grad_weight = _typed(_shaped(dw, param_shape), weight.dtype)
+            self.grad_weight = cast(_shaped(dw, param_shape), weight.dtype)
         bias = getattr(self, "bias", None)
         if bias is not None:
-            self.grad_bias = _typed(_shaped(db, param_shape), bias.dtype)
+            self.grad_bias = cast(_shaped(db, param_shape), bias.dtype)
         return dx
 
     def _axis(self, x: Any) -> int:

@@ -20,7 +20,7 @@ from ._functional import backward as _bn_backward
 from ._functional import forward as _bn_forward
 from ._interop import accepts
 from .backends import dispatch
-from .backends._common import compute_dtype
+from .backends._common import cast, compute_dtype
 from .backends._groups import GroupLayout
 
 
@@ -74,21 +74,17 @@ def _check_vector(value: Any, arg: str, shape: tuple[int, ...], kinds: dict[str,
 
 
 def _stats_out(kind: str, be: ModuleType, value: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    return _caller(kind, be, value.astype(compute_dtype(dtype), copy=False).reshape(shape))
+    return _caller(kind, be, cast(value, compute_dtype(dtype)).reshape(shape))
 
 
 def _grads_out(kind: str, be: ModuleType, dx: Any, dw: Any, db: Any, shape: tuple[int, ...],
                input: Any, weight: Any) -> tuple[Any, Any, Any]:
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-    dx, dw, db = (_shaped(dx, input.shape), _typed(_shaped(dw, shape), gd),
-                  _typed(_shaped(db, shape), gd))
+    dx, dw, db = (_shaped(dx, input.shape), cast(_shaped(dw, shape), gd),
+                  cast(_shaped(db, shape), gd))
     if be.name == kind:
         return dx, dw, db
     return _caller(kind, be, dx), _caller(kind, be, dw), _caller(kind, be, db)
-
-
-def _typed(a: Any, dtype: Any) -> Any:
-    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def _contiguous(be: ModuleType, a: Any) -> Any:

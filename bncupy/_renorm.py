@@ -21,6 +21,7 @@ from . import _validation as v
 from ._docstrings import parameters_from
 from ._functional import _caller, _check_forward, _native, batch_norm_backward, batch_norm_forward
 from ._functional import backward as _bn_backward
+from .backends._common import cast
 
 
 class RenormForward(NamedTuple):
@@ -77,7 +78,7 @@ def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: 
     for target, value in ((running_mean, (1 - momentum) * rm + momentum * mean),
                           (running_var, (1 - momentum) * rv + momentum * var * (
                               count / (count - 1)))):
-        target[...] = _caller(kind, be, value.astype(target.dtype))
+        target[...] = _caller(kind, be, cast(value, target.dtype))
     return RenormForward(_caller(kind, be, y.astype(input.dtype, copy=False)), mean,
                          1.0 / sigma, r, d, kind, be)
 

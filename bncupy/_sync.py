@@ -21,7 +21,7 @@ from ._functional import _caller, _native, _resolve, statistics
 from ._layers import _BatchNorm
 from ._moments import Moments
 from .backends import dispatch
-from .backends._common import backward_coefficients, merge, quiet
+from .backends._common import backward_coefficients, cast, merge, quiet
 
 
 def batch_norm_stats(input: Any, *, axis: int = 1) -> Moments:
@@ -426,8 +426,8 @@ class SyncBatchNorm(_BatchNorm):
             True, x.dtype)
         dx = be.backward_apply(be.asarray(g), be.asarray(x), ax, center, a, b, k)
         if self.weight is not None and self.bias is not None:
-            self.grad_weight = _caller(kind, be, grad_weight.astype(self.weight.dtype))
-            self.grad_bias = _caller(kind, be, grad_bias.astype(self.bias.dtype))
+            self.grad_weight = _caller(kind, be, cast(grad_weight, self.weight.dtype))
+            self.grad_bias = _caller(kind, be, cast(grad_bias, self.bias.dtype))
         g_caller = _caller(kind, be, g) if self.activation == "relu" else grad_output
         self.grad_residual = None if s["residual"] is None else g_caller
         return _caller(kind, be, dx)

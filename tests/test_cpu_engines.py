@@ -262,3 +262,27 @@ def test_float16_running_statistics_overflow_to_inf_without_a_warning(monkeypatc
         layer(x)
     assert np.isinf(rv).all() and np.isinf(layer.running_var).all()  # var 9e6 > float16's max
     np.testing.assert_allclose(rm, 0.1 * x.mean(axis=0, dtype=np.float64), rtol=1e-3)
+
+
+def test_gradients_beyond_a_float16_parameter_become_inf_without_a_warning():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 3, 4)) * 3e3).astype(np.float32)
+    dy = np.full_like(x, 3e3)  # sum(dy) per channel 7.7e5: over float16's 65504
+    w = np.ones(3, np.float16)
+    rows, w_rows = x.reshape(64, 12), np.ones(12, np.float16)
+    layers = [bn.BatchNorm1d(3, dtype=np.float16), bn.GroupNorm(3, 3, dtype=np.float16),
+              bn.LayerNorm(12, dtype=np.float16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = [bn.batch_norm_backward(dy, x, w, *bn.batch_norm_forward(
+                     x, None, None, w, None, training=True)[1:])[2],
+                 bn.group_norm_backward(dy, x, 3, *bn.group_norm_forward(x, 3, w)[1:], w)[2],
+                 bn.layer_norm_backward(dy.reshape(64, 12), rows, 12,
+                                        *bn.layer_norm_forward(rows, 12, w_rows)[1:], w_rows)[2]]
+        for layer in layers:
+            data = rows if isinstance(layer, bn.LayerNorm) else x
+            layer(data)
+            layer.backward(dy.reshape(data.shape))
+            grads.append(layer.grad_bias)
+    for g in grads:
+        assert g.dtype == np.float16 and np.isposinf(g).all()

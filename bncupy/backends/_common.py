@@ -42,6 +42,18 @@ def quiet(fn: F) -> F:
             _extobj_contextvar.reset(token)
     return run_quietly  # type: ignore[return-value]
 
+@quiet
+def _astype(a: Any, dtype: Any) -> Any:
+    return a.astype(dtype)
+
+
+def cast(a: Any, dtype: Any) -> Any:
+    """``a`` in ``dtype`` (``a`` itself when it is of it): a value beyond the range of ``dtype``
+    becomes inf, as torch's do, without NumPy's overflow warning (the gradient of a float16
+    weight, a float16 running variance)."""
+    return a if a.dtype == dtype else _astype(a, dtype)
+
+
 Partial = tuple[Any, Any, Any]  # (count: int or per-channel int array, mean, m2)
 
 
