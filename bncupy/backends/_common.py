@@ -42,6 +42,7 @@ def quiet(fn: F) -> F:
             _extobj_contextvar.reset(token)
     return run_quietly  # type: ignore[return-value]
 
+
 @quiet
 def _astype(a: Any, dtype: Any) -> Any:
     return a.astype(dtype)

@@ -16,8 +16,8 @@ segment's centre is its mean (a first pass while it is in cache); a column block
 of its first 16 rows, and where that is more than a standard deviation from the block's mean in
 some channel (sorted or trending data) the block, still in cache, is summed again about its
 mean. Elementwise passes compute in the compute dtype exactly as the pure-NumPy passes do,
-operation for operation, so the two give bitwise-equal outputs. float16 arrays come in as ``uint16`` views and
-are widened per value with the CPU's half-precision conversion.
+operation for operation, so the two give bitwise-equal outputs. float16 arrays come in as
+``uint16`` views and are widened per value with the CPU's half-precision conversion.
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ class Rows:
     """The rows layout: tiles from :func:`_tiles`, per-channel vectors as columns."""
 
     short_rows = True  # vectors broadcast over rows of fewer than 8192: see _ShortBuffers
+    every_channel = False  # each tile holds every channel (set by _layout)
 
     def __init__(self, shape: tuple[int, int, int]) -> None:
         self.tiles: list[Any] = _tiles(shape)
@@ -132,6 +133,7 @@ class Periods:
     ``group``-th of a tile are cut into runs of whole channels."""
 
     short_rows = False  # rows of PERIOD_MIN values or more
+    every_channel = False  # each tile holds every channel (set by _layout)
 
     def __init__(self, shape: tuple[int, int, int], group: int) -> None:
         a, c, b = shape
@@ -200,11 +202,14 @@ def layout(shape: tuple[int, int, int], sums: bool) -> Rows | Periods:
 
 @functools.lru_cache(maxsize=64)
 def _layout(shape: tuple[int, int, int], sums: bool, *limits: int) -> Rows | Periods:
-    """:func:`layout`, once per shape and set of the module's limits (the tests change them)."""
-    a, _, b = shape
-    if b >= ROW_MIN_SUMS and (sums or b >= ROW_MIN or a < 8):
-        return Rows(shape)
-    return Periods(shape, 16 if sums else 1)
+    """:func:`layout`, once per shape and set of the module's limits (the tests change them);
+    ``every_channel``: each of its tiles holds every channel."""
+    a, c, b = shape
+    lay = Rows(shape) if b >= ROW_MIN_SUMS and (sums or b >= ROW_MIN or a < 8) else \
+        Periods(shape, 16 if sums else 1)
+    lay.every_channel = all(not ch.start and (ch.stop is None or ch.stop >= c)
+                            for ch in map(lay.channels, lay.tiles))
+    return lay
 
 
 class _ShortBuffers:
@@ -230,10 +235,6 @@ class _ShortBuffers:
     def __exit__(self, *exc: object) -> None:
         if self.active:
             np.setbufsize(self.old)
-
-
-def _every_channel(ch: slice, c: int) -> bool:
-    return not ch.start and (ch.stop is None or ch.stop >= c)
 
 
 def _over_tiles(lay: Rows | Periods, fn: Callable[[Any], Any], elements: int,
@@ -331,7 +332,7 @@ class NumpyPasses:
 
         c = x3.shape[1]
         parts = _over_tiles(lay, tile_moments, x3.size)
-        if all(_every_channel(lay.channels(tile), c) for tile in lay.tiles):
+        if lay.every_channel:
             total = parts[0]
             for part in parts[1:]:  # tile order: deterministic
                 total = merge(total, part)

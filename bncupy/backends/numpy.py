@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import BFLOAT16
-from ._common import backward_coefficients, compute_dtype, forward_coefficients, quiet
+from ._common import backward_coefficients, cast, compute_dtype, forward_coefficients, quiet
 from ._pool import PARALLEL_MIN
 from ._pool import run as _run
 from ._pool import threads as _threads
@@ -344,13 +344,6 @@ _EMPTY: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {
     np.dtype(d): (np.empty(0, d), np.empty((0, 0, 0), d)) for d in (np.float32, np.float64)}
 
 
-@quiet
-def _store(target: np.ndarray, value: np.ndarray) -> None:
-    """``target[...] = value``; a value beyond the target's dtype becomes inf (float16 running
-    statistics of large data), as torch's, without NumPy's overflow warning."""
-    target[...] = value
-
-
 def _compiled_train(k: Any, plan: Small, x: np.ndarray, weight: Any, bias: Any, eps: float,
                     running_mean: Any, running_var: Any, momentum: float, residual: Any,
                     relu: bool, keep: bool, training: bool) -> tuple:
@@ -383,7 +376,7 @@ def _compiled_train(k: Any, plan: Small, x: np.ndarray, weight: Any, bias: Any, 
     if training and targets[0] is not None:
         for target, value in zip(targets, (running_mean, running_var), strict=True):
             if value is not target:
-                _store(target, value)
+                target[...] = cast(value, target.dtype)
     mean, invstd, scale, shift = stats
     coef = (center, scale, shift)
     if not keep:
