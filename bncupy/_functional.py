@@ -144,20 +144,34 @@ class _Checked(NamedTuple):
 _FORWARD_CHECKED = v.CheckedCalls()
 
 
+def forward_key(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+                residual: Any, training: Any, axis: Any, activation: Any, setting: str,
+                owner: tuple = ()) -> tuple | None:
+    """The key of a forward call's signature in :data:`_FORWARD_CHECKED`; ``owner``: what a
+    layer's own checks of the call depend on besides (its type, its number of features)."""
+    return _FORWARD_CHECKED.key((input, running_mean, running_var, weight, bias, residual),
+                                (training, axis, activation, *owner), setting)
+
+
 def forward(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
             training: Any, momentum: Any, eps: Any, axis: Any, activation: Any = None,
-            residual: Any = None, keep: Any = True) -> _Forward:
+            residual: Any = None, keep: Any = True, owner: tuple = (),
+            checked: _Checked | None = None, setting: str | None = None) -> _Forward:
     """Validated forward pass on the resolved backend; ``keep`` False when the caller uses only
     ``y`` (the statistics may then be temporaries of the backend's workspace), or a layer's
     statistics buffers (see :func:`_kept`).
 
     Array and option checks are cached by call signature; ``eps`` and ``momentum``, the backend
     and (in training) the memory overlap of the running statistics are checked on every call.
+    A layer passes ``owner`` (see :func:`forward_key`), and ``checked`` and ``setting`` when it
+    has found its call's entry already.
     """
-    setting = dispatch.configured_backend()
-    key = _FORWARD_CHECKED.key((input, running_mean, running_var, weight, bias, residual),
-                               (training, axis, activation), setting)
-    checked = _FORWARD_CHECKED.get(key)
+    if setting is None:
+        setting = dispatch.configured_backend()
+    if checked is None:
+        key = forward_key(input, running_mean, running_var, weight, bias, residual, training,
+                          axis, activation, setting, owner)
+        checked = _FORWARD_CHECKED.get(key)
     if checked is None:
         if getattr(input, "ndim", None) == 1 and input.size == 0:
             return _forward_empty_vector(input, running_mean, running_var, weight, bias,

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._dtypes import BFLOAT16
 from .backends import cupy as cupy_backend
-from .backends.dispatch import array_kind, known_kinds
+from .backends.dispatch import _kinds_runtime, array_kind, known_kinds
 
 # DLPack device types (dlpack.h): memory NumPy can address, and CUDA memory.
 _HOST_DEVICES = {1: "cpu", 3: "cuda_host", 11: "rocm_host"}
@@ -229,7 +229,6 @@ def accepts(*names: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                            if name in names and p.kind in (p.POSITIONAL_ONLY,
                                                            p.POSITIONAL_OR_KEYWORD))
 
-        @functools.wraps(fn)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
             count = len(args)
             kinds = known_kinds()  # NumPy/CuPy array types: never foreign
@@ -252,9 +251,53 @@ def accepts(*names: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                 give_back = import_arrays(bound.arguments, names)
                 return give_back(fn(*bound.args, **bound.kwargs))
 
-        return call
+        return functools.wraps(fn)(_direct(fn, signature, names, call) or call)
 
     return decorate
+
+
+def _direct(fn: Callable[P, R], signature: inspect.Signature, names: tuple[str, ...],
+            general: Callable[P, R]) -> Callable[P, R] | None:
+    """A wrapper with ``fn``'s own parameters that calls ``fn`` itself when each array
+    parameter in ``names`` is None, a plain value or of a type known to be NumPy/CuPy under the
+    runtime in force, and ``general`` (the wrapper taking ``*args, **kwargs``) otherwise; None
+    where ``fn`` takes ``*args`` or ``**kwargs`` (or a parameter whose name could clash with
+    the wrapper's own).
+
+    Passing the arguments on as they came costs about a quarter of what packing them into
+    ``*args, **kwargs`` and unpacking them again does, and every public call goes through here.
+    """
+    namespace: dict[str, Any] = {"_fn": fn, "_general": general, "_plain": _PLAIN,
+                                 "_kinds": known_kinds(), "_seen": _kinds_runtime,
+                                 "_cuda": cupy_backend._cuda}
+    values = list(signature.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name.startswith("_")
+           for p in values):
+        return None
+    last_positional_only = max((i for i, p in enumerate(values) if p.kind is p.POSITIONAL_ONLY),
+                               default=-1)
+    params, passed = [], []
+    for i, p in enumerate(values):
+        if p.kind is p.KEYWORD_ONLY and "*" not in params:
+            params.append("*")
+        if p.default is p.empty:
+            params.append(p.name)
+        else:
+            namespace[f"_default{i}"] = p.default
+            params.append(f"{p.name}=_default{i}")
+        passed.append(f"{p.name}={p.name}" if p.kind is p.KEYWORD_ONLY else p.name)
+        if i == last_positional_only:
+            params.append("/")
+    checks = " and ".join(f"({n}.__class__ in _plain or _kinds.get({n}.__class__))"
+                          for n in names if n in signature.parameters)
+    args = ", ".join(passed)
+    source = (f"def {fn.__name__}({', '.join(params)}):\n"
+              f"    if _seen[0] is _cuda._runtime and {checks or 'True'}:\n"
+              f"        return _fn({args})\n"
+              f"    return _general({args})\n")
+    exec(compile(source, f"<bncupy.accepts {fn.__qualname__}>", "exec"), namespace)
+    made: Callable[P, R] = namespace[fn.__name__]
+    return made
 
 
 def merge_moments(a: Any, b: Any) -> Any:

@@ -9,13 +9,12 @@ import numpy as np
 from . import _renorm
 from . import _validation as v
 from ._docstrings import parameters_from
-from ._functional import backward, forward
+from ._functional import _FORWARD_CHECKED, backward, forward, forward_key
 from ._interop import accepts
 from ._module import _Module, channel_state
 from .backends import cupy as cupy_backend
 from .backends import dispatch
 
-_CALL_CHECKED = v.CheckedCalls()  # input (and residual) signatures checked against a layer
 _ARRAY_NAMES: dict[tuple, tuple[str, ...]] = {}
 
 
@@ -123,17 +122,6 @@ class _BatchNorm(_Module):
                              f"{self.num_features}")
         return kind
 
-    def _call_key(self, x: Any, residual: Any) -> tuple | None:
-        """What the checks of a call's input (and residual) against the layer depend on: their
-        types, shapes and dtypes (None where they are not arrays: the checks then run)."""
-        try:
-            key = (type(self), self.num_features, self.channels_last, x.__class__, x.shape,
-                   x.dtype)
-            return key if residual is None else (*key, residual.__class__, residual.shape,
-                                                 residual.dtype)
-        except AttributeError:
-            return None
-
     def _batches(self) -> int:
         return 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
 
@@ -188,27 +176,35 @@ class _BatchNorm(_Module):
         >>> y.shape, int(layer.num_batches_tracked)
         ((8, 3), 1)
         """
-        found = _CALL_CHECKED.get(key := self._call_key(x, residual))
-        if found is None:
-            kind = self._check_input(x, residual)
-            axis = self.axis % x.ndim
-            found = (kind, x.size // x.shape[axis] if x.shape[axis] else 0)
-            _CALL_CHECKED.put(key, found)
-        kind, count = found
         if self.training and (self.renorm or self.ghost_batch_size is not None):
-            return self._call_corrected(x, kind)
+            return self._call_corrected(x, self._check_input(x, residual))
         use_batch_stats = self.training or self.running_mean is None
-        if use_batch_stats and count == 1:
-            v.check_count(x, self.axis % x.ndim)
         update = self.training and self.track_running_stats and self.running_mean is not None
-        batches = self._check_counter() if update else 0
-        self._follow(kind)  # after every check: a rejected call leaves the state where it was
-        momentum = self._momentum(kind) if update else 0.0
         tracked = self.running_mean is not None and (update or not self.training)
+        # One cached entry answers both the layer's checks of the call and forward's: its key
+        # holds the layer's type and width besides the arrays (the state as it is now)
+        setting = dispatch.configured_backend()
+        owner = (type(self), self.num_features)
+        checked = _FORWARD_CHECKED.get(forward_key(
+            x, self.running_mean if tracked else None, self.running_var if tracked else None,
+            self.weight, self.bias, residual, use_batch_stats, self.axis, self.activation,
+            setting, owner))
+        if checked is None:
+            kind = self._check_input(x, residual)
+            if use_batch_stats:
+                v.check_count(x, self.axis % x.ndim)
+            batches = self._check_counter() if update else 0
+            self._follow(kind)  # after every check: a rejected call leaves the state as it was
+        else:
+            kind = checked.kind
+            batches = self._check_counter() if update else 0
+            if self.weight is None and not tracked:  # else the key holds the state's types
+                self._follow(kind)
+        momentum = self._momentum(kind) if update else 0.0
         out = forward(x, self.running_mean if tracked else None,
                       self.running_var if tracked else None, self.weight, self.bias,
                       use_batch_stats, momentum, self.eps, self.axis, self.activation, residual,
-                      buffers := cupy_backend.StatBuffers.of(self))
+                      buffers := cupy_backend.StatBuffers.of(self), owner, checked, setting)
         if update:
             self.num_batches_tracked = np.asarray(batches + 1, np.int64)
         # what the backward pass reads (not y: the layer would keep it alive)

@@ -48,6 +48,7 @@ class _Module:
             except MemoryError as exc:
                 raise MemoryError(f"{sized_by}: cannot allocate the layer's {key} of shape "
                                   f"{shapes[key]}: {exc}") from exc
+        self._find_first_array()
 
     # ------------------------------------------------------------------ mode and placement
     def train(self, mode: bool = True) -> Any:
@@ -134,20 +135,26 @@ class _Module:
 
     def _follow(self, kind: str) -> None:
         """Move the state to the array kind of a call's input (after every check of the call):
-        the kind of its first array (:meth:`_state_kind`) decides; its name is remembered
-        (the state moves as a whole, so any of its arrays would decide alike)."""
+        the kind of its first array (:meth:`_state_kind`) decides (the state moves as a whole,
+        so any of its arrays would decide alike)."""
         name = self.__dict__.get("_first_array")
         value = None if name is None else getattr(self, name, None)
         if value is None:
-            for name in self._array_names():
-                value = getattr(self, name, None)
-                if value is not None:
-                    self.__dict__["_first_array"] = name
-                    break
-            else:
+            value = self._find_first_array()
+            if value is None:
                 return
         if (dispatch.array_kind(value) or "numpy") != kind:
             self.to(kind)
+
+    def _find_first_array(self) -> Any:
+        """The first array of the state (None when it has none); its name is remembered in
+        ``_first_array`` (from construction on, so that a call never adds it)."""
+        for name in self._array_names():
+            value = getattr(self, name, None)
+            if value is not None:
+                self.__dict__["_first_array"] = name
+                return value
+        return None
 
     # ------------------------------------------------------------------ state
     def reset_running_stats(self) -> None:

@@ -284,13 +284,13 @@ def _exactly_overlap(a: Any, b: Any) -> bool:
 
 
 def byte_spans(arrays: tuple) -> tuple:
-    """Each array's bytes ``[lo, hi)`` relative to its first element's address (None for None and
-    empty arrays): what :func:`apart` needs besides the data pointers, fixed by the arrays'
-    shapes, strides and dtypes (so a call signature's entry keeps it)."""
+    """``(i, lo, hi)`` for each array ``arrays[i]`` that is neither None nor empty: the bytes
+    ``[lo, hi)`` its elements lie in, relative to its first element's address. What
+    :func:`apart` needs besides the data pointers, fixed by the arrays' shapes, strides and
+    dtypes (so a call signature's entry keeps it)."""
     spans: list = []
-    for a in arrays:
+    for i, a in enumerate(arrays):
         if a is None or not a.size:
-            spans.append(None)
             continue
         lo = hi = 0
         for n, stride in zip(a.shape, a.strides, strict=True):
@@ -298,7 +298,7 @@ def byte_spans(arrays: tuple) -> tuple:
                 hi += (n - 1) * stride
             else:
                 lo += (n - 1) * stride
-        spans.append((lo, hi + a.itemsize))
+        spans.append((i, lo, hi + a.itemsize))
     return tuple(spans)
 
 
@@ -337,18 +337,16 @@ def apart(arrays: tuple, written: int, spans: tuple | None = None) -> bool:
         return True
     if spans is None:
         return False
-    ranges: list = []
-    i = 0
-    for a, span in zip(arrays, spans, strict=True):
-        if span is not None:
-            ptr = a.data.ptr
-            lo, hi = ptr + span[0], ptr + span[1]
-            for mine_lo, mine_hi in ranges:
-                if lo < mine_hi and mine_lo < hi:
-                    return False
-            if i < written:
-                ranges.append((lo, hi))
-        i += 1
+    ranges: list = []  # the written arrays' byte ranges
+    for i, lo, hi in spans:
+        ptr = arrays[i].data.ptr
+        lo += ptr
+        hi += ptr
+        for mine_lo, mine_hi in ranges:
+            if lo < mine_hi and mine_lo < hi:
+                return False
+        if i < written:
+            ranges.append((lo, hi))
     return True
 
 

@@ -5,11 +5,14 @@ overlap pre-check against the exact test."""
 
 from __future__ import annotations
 
+import math
+import types
+
 import numpy as np
 import pytest
 
 import bncupy as bn
-from bncupy import _functional, _layers
+from bncupy import _functional
 from bncupy import _validation as v
 from bncupy.backends import numpy as nb
 from tests import oracle
@@ -20,8 +23,7 @@ NUMBA = pytest.param("numba", marks=pytest.mark.skipif(
 
 def _fresh_signatures():
     """Forget every checked signature (so the next calls plan again)."""
-    for checked in (_functional._FORWARD_CHECKED, _functional._BACKWARD_CHECKED,
-                    _layers._CALL_CHECKED):
+    for checked in (_functional._FORWARD_CHECKED, _functional._BACKWARD_CHECKED):
         checked.table.clear()
 
 
@@ -142,6 +144,29 @@ def test_apart_decides_by_owner_and_falls_back_to_the_exact_test():
         v.check_no_overlap({"running_mean": rm, "running_var": rv}, {"input": rm[None]})
     foreign = np.frombuffer(bytearray(24))  # memory NumPy does not own: never decided here
     assert not v.apart((foreign, rv, x), 2)
+
+
+def test_apart_on_device_arrays_compares_byte_ranges_of_the_written_arrays_only():
+    def device(ptr, shape, strides, itemsize=4):
+        return types.SimpleNamespace(data=types.SimpleNamespace(ptr=ptr), shape=shape,
+                                     strides=strides, itemsize=itemsize,
+                                     size=math.prod(shape))
+
+    rm, rv = device(1024, (3,), (4,)), device(2048, (3,), (4,))
+    x = device(4096, (2, 3), (12, 4))
+    empty = device(1024, (0,), (4,))
+    arrays = (rm, rv, x, None, empty)
+    spans = v.byte_spans(arrays)
+    assert spans == ((0, 0, 12), (1, 0, 12), (2, 0, 24))  # None and empty arrays left out
+    assert v.apart(arrays, 2, spans)
+    assert not v.apart(arrays, 2)  # no spans: undecided
+    for ptr, meets in ((1012, False), (1016, True), (1036, False), (4084, False), (4100, True)):
+        moved = (rm, device(ptr, (3,), (4,)), x)  # running_var's bytes [ptr, ptr + 12)
+        assert v.apart(moved, 2, v.byte_spans(moved)) is not meets, ptr
+    backwards = device(1036, (3,), (-4,))  # bytes [1028, 1040): meets running_mean's end
+    assert not v.apart((rm, rv, backwards), 2, v.byte_spans((rm, rv, backwards)))
+    read = (rm, rv, x, device(4096, (2, 3), (12, 4)))  # two read arrays may share memory
+    assert v.apart(read, 2, v.byte_spans(read))
 
 
 def test_overlapping_running_statistics_are_refused_on_every_call(backend):

@@ -6,6 +6,7 @@ where JAX is installed (tox env ``jax``); torch tensors are in tests/test_torch_
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -61,6 +62,34 @@ def test_foreign_arrays_in_give_their_kind_out_and_running_stats_update_in_place
 
 
 @OLD_DLPACK
+def test_accepts_passes_arguments_on_as_given_and_imports_foreign_ones_however_passed():
+    from bncupy._interop import accepts
+
+    seen = []
+
+    def fn(a, /, x, scale=2.0, *, residual=None, axis=1):
+        seen.append((type(x), type(residual), scale, axis))
+        return x if residual is None else residual
+
+    wrapped = accepts("x", "residual")(fn)
+    assert inspect.signature(wrapped) == inspect.signature(fn)
+    assert wrapped.__name__ == "fn" and wrapped.__wrapped__ is fn
+    x = _data((2, 3))
+    assert wrapped(None, x) is x  # NumPy arrays: straight through
+    assert seen.pop() == (np.ndarray, type(None), 2.0, 1)
+    for call in (lambda f: wrapped(None, f, 3.0, axis=-1), lambda f: wrapped(None, x=f),
+                 lambda f: wrapped(None, HostArray(x), residual=f)):
+        out = call(HostArray(x))  # positionally, by keyword, keyword-only: imported
+        assert isinstance(out, HostArray)
+        np.testing.assert_array_equal(out.data, x)
+        assert seen.pop()[:2] in ((np.ndarray, type(None)), (np.ndarray, np.ndarray))
+    with pytest.raises(TypeError, match="positional"):
+        wrapped(a=None, x=x)  # positional-only stays positional-only
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        wrapped(None, x, shift=1.0)
+    assert accepts("x")(lambda *args: args)(1, 2) == (1, 2)  # *args: the general wrapper
+
+
 def test_foreign_statistics_and_merge():
     x = _data()
     mean, var = bn.moments(HostArray(x))

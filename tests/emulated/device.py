@@ -25,6 +25,7 @@ import time
 import types
 import weakref
 from collections.abc import Iterator
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -274,19 +275,14 @@ _SYNCING = frozenset({"item", "tolist"})  # results on the host: a device synchr
 class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
     """A device array of the CPU execution target (see the module docstring)."""
 
-    __slots__ = ("_host", "_alloc", "_data")
+    # ``data`` is a slot filled on first read (by __getattr__): later reads are C-level, as
+    # CuPy's attribute is, and an array whose pointer is never read never computes it.
+    __slots__ = ("_host", "_alloc", "data")
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, host: np.ndarray, alloc: Allocation) -> None:
         self._host = host
         self._alloc = alloc
-        self._data: _Pointer | None = None
-
-    @property
-    def data(self) -> _Pointer:
-        if self._data is None:
-            self._data = _Pointer(self._host.ctypes.data)
-        return self._data
 
     # -- CuPy's host/device boundary
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
@@ -323,15 +319,16 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
     def __array_function__(self, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
         return _call(func, args, kwargs, f"numpy.{func.__name__}")
 
-    # -- attributes
-    shape = property(lambda self: self._host.shape)
-    dtype = property(lambda self: self._host.dtype)
-    ndim = property(lambda self: self._host.ndim)
-    size = property(lambda self: self._host.size)
-    nbytes = property(lambda self: self._host.nbytes)
-    itemsize = property(lambda self: self._host.itemsize)
-    strides = property(lambda self: self._host.strides)
-    flags = property(lambda self: self._host.flags)
+    # -- attributes: read in C, as CuPy's Cython properties are (a Python function per read
+    # would double the cost of the launch plan's signature checks on this target)
+    shape = property(attrgetter("_host.shape"))
+    dtype = property(attrgetter("_host.dtype"))
+    ndim = property(attrgetter("_host.ndim"))
+    size = property(attrgetter("_host.size"))
+    nbytes = property(attrgetter("_host.nbytes"))
+    itemsize = property(attrgetter("_host.itemsize"))
+    strides = property(attrgetter("_host.strides"))
+    flags = property(attrgetter("_host.flags"))
     T = property(lambda self: ndarray(self._host.T, self._alloc))
 
     @property
@@ -362,6 +359,9 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
         return ndarray(self._host.transpose(*axes), self._alloc)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "data":
+            pointer = self.data = _Pointer(self._host.ctypes.data)
+            return pointer
         if name not in _METHODS:
             raise AttributeError(f"emulated device arrays do not model ndarray.{name}")
         method = getattr(self._host, name)
