@@ -320,7 +320,7 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
         return _call(func, args, kwargs, f"numpy.{func.__name__}")
 
     # -- attributes: read in C, as CuPy's Cython properties are (a Python function per read
-    # would double the cost of the launch plan's signature checks on this target)
+    # costs this target about 0.1 us, and the launch plan reads dozens per call)
     shape = property(attrgetter("_host.shape"))
     dtype = property(attrgetter("_host.dtype"))
     ndim = property(attrgetter("_host.ndim"))
