@@ -49,8 +49,9 @@ class _GroupNormalization(_Module):
                     grad_sum, "grad_prenorm", x)})
             dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None),
                                                grad_sum)
-            if out.backend.name != out.kind:
-                dx, dw, db = (_caller(out.kind, out.backend, a) for a in (dx, dw, db))
+            if out.backend.name != out.kind:  # (db None: RMSNorm on the GPU)
+                dx, dw, db = (None if a is None else _caller(out.kind, out.backend, a)
+                              for a in (dx, dw, db))
         weight = getattr(self, "weight", None)
         if weight is not None:
             self.grad_weight = cast(_shaped(dw, param_shape), weight.dtype)
@@ -63,10 +64,6 @@ class _GroupNormalization(_Module):
         return 1
 
 
-# the row-norm layers' checks of x and residual, by call signature (see v.CheckedCalls)
-_LAYER_CHECKS = v.CheckedCalls()
-
-
 class _RowNormalization(_GroupNormalization):
     """LayerNorm and RMSNorm: rows of the trailing ``normalized_shape`` dimensions, with the
     fused residual add of pre-norm blocks (see :mod:`._row_norms`)."""
@@ -76,18 +73,6 @@ class _RowNormalization(_GroupNormalization):
     eps: Any
     weight: Any
     bias: Any = None
-
-    def _call_key(self, x: Any, residual: Any, prenorm: Any, residual_in_fp32: Any,
-                  ) -> tuple | None:
-        """What the checks of a call against the layer depend on: the options with their types,
-        and the arrays' types, shapes and dtypes (None where they are not arrays)."""
-        try:
-            key = (self.normalized_shape, prenorm.__class__, prenorm,
-                   residual_in_fp32.__class__, residual_in_fp32, x.__class__, x.shape, x.dtype)
-            return key if residual is None else (*key, residual.__class__, residual.shape,
-                                                 residual.dtype)
-        except AttributeError:
-            return None
 
     @accepts("x", "residual")
     def __call__(self, x: Any, residual: Any = None, prenorm: bool = False,
@@ -125,8 +110,11 @@ class _RowNormalization(_GroupNormalization):
         array([[2., 2., 2.],
                [2., 2., 2.]])
         """
-        kind = _LAYER_CHECKS.get(key := self._call_key(x, residual, prenorm, residual_in_fp32))
-        if kind is None:
+        # A signature forward_rows has checked needs no check of the layer's but prenorm's,
+        # and its key holds the types of the layer's parameters: they are of x's kind already
+        found = _row_norms.checked_rows(x, self.normalized_shape, self.weight, self.bias,
+                                        residual, residual_in_fp32, self._rms)
+        if found is None:
             kinds = {"input": v.check_array(x, "input")}
             v.check_float(x, "input")
             _row_norms.check_normalized_shape(self.normalized_shape, x)
@@ -134,15 +122,16 @@ class _RowNormalization(_GroupNormalization):
                 _row_norms._check_residual(residual, x, kinds)
             v.check_bool(residual_in_fp32, "residual_in_fp32")
             v.check_bool(prenorm, "prenorm")
-            kind = v.check_same_kind(kinds)
-            _LAYER_CHECKS.put(key, kind)
-        prenorm = bool(prenorm)
-        # after the checks: a rejected call leaves the state where it was
-        self._follow(kind)
+            # after the checks: a rejected call leaves the state where it was
+            self._follow(v.check_same_kind(kinds))
+        else:
+            v.check_bool(prenorm, "prenorm")
+            if self.weight is None:  # no parameters in the key
+                self._follow(found[0])
         out = _row_norms.forward_rows(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                       rms=self._rms, residual=residual,
                                       residual_in_fp32=residual_in_fp32,
-                                      keep=self._buffers(), want_sum=True)
+                                      keep=self._buffers(), want_sum=True, found=found)
         self._remember(x, out)
         return (out.y, _row_norms._sum_out(out, x)) if prenorm else out.y
 

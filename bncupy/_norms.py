@@ -80,11 +80,12 @@ def _stats_out(kind: str, be: ModuleType, value: Any, shape: tuple[int, ...], dt
 def _grads_out(kind: str, be: ModuleType, dx: Any, dw: Any, db: Any, shape: tuple[int, ...],
                input: Any, weight: Any) -> tuple[Any, Any, Any]:
     gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-    dx, dw, db = (_shaped(dx, input.shape), cast(_shaped(dw, shape), gd),
-                  cast(_shaped(db, shape), gd))
+    dx, dw = _shaped(dx, input.shape), cast(_shaped(dw, shape), gd)
+    db = None if db is None else cast(_shaped(db, shape), gd)  # None: RMSNorm on the GPU
     if be.name == kind:
         return dx, dw, db
-    return _caller(kind, be, dx), _caller(kind, be, dw), _caller(kind, be, db)
+    return (_caller(kind, be, dx), _caller(kind, be, dw),
+            None if db is None else _caller(kind, be, db))
 
 
 def _contiguous(be: ModuleType, a: Any) -> Any:
@@ -101,13 +102,21 @@ def _shaped(a: Any, shape: tuple[int, ...]) -> Any:
 _CHECKED = v.CheckedCalls()
 
 
-def _checked(tag: str, arrays: tuple, options: tuple, check: Any) -> tuple[tuple, ModuleType]:
-    """What ``check()`` returns, ``(kind, ...)`` (cached by call signature), and the backend."""
-    key = _CHECKED.key(arrays, (tag, *options), dispatch.configured_backend())
-    found = _CHECKED.get(key)
+def _checked_key(tag: str, arrays: tuple, options: tuple) -> tuple | None:
+    """The key of a call signature in :data:`_CHECKED` (see :func:`_checked`)."""
+    return _CHECKED.key(arrays, (tag, *options), dispatch.configured_backend())
+
+
+def _checked(tag: str, arrays: tuple, options: tuple, check: Any,
+             found: tuple | None = None) -> tuple[tuple, ModuleType]:
+    """What ``check()`` returns, ``(kind, ...)`` (cached by call signature), and the backend;
+    ``found``: the entry, when the caller has looked it up already."""
     if found is None:
-        found = check()
-        _CHECKED.put(key, found)
+        key = _checked_key(tag, arrays, options)
+        found = _CHECKED.get(key)
+        if found is None:
+            found = check()
+            _CHECKED.put(key, found)
     return found, _backend(found[0])
 
 

@@ -23,11 +23,13 @@ from ._docstrings import parameters_from
 from ._functional import _caller
 from ._interop import accepts
 from ._norms import (
+    _CHECKED,
     GroupForward,
     _backward,
     _check_array,
     _check_vector,
     _checked,
+    _checked_key,
     _flat,
     _run_forward,
     _stats_out,
@@ -99,12 +101,22 @@ def _eps(eps: Any, input: Any, rms: bool) -> float:
     return v.check_eps(eps)
 
 
+def checked_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, residual: Any,
+                 residual_in_fp32: Any, rms: bool) -> tuple | None:
+    """The entry of a :func:`forward_rows` call signature that passed its checks, or None."""
+    return _CHECKED.get(_checked_key("rms_norm" if rms else "layer_norm",
+                                     (input, weight, bias, residual),
+                                     (_shape_key(normalized_shape), residual_in_fp32)))
+
+
 def forward_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any, *,
                  rms: bool, residual: Any = None, residual_in_fp32: Any = False,
-                 keep: Any = True, want_sum: bool = False) -> GroupForward:
+                 keep: Any = True, want_sum: bool = False,
+                 found: tuple | None = None) -> GroupForward:
     """Validated LayerNorm (RMSNorm with ``rms``) on the resolved backend; ``want_sum``: keep
     the residual sum in the result (``.sum``) whenever one is formed. ``keep``: see
-    :func:`._functional.forward`."""
+    :func:`._functional.forward`; ``found``: the call's :func:`checked_rows`, when the caller
+    has it."""
     def check() -> tuple:
         kinds: dict[str, str] = {}
         _check_array(input, "input", kinds)
@@ -120,7 +132,7 @@ def forward_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps:
 
     (kind, lay, fp32), be = _checked(
         "rms_norm" if rms else "layer_norm", (input, weight, bias, residual),
-        (_shape_key(normalized_shape), residual_in_fp32), check)
+        (_shape_key(normalized_shape), residual_in_fp32), check, found)
     stream = _stream(input, residual, fp32)
     return _run_forward(be, kind, input, lay, (lay.n, lay.c), _flat(be, weight),
                         _flat(be, bias), _eps(eps, input, rms), keep=keep, rms=rms,

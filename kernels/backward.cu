@@ -6,7 +6,7 @@ namespace bncupy {
 // Per-channel sum(g) and sum(g * (x - center)), g being dy, or with a fused ReLU dy where the
 // forward's output (recomputed from x, the forward's STAT rows `fwd` and the residual z) was
 // positive. The mean is center + lo (lo may be null: 0); the channel's last block writes
-//   grads = [grad_weight = sum(g * xhat), grad_bias = sum(g)] and the coefficients
+//   grad_weight = sum(g * xhat), grad_bias = sum(g) (two arrays) and the coefficients
 //   coef = [center, a, b, c] of dx = a * g + b * (x - center) + c (training: through the batch
 //   statistics; eval: b = c = 0).
 template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
@@ -24,7 +24,8 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
     const A* fwd;  // null: no fused ReLU
     double count;
     int training;
-    A* grads;
+    A* grad_weight;
+    A* grad_bias;
     A* coef;
     unsigned long long channels;
 
@@ -55,8 +56,8 @@ template <typename TT> struct GradOp : SumOps<typename acc_of<TT>::type> {
             b = -a * inv * inv * sum_dy_xmu * per_value;
             k = -a * sum_dy * per_value - b * residual;
         }
-        grads[c] = (A)(sum_dy_xmu * inv);
-        grads[channels + c] = (A)sum_dy;
+        grad_weight[c] = (A)(sum_dy_xmu * inv);
+        grad_bias[c] = (A)sum_dy;
         coef[c] = m;
         coef[channels + c] = (A)a;
         coef[2 * channels + c] = (A)b;
@@ -72,10 +73,10 @@ __global__ void __launch_bounds__(256, reduce_blocks<I>::value) backward_reduce(
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* mean,
     const typename acc_of<T>::type* lo, const typename acc_of<T>::type* invstd,
     const typename acc_of<T>::type* weight, const typename acc_of<T>::type* fwd,
-    const double count, const int training, typename acc_of<T>::type* grads,
-    typename acc_of<T>::type* coef) {
-    const GradOp<T> op = {{},   mean,     lo,    invstd, weight, fwd, count, training,
-                          grads, coef, (unsigned long long)channels};
+    const double count, const int training, typename acc_of<T>::type* grad_weight,
+    typename acc_of<T>::type* grad_bias, typename acc_of<T>::type* coef) {
+    const GradOp<T> op = {{},          mean,      lo,   invstd, weight, fwd, count, training,
+                          grad_weight, grad_bias, coef, (unsigned long long)channels};
     if (CL)
         reduce_nhwc<GradOp<T>, V, I>(op, x, dy, residual, rows, inner, splits, lanes, partials,
                                      counters);
@@ -410,10 +411,12 @@ __global__ void __launch_bounds__(1024, 1) row_norm_backward_shared(
 }
 
 // The per-column sums of row_norm_backward's partials over its blocks, in block order:
-// grads = [sum(dy * xhat), sum(dy)] (one thread per column).
+// grad_weight = sum(dy * xhat), grad_bias = sum(dy) (one thread per column; grad_bias may be
+// null: RMSNorm).
 template <typename A>
 __global__ void column_sums(const A* __restrict__ partials, const int blocks,
-                            const unsigned long long columns, A* __restrict__ grads) {
+                            const unsigned long long columns, A* __restrict__ grad_weight,
+                            A* __restrict__ grad_bias) {
     const unsigned long long col = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= columns) return;
     A dw = A(0), db = A(0);
@@ -421,12 +424,13 @@ __global__ void column_sums(const A* __restrict__ partials, const int blocks,
         dw += partials[(size_t)b * 2 * columns + col];
         db += partials[(size_t)b * 2 * columns + columns + col];
     }
-    grads[col] = dw;
-    grads[columns + col] = db;
+    grad_weight[col] = dw;
+    if (grad_bias) grad_bias[col] = db;
 }
 
-// LayerNorm's parameter gradients, per column over the rows: grads = [sum(dy * xhat), sum(dy)],
-// xhat = ((x - center[row]) - lo[row]) * rstd[row] (a channels-last reduction, C = columns).
+// LayerNorm's parameter gradients, per column over the rows: sum(dy * xhat) and sum(dy),
+// xhat = ((x - center[row]) - lo[row]) * rstd[row] (a channels-last reduction, C = columns);
+// grad_bias may be null (RMSNorm).
 template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
     typedef TT T;
     typedef typename acc_of<T>::type A;
@@ -435,8 +439,8 @@ template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
     const A* center;
     const A* lo;
     const A* rstd;
-    A* grads;
-    unsigned long long columns;
+    A* grad_weight;
+    A* grad_bias;
 
     template <typename I> __device__ A context(const A, const I) const { return A(0); }
     template <class Vals> __device__ void push(SumPair<A>& s, const A, const Vals& v) const {
@@ -451,8 +455,8 @@ template <typename TT> struct ColumnGradOp : SumOps<typename acc_of<TT>::type> {
             }
     }
     template <typename I> __device__ void finalize(const SumPair<A> s, const I c, const A) const {
-        grads[c] = s.dy_xmu;
-        grads[columns + c] = s.dy;
+        grad_weight[c] = s.dy_xmu;
+        if (grad_bias) grad_bias[c] = s.dy;
     }
 };
 
@@ -462,8 +466,8 @@ __global__ void __launch_bounds__(256, reduce_blocks<I>::value) column_grads(
     const int splits, const int lanes, SumPair<typename acc_of<T>::type>* __restrict__ partials,
     unsigned int* __restrict__ counters, const typename acc_of<T>::type* center,
     const typename acc_of<T>::type* lo, const typename acc_of<T>::type* rstd,
-    typename acc_of<T>::type* grads) {
-    const ColumnGradOp<T> op = {{}, center, lo, rstd, grads, (unsigned long long)cvecs * V};
+    typename acc_of<T>::type* grad_weight, typename acc_of<T>::type* grad_bias) {
+    const ColumnGradOp<T> op = {{}, center, lo, rstd, grad_weight, grad_bias};
     reduce_nhwc<ColumnGradOp<T>, V, I>(op, x, dy, (const T*)0, rows, cvecs, splits, lanes,
                                        partials, counters);
 }
@@ -531,8 +535,8 @@ __global__ void __launch_bounds__(256, reduce_blocks<I>::value) cell_grad_cl(
 
 // From the cell sums: per group the dx coefficients coef = [q, r] of
 //   dx = invstd[g] * w[c] * dy + q[g] * ((x - center[g]) - lo[g]) + r[g],
-// and per channel grads = [sum over samples of invstd * sum(dy * (x - mean)), of sum(dy)], each in
-// a fixed order. Grid: ceil(max(groups, C) / 256) blocks.
+// and per channel grad_weight = sum over samples of invstd * sum(dy * (x - mean)) and grad_bias =
+// sum of sum(dy), each in a fixed order. Grid: ceil(max(groups, C) / 256) blocks.
 template <typename A>
 __global__ void group_grad_coefficients(const double* __restrict__ sums,
                                         const A* __restrict__ invstd,
@@ -540,7 +544,7 @@ __global__ void group_grad_coefficients(const double* __restrict__ sums,
                                         const unsigned long long channels,
                                         const int group_channels, const double count,
                                         const A* __restrict__ weight, A* __restrict__ coef,
-                                        A* __restrict__ grads) {
+                                        A* __restrict__ grad_weight, A* __restrict__ grad_bias) {
     const unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     const unsigned long long cells = groups * group_channels;
     const unsigned long long per_sample = channels / group_channels;
@@ -566,8 +570,8 @@ __global__ void group_grad_coefficients(const double* __restrict__ sums,
             dw += (double)invstd[n * per_sample + t / group_channels] * sums[cells + cell];
             db += sums[cell];
         }
-        grads[t] = (A)dw;
-        grads[channels + t] = (A)db;
+        grad_weight[t] = (A)dw;
+        grad_bias[t] = (A)db;
     }
 }
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = [ROOT / "benchmarks" / "results" / f"cpu-2026-12-05-{i}.json" for i in (1, 2)]
+RUNS = [ROOT / "benchmarks" / "results" / "cpu" / f"2026-12-05-{i}.json" for i in (1, 2)]
 
 
 def _rows(text: str) -> list[str]:

@@ -124,3 +124,27 @@ def test_install_lines_work_without_a_registry_release():
     """bncupy is not on PyPI: every install line installs from the checkout."""
     assert not re.search(r"pip install [\"']?bncupy", README)
     assert re.search(r"pip install \.\s", README)
+
+
+def _table_rows(text: str, header: str) -> dict[str, list[str]]:
+    """The rows of the markdown table that starts with ``header``, by their first cell."""
+    start = text.index(header)
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_readme_host_cost_rows_are_the_gpu_guides():
+    """The README's host-cost table is a selection of docs/guide/gpu.md's (same op, before,
+    now and target cells), so the two cannot drift apart."""
+    ours = _table_rows(README, "| op (null runtime) | before µs | now µs | target µs |")
+    guide = _table_rows((ROOT / "docs" / "guide" / "gpu.md").read_text(encoding="utf-8"),
+                        "| op (null runtime) | before µs | before L·A·O |")
+    assert len(ours) >= 5
+    for op, (before, now, target) in ours.items():
+        full = guide[op]  # before, before L·A·O, start, now, now L·A·O, target
+        assert (before, now, target) == (full[0], full[3], full[5]), op

@@ -248,10 +248,12 @@ def _output_like(x: Any, lag: int | None = None) -> Any:
     when ``x`` is a view off the boundary). ``lag``: that offset, when the caller has it (a
     geometry's: -1 where its arrays' offsets differ)."""
     xp = _cuda._runtime.xp
+    if lag == 0:  # the common case first
+        return xp.empty_like(x)
     if lag is None or lag < 0:
         lag = x.data.ptr % 16
-    if lag == 0:
-        return xp.empty_like(x)
+        if lag == 0:
+            return xp.empty_like(x)
     flat = xp.empty(x.size + 16 // x.itemsize, x.dtype)
     start = (lag - flat.data.ptr % 16) % 16 // x.itemsize
     return flat[start:start + x.size].reshape(x.shape)
@@ -448,8 +450,11 @@ def normalize_train(x: Any, axis: int, weight: Any, bias: Any, eps: float, runni
     save_mean and save_invstd in :func:`stat_rows`), None twice, and the buffer again (the
     apply coefficients); unless ``keep``, the buffer is the stream's workspace. ``plan``: the
     call signature's (:func:`plan` of ``x``, ``(residual,)`` and the four vectors)."""
-    x, residual, geo, (rm, rv, weight, bias) = _forward_operands(
-        x, axis, residual, (running_mean, running_var, weight, bias), plan)
+    if plan is not None and plan.direct:
+        geo, rm, rv = plan.geometry(x, residual), running_mean, running_var
+    else:
+        x, residual, geo, (rm, rv, weight, bias) = _forward_operands(
+            x, axis, residual, (running_mean, running_var, weight, bias), plan)
     if x.size == 0:
         raise ValueError("normalize_train needs values (the caller handles empty batches)")
     stats = _stats(x, geo, weight, bias, eps, keep)
@@ -490,43 +495,23 @@ def _mean_parts(mean: Any, acc: np.dtype, saved: bool, direct: bool = False,
     return _per_channel(mean, acc), None
 
 
-def _reduce_grad(dy: Any, x: Any, geo: _Geometry, weight: Any, mean: Any, invstd: Any,
-                 training: bool, fwd: Any, residual: Any, direct: bool) -> tuple[Any, Any]:
-    """The deterministic reduction; its last blocks write grad_weight/grad_bias and the dx
-    coefficients. Returns the (2, C) gradient buffer and the coefficients. ``invstd`` None:
-    the statistics buffer ``mean``'s. ``direct``: the call signature's plan found the vectors
-    contiguous and accumulator-typed."""
-    acc = geo.acc
-    center, lo = _mean_parts(mean, acc, mean.ndim == 2, direct)
-    if invstd is None:
-        invstd = _row(mean, _INVSTD)
-    elif not direct:
-        invstd = _per_channel(invstd, acc)
-    if not direct:
-        weight = _per_channel(weight, acc)
-    counters, partials, coef = _workspace(geo.counters, geo.grad_scratch)
-    grads = _cuda._runtime.xp.empty((2, geo.channels), acc)
-    geo.launch_reduce("backward_reduce", geo.reduce_blocks, (
-        dy, x, NULL if residual is None else residual, *geo.reduce_shape, partials, counters,
-        center, NULL if lo is None else lo, invstd, NULL if weight is None else weight,
-        NULL if fwd is None else fwd, geo.count, _FLAGS[training], grads, coef))
-    return grads, coef
-
-
 def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, training: bool,
-             fused: tuple | None = None, plan: Plan | None = None,
+             fused: tuple | None = None, plan: Plan | None = None, sums: bool = False,
              ) -> tuple[Any, Any, Any, Any]:
-    """Two launches: the deterministic reduction and the elementwise dx.
+    """Two launches: the deterministic reduction, whose last blocks write grad_weight,
+    grad_bias and the dx coefficients, and the elementwise dx.
 
-    ``mean`` is a statistics buffer (a forward's, precise) or a vector; ``fused`` is a fused
-    forward's ``(coefficients, residual)``: the ReLU mask is applied to ``dy`` inline. Returns
-    dx, grad_weight, grad_bias and, with a fused residual, its gradient (else None). ``plan``:
-    the call signature's (:func:`plan` of ``x``, ``(dy, residual)`` and
-    ``(weight, mean, invstd)``).
+    ``mean`` is a statistics buffer (a forward's, precise) or a vector, ``invstd`` a vector or
+    None (then the buffer's row); ``fused`` is a fused forward's ``(coefficients, residual)``:
+    the ReLU mask is applied to ``dy`` inline. Returns dx, grad_weight, grad_bias and, with a
+    fused residual, its gradient (else None). ``plan``: the call signature's (:func:`plan` of
+    ``x``, ``(dy, residual)`` and ``(weight, mean, invstd)``). ``sums``: the reduction alone
+    (dx None).
     """
     fwd, residual = fused if fused is not None else (None, None)
+    direct = False  # the plan vouches for the vectors: contiguous and accumulator-typed
     if plan is not None and plan.direct:
-        geo = plan.geometry(x, dy, residual)
+        geo, direct = plan.geometry(x, dy, residual), True
     else:
         if not x.flags.c_contiguous:
             x = require().ascontiguousarray(x)
@@ -534,14 +519,29 @@ def backward(dy: Any, x: Any, axis: int, weight: Any, mean: Any, invstd: Any, tr
         if residual is not None:
             residual = _like(residual, x)
         geo = _geometry(x, axis, dy, residual)
-    grads, coef = _reduce_grad(dy, x, geo, weight, mean, invstd, bool(training), fwd, residual,
-                               plan is not None and plan.direct)
-    dx = _output_like(x, geo.offset)
-    g = _output_like(x, geo.offset) if fwd is not None and residual is not None else None
+        weight = _per_channel(weight, geo.acc)
+    center, lo = _mean_parts(mean, geo.acc, mean.ndim == 2, direct)
+    if invstd is None:
+        invstd = _row(mean, _INVSTD)
+    elif not direct:
+        invstd = _per_channel(invstd, geo.acc)
+    counters, partials, coef = _workspace(geo.counters, geo.grad_scratch)
+    xp = _cuda._runtime.xp
+    grad_weight, grad_bias = xp.empty(geo.channels, geo.acc), xp.empty(geo.channels, geo.acc)
+    if not sums:
+        dx = _output_like(x, geo.offset)
+        g = _output_like(x, geo.offset) if fwd is not None and residual is not None else None
+    geo.launch_reduce("backward_reduce", geo.reduce_blocks, (
+        dy, x, NULL if residual is None else residual, *geo.reduce_shape, partials, counters,
+        center, NULL if lo is None else lo, invstd, NULL if weight is None else weight,
+        NULL if fwd is None else fwd, geo.count, _FLAGS[bool(training)], grad_weight,
+        grad_bias, coef))
+    if sums:
+        return None, grad_weight, grad_bias, None
     geo.launch_reduce("backward_apply", geo.apply_blocks, (
         dy, x, NULL if residual is None else residual, dx, NULL if g is None else g,
         *geo.apply_shape, coef, NULL if fwd is None else fwd))
-    return dx, grads[0], grads[1], g
+    return dx, grad_weight, grad_bias, g
 
 
 def stats(x: Any, axis: int) -> tuple[int, Any, Any]:
@@ -570,13 +570,10 @@ def relu_grad(dy: Any, x: Any, axis: int, coef: Any, residual: Any) -> Any:
 def backward_sums(dy: Any, x: Any, axis: int, mean: Any, invstd: Any) -> tuple[Any, Any]:
     """Per-channel float64 ``sum(dy)`` and ``sum(dy * (x - mean))`` (one reduction launch)."""
     xp = require()
-    x = _contiguous(x)
-    dy = _like(dy, x)
-    geo = _geometry(x, axis, dy)
-    ones = xp.ones(x.shape[axis], geo.acc)
-    grads, _ = _reduce_grad(dy, x, geo, None, mean.astype(xp.float64), ones, False, None, None,
-                            False)
-    return grads[1].astype(xp.float64), grads[0].astype(xp.float64)
+    ones = xp.ones(x.shape[axis], _ACC[x.dtype])
+    _, sum_dy_xmu, sum_dy, _ = backward(dy, x, axis, None, mean.astype(xp.float64), ones, False,
+                                        sums=True)
+    return sum_dy.astype(xp.float64), sum_dy_xmu.astype(xp.float64)
 
 
 def backward_apply(dy: Any, x: Any, axis: int, center: Any, a: Any, b: Any, c: Any) -> Any:
@@ -910,7 +907,8 @@ def _sum_first(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float, kee
 def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, invstd: Any,
                    rms: bool = False, grad_sum: Any = None, saved: bool = False,
                    ) -> tuple[Any, Any, Any]:
-    """``dx`` and per-channel (per-column for rows) ``dweight``, ``dbias``.
+    """``dx`` and per-channel (per-column for rows) ``dweight``, ``dbias`` (None for RMSNorm),
+    each an array of its own.
 
     LayerNorm and RMSNorm (``rms``; ``mean`` None): one launch over rows for dx, one reduction
     for the parameter gradients; ``grad_sum`` (rows; may be None) is added to dx (the gradient
@@ -931,29 +929,28 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     center, lo = (None, None) if mean is None else _mean_parts(mean, acc, saved)
     invstd = _per_channel(invstd, acc)
     weight = _per_channel(weight, acc)
+    grad_weight, grad_bias = xp.empty(lay.c, acc), None if rms else xp.empty(lay.c, acc)
     if lay.kind == "rows" and geo.back is not None:
         has_sum = grad_sum is not None
         plan = geo.back_sum if has_sum and geo.back_sum is not None else geo.back
         (partials,) = _workspace(0, geo.back_scratch[has_sum])[1:]
-        grads = xp.empty((2, lay.c), acc)
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
             dy, x, dx, *geo.back_args[has_sum], _ptr(center), _ptr(lo), invstd, _ptr(weight),
             partials, _ptr(grad_sum), _FLAGS[rms]), plan.block, plan.shared)
         _launch(geo.dtype, geo.names["column_sums"], geo.coef_blocks_columns, (
-            partials, *geo.sums_args[has_sum], grads))
-        return dx, grads[0], grads[1]
+            partials, *geo.sums_args[has_sum], grad_weight, _ptr(grad_bias)))
+        return dx, grad_weight, grad_bias
     if lay.kind == "rows":
         cols = geo.columns
         counters, partials = _workspace(cols.counters, ((acc, 2 * cols.partials),))
-        grads = xp.empty((2, lay.c), acc)
         height = _row_height(lay.c // geo.row_width)
         _launch(geo.dtype, geo.names["row_backward"], -(-lay.n // (_THREADS // height)), (
             dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(height), _ptr(center),
             _ptr(lo), invstd, _ptr(weight), _ptr(grad_sum), np.int32(rms)))
         _launch(geo.dtype, geo.names["column_grads"], cols.reduce_blocks, (
             dy, x, it(lay.n), it(cols.inner_arg), np.int32(cols.splits), np.int32(cols.lanes),
-            partials, counters, _ptr(center), _ptr(lo), invstd, grads))
-        return dx, grads[0], grads[1]
+            partials, counters, _ptr(center), _ptr(lo), invstd, grad_weight, _ptr(grad_bias)))
+        return dx, grad_weight, grad_bias
     if lay.kind == "cf":
         counters, partials, sums, coef = _workspace(geo.cell_split.counters, geo.grad_scratch)
         _launch(geo.dtype, geo.names["cell_grad_planes"], geo.plane_blocks, (
@@ -965,10 +962,9 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         _launch(geo.dtype, geo.names["cell_grad_cl"], cl.reduce_blocks, (
             dy, x, *geo.cell_args, partials, counters, center, _ptr(lo), geo.k_arg, sums,
             geo.cells_arg))
-    grads = xp.empty((2, lay.c), acc)
     _launch(geo.dtype, geo.names["group_grad_coefficients"], geo.coef_blocks, (
-        sums, invstd, *geo.coef_args, _ptr(weight), coef, grads))
+        sums, invstd, *geo.coef_args, _ptr(weight), coef, grad_weight, grad_bias))
     _launch(geo.dtype, geo.names["group_backward_apply"], geo.blocks, (
         dy, x, dx, *geo.shape_args, center, _ptr(lo), invstd, geo.groups_arg, _ptr(weight),
         coef))
-    return dx, grads[0], grads[1]
+    return dx, grad_weight, grad_bias

@@ -305,7 +305,8 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 - CuPy's name
             value = value.item()
         elif isinstance(value, (list, tuple)):
             raise TypeError(f"Unsupported type {type(value)}")
-        self._host[_unwrap(key, "an index")] = _unwrap(value, "an assignment")
+        with np.errstate(over="ignore"):  # CuPy's copy casts beyond a type's range to inf quietly
+            self._host[_unwrap(key, "an index")] = _unwrap(value, "an assignment")
 
     def __getitem__(self, key: Any) -> Any:
         result = self._host[_unwrap(key, "an index")]
