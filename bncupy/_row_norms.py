@@ -101,12 +101,18 @@ def _eps(eps: Any, input: Any, rms: bool) -> float:
     return v.check_eps(eps)
 
 
+def _signature(input: Any, normalized_shape: Any, weight: Any, bias: Any, residual: Any,
+               residual_in_fp32: Any, rms: bool) -> tuple[str, tuple, tuple]:
+    """The tag, arrays and options a :func:`forward_rows` call is checked and cached by."""
+    return ("rms_norm" if rms else "layer_norm", (input, weight, bias, residual),
+            (_shape_key(normalized_shape), residual_in_fp32))
+
+
 def checked_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, residual: Any,
                  residual_in_fp32: Any, rms: bool) -> tuple | None:
     """The entry of a :func:`forward_rows` call signature that passed its checks, or None."""
-    return _CHECKED.get(_checked_key("rms_norm" if rms else "layer_norm",
-                                     (input, weight, bias, residual),
-                                     (_shape_key(normalized_shape), residual_in_fp32)))
+    return _CHECKED.get(_checked_key(*_signature(input, normalized_shape, weight, bias,
+                                                 residual, residual_in_fp32, rms)))
 
 
 def forward_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any, *,
@@ -130,9 +136,8 @@ def forward_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps:
         _eps(eps, input, rms)
         return v.check_same_kind(kinds), _rows_layout(input, shape), fp32
 
-    (kind, lay, fp32), be = _checked(
-        "rms_norm" if rms else "layer_norm", (input, weight, bias, residual),
-        (_shape_key(normalized_shape), residual_in_fp32), check, found)
+    (kind, lay, fp32), be = _checked(*_signature(input, normalized_shape, weight, bias,
+                                                 residual, residual_in_fp32, rms), check, found)
     stream = _stream(input, residual, fp32)
     return _run_forward(be, kind, input, lay, (lay.n, lay.c), _flat(be, weight),
                         _flat(be, bias), _eps(eps, input, rms), keep=keep, rms=rms,

@@ -248,12 +248,10 @@ def _output_like(x: Any, lag: int | None = None) -> Any:
     when ``x`` is a view off the boundary). ``lag``: that offset, when the caller has it (a
     geometry's: -1 where its arrays' offsets differ)."""
     xp = _cuda._runtime.xp
-    if lag == 0:  # the common case first
-        return xp.empty_like(x)
     if lag is None or lag < 0:
         lag = x.data.ptr % 16
-        if lag == 0:
-            return xp.empty_like(x)
+    if lag == 0:
+        return xp.empty_like(x)
     flat = xp.empty(x.size + 16 // x.itemsize, x.dtype)
     start = (lag - flat.data.ptr % 16) % 16 // x.itemsize
     return flat[start:start + x.size].reshape(x.shape)
