@@ -4,8 +4,10 @@ On a GPU the Python that runs before each launch is part of an op's speed: a Res
 layer's kernels take 5-20 us, so a call that spends 50 us on the host loses whatever its kernels
 do. This benchmark drives the CuPy backend's real launch plan (validation, geometry, argument
 packing, allocation) on the tests' null runtime: kernels are not run and allocations never touch
-memory, so what is timed is bncupy's Python alone (plus O(1) stand-ins for CuPy's allocator and
-launch). Per op it also counts launches, allocations and array operations through the seam.
+memory, so what is timed is bncupy's Python and O(1) stand-ins for CuPy's allocator and launch.
+The stand-ins are timed alone in the same blocks, and an op's count of each (through the seam)
+times its cost is subtracted for bncupy's own time. Per op it also counts launches, allocations
+and array operations.
 
 A second table times the NumPy backend on tiny tensors against torch's CPU eager call, side by
 side in the same run (torch optional).
@@ -96,24 +98,52 @@ def _device_cases(bn: Any, xp: Any) -> dict[str, Callable[[], Any]]:
     return cases
 
 
-def device_table(bn: Any, calls: int, blocks: int) -> list[tuple]:
-    """(op, wall us, cpu us, min, max, launches, allocations, ops) on the null runtime."""
+_ALLOCATE, _LAUNCH = "(stand-in) 2 allocations", "(stand-in) 2 launches"
+
+
+def _stand_ins(xp: Any, runtime: Any) -> dict[str, Callable[[], Any]]:
+    """The null runtime's stand-ins for CuPy's work, two of each per call: allocations (an
+    output like an input and a per-channel vector, each freed when the next call replaces it,
+    as an op's outputs are) and kernel launches (the argument tuple made beforehand: packing it
+    is bncupy's work)."""
+    x, held = xp.empty((32, 64, 56, 56), np.float32), [None, None]
+    f32 = np.dtype(np.float32)
+
+    def allocate() -> None:
+        held[0] = xp.empty_like(x)
+        held[1] = xp.empty(64, f32)
+
+    kernel, args = runtime.kernel("float32", "stand-in"), tuple(range(16))
+
+    def launch() -> None:
+        kernel((1024,), (256,), args)
+        kernel((1024,), (256,), args)
+
+    return {_ALLOCATE: allocate, _LAUNCH: launch}
+
+
+def device_table(bn: Any, calls: int, blocks: int) -> tuple[list[tuple], float, float]:
+    """Rows of (op, wall us, cpu us, min, max, stand-ins' cpu us, launches, allocations,
+    ops) on the null runtime, and the CPU us of one stand-in allocation and one launch."""
     from tests.emulated import NullRuntime, device
 
     device.POISON = False
-    previous = bn.backends.cupy.set_runtime(NullRuntime())
+    runtime = NullRuntime()
+    previous = bn.backends.cupy.set_runtime(runtime)
     try:
         with bn.use_backend("cupy"):
             cases = _device_cases(bn, device)
-            times = _time(cases, calls, blocks)
+            times = _time({**cases, **_stand_ins(device, runtime)}, calls, blocks)
+            allocation, launch = times[_ALLOCATE][1] / 2, times[_LAUNCH][1] / 2
             rows = []
             for name, fn in cases.items():
                 device.SEAM.reset()
                 fn()
                 seam = device.SEAM
-                rows.append((name, *times[name], seam.launches, seam.allocations,
-                             seam.ops + seam.memsets))
-            return rows
+                rows.append((name, *times[name],
+                             seam.allocations * allocation + seam.launches * launch,
+                             seam.launches, seam.allocations, seam.ops + seam.memsets))
+            return rows, allocation, launch
     finally:
         bn.backends.cupy.set_runtime(previous)
         device.POISON = True
@@ -190,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))  # this checkout's tests/emulated (null runtime) in any case
     print(f"bncupy from {Path(bn.__file__).parent}; {os.cpu_count()} CPUs; "
           f"{args.blocks} blocks x {args.calls} calls, medians")
-    print("\n| op (null runtime) | wall us | CPU us | wall min-max | launches | allocations "
-          "| array ops |\n|---|---|---|---|---|---|---|")
-    for name, wall, cpu, lo, hi, launches, allocs, ops in device_table(bn, args.calls,
-                                                                        args.blocks):
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {lo:.1f}-{hi:.1f} | {launches} | {allocs} "
-              f"| {ops} |")
+    rows, allocation, launch = device_table(bn, args.calls, args.blocks)
+    print(f"\nStand-ins for CuPy, CPU us each: allocation {allocation:.2f}, launch {launch:.2f}")
+    print("\n| op (null runtime) | wall us | CPU us | wall min-max | stand-ins CPU us "
+          "| bncupy's own CPU us | launches | allocations | array ops |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for name, wall, cpu, lo, hi, stand_ins, launches, allocs, ops in rows:
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {lo:.1f}-{hi:.1f} | {stand_ins:.1f} "
+              f"| {cpu - stand_ins:.1f} | {launches} | {allocs} | {ops} |")
     print("\n| op (NumPy backend, tiny tensor) | bncupy wall us | torch CPU wall us | ratio |\n"
           "|---|---|---|---|")
     for name, ours, theirs in numpy_table(bn, args.calls, args.blocks):

@@ -386,17 +386,24 @@ _BACKWARD_CHECKED = v.CheckedCalls()
 
 def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, training: Any,
              axis: Any, saved_arg_names: tuple[str, str] = ("save_mean", "save_invstd"),
-             fused: tuple | None = None, layer: bool = False) -> tuple[Any, ...]:
+             fused: tuple | None = None, layer: bool = False,
+             origin: _Checked | None = None) -> tuple[Any, ...]:
     """Validated backward pass.
 
     A ``layer``'s ``mean``/``invstd`` are its forward's backend-native statistics (checked when
     they were made). ``fused`` is a layer's fused ReLU forward ``(coefficients, residual)``: the
     mask is applied to ``grad_output`` inline, and a fourth result is the residual's gradient.
+    ``origin``: the entry of the layer forward's signature, which fixes the statistics' (and
+    the options'): the call's key then holds it in their place.
     """
     setting = dispatch.configured_backend()
     residual = None if fused is None else fused[1]
-    key = _BACKWARD_CHECKED.key((grad_output, input, weight, mean, invstd, residual),
-                                (training, axis, layer, saved_arg_names), setting)
+    if origin is None:
+        key = _BACKWARD_CHECKED.key((grad_output, input, weight, mean, invstd, residual),
+                                    (training, axis, layer, saved_arg_names), setting)
+    else:  # the entry (kept alive by the one cached) by identity, so its id is never reused
+        key = _BACKWARD_CHECKED.key((grad_output, input, weight, residual), (id(origin),),
+                                    setting)
     checked = _BACKWARD_CHECKED.get(key)
     if checked is None:
         kinds = {"input": v.check_input(input)}
@@ -417,9 +424,9 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
             layout.view(grad_output), layout.view(residual)), (weight, mean, invstd)) \
             if native else None
         gd = weight.dtype if weight is not None else compute_dtype(input.dtype)
-        _BACKWARD_CHECKED.put(key, (kind, layout, native, plan, gd))
+        _BACKWARD_CHECKED.put(key, (kind, layout, native, plan, gd, origin))
     else:
-        kind, layout, native, plan, gd = checked
+        kind, layout, native, plan, gd, _ = checked
         be = _backend(kind, setting)
     if input.size == 0:  # no values, no parameter gradient (an empty batch's stats are NaN)
         channels = input.shape[layout.axis] if layout.perm is None else \

@@ -97,7 +97,7 @@ class _BatchNorm(_Module):
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self.grad_residual: Any = None
-        self._saved: tuple[Any, Any, Any, bool] | None = None  # forward, or ghost parts
+        self._saved: tuple | None = None  # forward (or ghost parts) and its entry
 
     # ------------------------------------------------------------------ mode and placement
     @property
@@ -185,10 +185,10 @@ class _BatchNorm(_Module):
         # holds the layer's type and width besides the arrays (the state as it is now)
         setting = dispatch.configured_backend()
         owner = (type(self), self.num_features)
-        checked = _FORWARD_CHECKED.get(forward_key(
-            x, self.running_mean if tracked else None, self.running_var if tracked else None,
-            self.weight, self.bias, residual, use_batch_stats, self.axis, self.activation,
-            setting, owner))
+        key = forward_key(x, self.running_mean if tracked else None,
+                          self.running_var if tracked else None, self.weight, self.bias,
+                          residual, use_batch_stats, self.axis, self.activation, setting, owner)
+        checked = _FORWARD_CHECKED.get(key)
         if checked is None:
             kind = self._check_input(x, residual)
             if use_batch_stats:
@@ -207,9 +207,10 @@ class _BatchNorm(_Module):
                       buffers := cupy_backend.StatBuffers.of(self), owner, checked, setting)
         if update:
             self.num_batches_tracked = np.asarray(batches + 1, np.int64)
-        # what the backward pass reads (not y: the layer would keep it alive)
+        # what the backward pass reads (not y: the layer would keep it alive), and the entry of
+        # the call's signature, whose checks vouch for the statistics backward is given
         self._saved = (x, residual, (out.mean, out.save_invstd, out.coefficients),
-                       use_batch_stats)
+                       use_batch_stats, checked or _FORWARD_CHECKED.get(key))
         buffers.saved = out.mean
         return out.y
 
@@ -253,7 +254,7 @@ class _BatchNorm(_Module):
             if update:
                 self.num_batches_tracked = np.asarray(self._batches() + 1, np.int64)
             outs.append((part, out))
-        self._saved = (x, None, outs, True)
+        self._saved = (x, None, outs, True, None)
         ys = [out.y for _, out in outs]
         return ys[0] if len(ys) == 1 else dispatch.module_for(kind).xp.concatenate(ys)
 
@@ -308,13 +309,13 @@ class _BatchNorm(_Module):
         """
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
-        x, residual, out, use_batch_stats = self._saved
+        x, residual, out, use_batch_stats, origin = self._saved
         if isinstance(out, list):
             return self._backward_corrected(grad_output, x, out)
         mean, invstd, coefficients = out
         fused = (coefficients, residual) if self.activation == "relu" else None
         grads = backward(grad_output, x, self.weight, mean, invstd, use_batch_stats, self.axis,
-                         fused=fused, layer=True)
+                         fused=fused, layer=True, origin=origin)
         if self.affine:
             self.grad_weight = grads[1]
             self.grad_bias = grads[2] if self.bias is not None else None

@@ -29,30 +29,29 @@ class _GroupNormalization(_Module):
         """The statistics buffers a forward on the GPU writes (see ``StatBuffers``)."""
         return cupy_backend.StatBuffers.of(self)
 
-    def _remember(self, x: Any, out: Any) -> None:
-        """Keep a forward that succeeded for the backward pass (and its statistics buffer from
-        the next forward's writes)."""
+    def _remember(self, x: Any, out: Any, buffers: Any) -> None:
+        """Keep a forward that succeeded for the backward pass (and its statistics buffer, one
+        of the layer's ``buffers``, from the next forward's writes)."""
         self._saved = (x, out)
-        self._buffers().saved = out.saved if isinstance(out, _norms.GroupForward) else out.mean
+        buffers.saved = out.saved if isinstance(out, _norms.GroupForward) else out.mean
 
     def _backward_group(self, grad_output: Any, param_shape: tuple[int, ...],
                         grad_sum: Any = None) -> Any:
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before a forward call")
         x, out = self._saved
+        weight = getattr(self, "weight", None)
         if not isinstance(out, _norms.GroupForward):  # normalized with running statistics
-            dx, dw, db = _bn_backward(grad_output, x, getattr(self, "weight", None), out.mean,
-                                      out.save_invstd, False, self._axis(x), layer=True)
+            dx, dw, db = _bn_backward(grad_output, x, weight, out.mean, out.save_invstd, False,
+                                      self._axis(x), layer=True)
         else:
             if grad_sum is not None:
                 v.check_same_kind({"input": out.kind, "grad_prenorm": v.check_like_input(
                     grad_sum, "grad_prenorm", x)})
-            dx, dw, db = _norms.group_backward(grad_output, x, out, getattr(self, "weight", None),
-                                               grad_sum)
+            dx, dw, db = _norms.group_backward(grad_output, x, out, weight, grad_sum)
             if out.backend.name != out.kind:  # (db None: RMSNorm on the GPU)
                 dx, dw, db = (None if a is None else _caller(out.kind, out.backend, a)
                               for a in (dx, dw, db))
-        weight = getattr(self, "weight", None)
         if weight is not None:
             self.grad_weight = cast(_shaped(dw, param_shape), weight.dtype)
         bias = getattr(self, "bias", None)
@@ -131,8 +130,9 @@ class _RowNormalization(_GroupNormalization):
         out = _row_norms.forward_rows(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                       rms=self._rms, residual=residual,
                                       residual_in_fp32=residual_in_fp32,
-                                      keep=self._buffers(), want_sum=True, found=found)
-        self._remember(x, out)
+                                      keep=(buffers := self._buffers()), want_sum=True,
+                                      found=found)
+        self._remember(x, out, buffers)
         return (out.y, _row_norms._sum_out(out, x)) if prenorm else out.y
 
     @accepts("grad_output", "grad_prenorm")
@@ -353,8 +353,8 @@ class GroupNorm(_GroupNormalization):
                              f"was built for num_channels={self.num_channels}")
         self._follow(kind)
         out = _norms.forward_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                        axis, keep=self._buffers())
-        self._remember(x, out)
+                                        axis, keep=(buffers := self._buffers()))
+        self._remember(x, out, buffers)
         return out.y
 
     @accepts("grad_output")
@@ -493,8 +493,8 @@ class _InstanceNorm(_GroupNormalization):
         out = _norms.forward_instance_norm(
             batched, self.running_mean if track else None, self.running_var if track else None,
             self.weight, self.bias, use_input_stats, momentum, self.eps, axis,
-            keep=self._buffers())
-        self._remember(batched, out)
+            keep=(buffers := self._buffers()))
+        self._remember(batched, out, buffers)
         return out.y.reshape(x.shape)
 
     @accepts("grad_output")

@@ -13,6 +13,7 @@ residual. On the GPU the sum, the statistics and the output are one pass over me
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import _validation as v
 from ._docstrings import parameters_from
-from ._functional import _caller
+from ._functional import _backend, _caller
 from ._interop import accepts
 from ._norms import (
     _CHECKED,
@@ -96,6 +97,8 @@ def _stream(input: Any, residual: Any, residual_in_fp32: bool) -> Any:
 
 
 def _eps(eps: Any, input: Any, rms: bool) -> float:
+    if type(eps) is float and 0.0 < eps < math.inf:  # the usual eps, without a call
+        return eps
     if eps is None and rms:  # torch: the machine epsilon of the input's dtype
         return float(np.finfo(input.dtype).eps)
     return v.check_eps(eps)
@@ -136,8 +139,11 @@ def forward_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps:
         _eps(eps, input, rms)
         return v.check_same_kind(kinds), _rows_layout(input, shape), fp32
 
-    (kind, lay, fp32), be = _checked(*_signature(input, normalized_shape, weight, bias,
-                                                 residual, residual_in_fp32, rms), check, found)
+    if found is None:
+        (kind, lay, fp32), be = _checked(*_signature(input, normalized_shape, weight, bias,
+                                                     residual, residual_in_fp32, rms), check)
+    else:
+        (kind, lay, fp32), be = found, _backend(found[0])
     stream = _stream(input, residual, fp32)
     return _run_forward(be, kind, input, lay, (lay.n, lay.c), _flat(be, weight),
                         _flat(be, bias), _eps(eps, input, rms), keep=keep, rms=rms,

@@ -217,6 +217,32 @@ def test_layer_follows_changed_state_on_a_cached_signature(backend):
     np.testing.assert_allclose(backend.to_numpy(y), ref, atol=1e-5)
 
 
+def test_layer_backward_is_checked_by_its_forward_signature_and_grad_output(backend):
+    """A layer's backward is cached under its forward's entry, grad_output's signature and the
+    parameters' as they are now: each change is checked again."""
+    rng = np.random.default_rng(2)
+    layer = bn.BatchNorm2d(3)
+    for dtype in (np.float32, np.float64, np.float32):  # each forward signature, then again
+        host = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
+        dy = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
+        x = backend.asarray(host)
+        for _ in range(2):
+            layer(x)
+            dx = layer.backward(backend.asarray(dy))
+            assert dx.dtype == dtype
+            np.testing.assert_allclose(backend.to_numpy(dx), oracle.backward(dy, host)[0],
+                                       atol=1e-3 if dtype == np.float32 else 1e-9)
+            with pytest.raises(ValueError, match="grad_output"):
+                layer.backward(backend.asarray(dy[:2]))
+    layer(x)
+    layer.weight = backend.asarray(np.ones(4, np.float32))  # replaced between the two passes
+    with pytest.raises(ValueError, match="weight"):
+        layer.backward(backend.asarray(dy))
+    layer.weight = backend.asarray(np.ones(3, np.float64))
+    layer.backward(backend.asarray(dy))
+    assert layer.grad_weight.dtype == np.float64
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("params", ["none", "float32", "float64", "strided float16"])
 @pytest.mark.parametrize("rms", [False, True])

@@ -93,9 +93,9 @@ def _launch(dtype: str, name: str, grid: int, args: tuple, block: int = _THREADS
     if shared > _cuda.SHARED_DEFAULT:
         _cuda.kernel_with_shared(dtype, name)((grid,), (block,), args, shared_mem=shared)
     elif shared:
-        _cuda.runtime().kernel(dtype, name)((grid,), (block,), args, shared_mem=shared)
+        _cuda._runtime.kernel(dtype, name)((grid,), (block,), args, shared_mem=shared)
     else:
-        _cuda.runtime().kernel(dtype, name)((grid,), (block,), args)
+        _cuda._runtime.kernel(dtype, name)((grid,), (block,), args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -820,8 +820,9 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
         plan = geo.regs
         held = h if h is not None else residual if residual is not None else x
         _launch(geo.dtype, geo.names["row_norm", held.dtype], plan.grid, (
-            x, y, *geo.regs_shape, _ptr(weight), _ptr(bias), eps_, stats, _ptr(residual),
-            _ptr(h), _FLAGS[rms]), plan.block)
+            x, y, *geo.regs_shape, NULL if weight is None else weight,
+            NULL if bias is None else bias, eps_, stats, NULL if residual is None else residual,
+            NULL if h is None else h, _FLAGS[rms]), plan.block)
         return stats, True
     if geo.stats_mode == "rows":
         stats = _with_stats(0, (), geo.groups, acc, keep)[-1]
@@ -854,7 +855,7 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     statistics buffer (the precise mean for a backward pass; the stream's workspace unless
     ``keep``) and ``h`` (None without ``sum_dtype``).
     """
-    xp = _cuda.runtime().xp
+    xp = _cuda._runtime.xp
     x, residual = _contiguous(x), _contiguous(residual)
     stream = sum_dtype if sum_dtype is not None else \
         residual.dtype if residual is not None else None
@@ -881,9 +882,10 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
         _launch(geo.dtype, geo.names["group_apply"], geo.blocks, (
             x, y, *shape, stats, _ptr(weight), _ptr(bias), geo.groups_arg, _ptr(rm), _ptr(rv),
             np.float64(0.0 if running is None else running[2]), geo.unbias_arg))
-    for target, value in zip(targets, (rm, rv), strict=True):
-        if target is not None and value is not target:
-            target[...] = value
+    if running is not None:  # a non-contiguous or differently typed one was copied
+        for target, value in zip(targets, (rm, rv), strict=True):
+            if value is not target:
+                target[...] = value
     if not keep:  # a y-only call: no statistics views to make
         return y, None, None, stats, h
     return y, _row(stats, _CENTER), _row(stats, _INVSTD), stats, h
@@ -933,10 +935,11 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         plan = geo.back_sum if has_sum and geo.back_sum is not None else geo.back
         (partials,) = _workspace(0, geo.back_scratch[has_sum])[1:]
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
-            dy, x, dx, *geo.back_args[has_sum], _ptr(center), _ptr(lo), invstd, _ptr(weight),
-            partials, _ptr(grad_sum), _FLAGS[rms]), plan.block, plan.shared)
+            dy, x, dx, *geo.back_args[has_sum], NULL if center is None else center,
+            NULL if lo is None else lo, invstd, NULL if weight is None else weight, partials,
+            NULL if grad_sum is None else grad_sum, _FLAGS[rms]), plan.block, plan.shared)
         _launch(geo.dtype, geo.names["column_sums"], geo.coef_blocks_columns, (
-            partials, *geo.sums_args[has_sum], grad_weight, _ptr(grad_bias)))
+            partials, *geo.sums_args[has_sum], grad_weight, NULL if rms else grad_bias))
         return dx, grad_weight, grad_bias
     if lay.kind == "rows":
         cols = geo.columns
