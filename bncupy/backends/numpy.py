@@ -787,13 +787,24 @@ def group_forward(x: np.ndarray, lay: Any, weight: Any, bias: Any, eps: float,
                                  sum_dtype)
 
 
+def _small_vector(v: np.ndarray) -> np.ndarray:
+    """A parameter as the compiled engine reads it: float32/float64 and contiguous."""
+    return v if v.dtype in _WIDE_FLOATS and v.flags.c_contiguous else \
+        np.ascontiguousarray(v, np.float64)
+
+
 def _small_rows(k: Any, x: np.ndarray, lay: Any, weight: Any, bias: Any, eps: float,
                 rms: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, None]:
     one = _EMPTY[np.dtype(np.float64)][0]
-    weight, bias = (one if v is None else v if v.dtype in _WIDE_FLOATS and v.flags.c_contiguous
-                    else np.ascontiguousarray(v, np.float64) for v in (weight, bias))
-    flags = ((weight is not one) * k.SMALL_WEIGHT | (bias is not one) * k.SMALL_BIAS
-             | rms * k.SMALL_RMS)
+    flags = rms * k.SMALL_RMS
+    if weight is None:
+        weight = one
+    else:
+        weight, flags = _small_vector(weight), flags | k.SMALL_WEIGHT
+    if bias is None:
+        bias = one
+    else:
+        bias, flags = _small_vector(bias), flags | k.SMALL_BIAS
     y = np.empty(x.shape, x.dtype)
     mean, invstd = np.empty(lay.n), np.empty(lay.n)
     k.small_rows(x.reshape(lay.n, lay.c), y.reshape(lay.n, lay.c), weight, bias, flags, eps,
