@@ -45,17 +45,22 @@ def group_backward(grad_output: Any, input: Any, out: GroupForward, weight: Any,
     """Backend-native ``dx`` (input's shape), ``dweight``, ``dbias`` of a :class:`GroupForward`
     (of ``input``, or of ``out.sum`` when the forward normalized a residual sum; ``grad_sum``:
     the gradient that sum receives from elsewhere, checked by the caller)."""
-    key = _CHECKED.key((grad_output, input), ("layer backward", out.kind), "")
-    if _CHECKED.get(key) is None:
-        v.check_same_kind({"input": out.kind,
-                           "grad_output": v.check_like_input(grad_output, "grad_output", input)})
-        _CHECKED.put(key, True)
     be = out.backend
     source = input if out.sum is None else out.sum
+    key = _CHECKED.key((grad_output, input), (
+        "layer backward", out.kind, be.name, None if out.sum is None else out.sum.dtype), "")
+    direct = _CHECKED.get(key)
+    if direct is None:
+        v.check_same_kind({"input": out.kind,
+                           "grad_output": v.check_like_input(grad_output, "grad_output", input)})
+        direct = grad_output.dtype == source.dtype and _as_they_are(be, out.kind,
+                                                                    (grad_output, input))
+        _CHECKED.put(key, direct)
+    if not direct:
+        grad_output, source = _contiguous(be, grad_output), _contiguous(be, source)
     dx, dw, db = be.group_backward(
-        _contiguous(be, grad_output), _contiguous(be, source), out.layout,
-        _flat(be, weight), out.saved, out.invstd, out.rms,
-        None if grad_sum is None else _contiguous(be, grad_sum), True)
+        grad_output, source, out.layout, _flat(be, weight), out.saved, out.invstd, out.rms,
+        None if grad_sum is None else _contiguous(be, grad_sum), True, direct)
     return _shaped(dx, input.shape), dw, db
 
 
@@ -123,15 +128,20 @@ def _checked(tag: str, arrays: tuple, options: tuple, check: Any,
 def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
                  shape: tuple[int, ...], weight: Any, bias: Any, eps: float,
                  running: tuple | None = None, keep: Any = True, rms: bool = False,
-                 residual: Any = None, sum_dtype: Any = None) -> GroupForward:
+                 residual: Any = None, sum_dtype: Any = None,
+                 direct: bool = False) -> GroupForward:
     """The backend's forward over ``lay``; ``residual``/``sum_dtype``: see the backends'
     ``group_forward`` (the sum is kept in the result when the backward pass needs it);
-    ``keep``: see :func:`._functional.forward`."""
-    native = None if residual is None else _contiguous(be, residual)
+    ``keep``: see :func:`._functional.forward`; ``direct``: the call signature's input and
+    residual are the backend's own C-contiguous arrays (see :func:`_as_they_are`)."""
+    x, native = input, residual
+    if not direct:
+        x = _contiguous(be, input)
+        native = None if residual is None else _contiguous(be, residual)
     if keep.__class__ is not bool:
         keep = _kept(be, keep)
     y, mean, invstd, saved, h = be.group_forward(
-        _contiguous(be, input), lay, weight, bias, eps, running, keep, rms, native, sum_dtype)
+        x, lay, weight, bias, eps, running, keep, rms, native, sum_dtype, direct)
     return GroupForward(_caller(kind, be, _shaped(y, input.shape)), mean, invstd, saved, kind,
                         be, lay, shape, rms, h)
 

@@ -26,6 +26,7 @@ from ._interop import accepts
 from ._norms import (
     _CHECKED,
     GroupForward,
+    _as_they_are,
     _backward,
     _check_array,
     _check_vector,
@@ -137,17 +138,23 @@ def forward_rows(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps:
             _check_residual(residual, input, kinds)
         fp32 = v.check_bool(residual_in_fp32, "residual_in_fp32")
         _eps(eps, input, rms)
-        return v.check_same_kind(kinds), _rows_layout(input, shape), fp32
+        kind = v.check_same_kind(kinds)
+        # the arrays go to the backend as they are: its own, contiguous, parameters flat
+        direct = len(shape) == 1 and _as_they_are(_backend(kind), kind,
+                                                  (input, residual, weight, bias))
+        return kind, _rows_layout(input, shape), fp32, direct
 
     if found is None:
-        (kind, lay, fp32), be = _checked(*_signature(input, normalized_shape, weight, bias,
-                                                     residual, residual_in_fp32, rms), check)
+        (kind, lay, fp32, direct), be = _checked(*_signature(
+            input, normalized_shape, weight, bias, residual, residual_in_fp32, rms), check)
     else:
-        (kind, lay, fp32), be = found, _backend(found[0])
+        (kind, lay, fp32, direct), be = found, _backend(found[0])
     stream = _stream(input, residual, fp32)
-    return _run_forward(be, kind, input, lay, (lay.n, lay.c), _flat(be, weight),
-                        _flat(be, bias), _eps(eps, input, rms), keep=keep, rms=rms,
-                        residual=residual, sum_dtype=stream if want_sum else None)
+    if not direct:
+        weight, bias = _flat(be, weight), _flat(be, bias)
+    return _run_forward(be, kind, input, lay, (lay.n, lay.c), weight, bias,
+                        _eps(eps, input, rms), keep=keep, rms=rms, residual=residual,
+                        sum_dtype=stream if want_sum else None, direct=direct)
 
 
 def _sum_out(out: GroupForward, input: Any) -> Any:

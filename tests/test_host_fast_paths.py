@@ -243,6 +243,38 @@ def test_layer_backward_is_checked_by_its_forward_signature_and_grad_output(back
     assert layer.grad_weight.dtype == np.float64
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_row_norm_layers_vouched_and_general_paths_agree_bitwise(backend, rms):
+    """A LayerNorm/RMSNorm layer whose call signature vouches for its arrays (its backend's
+    own, contiguous, one dtype) hands them over as they are; views, another dtype of
+    grad_output and strided residuals take the general path. Both give the same bits."""
+    rng = np.random.default_rng(4)
+    host = rng.standard_normal((6, 16, 4)).astype(np.float32)
+    dy = rng.standard_normal((6, 16, 4)).astype(np.float32)
+    z = rng.standard_normal((6, 16, 4)).astype(np.float32)
+
+    def step(x, residual, grad):
+        layer = (bn.RMSNorm if rms else bn.LayerNorm)(4)
+        layer(x)  # the layer's state follows the input's kind
+        layer.weight[...] = backend.asarray(np.linspace(0.5, 1.5, 4, dtype=np.float32))
+        y, h = layer(x, residual=residual, prenorm=True)
+        dx = layer.backward(grad)
+        return [backend.to_numpy(a) for a in (y, h, dx, layer.grad_weight)]
+
+    as_is = step(backend.asarray(host), backend.asarray(z), backend.asarray(dy))
+    for _ in range(2):  # the second time from the cached signatures
+        assert [a.tobytes() for a in step(backend.asarray(host), backend.asarray(z),
+                                          backend.asarray(dy))] == [a.tobytes() for a in as_is]
+    views = step(backend.asarray(host.transpose(1, 0, 2).copy()).transpose(1, 0, 2),
+                 backend.asarray(np.asfortranarray(z)), backend.asarray(dy))
+    for got, want in zip(views, as_is, strict=True):
+        np.testing.assert_array_equal(got, want)
+    wide = step(backend.asarray(host), backend.asarray(z),
+                backend.asarray(dy.astype(np.float64)))  # cast to the input's dtype first
+    for got, want in zip(wide, as_is, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("params", ["none", "float32", "float64", "strided float16"])
 @pytest.mark.parametrize("rms", [False, True])

@@ -843,7 +843,7 @@ def _group_stats(x: Any, geo: _GroupGeometry, weight: Any, bias: Any, eps: float
 
 def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
                   running: tuple | None = None, keep: Any = True, rms: bool = False,
-                  residual: Any = None, sum_dtype: Any = None,
+                  residual: Any = None, sum_dtype: Any = None, direct: bool = False,
                   ) -> tuple[Any, Any, Any, Any, Any]:
     """LayerNorm rows and short channel-first groups: one launch; other groups: statistics,
     then one apply launch (channels-last: cell moments, group merge, apply).
@@ -853,10 +853,12 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
     ``h = x + residual`` rounded to the residual's dtype, or to ``sum_dtype`` when given, which
     also returns ``h``. Returns ``y``, the per-group mean and invstd (accumulator dtype), the
     statistics buffer (the precise mean for a backward pass; the stream's workspace unless
-    ``keep``) and ``h`` (None without ``sum_dtype``).
+    ``keep``) and ``h`` (None without ``sum_dtype``). ``direct``: the caller's call signature
+    vouches that ``x`` and ``residual`` are C-contiguous (not looked at again).
     """
     xp = _cuda._runtime.xp
-    x, residual = _contiguous(x), _contiguous(residual)
+    if not direct:
+        x, residual = _contiguous(x), _contiguous(residual)
     stream = sum_dtype if sum_dtype is not None else \
         residual.dtype if residual is not None else None
     lag = x.data.ptr % 16
@@ -906,7 +908,7 @@ def _sum_first(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float, kee
 
 def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, invstd: Any,
                    rms: bool = False, grad_sum: Any = None, saved: bool = False,
-                   ) -> tuple[Any, Any, Any]:
+                   direct: bool = False) -> tuple[Any, Any, Any]:
     """``dx`` and per-channel (per-column for rows) ``dweight``, ``dbias`` (None for RMSNorm),
     each an array of its own.
 
@@ -916,10 +918,14 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     channel) sums, then per-group coefficients and the parameter gradients (one small launch),
     then dx. ``mean`` is a forward's statistics buffer (precise) with ``saved``, else a
     contiguous array of the per-group means in group order, like ``invstd`` and ``weight``.
+    ``direct``: the caller's call signature vouches that ``x`` and ``dy`` are C-contiguous and
+    of one dtype (not looked at again).
     """
     xp = _cuda._runtime.xp
-    x = _contiguous(x)
-    dy, grad_sum = _like(dy, x), _like(grad_sum, x)
+    if not direct:
+        x = _contiguous(x)
+        dy = _like(dy, x)
+    grad_sum = _like(grad_sum, x)
     lag = x.data.ptr % 16
     dx = _output_like(x, lag)  # at x's offset: left out of the geometry's walk
     if x.size == 0:
@@ -927,7 +933,7 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     geo = _group_geometry(x, lay, dy, grad_sum, lag=lag)
     acc, it = geo.acc, geo.itype
     center, lo = (None, None) if mean is None else _mean_parts(mean, acc, saved)
-    invstd = _per_channel(invstd, acc)
+    invstd = invstd if saved else _per_channel(invstd, acc)  # a forward's: contiguous, typed
     weight = _per_channel(weight, acc)
     grad_weight, grad_bias = xp.empty(lay.c, acc), None if rms else xp.empty(lay.c, acc)
     if lay.kind == "rows" and geo.back is not None:

@@ -775,9 +775,11 @@ from .numpy_groups import group_backward  # noqa: E402, F401
 def group_forward(x: np.ndarray, lay: Any, weight: Any, bias: Any, eps: float,
                   running: tuple | None = None, keep: bool = True, rms: bool = False,
                   residual: np.ndarray | None = None, sum_dtype: Any = None,
+                  direct: bool = False,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
     """:func:`.numpy_groups.group_forward`; small float32/float64 rows (LayerNorm, RMSNorm
-    without a residual) in one call of the compiled engine."""
+    without a residual) in one call of the compiled engine. ``direct`` (the caller's call
+    signature vouches for contiguous arrays) changes nothing here."""
     if lay.kind == "rows" and residual is None and sum_dtype is None and \
             0 < x.size < SMALL_ELEMENTS and x.dtype in _WIDE_FLOATS:
         k = _compiled_kernels()

@@ -89,12 +89,14 @@ def group_forward(x: np.ndarray, lay: GroupLayout, weight: Any, bias: Any, eps: 
 @quiet
 def group_backward(dy: np.ndarray, x: np.ndarray, lay: GroupLayout, weight: Any, mean: Any,
                    invstd: Any, rms: bool = False, grad_sum: np.ndarray | None = None,
-                   saved: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   saved: bool = False, direct: bool = False,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``dx`` (``x``'s dtype) and float64 per-channel ``dweight``, ``dbias`` (columns for rows).
 
     ``rms`` (rows; ``mean`` None): RMSNorm's gradient. ``grad_sum`` (rows): added to dx, the
     gradient the pre-norm sum receives from its other consumers. ``mean`` and ``invstd``: the
-    per-group values in group order, any shape (``saved``, a forward's, changes nothing here).
+    per-group values in group order, any shape (``saved``, a forward's, and ``direct``,
+    contiguous arrays vouched for by the caller, change nothing here).
     """
     x4, dy4 = _view4(x, lay), _view4(dy, lay)
     shape = (lay.n, -1, 1, 1)
