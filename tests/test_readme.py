@@ -140,7 +140,8 @@ def _table_rows(text: str, header: str) -> dict[str, list[str]]:
 
 def test_readme_host_cost_rows_are_the_gpu_guides():
     """The README's host-cost table is a selection of docs/guide/gpu.md's (same op, before,
-    now, own and target cells), so the two cannot drift apart."""
+    now, own and target cells), and its NumPy-against-torch table is the guide's, so the two
+    cannot drift apart."""
     ours = _table_rows(README, "| op (null runtime) | before µs | now µs | bncupy's own µs |")
     guide = _table_rows((ROOT / "docs" / "guide" / "gpu.md").read_text(encoding="utf-8"),
                         "| op (null runtime) | before µs (L·A·O) |")
@@ -150,3 +151,6 @@ def test_readme_host_cost_rows_are_the_gpu_guides():
         full = guide[op]
         assert (before, now, own, target) == (full[0].split()[0], full[2], full[4],
                                               full[6]), op
+    numpy_header = "| op (NumPy backend, tiny tensor) | bncupy µs | torch CPU eager µs |"
+    guide_text = (ROOT / "docs" / "guide" / "gpu.md").read_text(encoding="utf-8")
+    assert _table_rows(README, numpy_header) == _table_rows(guide_text, numpy_header)
