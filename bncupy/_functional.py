@@ -393,8 +393,8 @@ def backward(grad_output: Any, input: Any, weight: Any, mean: Any, invstd: Any, 
     A ``layer``'s ``mean``/``invstd`` are its forward's backend-native statistics (checked when
     they were made). ``fused`` is a layer's fused ReLU forward ``(coefficients, residual)``: the
     mask is applied to ``grad_output`` inline, and a fourth result is the residual's gradient.
-    ``origin``: the entry of the layer forward's signature, which fixes the statistics' (and
-    the options'): the call's key then holds it in their place.
+    ``origin``: the cached entry of the layer's forward call, whose signature fixes the
+    statistics' signatures and the options: the key then holds it in their place.
     """
     setting = dispatch.configured_backend()
     residual = None if fused is None else fused[1]

@@ -112,16 +112,13 @@ def _checked_key(tag: str, arrays: tuple, options: tuple) -> tuple | None:
     return _CHECKED.key(arrays, (tag, *options), dispatch.configured_backend())
 
 
-def _checked(tag: str, arrays: tuple, options: tuple, check: Any,
-             found: tuple | None = None) -> tuple[tuple, ModuleType]:
-    """What ``check()`` returns, ``(kind, ...)`` (cached by call signature), and the backend;
-    ``found``: the entry, when the caller has looked it up already."""
+def _checked(tag: str, arrays: tuple, options: tuple, check: Any) -> tuple[tuple, ModuleType]:
+    """What ``check()`` returns, ``(kind, ...)`` (cached by call signature), and the backend."""
+    key = _checked_key(tag, arrays, options)
+    found = _CHECKED.get(key)
     if found is None:
-        key = _checked_key(tag, arrays, options)
-        found = _CHECKED.get(key)
-        if found is None:
-            found = check()
-            _CHECKED.put(key, found)
+        found = check()
+        _CHECKED.put(key, found)
     return found, _backend(found[0])
 
 
