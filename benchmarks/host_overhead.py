@@ -87,14 +87,21 @@ def _device_cases(bn: Any, xp: Any) -> dict[str, Callable[[], Any]]:
         cases[f"instance_norm {layout}"] = lambda x=x, a=axis: bn.instance_norm(x, axis=a)
         cases[f"instance_norm_backward {layout}"] = lambda dy=dy, x=x, m=im, s=istd, a=axis: \
             bn.instance_norm_backward(dy, x, m, s, axis=a)
+        gn = bn.GroupNorm(8, 64, channels_last=axis == -1)
+        cases[f"GroupNorm fwd+bwd {layout}"] = lambda layer=gn, x=x, dy=dy: \
+            (layer(x), layer.backward(dy))
+        inst = bn.InstanceNorm2d(64, affine=True, channels_last=axis == -1)
+        cases[f"InstanceNorm2d affine fwd+bwd {layout}"] = lambda layer=inst, x=x, dy=dy: \
+            (layer(x), layer.backward(dy))
     x, dy = dev((8192, 1024)), dev((8192, 1024))
     w, b = dev(1024), dev(1024)
     _, m, s = bn.layer_norm_forward(x, 1024, w, b)
     cases["layer_norm (8192, 1024)"] = lambda: bn.layer_norm(x, 1024, w, b)
     cases["layer_norm_backward (8192, 1024)"] = lambda: bn.layer_norm_backward(dy, x, 1024, m,
                                                                                s, w)
-    ln = bn.LayerNorm(1024)
+    ln, rms = bn.LayerNorm(1024), bn.RMSNorm(1024)
     cases["LayerNorm fwd+bwd (8192, 1024)"] = lambda: (ln(x), ln.backward(dy))
+    cases["RMSNorm fwd+bwd (8192, 1024)"] = lambda: (rms(x), rms.backward(dy))
     return cases
 
 

@@ -346,14 +346,19 @@ class GroupNorm(_GroupNormalization):
         >>> bn.GroupNorm(2, 4)(x).shape
         (2, 4, 3)
         """
-        kind = v.check_input(x)
         axis = -1 if self.channels_last else 1
+        # a signature the forward has checked needs the layer's width checked only (its key
+        # holds the parameters' types: they are of x's kind already)
+        found = _norms.checked_entry(*_norms.group_norm_signature(
+            x, self.num_groups, self.weight, self.bias, axis))
+        kind = v.check_input(x) if found is None else found[0]
         if x.shape[axis] != self.num_channels:
             raise ValueError(f"input has {x.shape[axis]} channels on axis {axis}, but GroupNorm "
                              f"was built for num_channels={self.num_channels}")
-        self._follow(kind)
+        if found is None or self.weight is None:  # (no parameters in the key)
+            self._follow(kind)
         out = _norms.forward_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                        axis, keep=(buffers := self._buffers()))
+                                        axis, keep=(buffers := self._buffers()), found=found)
         self._remember(x, out, buffers)
         return out.y
 
@@ -476,26 +481,34 @@ class _InstanceNorm(_GroupNormalization):
         >>> bn.InstanceNorm1d(3)(x).shape
         (3, 5)
         """
-        batched = self._batched(x)
-        kind = v.check_input(batched)
+        batched = x if getattr(x, "ndim", None) == self._ndim else self._batched(x)
         axis = self._axis(batched)
-        if batched.shape[axis] != self.num_features:
-            raise ValueError(f"input has {batched.shape[axis]} channels on axis {axis}, but "
-                             f"{type(self).__name__} was built for num_features="
-                             f"{self.num_features}")
         use_input_stats = self.training or not self.track_running_stats or \
             self.running_mean is None
         momentum = 0.0 if self.momentum is None else self.momentum  # torch: None never updates
         track = self.running_mean is not None  # torch passes the buffers whenever they exist
-        if use_input_stats:
-            _norms.check_spatial(batched, axis)
-        self._follow(kind)
-        out = _norms.forward_instance_norm(
+        # a signature the forward has checked (spatial size included) needs the layer's width
+        # checked only (its key holds the state's types: they are of x's kind already)
+        found = _norms.checked_entry(*_norms.instance_norm_signature(
+            batched, self.running_mean if track else None, self.running_var if track else None,
+            self.weight, self.bias, use_input_stats, axis))
+        kind = v.check_input(batched) if found is None else found[0]
+        if batched.shape[axis] != self.num_features:
+            raise ValueError(f"input has {batched.shape[axis]} channels on axis {axis}, but "
+                             f"{type(self).__name__} was built for num_features="
+                             f"{self.num_features}")
+        if found is None:
+            if use_input_stats:
+                _norms.check_spatial(batched, axis)
+            self._follow(kind)
+        elif not use_input_stats or (self.weight is None and not track):
+            self._follow(kind)  # the entry's checks saw no state (eval: the kinds come later)
+        out = _norms.forward_instance_norm(  # the state as it is after _follow
             batched, self.running_mean if track else None, self.running_var if track else None,
             self.weight, self.bias, use_input_stats, momentum, self.eps, axis,
-            keep=(buffers := self._buffers()))
+            keep=(buffers := self._buffers()), found=found)
         self._remember(batched, out, buffers)
-        return out.y.reshape(x.shape)
+        return out.y if batched is x else out.y.reshape(x.shape)  # (unbatched input)
 
     @accepts("grad_output")
     def backward(self, grad_output: Any) -> Any:

@@ -8,6 +8,7 @@ validation and the grouping live here, the arithmetic in the backends' ``group_f
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -112,14 +113,37 @@ def _checked_key(tag: str, arrays: tuple, options: tuple) -> tuple | None:
     return _CHECKED.key(arrays, (tag, *options), dispatch.configured_backend())
 
 
-def _checked(tag: str, arrays: tuple, options: tuple, check: Any) -> tuple[tuple, ModuleType]:
-    """What ``check()`` returns, ``(kind, ...)`` (cached by call signature), and the backend."""
-    key = _checked_key(tag, arrays, options)
-    found = _CHECKED.get(key)
+def _checked(tag: str, arrays: tuple, options: tuple, check: Any,
+             found: tuple | None = None) -> tuple[tuple, ModuleType]:
+    """What ``check()`` returns, ``(kind, ...)`` (cached by call signature), and the backend;
+    ``found``: the entry, when the caller (a layer) has looked it up already."""
     if found is None:
-        found = check()
-        _CHECKED.put(key, found)
+        key = _checked_key(tag, arrays, options)
+        found = _CHECKED.get(key)
+        if found is None:
+            found = check()
+            _CHECKED.put(key, found)
     return found, _backend(found[0])
+
+
+def checked_entry(tag: str, arrays: tuple, options: tuple) -> tuple | None:
+    """The entry of a call signature that passed its checks (what its ``check()`` returned),
+    or None: a layer looks its call up first and runs its own checks only when it is missing."""
+    return _CHECKED.get(_checked_key(tag, arrays, options))
+
+
+def group_norm_signature(input: Any, num_groups: Any, weight: Any, bias: Any,
+                         axis: Any) -> tuple[str, tuple, tuple]:
+    """The tag, arrays and options a :func:`forward_group_norm` call is cached by."""
+    return "group_norm", (input, weight, bias), (num_groups, axis)
+
+
+def instance_norm_signature(input: Any, running_mean: Any, running_var: Any, weight: Any,
+                            bias: Any, use_input_stats: Any,
+                            axis: Any) -> tuple[str, tuple, tuple]:
+    """The tag, arrays and options a :func:`forward_instance_norm` call is cached by."""
+    return ("instance_norm", (input, running_mean, running_var, weight, bias),
+            (use_input_stats, axis))
 
 
 def _run_forward(be: ModuleType, kind: str, input: Any, lay: GroupLayout,
@@ -271,8 +295,9 @@ def group_norm_forward(input: Any, num_groups: int, weight: Any = None, bias: An
 
 
 def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps: Any,
-                       axis: Any, keep: Any = True) -> GroupForward:
-    """Validated group normalization on the resolved backend."""
+                       axis: Any, keep: Any = True, found: tuple | None = None) -> GroupForward:
+    """Validated group normalization on the resolved backend; ``found``: the call's
+    :func:`checked_entry`, when the caller has it."""
     def check() -> tuple:
         kinds: dict[str, str] = {}
         _check_group_input(input, kinds)
@@ -280,13 +305,17 @@ def forward_group_norm(input: Any, num_groups: Any, weight: Any, bias: Any, eps:
         _check_vector(weight, "weight", (lay.c,), kinds, "one per channel")
         _check_vector(bias, "bias", (lay.c,), kinds, "one per channel")
         v.check_eps(eps)
-        return v.check_same_kind(kinds), lay, canonical
+        kind = v.check_same_kind(kinds)
+        return kind, lay, canonical, _as_they_are(_backend(kind), kind, (input, weight, bias))
 
-    (kind, lay, canonical), be = _checked("group_norm", (input, weight, bias),
-                                          (num_groups, axis), check)
-    eps = v.check_eps(eps)
-    return _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
-                        eps, keep=keep)
+    (kind, lay, canonical, direct), be = _checked(
+        *group_norm_signature(input, num_groups, weight, bias, axis), check, found)
+    if type(eps) is not float or not 0.0 < eps < math.inf:
+        eps = v.check_eps(eps)
+    if not direct:
+        weight, bias = _native(be, weight), _native(be, bias)
+    return _run_forward(be, kind, input, lay, canonical, weight, bias, eps, keep=keep,
+                        direct=direct)
 
 
 @accepts("input", "weight", "bias")
@@ -433,9 +462,10 @@ def instance_norm_forward(input: Any, running_mean: Any = None, running_var: Any
 
 def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weight: Any,
                           bias: Any, use_input_stats: Any, momentum: Any, eps: Any, axis: Any,
-                          keep: Any = True) -> Any:
+                          keep: Any = True, found: tuple | None = None) -> Any:
     """Validated instance normalization: a :class:`GroupForward` with input statistics (running
-    statistics updated in place when given), else batch normalization's eval forward."""
+    statistics updated in place when given), else batch normalization's eval forward;
+    ``found``: the call's :func:`checked_entry`, when the caller has it."""
     def check() -> tuple:
         kinds: dict[str, str] = {}
         _check_group_input(input, kinds)
@@ -444,7 +474,7 @@ def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weigh
             if running_mean is None or running_var is None:
                 raise ValueError("running_mean and running_var are required when "
                                  "use_input_stats=False")
-            return kinds["input"], lay, canonical
+            return kinds["input"], lay, canonical, False
         v.check_eps(eps)
         v.check_momentum(momentum, allow_none=False)
         if (running_mean is None) != (running_var is None):
@@ -455,24 +485,30 @@ def forward_instance_norm(input: Any, running_mean: Any, running_var: Any, weigh
             if value is not None:
                 kinds[arg] = v.check_channel_vector(value, arg, lay.c, arg.startswith("running"))
         _check_spatial(input, lay)
-        return v.check_same_kind(kinds), lay, canonical
+        kind = v.check_same_kind(kinds)
+        return kind, lay, canonical, _as_they_are(_backend(kind), kind, (
+            input, running_mean, running_var, weight, bias))
 
-    (kind, lay, canonical), be = _checked(
-        "instance_norm", (input, running_mean, running_var, weight, bias), (use_input_stats,
-                                                                            axis), check)
+    (kind, lay, canonical, direct), be = _checked(*instance_norm_signature(
+        input, running_mean, running_var, weight, bias, use_input_stats, axis), check, found)
     if not use_input_stats:
         return _bn_forward(input, running_mean, running_var, weight, bias, False, momentum, eps,
                            1 if lay.kind == "cf" else -1, keep=keep)
-    eps = v.check_eps(eps)
-    momentum_value = v.check_momentum(momentum, allow_none=False)
+    if type(eps) is not float or not 0.0 < eps < math.inf:
+        eps = v.check_eps(eps)
+    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
+        momentum = v.check_momentum(momentum, allow_none=False)
     if running_mean is not None:
         v.check_no_overlap({"running_mean": running_mean, "running_var": running_var},
                            {"input": input, "weight": weight, "bias": bias})
     running = None
+    if not direct:
+        weight, bias = _native(be, weight), _native(be, bias)
     if running_mean is not None:
-        running = (_native(be, running_mean), _native(be, running_var), momentum_value)
-    out = _run_forward(be, kind, input, lay, canonical, _native(be, weight), _native(be, bias),
-                       eps, running, keep)
+        running = ((running_mean, running_var, momentum) if direct else
+                   (_native(be, running_mean), _native(be, running_var), momentum))
+    out = _run_forward(be, kind, input, lay, canonical, weight, bias, eps, running, keep,
+                       direct=direct)
     if running is not None and be.name != kind:  # computed on copies: write them back
         for target, value in zip((running_mean, running_var), running[:2], strict=False):
             target[...] = _caller(kind, be, value)

@@ -16,6 +16,7 @@ from bncupy import _functional
 from bncupy import _validation as v
 from bncupy.backends import numpy as nb
 from tests import oracle
+from tests.conftest import EMULATED
 
 NUMBA = pytest.param("numba", marks=pytest.mark.skipif(
     nb._load_compiled() is None, reason="numba is not installed (the default tox envs have it)"))
@@ -273,6 +274,62 @@ def test_row_norm_layers_vouched_and_general_paths_agree_bitwise(backend, rms):
                 backend.asarray(dy.astype(np.float64)))  # cast to the input's dtype first
     for got, want in zip(wide, as_is, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda last: bn.GroupNorm(4, 8, channels_last=last), id="GroupNorm"),
+    pytest.param(lambda last: bn.InstanceNorm2d(8, affine=True, track_running_stats=True,
+                                                channels_last=last), id="InstanceNorm2d"),
+    pytest.param(lambda last: bn.InstanceNorm2d(8, channels_last=last), id="InstanceNorm2d-bare"),
+])
+@pytest.mark.parametrize("last", [False, True])
+def test_group_layers_cached_and_general_paths_agree_bitwise(backend, make, last):
+    """GroupNorm/InstanceNorm layers look their call's checked entry up first: a hit runs only
+    the layer's width check and hands contiguous arrays over as they are; a view takes the
+    general path. Both give the same bits; a changed width is refused on a cached
+    signature; eval mode (running statistics) gives the same as before too."""
+    rng = np.random.default_rng(6)
+    shape = (3, 5, 4, 8) if last else (3, 8, 5, 4)
+    host, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+
+    def step(layer, x):
+        y = layer(x)
+        dx = layer.backward(backend.asarray(dy))
+        return [backend.to_numpy(a) for a in (y, dx, layer.grad_weight)
+                if a is not None]
+
+    layers = [make(last) for _ in range(3)]
+    first = step(layers[0], backend.asarray(host))
+    again = step(layers[1], backend.asarray(host))  # the cached entry's path
+    view = step(layers[2], backend.asarray(np.asfortranarray(host)))
+    for a, b, c in zip(first, again, view, strict=True):
+        assert a.tobytes() == b.tobytes()
+        np.testing.assert_array_equal(a, c)
+    layer = layers[1]
+    width = "num_channels" if isinstance(layer, bn.GroupNorm) else "num_features"
+    setattr(layer, width, 16)
+    with pytest.raises(ValueError, match=f"{width}=16"):
+        layer(backend.asarray(host))
+    setattr(layer, width, 8)
+    layer.eval()
+    for _ in range(2):  # eval: batch statistics without tracking, else the running ones
+        evaluated = backend.to_numpy(layer(backend.asarray(host)))
+        np.testing.assert_array_equal(evaluated,
+                                      backend.to_numpy(layers[0].eval()(backend.asarray(host))))
+
+
+@pytest.mark.skipif(not EMULATED, reason="needs NumPy and CuPy arrays side by side (the "
+                    "emulated tier's CuPy, or a GPU's: tox -e emulated)")
+def test_instance_norm_layer_follows_its_input_after_a_refused_mixed_call():
+    """A functional call with mixed kinds that was refused must not leave an entry that lets a
+    layer skip moving its state to its input's kind."""
+    x = np.random.default_rng(7).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    layer = bn.InstanceNorm2d(3, track_running_stats=True).to("cupy").eval()
+    with pytest.raises(TypeError, match="one kind"):
+        bn.instance_norm(x, layer.running_mean, layer.running_var, use_input_stats=False)
+    y = layer(x)  # numpy input: the state follows it
+    assert isinstance(y, np.ndarray) and isinstance(layer.running_mean, np.ndarray)
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -882,8 +882,10 @@ def group_forward(x: Any, lay: GroupLayout, weight: Any, bias: Any, eps: float,
         # rows already written: an empty elementwise range, the launch only moves running stats
         shape = geo.shape_args if not done else (geo.itype(0), *geo.shape_args[1:])
         _launch(geo.dtype, geo.names["group_apply"], geo.blocks, (
-            x, y, *shape, stats, _ptr(weight), _ptr(bias), geo.groups_arg, _ptr(rm), _ptr(rv),
-            np.float64(0.0 if running is None else running[2]), geo.unbias_arg))
+            x, y, *shape, stats, NULL if weight is None else weight,
+            NULL if bias is None else bias, geo.groups_arg, NULL if rm is None else rm,
+            NULL if rv is None else rv, np.float64(0.0 if running is None else running[2]),
+            geo.unbias_arg))
     if running is not None:  # a non-contiguous or differently typed one was copied
         for target, value in zip(targets, (rm, rv), strict=True):
             if value is not target:
@@ -935,15 +937,16 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     center, lo = (None, None) if mean is None else _mean_parts(mean, acc, saved)
     invstd = invstd if saved else _per_channel(invstd, acc)  # a forward's: contiguous, typed
     weight = _per_channel(weight, acc)
+    lo_arg, weight_arg = NULL if lo is None else lo, NULL if weight is None else weight
     grad_weight, grad_bias = xp.empty(lay.c, acc), None if rms else xp.empty(lay.c, acc)
     if lay.kind == "rows" and geo.back is not None:
         has_sum = grad_sum is not None
         plan = geo.back_sum if has_sum and geo.back_sum is not None else geo.back
         (partials,) = _workspace(0, geo.back_scratch[has_sum])[1:]
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
-            dy, x, dx, *geo.back_args[has_sum], NULL if center is None else center,
-            NULL if lo is None else lo, invstd, NULL if weight is None else weight, partials,
-            NULL if grad_sum is None else grad_sum, _FLAGS[rms]), plan.block, plan.shared)
+            dy, x, dx, *geo.back_args[has_sum], NULL if center is None else center, lo_arg,
+            invstd, weight_arg, partials, NULL if grad_sum is None else grad_sum, _FLAGS[rms]),
+            plan.block, plan.shared)
         _launch(geo.dtype, geo.names["column_sums"], geo.coef_blocks_columns, (
             partials, *geo.sums_args[has_sum], grad_weight, NULL if rms else grad_bias))
         return dx, grad_weight, grad_bias
@@ -953,25 +956,23 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
         height = _row_height(lay.c // geo.row_width)
         _launch(geo.dtype, geo.names["row_backward"], -(-lay.n // (_THREADS // height)), (
             dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(height), _ptr(center),
-            _ptr(lo), invstd, _ptr(weight), _ptr(grad_sum), np.int32(rms)))
+            lo_arg, invstd, weight_arg, _ptr(grad_sum), np.int32(rms)))
         _launch(geo.dtype, geo.names["column_grads"], cols.reduce_blocks, (
             dy, x, it(lay.n), it(cols.inner_arg), np.int32(cols.splits), np.int32(cols.lanes),
-            partials, counters, _ptr(center), _ptr(lo), invstd, grad_weight, _ptr(grad_bias)))
+            partials, counters, _ptr(center), lo_arg, invstd, grad_weight, _ptr(grad_bias)))
         return dx, grad_weight, grad_bias
     if lay.kind == "cf":
         counters, partials, sums, coef = _workspace(geo.cell_split.counters, geo.grad_scratch)
         _launch(geo.dtype, geo.names["cell_grad_planes"], geo.plane_blocks, (
-            dy, x, *geo.plane_args, partials, counters, center, _ptr(lo), *geo.plane_tail,
-            sums))
+            dy, x, *geo.plane_args, partials, counters, center, lo_arg, *geo.plane_tail, sums))
     else:
         cl = geo.cells
         counters, partials, sums, coef = _workspace(cl.counters, geo.grad_scratch)
         _launch(geo.dtype, geo.names["cell_grad_cl"], cl.reduce_blocks, (
-            dy, x, *geo.cell_args, partials, counters, center, _ptr(lo), geo.k_arg, sums,
+            dy, x, *geo.cell_args, partials, counters, center, lo_arg, geo.k_arg, sums,
             geo.cells_arg))
     _launch(geo.dtype, geo.names["group_grad_coefficients"], geo.coef_blocks, (
-        sums, invstd, *geo.coef_args, _ptr(weight), coef, grad_weight, grad_bias))
+        sums, invstd, *geo.coef_args, weight_arg, coef, grad_weight, grad_bias))
     _launch(geo.dtype, geo.names["group_backward_apply"], geo.blocks, (
-        dy, x, dx, *geo.shape_args, center, _ptr(lo), invstd, geo.groups_arg, _ptr(weight),
-        coef))
+        dy, x, dx, *geo.shape_args, center, lo_arg, invstd, geo.groups_arg, weight_arg, coef))
     return dx, grad_weight, grad_bias
