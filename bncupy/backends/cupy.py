@@ -937,29 +937,33 @@ def group_backward(dy: Any, x: Any, lay: GroupLayout, weight: Any, mean: Any, in
     center, lo = (None, None) if mean is None else _mean_parts(mean, acc, saved)
     invstd = invstd if saved else _per_channel(invstd, acc)  # a forward's: contiguous, typed
     weight = _per_channel(weight, acc)
-    lo_arg, weight_arg = NULL if lo is None else lo, NULL if weight is None else weight
     grad_weight, grad_bias = xp.empty(lay.c, acc), None if rms else xp.empty(lay.c, acc)
+    # the optional arrays as kernel arguments (NULL for None), once for every launch below
+    center_arg = NULL if center is None else center  # (RMSNorm: no mean)
+    lo_arg = NULL if lo is None else lo
+    weight_arg = NULL if weight is None else weight
+    sum_arg = NULL if grad_sum is None else grad_sum
+    bias_arg = NULL if grad_bias is None else grad_bias
     if lay.kind == "rows" and geo.back is not None:
         has_sum = grad_sum is not None
         plan = geo.back_sum if has_sum and geo.back_sum is not None else geo.back
         (partials,) = _workspace(0, geo.back_scratch[has_sum])[1:]
         _launch(geo.dtype, geo.names["row_norm_backward", has_sum], plan.grid, (
-            dy, x, dx, *geo.back_args[has_sum], NULL if center is None else center, lo_arg,
-            invstd, weight_arg, partials, NULL if grad_sum is None else grad_sum, _FLAGS[rms]),
-            plan.block, plan.shared)
+            dy, x, dx, *geo.back_args[has_sum], center_arg, lo_arg, invstd, weight_arg,
+            partials, sum_arg, _FLAGS[rms]), plan.block, plan.shared)
         _launch(geo.dtype, geo.names["column_sums"], geo.coef_blocks_columns, (
-            partials, *geo.sums_args[has_sum], grad_weight, NULL if rms else grad_bias))
+            partials, *geo.sums_args[has_sum], grad_weight, bias_arg))
         return dx, grad_weight, grad_bias
     if lay.kind == "rows":
         cols = geo.columns
         counters, partials = _workspace(cols.counters, ((acc, 2 * cols.partials),))
         height = _row_height(lay.c // geo.row_width)
         _launch(geo.dtype, geo.names["row_backward"], -(-lay.n // (_THREADS // height)), (
-            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(height), _ptr(center),
-            lo_arg, invstd, weight_arg, _ptr(grad_sum), np.int32(rms)))
+            dy, x, dx, it(lay.n), it(lay.c // geo.row_width), np.int32(height), center_arg,
+            lo_arg, invstd, weight_arg, sum_arg, np.int32(rms)))
         _launch(geo.dtype, geo.names["column_grads"], cols.reduce_blocks, (
             dy, x, it(lay.n), it(cols.inner_arg), np.int32(cols.splits), np.int32(cols.lanes),
-            partials, counters, _ptr(center), lo_arg, invstd, grad_weight, _ptr(grad_bias)))
+            partials, counters, center_arg, lo_arg, invstd, grad_weight, bias_arg))
         return dx, grad_weight, grad_bias
     if lay.kind == "cf":
         counters, partials, sums, coef = _workspace(geo.cell_split.counters, geo.grad_scratch)
